@@ -1,0 +1,3 @@
+"""fediblog: a blog whose posts live in the fediverse."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,199 @@
+"""Authoring: read a Markdown post file, publish it, edit it, delete it.
+
+A post file is Markdown with YAML front matter::
+
+    ---
+    title: Hello, fediverse        # required
+    slug: hello-fediverse          # optional, from the title otherwise
+    summary: What this post is.    # optional; shown in cards, feeds and on Mastodon
+    tags: [python, fediverse]      # optional; a list or "a, b"
+    published: 2026-11-28 10:00    # optional; now otherwise
+    image: https://…/cover.jpg     # optional
+    ---
+    The body, in Markdown.
+
+Everything is checked before anything is written, so a bad file changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import replace
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import frontmatter
+import yaml
+
+from fediblog.config import Settings
+from fediblog.errors import PostError, PostNotFound
+from fediblog.models import Post, PostDraft, utcnow
+from fediblog.render import markdown_to_html, normalize_tag, slugify
+from fediblog.store import Store
+
+FRONT_MATTER_KEYS = ("title", "slug", "summary", "tags", "published", "image")
+MAX_TITLE = 300
+MAX_SUMMARY = 2_000
+MAX_TAGS = 30
+MAX_FILE_BYTES = 2_000_000
+_SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,118}[a-z0-9])?$")
+
+
+def read_post_file(path: Path) -> PostDraft:
+    """Parse and validate a post file; raise PostError with one readable line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise PostError(f"cannot read {path}: {error.strerror or error}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise PostError(f"{path} is larger than {MAX_FILE_BYTES // 1_000_000} MB")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise PostError(f"{path} is not UTF-8 text") from None
+    return parse_post(text, source=str(path))
+
+
+def parse_post(text: str, *, source: str = "post") -> PostDraft:
+    """Parse Markdown with front matter into a validated draft."""
+    try:
+        document = frontmatter.loads(text)
+    except yaml.YAMLError as error:
+        first_line = str(error).splitlines()[0] if str(error) else "invalid YAML"
+        raise PostError(f"{source}: the front matter is not valid YAML ({first_line})") from None
+    meta: dict[str, Any] = dict(document.metadata)
+    unknown = sorted(set(meta) - set(FRONT_MATTER_KEYS))
+    if unknown:
+        raise PostError(
+            f"{source}: unknown front matter key(s) {', '.join(unknown)}"
+            f" (allowed: {', '.join(FRONT_MATTER_KEYS)})"
+        )
+
+    title = meta.get("title")
+    if not isinstance(title, str | int | float) or not str(title).strip():
+        raise PostError(f"{source}: the front matter needs a title")
+    title = " ".join(str(title).split())
+    if len(title) > MAX_TITLE:
+        raise PostError(f"{source}: the title is longer than {MAX_TITLE} characters")
+
+    slug = meta.get("slug")
+    slug_given = slug is not None
+    if slug is None:
+        slug = slugify(title)
+        if not slug:
+            raise PostError(f"{source}: no slug can be made from the title; set 'slug:'")
+    elif not isinstance(slug, str) or not _SLUG.match(slug):
+        raise PostError(
+            f"{source}: the slug must be lower-case letters, digits and '-', not {slug!r}"
+        )
+
+    summary = meta.get("summary", "")
+    if not isinstance(summary, str):
+        raise PostError(f"{source}: the summary must be text")
+    summary = " ".join(summary.split())
+    if len(summary) > MAX_SUMMARY:
+        raise PostError(f"{source}: the summary is longer than {MAX_SUMMARY} characters")
+
+    image = meta.get("image")
+    if image is not None and (
+        not isinstance(image, str) or not image.startswith(("https://", "http://", "/"))
+    ):
+        raise PostError(f"{source}: the image must be an http(s) URL or a path on this blog")
+
+    return PostDraft(
+        title=title,
+        slug=slug,
+        body_md=document.content.strip() + "\n",
+        summary=summary,
+        tags=_parse_tags(meta.get("tags"), source),
+        image=image,
+        published=_parse_published(meta.get("published"), source),
+        slug_given=slug_given,
+    )
+
+
+def _parse_tags(value: object, source: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        items: list[object] = [part for part in value.split(",")]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise PostError(f"{source}: tags must be a list or comma-separated text")
+    tags: list[str] = []
+    for item in items:
+        if not isinstance(item, str | int):
+            raise PostError(f"{source}: every tag must be text, not {item!r}")
+        tag = normalize_tag(str(item))
+        if tag and tag not in tags:
+            tags.append(tag)
+    if len(tags) > MAX_TAGS:
+        raise PostError(f"{source}: at most {MAX_TAGS} tags")
+    return tuple(tags)
+
+
+def _parse_published(value: object, source: str) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, date):
+        moment = datetime(value.year, value.month, value.day)
+    elif isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise PostError(
+                f"{source}: published must be a date like 2026-11-28 or 2026-11-28T10:00:00Z"
+            ) from None
+    else:
+        raise PostError(f"{source}: published must be a date")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).replace(microsecond=0)
+
+
+class Blog:
+    """Publishing, editing and deleting posts: the store plus what follows from it."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+
+    def post_url(self, post: Post) -> str:
+        return self.settings.url(f"/posts/{post.slug}")
+
+    def object_id(self, uid: str) -> str:
+        """The post's ActivityPub id: built from the uid, so a new slug keeps it."""
+        return self.settings.url(f"/p/{uid}")
+
+    async def publish(self, draft: PostDraft) -> Post:
+        published = draft.published or utcnow()
+        return await self.store.save_new_post(
+            replace(draft, published=published),
+            uid=secrets.token_hex(8),
+            body_html=markdown_to_html(draft.body_md),
+            published=published,
+        )
+
+    async def edit(self, slug: str, draft: PostDraft) -> Post:
+        post = await self.get(slug)
+        if not draft.slug_given:
+            draft = replace(draft, slug=post.slug)
+        return await self.store.save_post_edit(
+            post, draft, body_html=markdown_to_html(draft.body_md), updated=utcnow()
+        )
+
+    async def delete(self, slug: str) -> Post:
+        post = await self.get(slug)
+        await self.store.delete_post(post, object_id=self.object_id(post.uid), deleted=utcnow())
+        return post
+
+    async def get(self, slug: str) -> Post:
+        post = await self.store.get_post_by_slug(slug)
+        if post is None:
+            raise PostNotFound(f"no post has the slug {slug!r}")
+        return post

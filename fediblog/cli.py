@@ -1,0 +1,165 @@
+"""The ``fediblog`` command: init, serve, demo, and post new/edit/delete/list.
+
+Every failure a user can cause ends as one line on stderr and a non-zero exit:
+2 for a wrong setting or usage, 1 for a command that could not be done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from fediblog.blog import Blog, read_post_file
+from fediblog.config import Settings, load_settings
+from fediblog.errors import ConfigError, FediblogError
+from fediblog.keys import ensure_keys
+from fediblog.models import format_ts
+from fediblog.store import Store
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fediblog",
+        description="A blog whose posts live in the fediverse.",
+        epilog="Settings come from FEDIBLOG_* variables and ./fediblog.toml; see README.md.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("init", help="create the database and the key pairs (idempotent)")
+
+    serve = commands.add_parser("serve", help="run the server")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to bind (8000)")
+
+    demo = commands.add_parser(
+        "demo", help="run a local demo blog with posts and comments on http://127.0.0.1:8000"
+    )
+    demo.add_argument("--port", type=int, default=8000, help="port to bind (8000)")
+    demo.add_argument("--database", type=Path, default=Path("data/demo.db"), help="(data/demo.db)")
+
+    post = commands.add_parser("post", help="publish, edit, delete and list posts")
+    post_commands = post.add_subparsers(dest="post_command", required=True, metavar="ACTION")
+    new = post_commands.add_parser("new", help="publish a Markdown file with front matter")
+    new.add_argument("file", type=Path)
+    edit = post_commands.add_parser("edit", help="replace a post's content from a file")
+    edit.add_argument("slug")
+    edit.add_argument("file", type=Path)
+    delete = post_commands.add_parser("delete", help="delete a post (its URL then answers 410)")
+    delete.add_argument("slug")
+    post_commands.add_parser("list", help="list the published posts")
+    return parser
+
+
+async def _with_blog(settings: Settings, action: Callable[[Blog], Awaitable[None]]) -> None:
+    store = await Store.open(settings.database)
+    try:
+        await action(Blog(settings, store))
+    finally:
+        await store.close()
+
+
+def _init(settings: Settings) -> None:
+    created = ensure_keys(settings.keys_dir)
+
+    async def migrate(blog: Blog) -> None:
+        await blog.store.migrate()
+
+    asyncio.run(_with_blog(settings, migrate))
+    print(f"database ready: {settings.database}")
+    for path in created:
+        print(f"created {path}")
+    if not any(path.suffix == ".pem" for path in created):
+        print(f"keys present in {settings.keys_dir} (kept as they are)")
+    print(f"the blog is @{settings.acct} at {settings.base_url}")
+
+
+def _serve(settings: Settings, host: str, port: int) -> None:
+    import uvicorn  # imported here: only `serve` and `demo` need it
+
+    from fediblog.app import create_app
+
+    if not (settings.keys_dir / "blog.pem").exists():
+        raise ConfigError(f"no keys in {settings.keys_dir}: run `fediblog init` first")
+    print(f"fediblog: serving @{settings.acct} on http://{host}:{port}", file=sys.stderr)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        proxy_headers=True,
+        forwarded_allow_ips="127.0.0.1",
+        server_header=False,
+        log_level="info",
+        access_log=False,
+    )
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from fediblog.demo import seed_demo
+
+    # The demo is local by definition: its own database, plain http on loopback.
+    settings = load_settings(
+        database=args.database, base_url=f"http://127.0.0.1:{args.port}", allow_http=True
+    )
+    ensure_keys(settings.keys_dir)
+
+    async def seed(blog: Blog) -> None:
+        if await seed_demo(blog, blog.store):
+            print(f"demo content written to {settings.database}", file=sys.stderr)
+
+    asyncio.run(_with_blog(settings, seed))
+    _serve(settings, "127.0.0.1", args.port)
+
+
+def _post(settings: Settings, args: argparse.Namespace) -> None:
+    async def run(blog: Blog) -> None:
+        if args.post_command == "new":
+            post = await blog.publish(read_post_file(args.file))
+            print(f"published {blog.post_url(post)}")
+        elif args.post_command == "edit":
+            post = await blog.edit(args.slug, read_post_file(args.file))
+            print(f"updated {blog.post_url(post)}")
+        elif args.post_command == "delete":
+            post = await blog.delete(args.slug)
+            print(f"deleted {post.slug} ({blog.object_id(post.uid)} now answers 410)")
+        else:
+            posts = await blog.store.list_posts(limit=1_000_000)
+            if not posts:
+                print("no posts yet")
+            for post in posts:
+                print(
+                    f"{format_ts(post.published)}  {post.slug}  "
+                    f"({post.response_count} responses)  {post.title}"
+                )
+
+    asyncio.run(_with_blog(settings, run))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            _demo(args)
+            return 0
+        settings = load_settings()
+        if args.command == "init":
+            _init(settings)
+        elif args.command == "serve":
+            _serve(settings, args.host, args.port)
+        elif args.command == "post":
+            _post(settings, args)
+    except ConfigError as error:
+        print(f"fediblog: configuration error: {error}", file=sys.stderr)
+        return 2
+    except FediblogError as error:
+        print(f"fediblog: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

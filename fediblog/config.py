@@ -1,0 +1,172 @@
+"""Settings: one frozen object built from ``FEDIBLOG_*`` variables and fediblog.toml.
+
+Nothing here runs at import time. ``load_settings()`` reads the optional TOML file
+(``FEDIBLOG_CONFIG``, default ./fediblog.toml), then lets the environment override it,
+validates everything and raises ``ConfigError`` with one readable line on the first
+problem.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from fediblog.errors import ConfigError
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+MODERATION_MODES = ("open", "first", "all")
+OBJECT_TYPES = ("Article", "Note")
+ACTOR_TYPES = ("Person", "Service")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the server and the CLI need to know, validated."""
+
+    base_url: str = DEFAULT_BASE_URL
+    handle: str = "blog"
+    title: str = "fediblog"
+    description: str = "A blog that lives in the fediverse."
+    author: str = "The author"
+    database: Path = Path("data/fediblog.db")
+    keys_dir: Path = Path("keys")
+    allow_http: bool = False
+    allow_private_addresses: bool = False
+    language: str = "en"
+    posts_per_page: int = 10
+    object_type: str = "Article"
+    actor_type: str = "Person"
+    manually_approves_followers: bool = False
+    hide_followers: bool = False
+    moderation: str = "open"
+
+    # ---- derived values -------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        """The public host, with its port when it is not the scheme's default."""
+        return urlsplit(self.base_url).netloc
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.base_url).scheme
+
+    @property
+    def acct(self) -> str:
+        """``handle@host``, the blog's fediverse address without the leading @."""
+        return f"{self.handle}@{self.host}"
+
+    def url(self, path: str) -> str:
+        """An absolute URL on this blog for a path that starts with ``/``."""
+        return self.base_url + path
+
+
+_BOOL_TRUE = {"1", "true", "yes", "on"}
+_BOOL_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _to_bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _BOOL_TRUE:
+        return True
+    if text in _BOOL_FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, not {value!r}")
+
+
+def _to_int(name: str, value: object, low: int, high: int) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, not {value!r}") from None
+    if not low <= number <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, not {number}")
+    return number
+
+
+def _env_name(field_name: str) -> str:
+    return "FEDIBLOG_" + field_name.upper()
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"cannot read {path}: {error}") from None
+    unknown = set(data) - {f.name for f in fields(Settings)}
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}")
+    return data
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build validated settings: defaults < fediblog.toml < environment < overrides."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = _read_toml(Path(env.get("FEDIBLOG_CONFIG", "fediblog.toml")))
+    for field in fields(Settings):
+        name = _env_name(field.name)
+        if name in env:
+            raw[field.name] = env[name]
+    raw.update({key: value for key, value in overrides.items() if value is not None})
+    return _validate(raw)
+
+
+def _validate(raw: Mapping[str, Any]) -> Settings:
+    settings = Settings()
+    values: dict[str, Any] = {}
+    for field in fields(Settings):
+        if field.name not in raw:
+            continue
+        value = raw[field.name]
+        name = _env_name(field.name)
+        default = getattr(settings, field.name)
+        if isinstance(default, bool):
+            values[field.name] = _to_bool(name, value)
+        elif isinstance(default, int):
+            values[field.name] = _to_int(name, value, 1, 100)
+        elif isinstance(default, Path):
+            values[field.name] = Path(str(value)).expanduser()
+        else:
+            values[field.name] = str(value).strip()
+    settings = replace(settings, **values)
+
+    base = settings.base_url.rstrip("/")
+    parts = urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"FEDIBLOG_BASE_URL must be an absolute https URL, not {settings.base_url!r}"
+        )
+    if parts.scheme == "http" and not settings.allow_http:
+        raise ConfigError(
+            "FEDIBLOG_BASE_URL is http: the fediverse needs https "
+            "(set FEDIBLOG_ALLOW_HTTP=1 for local use only)"
+        )
+    if parts.path or parts.query or parts.fragment or parts.username:
+        raise ConfigError(
+            "FEDIBLOG_BASE_URL must be scheme and host only (no path, query or user), "
+            f"not {settings.base_url!r}"
+        )
+    handle = settings.handle
+    if not handle or not all(c.isascii() and (c.isalnum() or c in "_-.") for c in handle):
+        raise ConfigError(
+            f"FEDIBLOG_HANDLE may use only letters, digits, '_', '-' and '.', not {handle!r}"
+        )
+    if settings.object_type not in OBJECT_TYPES:
+        raise ConfigError(f"FEDIBLOG_OBJECT_TYPE must be one of {', '.join(OBJECT_TYPES)}")
+    if settings.actor_type not in ACTOR_TYPES:
+        raise ConfigError(f"FEDIBLOG_ACTOR_TYPE must be one of {', '.join(ACTOR_TYPES)}")
+    if settings.moderation not in MODERATION_MODES:
+        raise ConfigError(f"FEDIBLOG_MODERATION must be one of {', '.join(MODERATION_MODES)}")
+    if not settings.title:
+        raise ConfigError("FEDIBLOG_TITLE must not be empty")
+    return replace(settings, base_url=base.lower() if base.isascii() else base)

@@ -1,0 +1,75 @@
+"""The one exception tree of fediblog.
+
+Callers catch at the level they care about:
+
+    FediblogError
+    ├── ConfigError          a setting is missing or wrong (CLI: one line, exit 2)
+    ├── StorageError         the database cannot be opened or used
+    ├── PostError            a post file or command is wrong (CLI: one line, exit 1)
+    │   ├── PostNotFound     no post with that slug
+    │   └── DuplicateSlug    the slug is taken
+    ├── SignatureError       an inbound HTTP signature does not verify (HTTP 401)
+    ├── ActivityError        an inbound activity is malformed or not allowed (HTTP 400)
+    └── FetchError           a remote GET failed; the subclasses say why
+        ├── BlockedAddress   scheme or address is not allowed (SSRF guard)
+        ├── FetchTooLarge    the body passed the size cap (counted decompressed)
+        ├── FetchTimeout     the total deadline passed
+        └── BadDocument      wrong content type, id mismatch, or not JSON
+
+Every error carries a short, human reason in ``str(error)``; that text is what a
+user or a remote server sees, so it never contains a traceback or a secret.
+"""
+
+from __future__ import annotations
+
+
+class FediblogError(Exception):
+    """Root of every error fediblog raises on purpose."""
+
+
+class ConfigError(FediblogError):
+    """A setting is missing or malformed."""
+
+
+class StorageError(FediblogError):
+    """The database cannot be opened, or is not one of ours."""
+
+
+class PostError(FediblogError):
+    """A post file or post command is invalid."""
+
+
+class PostNotFound(PostError):
+    """No post has the given slug."""
+
+
+class DuplicateSlug(PostError):
+    """Another post already uses the slug."""
+
+
+class SignatureError(FediblogError):
+    """An inbound HTTP signature is missing, malformed or does not verify."""
+
+
+class ActivityError(FediblogError):
+    """An inbound activity is malformed or not acceptable."""
+
+
+class FetchError(FediblogError):
+    """A remote fetch failed."""
+
+
+class BlockedAddress(FetchError):
+    """The URL's scheme, host or resolved address is not allowed."""
+
+
+class FetchTooLarge(FetchError):
+    """The response body passed the size cap."""
+
+
+class FetchTimeout(FetchError):
+    """The fetch took longer than its total deadline."""
+
+
+class BadDocument(FetchError):
+    """The response is not an acceptable ActivityPub document."""

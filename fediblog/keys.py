@@ -1,0 +1,95 @@
+"""The blog's key pairs under keys/: generated once, read at start-up, never served.
+
+``blog.pem`` signs everything the blog actor sends; ``instance.pem`` signs the
+server's outbound GETs (the instance actor). Both are RSA-2048 PKCS#8 PEM files
+with mode 0600. ``ensure_keys`` never overwrites a key that exists: servers that
+cached our public key (GoToSocial does, and never refetches it) would otherwise
+reject everything we send.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from fediblog.errors import ConfigError
+
+KEY_NAMES = ("blog", "instance")
+README = """\
+# keys/
+
+Private keys of this blog. `fediblog init` creates them; nothing else writes here.
+
+- `blog.pem` — the blog actor's RSA-2048 key: signs every activity the blog sends
+  (Accept, Create, Update, Delete). Its public half is in the actor document.
+- `instance.pem` — the instance actor's key: signs the server's outbound GETs.
+
+Each file is mode 0600 and git-ignored. Back them up with the database: followers'
+servers cache the public keys, so a lost key means they reject the blog's posts
+until they refetch it (some never do). Never commit, copy into a web root, or share
+these files.
+"""
+GITIGNORE = "*\n!README.md\n!.gitignore\n"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPair:
+    private_key: rsa.RSAPrivateKey
+    public_pem: str
+
+
+def _write_private(path: Path, key: rsa.RSAPrivateKey) -> None:
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    # O_EXCL: if two `init`s race, the second fails instead of replacing the key.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+
+
+def ensure_keys(keys_dir: Path) -> list[Path]:
+    """Create any missing key (and the folder's README); return the files created."""
+    try:
+        keys_dir.mkdir(parents=True, exist_ok=True)
+        created: list[Path] = []
+        for name, text in (("README.md", README), (".gitignore", GITIGNORE)):
+            path = keys_dir / name
+            if not path.exists():
+                path.write_text(text)
+                created.append(path)
+        for name in KEY_NAMES:
+            path = keys_dir / f"{name}.pem"
+            if not path.exists():
+                _write_private(path, rsa.generate_private_key(public_exponent=65537, key_size=2048))
+                created.append(path)
+    except OSError as error:
+        raise ConfigError(f"cannot write keys in {keys_dir}: {error.strerror or error}") from None
+    return created
+
+
+def load_key(keys_dir: Path, name: str) -> KeyPair:
+    """Read one key pair; a missing or unreadable key is a ConfigError."""
+    path = keys_dir / f"{name}.pem"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"no key at {path}: run `fediblog init` first") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ConfigError(f"{path} is not an RSA key")
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return KeyPair(private_key=key, public_pem=public_pem.decode())

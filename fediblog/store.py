@@ -1,0 +1,652 @@
+"""All SQL lives here: the schema, its numbered migrations, and every query.
+
+The rest of fediblog talks to ``Store`` in terms of the records in ``models``.
+A PostgreSQL backend would be a second class with the same methods; nothing
+outside this module writes SQL.
+
+SQLite runs in WAL mode so readers never wait for the writer, with
+``synchronous=FULL`` so that a commit that returned survives a power cut.
+``Store.version()`` changes whenever anything was committed, by this process or by
+another one (the CLI writing while the server runs), which is what page caches key on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from fediblog.errors import DuplicateSlug, StorageError
+from fediblog.models import (
+    Author,
+    Comment,
+    CommentSource,
+    Post,
+    PostDraft,
+    Visibility,
+    format_ts,
+    parse_ts,
+)
+
+# Each entry is one migration; the database remembers how many ran (PRAGMA user_version).
+# Never edit a shipped entry: append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE posts (
+        id            INTEGER PRIMARY KEY,
+        uid           TEXT NOT NULL UNIQUE,       -- stable: the ActivityPub id is built from it
+        slug          TEXT NOT NULL UNIQUE,
+        title         TEXT NOT NULL,
+        summary       TEXT NOT NULL DEFAULT '',
+        body_md       TEXT NOT NULL,
+        body_html     TEXT NOT NULL,
+        image         TEXT,
+        published_at  TEXT NOT NULL,
+        updated_at    TEXT,
+        deleted_at    TEXT
+    );
+    CREATE INDEX posts_live ON posts(published_at DESC) WHERE deleted_at IS NULL;
+
+    CREATE TABLE post_tags (
+        post_id  INTEGER NOT NULL REFERENCES posts(id) ON DELETE CASCADE,
+        tag      TEXT NOT NULL,
+        PRIMARY KEY (post_id, tag)
+    ) WITHOUT ROWID;
+    CREATE INDEX post_tags_tag ON post_tags(tag, post_id);
+
+    -- A slug a post used to have: its old URL redirects to the new one.
+    CREATE TABLE old_slugs (
+        slug     TEXT PRIMARY KEY,
+        post_id  INTEGER NOT NULL REFERENCES posts(id) ON DELETE CASCADE
+    );
+
+    -- Remote actors, cached. The handle's host is always the host of ap_id.
+    CREATE TABLE actors (
+        id                INTEGER PRIMARY KEY,
+        ap_id             TEXT NOT NULL UNIQUE,
+        type              TEXT NOT NULL DEFAULT 'Person',
+        username          TEXT NOT NULL DEFAULT '',
+        domain            TEXT NOT NULL,
+        name              TEXT NOT NULL DEFAULT '',
+        url               TEXT,
+        icon_url          TEXT,
+        inbox             TEXT,
+        shared_inbox      TEXT,
+        key_id            TEXT,
+        public_key_pem    TEXT,
+        fetched_at        TEXT NOT NULL,
+        key_refreshed_at  TEXT,
+        deleted_at        TEXT
+    );
+    CREATE INDEX actors_key_id ON actors(key_id);
+    CREATE INDEX actors_domain ON actors(domain);
+
+    CREATE TABLE comments (
+        id            INTEGER PRIMARY KEY,
+        post_id       INTEGER NOT NULL REFERENCES posts(id) ON DELETE CASCADE,
+        parent_id     INTEGER REFERENCES comments(id),
+        ap_id         TEXT UNIQUE,                -- NULL for comments from the local form
+        url           TEXT,                       -- the original, for the date link
+        actor_id      INTEGER REFERENCES actors(id),
+        author_name   TEXT NOT NULL DEFAULT '',   -- local comments only
+        author_url    TEXT,                       -- local comments only
+        author_email  TEXT,                       -- local comments only; never published
+        content_html  TEXT NOT NULL,
+        summary       TEXT,                       -- content warning
+        sensitive     INTEGER NOT NULL DEFAULT 0,
+        visibility    TEXT NOT NULL DEFAULT 'public'
+                      CHECK (visibility IN ('public', 'unlisted', 'followers', 'direct')),
+        status        TEXT NOT NULL DEFAULT 'published'
+                      CHECK (status IN ('published', 'pending', 'rejected', 'deleted')),
+        source        TEXT NOT NULL CHECK (source IN ('fediverse', 'local')),
+        published_at  TEXT NOT NULL,
+        updated_at    TEXT,
+        received_at   TEXT NOT NULL
+    );
+    CREATE INDEX comments_post ON comments(post_id, published_at, id);
+    CREATE INDEX comments_actor ON comments(actor_id);
+
+    CREATE TABLE reactions (
+        id          INTEGER PRIMARY KEY,
+        post_id     INTEGER NOT NULL REFERENCES posts(id) ON DELETE CASCADE,
+        actor_id    INTEGER NOT NULL REFERENCES actors(id),
+        type        TEXT NOT NULL CHECK (type IN ('Like', 'Announce')),
+        ap_id       TEXT UNIQUE,
+        content     TEXT,                         -- a Misskey emoji reaction
+        created_at  TEXT NOT NULL,
+        UNIQUE (post_id, actor_id, type)
+    );
+
+    CREATE TABLE followers (
+        id            INTEGER PRIMARY KEY,
+        actor_id      INTEGER NOT NULL UNIQUE REFERENCES actors(id),
+        follow_ap_id  TEXT NOT NULL,
+        inbox         TEXT NOT NULL,
+        shared_inbox  TEXT,
+        status        TEXT NOT NULL DEFAULT 'accepted' CHECK (status IN ('pending', 'accepted')),
+        created_at    TEXT NOT NULL
+    );
+
+    -- What we published (the outbox), kept as the exact JSON we sent.
+    CREATE TABLE activities (
+        id          INTEGER PRIMARY KEY,
+        ap_id       TEXT NOT NULL UNIQUE,
+        type        TEXT NOT NULL,
+        post_id     INTEGER REFERENCES posts(id),
+        payload     TEXT NOT NULL,
+        public      INTEGER NOT NULL DEFAULT 1,
+        created_at  TEXT NOT NULL
+    );
+    CREATE INDEX activities_outbox ON activities(type, id) WHERE public = 1;
+
+    -- One row per (activity, inbox): the durable delivery queue.
+    CREATE TABLE deliveries (
+        id               INTEGER PRIMARY KEY,
+        activity_id      INTEGER NOT NULL REFERENCES activities(id),
+        inbox            TEXT NOT NULL,
+        status           TEXT NOT NULL DEFAULT 'queued'
+                         CHECK (status IN ('queued', 'sent', 'failed', 'dead')),
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at  TEXT NOT NULL,
+        last_error       TEXT,
+        created_at       TEXT NOT NULL,
+        finished_at      TEXT,
+        UNIQUE (activity_id, inbox)
+    );
+    CREATE INDEX deliveries_due ON deliveries(next_attempt_at) WHERE status = 'queued';
+
+    -- Every accepted inbound activity, stored before we answer 202.
+    -- dedup_key is the activity id, or a hash of the body when it has none.
+    CREATE TABLE inbox (
+        id            INTEGER PRIMARY KEY,
+        dedup_key     TEXT NOT NULL UNIQUE,
+        actor_ap_id   TEXT NOT NULL,
+        type          TEXT NOT NULL,
+        payload       TEXT NOT NULL,
+        status        TEXT NOT NULL DEFAULT 'queued' CHECK (status IN ('queued', 'done', 'failed')),
+        received_at   TEXT NOT NULL,
+        processed_at  TEXT,
+        error         TEXT
+    );
+    CREATE INDEX inbox_queued ON inbox(id) WHERE status = 'queued';
+
+    -- Deleted objects, ours and remote: a late Create cannot bring them back.
+    CREATE TABLE tombstones (
+        ap_id        TEXT PRIMARY KEY,
+        actor_ap_id  TEXT,
+        former_type  TEXT,
+        deleted_at   TEXT NOT NULL
+    ) WITHOUT ROWID;
+
+    CREATE TABLE blocks (
+        id          INTEGER PRIMARY KEY,
+        target      TEXT NOT NULL UNIQUE,         -- an actor id or a domain
+        kind        TEXT NOT NULL CHECK (kind IN ('domain', 'actor')),
+        created_at  TEXT NOT NULL
+    );
+    """,
+)
+
+_TAG_SEPARATOR = "\x1f"
+
+# Comments a reader may see: published ones, plus deleted ones kept as placeholders
+# for the replies under them. Never followers-only or direct ones.
+_VISIBLE = "c.status IN ('published', 'deleted') AND c.visibility IN ('public', 'unlisted')"
+_COUNTED = "c.status = 'published' AND c.visibility IN ('public', 'unlisted')"
+
+_POST_COLUMNS = f"""
+    p.id, p.uid, p.slug, p.title, p.summary, p.body_md, p.body_html, p.image,
+    p.published_at, p.updated_at,
+    (SELECT group_concat(t.tag, char(31)) FROM post_tags t WHERE t.post_id = p.id) AS tags,
+    (SELECT count(*) FROM comments c WHERE c.post_id = p.id AND {_COUNTED}) AS responses
+"""
+
+_COMMENT_COLUMNS = """
+    c.id, c.post_id, c.parent_id, c.ap_id, c.url, c.content_html, c.summary, c.sensitive,
+    c.visibility, c.status, c.source, c.published_at, c.updated_at,
+    c.author_name, c.author_url,
+    a.ap_id AS actor_ap_id, a.username, a.domain, a.name AS actor_name, a.url AS actor_url,
+    a.icon_url
+"""
+
+
+def _post(row: sqlite3.Row) -> Post:
+    tags = row["tags"]
+    return Post(
+        id=row["id"],
+        uid=row["uid"],
+        slug=row["slug"],
+        title=row["title"],
+        summary=row["summary"],
+        body_md=row["body_md"],
+        body_html=row["body_html"],
+        tags=tuple(sorted(tags.split(_TAG_SEPARATOR))) if tags else (),
+        image=row["image"],
+        published=parse_ts(row["published_at"]),
+        updated=parse_ts(row["updated_at"]) if row["updated_at"] else None,
+        response_count=row["responses"],
+    )
+
+
+def _comment(row: sqlite3.Row) -> Comment:
+    if row["actor_ap_id"] is not None:
+        author = Author(
+            name=row["actor_name"] or row["username"],
+            handle=f"@{row['username']}@{row['domain']}",
+            profile_url=row["actor_url"] or row["actor_ap_id"],
+            avatar_url=row["icon_url"],
+        )
+    else:
+        author = Author(name=row["author_name"], profile_url=row["author_url"])
+    return Comment(
+        id=row["id"],
+        post_id=row["post_id"],
+        parent_id=row["parent_id"],
+        ap_id=row["ap_id"],
+        url=row["url"],
+        author=author,
+        content_html=row["content_html"],
+        summary=row["summary"],
+        sensitive=bool(row["sensitive"]),
+        visibility=row["visibility"],
+        status=row["status"],
+        source=row["source"],
+        published=parse_ts(row["published_at"]),
+        updated=parse_ts(row["updated_at"]) if row["updated_at"] else None,
+    )
+
+
+async def _returning(db: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> int:
+    """Run an INSERT … RETURNING id and give the id."""
+    async with db.execute(sql, params) as cursor:
+        row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+class Store:
+    """One SQLite database. Open with ``await Store.open(path)``; close when done."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        self._lock = asyncio.Lock()  # one write transaction at a time on this connection
+        self._writes = 0
+        self._data_version = 0
+        self._checked_at = 0.0
+        self.version_max_age = 1.0  # seconds another process's commit may go unnoticed
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        """Open (creating if needed) and migrate the database at ``path``."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = await aiosqlite.connect(path, isolation_level=None)
+        except (OSError, sqlite3.Error) as error:
+            raise StorageError(f"cannot open the database {path}: {error}") from None
+        try:
+            db.row_factory = sqlite3.Row
+            for pragma in (
+                "journal_mode = WAL",
+                "synchronous = FULL",
+                "foreign_keys = ON",
+                "busy_timeout = 5000",
+            ):
+                await db.execute(f"PRAGMA {pragma}")
+            store = cls(db)
+            await store.migrate()
+        except sqlite3.Error as error:
+            await db.close()
+            raise StorageError(f"cannot use the database {path}: {error}") from None
+        except BaseException:
+            await db.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def migrate(self) -> int:
+        """Run the migrations this database has not seen; return the schema version."""
+        async with self._db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        current = int(row[0]) if row else 0
+        if current > len(MIGRATIONS):
+            raise StorageError(
+                f"the database is at schema {current}, newer than this fediblog knows"
+                f" ({len(MIGRATIONS)}): upgrade fediblog"
+            )
+        for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
+            # executescript commits first; the version bump rides in the same script
+            # so a crash leaves either the old schema or the new one.
+            await self._db.executescript(
+                f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
+            )
+        return len(MIGRATIONS)
+
+    # ---- change tracking --------------------------------------------------------
+
+    async def version(self) -> tuple[int, int]:
+        """A value that changes after every commit, ours or another process's.
+
+        Our own writes count immediately; other processes' are noticed through
+        ``PRAGMA data_version`` at most ``version_max_age`` seconds late, so a hot
+        page costs no query per request.
+        """
+        now = time.monotonic()
+        if now - self._checked_at >= self.version_max_age:
+            async with self._db.execute("PRAGMA data_version") as cursor:
+                row = await cursor.fetchone()
+            self._data_version = int(row[0]) if row else 0
+            self._checked_at = now
+        return (self._writes, self._data_version)
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction: all of it commits, or none of it."""
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            await self._db.execute("COMMIT")
+            self._writes += 1
+
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        async with self._db.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
+
+    async def _fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        async with self._db.execute(sql, params) as cursor:
+            row: sqlite3.Row | None = await cursor.fetchone()
+            return row
+
+    # ---- posts ------------------------------------------------------------------
+
+    async def save_new_post(
+        self, draft: PostDraft, *, uid: str, body_html: str, published: datetime
+    ) -> Post:
+        """Insert a post and its tags in one transaction."""
+        async with self._transaction() as db:
+            await self._ensure_slug_free(draft.slug, post_id=None)
+            cursor = await db.execute(
+                "INSERT INTO posts (uid, slug, title, summary, body_md, body_html, image,"
+                " published_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    uid,
+                    draft.slug,
+                    draft.title,
+                    draft.summary,
+                    draft.body_md,
+                    body_html,
+                    draft.image,
+                    format_ts(published),
+                ),
+            )
+            post_id = cursor.lastrowid
+            assert post_id is not None
+            await self._save_tags(post_id, draft.tags)
+        post = await self.get_post_by_id(post_id)
+        assert post is not None
+        return post
+
+    async def save_post_edit(
+        self, post: Post, draft: PostDraft, *, body_html: str, updated: datetime
+    ) -> Post:
+        """Replace a post's content; keep its uid; remember its old slug for redirects."""
+        async with self._transaction() as db:
+            await self._ensure_slug_free(draft.slug, post_id=post.id)
+            published = draft.published or post.published
+            await db.execute(
+                "UPDATE posts SET slug = ?, title = ?, summary = ?, body_md = ?, body_html = ?,"
+                " image = ?, published_at = ?, updated_at = ? WHERE id = ?",
+                (
+                    draft.slug,
+                    draft.title,
+                    draft.summary,
+                    draft.body_md,
+                    body_html,
+                    draft.image,
+                    format_ts(published),
+                    format_ts(updated),
+                    post.id,
+                ),
+            )
+            if draft.slug != post.slug:
+                await db.execute(
+                    "INSERT OR REPLACE INTO old_slugs (slug, post_id) VALUES (?, ?)",
+                    (post.slug, post.id),
+                )
+                await db.execute("DELETE FROM old_slugs WHERE slug = ?", (draft.slug,))
+            await db.execute("DELETE FROM post_tags WHERE post_id = ?", (post.id,))
+            await self._save_tags(post.id, draft.tags)
+        edited = await self.get_post_by_id(post.id)
+        assert edited is not None
+        return edited
+
+    async def delete_post(self, post: Post, *, object_id: str, deleted: datetime) -> None:
+        """Mark a post deleted and keep a tombstone for its ActivityPub id."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE posts SET deleted_at = ? WHERE id = ?", (format_ts(deleted), post.id)
+            )
+            await db.execute("DELETE FROM old_slugs WHERE post_id = ?", (post.id,))
+            await db.execute(
+                "INSERT OR REPLACE INTO tombstones (ap_id, former_type, deleted_at)"
+                " VALUES (?, 'Post', ?)",
+                (object_id, format_ts(deleted)),
+            )
+
+    async def _ensure_slug_free(self, slug: str, *, post_id: int | None) -> None:
+        row = await self._fetchone(
+            "SELECT id FROM posts WHERE slug = ? AND deleted_at IS NULL", (slug,)
+        )
+        if row is not None and row["id"] != post_id:
+            raise DuplicateSlug(f"the slug {slug!r} is already used by another post")
+        if await self._fetchone(
+            "SELECT 1 FROM posts WHERE slug = ? AND deleted_at IS NOT NULL", (slug,)
+        ):
+            # A deleted post gives its slug up; its uid (and so its tombstone) stays.
+            await self._db.execute(
+                "UPDATE posts SET slug = slug || '~deleted~' || id WHERE slug = ?", (slug,)
+            )
+
+    async def _save_tags(self, post_id: int, tags: Iterable[str]) -> None:
+        await self._db.executemany(
+            "INSERT OR IGNORE INTO post_tags (post_id, tag) VALUES (?, ?)",
+            [(post_id, tag) for tag in tags],
+        )
+
+    async def get_post_by_id(self, post_id: int) -> Post | None:
+        row = await self._fetchone(
+            f"SELECT {_POST_COLUMNS} FROM posts p WHERE p.id = ? AND p.deleted_at IS NULL",
+            (post_id,),
+        )
+        return _post(row) if row else None
+
+    async def get_post_by_slug(self, slug: str) -> Post | None:
+        row = await self._fetchone(
+            f"SELECT {_POST_COLUMNS} FROM posts p WHERE p.slug = ? AND p.deleted_at IS NULL",
+            (slug,),
+        )
+        return _post(row) if row else None
+
+    async def get_post_by_uid(self, uid: str) -> Post | None:
+        row = await self._fetchone(
+            f"SELECT {_POST_COLUMNS} FROM posts p WHERE p.uid = ? AND p.deleted_at IS NULL",
+            (uid,),
+        )
+        return _post(row) if row else None
+
+    async def get_current_slug(self, old_slug: str) -> str | None:
+        """The slug a post has now, if ``old_slug`` is one it used to have."""
+        row = await self._fetchone(
+            "SELECT p.slug FROM old_slugs o JOIN posts p ON p.id = o.post_id"
+            " WHERE o.slug = ? AND p.deleted_at IS NULL",
+            (old_slug,),
+        )
+        return str(row["slug"]) if row else None
+
+    async def is_deleted_post(self, uid: str) -> datetime | None:
+        """When the post with this uid was deleted, or None if it was not."""
+        row = await self._fetchone(
+            "SELECT deleted_at FROM posts WHERE uid = ? AND deleted_at IS NOT NULL", (uid,)
+        )
+        return parse_ts(row["deleted_at"]) if row else None
+
+    async def list_posts(
+        self, *, limit: int, offset: int = 0, tag: str | None = None
+    ) -> list[Post]:
+        """Live posts, newest first, with tags and response counts, in one query."""
+        if tag is None:
+            rows = await self._fetchall(
+                f"SELECT {_POST_COLUMNS} FROM posts p WHERE p.deleted_at IS NULL"
+                " ORDER BY p.published_at DESC, p.id DESC LIMIT ? OFFSET ?",
+                (limit, offset),
+            )
+        else:
+            rows = await self._fetchall(
+                f"SELECT {_POST_COLUMNS} FROM post_tags pt JOIN posts p ON p.id = pt.post_id"
+                " WHERE pt.tag = ? AND p.deleted_at IS NULL"
+                " ORDER BY p.published_at DESC, p.id DESC LIMIT ? OFFSET ?",
+                (tag, limit, offset),
+            )
+        return [_post(row) for row in rows]
+
+    async def count_posts(self, tag: str | None = None) -> int:
+        if tag is None:
+            row = await self._fetchone("SELECT count(*) FROM posts WHERE deleted_at IS NULL")
+        else:
+            row = await self._fetchone(
+                "SELECT count(*) FROM post_tags pt JOIN posts p ON p.id = pt.post_id"
+                " WHERE pt.tag = ? AND p.deleted_at IS NULL",
+                (tag,),
+            )
+        return int(row[0]) if row else 0
+
+    async def list_tags(self) -> list[tuple[str, int]]:
+        """Every tag in use on a live post, with how many posts carry it."""
+        rows = await self._fetchall(
+            "SELECT pt.tag, count(*) AS n FROM post_tags pt JOIN posts p ON p.id = pt.post_id"
+            " WHERE p.deleted_at IS NULL GROUP BY pt.tag ORDER BY n DESC, pt.tag"
+        )
+        return [(row["tag"], row["n"]) for row in rows]
+
+    # ---- actors and comments ------------------------------------------------------
+
+    async def save_actor(
+        self,
+        *,
+        ap_id: str,
+        username: str,
+        domain: str,
+        name: str,
+        url: str | None,
+        icon_url: str | None,
+        inbox: str | None,
+        shared_inbox: str | None,
+        key_id: str | None,
+        public_key_pem: str | None,
+        fetched: datetime,
+        actor_type: str = "Person",
+    ) -> int:
+        """Insert or refresh a cached remote actor; return its local id."""
+        async with self._transaction() as db:
+            row = await _returning(
+                db,
+                "INSERT INTO actors (ap_id, type, username, domain, name, url, icon_url, inbox,"
+                " shared_inbox, key_id, public_key_pem, fetched_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (ap_id) DO UPDATE SET type = excluded.type,"
+                " username = excluded.username, domain = excluded.domain, name = excluded.name,"
+                " url = excluded.url, icon_url = excluded.icon_url, inbox = excluded.inbox,"
+                " shared_inbox = excluded.shared_inbox, key_id = excluded.key_id,"
+                " public_key_pem = excluded.public_key_pem, fetched_at = excluded.fetched_at"
+                " RETURNING id",
+                (
+                    ap_id,
+                    actor_type,
+                    username,
+                    domain,
+                    name,
+                    url,
+                    icon_url,
+                    inbox,
+                    shared_inbox,
+                    key_id,
+                    public_key_pem,
+                    format_ts(fetched),
+                ),
+            )
+        return row
+
+    async def save_comment(
+        self,
+        *,
+        post_id: int,
+        parent_id: int | None,
+        content_html: str,
+        published: datetime,
+        received: datetime,
+        source: CommentSource,
+        ap_id: str | None = None,
+        url: str | None = None,
+        actor_id: int | None = None,
+        author_name: str = "",
+        author_url: str | None = None,
+        author_email: str | None = None,
+        summary: str | None = None,
+        sensitive: bool = False,
+        visibility: Visibility = "public",
+        status: str = "published",
+    ) -> int:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "INSERT INTO comments (post_id, parent_id, ap_id, url, actor_id, author_name,"
+                " author_url, author_email, content_html, summary, sensitive, visibility, status,"
+                " source, published_at, received_at) VALUES"
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    post_id,
+                    parent_id,
+                    ap_id,
+                    url,
+                    actor_id,
+                    author_name,
+                    author_url,
+                    author_email,
+                    content_html,
+                    summary,
+                    int(sensitive),
+                    visibility,
+                    status,
+                    source,
+                    format_ts(published),
+                    format_ts(received),
+                ),
+            )
+            comment_id = cursor.lastrowid
+            await cursor.close()
+        assert comment_id is not None
+        return comment_id
+
+    async def list_visible_comments(self, post_id: int) -> list[Comment]:
+        """Every comment a reader may see under a post, oldest first, in one query."""
+        rows = await self._fetchall(
+            f"SELECT {_COMMENT_COLUMNS} FROM comments c LEFT JOIN actors a ON a.id = c.actor_id"
+            f" WHERE c.post_id = ? AND {_VISIBLE} ORDER BY c.published_at, c.id",
+            (post_id,),
+        )
+        return [_comment(row) for row in rows]
+
+    async def count_comments(self) -> int:
+        row = await self._fetchone(f"SELECT count(*) FROM comments c WHERE {_COUNTED}")
+        return int(row[0]) if row else 0

@@ -1,0 +1,1 @@
+"""The HTTP edge: routes only. Each module turns requests into service calls."""

@@ -1,0 +1,64 @@
+"""Shared fixtures: settings in a temporary folder, the real app, a client for it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from fediblog.app import create_app
+from fediblog.config import Settings, load_settings
+from fediblog.keys import ensure_keys
+from fediblog.web.deps import Services
+
+BASE_URL = "https://blog.example"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for a test: everything under tmp_path, no fediblog.toml, no env."""
+    values: dict[str, Any] = {
+        "base_url": BASE_URL,
+        "database": tmp_path / "data" / "test.db",
+        "keys_dir": tmp_path / "keys",
+        "title": "Test Blog",
+        "author": "Tess Author",
+    }
+    values.update(overrides)
+    return load_settings({"FEDIBLOG_CONFIG": str(tmp_path / "absent.toml")}, **values)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[Starlette]:
+    ensure_keys(settings.keys_dir)
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        # Cross-process changes are polled; in tests, poll on every request.
+        application.state.services.store.version_max_age = 0.0
+        yield application
+
+
+@pytest.fixture
+def services(app: Starlette) -> Services:
+    found: Services = app.state.services
+    return found
+
+
+@pytest.fixture
+async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
+        yield http
