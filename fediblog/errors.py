@@ -14,6 +14,7 @@ Callers catch at the level they care about:
         ├── BlockedAddress   scheme or address is not allowed (SSRF guard)
         ├── FetchTooLarge    the body passed the size cap (counted decompressed)
         ├── FetchTimeout     the total deadline passed
+        ├── FetchStatus      the server answered an error status (``.status``)
         └── BadDocument      wrong content type, id mismatch, or not JSON
 
 Every error carries a short, human reason in ``str(error)``; that text is what a
@@ -69,6 +70,14 @@ class FetchTooLarge(FetchError):
 
 class FetchTimeout(FetchError):
     """The fetch took longer than its total deadline."""
+
+
+class FetchStatus(FetchError):
+    """The remote server answered with an error status (410 means: gone)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class BadDocument(FetchError):

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "fediblog"
 # -> store -> leaves. app and cli compose everything; nothing imports them.
 LAYERS: dict[str, int] = {
     "__init__": 0, "errors": 0, "models": 0,
-    "config": 1, "keys": 1, "render": 1, "httpsig": 1, "activitystreams": 1,
+    "config": 1, "keys": 1, "render": 1, "httpsig": 1, "activitystreams": 1, "netguard": 1,
     "store": 2,
     "remote": 3, "delivery": 3, "comments": 3,
     "blog": 4, "inbox": 4, "federation": 4,
