@@ -7,11 +7,13 @@ Nothing imports this module except the CLI and the tests.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from pathlib import Path
 
+import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -20,10 +22,18 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fediblog.activitystreams import Urls
+from fediblog.actors import ActorDirectory
 from fediblog.blog import Blog
 from fediblog.config import Settings
+from fediblog.delivery import USER_AGENT, Deliverer
+from fediblog.httpsig import sign_request
+from fediblog.inbox import BatchWriter, Inbox
+from fediblog.keys import load_key
+from fediblog.models import utcnow
+from fediblog.remote import Fetcher, FetchPolicy, build_transport
 from fediblog.store import Store
-from fediblog.web import feeds, html
+from fediblog.web import activitypub, feeds, html, wellknown
 from fediblog.web.cache import PageCache
 from fediblog.web.deps import Services
 from fediblog.web.templating import build_templates
@@ -66,12 +76,56 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return PlainTextResponse(f"{exc.status_code}: {exc.detail}", status_code=exc.status_code)
 
 
-def create_app(settings: Settings) -> Starlette:
-    """Build the ASGI app for these settings. Resources open in the lifespan."""
+def create_app(
+    settings: Settings,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    run_workers: bool = True,
+) -> Starlette:
+    """Build the ASGI app for these settings. Resources open in the lifespan.
+
+    ``transport`` replaces the network for every outbound request (tests);
+    ``run_workers=False`` leaves the inbox processor and the delivery worker to
+    the caller, who runs single passes (``process_once`` / ``deliver_once``).
+    """
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        blog_key = load_key(settings.keys_dir, "blog")
+        instance_key = load_key(settings.keys_dir, "instance")
+        urls = Urls.of(settings)
+        policy = FetchPolicy(
+            allow_http=settings.allow_http,
+            allow_private_addresses=settings.allow_private_addresses,
+        )
         store = await Store.open(settings.database)
+        client = httpx.AsyncClient(
+            transport=transport or build_transport(policy),
+            headers={"User-Agent": USER_AGENT},
+            follow_redirects=False,
+        )
+
+        def sign_get(method: str, url: str) -> dict[str, str]:
+            return sign_request(
+                method,
+                url,
+                body=None,
+                key_id=urls.instance_key_id,
+                private_key=instance_key.private_key,
+                now=utcnow(),
+            )
+
+        actors = ActorDirectory(
+            store, Fetcher(client, policy, sign_get), allow_http=settings.allow_http
+        )
+        deliverer = Deliverer(store, client, blog_key, urls.key_id)
+        writer = BatchWriter(store)
+        inbox = Inbox(settings, store, actors, writer, on_queued=deliverer.wake)
+        await inbox.load_blocks()
+        tasks = [asyncio.create_task(writer.run(), name="inbox-writer")]
+        if run_workers:
+            tasks.append(asyncio.create_task(inbox.run(), name="inbox-processor"))
+            tasks.append(asyncio.create_task(deliverer.run(), name="delivery"))
         try:
             app.state.services = Services(
                 settings=settings,
@@ -79,9 +133,19 @@ def create_app(settings: Settings) -> Starlette:
                 blog=Blog(settings, store),
                 templates=build_templates(),
                 pages=PageCache(),
+                urls=urls,
+                inbox=inbox,
+                deliverer=deliverer,
+                blog_public_pem=blog_key.public_pem,
+                instance_public_pem=instance_key.public_pem,
+                created_at=await store.get_created_at(),
             )
             yield
         finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await client.aclose()
             await store.close()
 
     static_dir = Path(str(files("fediblog") / "static"))
@@ -89,6 +153,8 @@ def create_app(settings: Settings) -> Starlette:
         routes=[
             *html.routes,
             *feeds.routes,
+            *wellknown.routes,
+            *activitypub.routes,
             Mount("/static", StaticFiles(directory=static_dir), name="static"),
         ],
         exception_handlers={HTTPException: http_error},

@@ -17,6 +17,7 @@ Everything is checked before anything is written, so a bad file changes nothing.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from dataclasses import replace
@@ -27,9 +28,10 @@ from typing import Any
 import frontmatter
 import yaml
 
+from fediblog.activitystreams import Urls, build_create, build_delete, build_update
 from fediblog.config import Settings
 from fediblog.errors import PostError, PostNotFound
-from fediblog.models import Post, PostDraft, utcnow
+from fediblog.models import JsonObject, OutgoingActivity, Post, PostDraft, utcnow
 from fediblog.render import markdown_to_html, normalize_tag, slugify
 from fediblog.store import Store
 
@@ -156,40 +158,76 @@ def _parse_published(value: object, source: str) -> datetime | None:
     return moment.astimezone(UTC).replace(microsecond=0)
 
 
+def _outgoing(activity: JsonObject) -> OutgoingActivity:
+    return OutgoingActivity(
+        ap_id=activity["id"],
+        type=activity["type"],
+        payload=json.dumps(activity, ensure_ascii=False, separators=(",", ":")),
+    )
+
+
 class Blog:
-    """Publishing, editing and deleting posts: the store plus what follows from it."""
+    """Publishing, editing and deleting posts, and telling every follower about it.
+
+    The post change and the activity (with one queued delivery per follower inbox)
+    commit together: a post is never published without its Create on the way.
+    """
 
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
+        self.urls = Urls.of(settings)
 
     def post_url(self, post: Post) -> str:
-        return self.settings.url(f"/posts/{post.slug}")
+        return self.urls.post_url(post.slug)
 
     def object_id(self, uid: str) -> str:
         """The post's ActivityPub id: built from the uid, so a new slug keeps it."""
-        return self.settings.url(f"/p/{uid}")
+        return self.urls.object_id(uid)
 
     async def publish(self, draft: PostDraft) -> Post:
         published = draft.published or utcnow()
+        uid = secrets.token_hex(8)
+        body_html = markdown_to_html(draft.body_md)
+        post = _as_post(draft, uid=uid, body_html=body_html, published=published, updated=None)
         return await self.store.save_new_post(
             replace(draft, published=published),
-            uid=secrets.token_hex(8),
-            body_html=markdown_to_html(draft.body_md),
+            uid=uid,
+            body_html=body_html,
             published=published,
+            activity=_outgoing(build_create(self.settings, post)),
         )
 
     async def edit(self, slug: str, draft: PostDraft) -> Post:
-        post = await self.get(slug)
+        old = await self.get(slug)
         if not draft.slug_given:
-            draft = replace(draft, slug=post.slug)
+            draft = replace(draft, slug=old.slug)
+        updated = utcnow()
+        body_html = markdown_to_html(draft.body_md)
+        post = _as_post(
+            draft,
+            uid=old.uid,
+            body_html=body_html,
+            published=draft.published or old.published,
+            updated=updated,
+        )
         return await self.store.save_post_edit(
-            post, draft, body_html=markdown_to_html(draft.body_md), updated=utcnow()
+            old,
+            draft,
+            body_html=body_html,
+            updated=updated,
+            activity=_outgoing(build_update(self.settings, post, updated)),
         )
 
     async def delete(self, slug: str) -> Post:
         post = await self.get(slug)
-        await self.store.delete_post(post, object_id=self.object_id(post.uid), deleted=utcnow())
+        deleted = utcnow()
+        await self.store.delete_post(
+            post,
+            object_id=self.object_id(post.uid),
+            deleted=deleted,
+            activity=_outgoing(build_delete(self.settings, post.uid, deleted)),
+        )
         return post
 
     async def get(self, slug: str) -> Post:
@@ -197,3 +235,22 @@ class Blog:
         if post is None:
             raise PostNotFound(f"no post has the slug {slug!r}")
         return post
+
+
+def _as_post(
+    draft: PostDraft, *, uid: str, body_html: str, published: datetime, updated: datetime | None
+) -> Post:
+    """The post as it will be once stored, to build its activity in the same transaction."""
+    return Post(
+        id=0,
+        uid=uid,
+        slug=draft.slug,
+        title=draft.title,
+        summary=draft.summary,
+        body_md=draft.body_md,
+        body_html=body_html,
+        tags=tuple(sorted(draft.tags)),
+        image=draft.image,
+        published=published,
+        updated=updated,
+    )

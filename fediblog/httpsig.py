@@ -35,12 +35,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 import http_sf
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from http_sf.innerlist import ser_innerlist
 from http_sf.types import ItemType, ParamsType
 
@@ -236,13 +238,20 @@ def parse_signature(
     return signed
 
 
+@lru_cache(maxsize=4096)
+def _public_key(pem: str) -> PublicKeyTypes:
+    # Parsing a PEM costs more than the RSA verification itself; an inbox sees the
+    # same few thousand keys over and over.
+    return serialization.load_pem_public_key(pem.encode("ascii"))
+
+
 def verify_signature(signed: SignedRequest, public_key_pem: str) -> None:
     """Check the signature with the signer's key; raise :class:`SignatureError` if it fails,
     including when the key type does not fit the claimed algorithm."""
     if len(public_key_pem) > _MAX_PEM_LENGTH:
         raise SignatureError("the signer's public key is too large")
     try:
-        key = serialization.load_pem_public_key(public_key_pem.encode("ascii"))
+        key = _public_key(public_key_pem)
     except (ValueError, UnsupportedAlgorithm):
         raise SignatureError("the signer's public key is not a readable PEM key") from None
     algorithm = signed.algorithm or "(none)"

@@ -112,3 +112,64 @@ class Thread:
     @property
     def deleted(self) -> bool:
         return self.comment.status == "deleted"
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingActivity:
+    """An activity we publish: stored as the exact JSON every recipient gets."""
+
+    ap_id: str
+    type: str
+    payload: str
+    public: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryJob:
+    """One activity to POST to one inbox."""
+
+    id: int
+    inbox: str
+    payload: bytes
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryOutcome:
+    """What became of a delivery attempt: the row's next state."""
+
+    id: int
+    status: Literal["queued", "sent", "failed", "dead"]
+    attempts: int
+    next_attempt_at: datetime
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InboxItem:
+    """A verified inbound activity, stored before we answer 202."""
+
+    dedup_key: str
+    actor: str
+    type: str
+    payload: str
+
+
+@dataclass(frozen=True, slots=True)
+class ActorKey:
+    """A remote actor's public key as we cached it."""
+
+    actor: str
+    key_id: str
+    public_key_pem: str
+    refreshed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Follower:
+    actor: str
+    inbox: str
+    shared_inbox: str | None
+    follow_id: str
+    status: Literal["pending", "accepted"]
+    created: datetime

@@ -25,14 +25,21 @@ import aiosqlite
 
 from fediblog.errors import DuplicateSlug, StorageError
 from fediblog.models import (
+    ActorKey,
     Author,
     Comment,
     CommentSource,
+    DeliveryJob,
+    DeliveryOutcome,
+    Follower,
+    InboxItem,
+    OutgoingActivity,
     Post,
     PostDraft,
     Visibility,
     format_ts,
     parse_ts,
+    utcnow,
 )
 
 # Each entry is one migration; the database remembers how many ran (PRAGMA user_version).
@@ -191,6 +198,16 @@ MIGRATIONS: tuple[str, ...] = (
         kind        TEXT NOT NULL CHECK (kind IN ('domain', 'actor')),
         created_at  TEXT NOT NULL
     );
+    """,
+    """
+    -- Facts about this blog itself, such as when it was created (the actor's published).
+    CREATE TABLE meta (
+        key    TEXT PRIMARY KEY,
+        value  TEXT NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO meta (key, value) VALUES ('created_at', strftime('%Y-%m-%dT%H:%M:%SZ', 'now'));
+    CREATE INDEX followers_status ON followers(status, id);
+    CREATE INDEX deliveries_status ON deliveries(status, id);
     """,
 )
 
@@ -372,9 +389,15 @@ class Store:
     # ---- posts ------------------------------------------------------------------
 
     async def save_new_post(
-        self, draft: PostDraft, *, uid: str, body_html: str, published: datetime
+        self,
+        draft: PostDraft,
+        *,
+        uid: str,
+        body_html: str,
+        published: datetime,
+        activity: OutgoingActivity | None = None,
     ) -> Post:
-        """Insert a post and its tags in one transaction."""
+        """Insert a post and its tags, and queue its Create to every follower: all or nothing."""
         async with self._transaction() as db:
             await self._ensure_slug_free(draft.slug, post_id=None)
             cursor = await db.execute(
@@ -394,14 +417,22 @@ class Store:
             post_id = cursor.lastrowid
             assert post_id is not None
             await self._save_tags(post_id, draft.tags)
+            if activity is not None:
+                await self._publish(db, activity, post_id)
         post = await self.get_post_by_id(post_id)
         assert post is not None
         return post
 
     async def save_post_edit(
-        self, post: Post, draft: PostDraft, *, body_html: str, updated: datetime
+        self,
+        post: Post,
+        draft: PostDraft,
+        *,
+        body_html: str,
+        updated: datetime,
+        activity: OutgoingActivity | None = None,
     ) -> Post:
-        """Replace a post's content; keep its uid; remember its old slug for redirects."""
+        """Replace a post's content (uid kept, old slug remembered); queue its Update."""
         async with self._transaction() as db:
             await self._ensure_slug_free(draft.slug, post_id=post.id)
             published = draft.published or post.published
@@ -428,12 +459,21 @@ class Store:
                 await db.execute("DELETE FROM old_slugs WHERE slug = ?", (draft.slug,))
             await db.execute("DELETE FROM post_tags WHERE post_id = ?", (post.id,))
             await self._save_tags(post.id, draft.tags)
+            if activity is not None:
+                await self._publish(db, activity, post.id)
         edited = await self.get_post_by_id(post.id)
         assert edited is not None
         return edited
 
-    async def delete_post(self, post: Post, *, object_id: str, deleted: datetime) -> None:
-        """Mark a post deleted and keep a tombstone for its ActivityPub id."""
+    async def delete_post(
+        self,
+        post: Post,
+        *,
+        object_id: str,
+        deleted: datetime,
+        activity: OutgoingActivity | None = None,
+    ) -> None:
+        """Mark a post deleted, keep a tombstone for its id, and queue its Delete."""
         async with self._transaction() as db:
             await db.execute(
                 "UPDATE posts SET deleted_at = ? WHERE id = ?", (format_ts(deleted), post.id)
@@ -444,6 +484,8 @@ class Store:
                 " VALUES (?, 'Post', ?)",
                 (object_id, format_ts(deleted)),
             )
+            if activity is not None:
+                await self._publish(db, activity, post.id)
 
     async def _ensure_slug_free(self, slug: str, *, post_id: int | None) -> None:
         row = await self._fetchone(
@@ -650,3 +692,280 @@ class Store:
     async def count_comments(self) -> int:
         row = await self._fetchone(f"SELECT count(*) FROM comments c WHERE {_COUNTED}")
         return int(row[0]) if row else 0
+
+    # ---- meta -------------------------------------------------------------------
+
+    async def get_created_at(self) -> datetime:
+        row = await self._fetchone("SELECT value FROM meta WHERE key = 'created_at'")
+        return parse_ts(row["value"]) if row else utcnow()
+
+    # ---- outgoing activities and their deliveries ---------------------------------------
+
+    async def _publish(
+        self, db: aiosqlite.Connection, activity: OutgoingActivity, post_id: int | None
+    ) -> int:
+        """Store an activity and queue one delivery per distinct follower inbox.
+
+        A server's followers share its shared inbox, so 10,000 followers on 1,000
+        servers are 1,000 rows, and 1,000 signatures.
+        """
+        now = format_ts(utcnow())
+        activity_id = await _returning(
+            db,
+            "INSERT INTO activities (ap_id, type, post_id, payload, public, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (ap_id) DO UPDATE SET payload = excluded.payload RETURNING id",
+            (activity.ap_id, activity.type, post_id, activity.payload, int(activity.public), now),
+        )
+        await db.execute(
+            "INSERT OR IGNORE INTO deliveries (activity_id, inbox, next_attempt_at, created_at)"
+            " SELECT DISTINCT ?, coalesce(shared_inbox, inbox), ?, ? FROM followers"
+            " WHERE status = 'accepted'",
+            (activity_id, now, now),
+        )
+        return activity_id
+
+    async def save_activity_for(self, activity: OutgoingActivity, inbox: str) -> None:
+        """Store an activity addressed to one inbox (an Accept, say) and queue it."""
+        now = format_ts(utcnow())
+        async with self._transaction() as db:
+            activity_id = await _returning(
+                db,
+                "INSERT INTO activities (ap_id, type, payload, public, created_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (ap_id) DO UPDATE SET"
+                " payload = excluded.payload RETURNING id",
+                (activity.ap_id, activity.type, activity.payload, int(activity.public), now),
+            )
+            await db.execute(
+                "INSERT INTO deliveries (activity_id, inbox, next_attempt_at, created_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (activity_id, inbox) DO UPDATE SET"
+                " status = 'queued', attempts = 0, next_attempt_at = excluded.next_attempt_at",
+                (activity_id, inbox, now, now),
+            )
+
+    async def list_due_deliveries(
+        self, now: datetime, limit: int, exclude: Iterable[int] = ()
+    ) -> list[DeliveryJob]:
+        skip = list(exclude)[:900]  # SQLite's default variable limit is 999
+        marks = ",".join("?" * len(skip))
+        rows = await self._fetchall(
+            "SELECT d.id, d.inbox, d.attempts, a.payload FROM deliveries d"
+            " JOIN activities a ON a.id = d.activity_id"
+            " WHERE d.status = 'queued' AND d.next_attempt_at <= ?"
+            + (f" AND d.id NOT IN ({marks})" if skip else "")
+            + " ORDER BY d.next_attempt_at, d.id LIMIT ?",
+            (format_ts(now), *skip, limit),
+        )
+        return [
+            DeliveryJob(row["id"], row["inbox"], row["payload"].encode(), row["attempts"])
+            for row in rows
+        ]
+
+    async def save_delivery_outcomes(self, outcomes: Sequence[DeliveryOutcome]) -> None:
+        if not outcomes:
+            return
+        now = format_ts(utcnow())
+        async with self._transaction() as db:
+            await db.executemany(
+                "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?,"
+                " last_error = ?, finished_at = CASE WHEN ? = 'queued' THEN NULL ELSE ? END"
+                " WHERE id = ?",
+                [
+                    (
+                        o.status,
+                        o.attempts,
+                        format_ts(o.next_attempt_at),
+                        o.error,
+                        o.status,
+                        now,
+                        o.id,
+                    )
+                    for o in outcomes
+                ],
+            )
+
+    async def next_delivery_due(self) -> datetime | None:
+        row = await self._fetchone(
+            "SELECT min(next_attempt_at) AS due FROM deliveries WHERE status = 'queued'"
+        )
+        return parse_ts(row["due"]) if row and row["due"] else None
+
+    async def list_deliveries(self, statuses: Sequence[str], limit: int = 100) -> list[sqlite3.Row]:
+        marks = ",".join("?" * len(statuses))
+        return await self._fetchall(
+            "SELECT d.id, d.inbox, d.status, d.attempts, d.next_attempt_at, d.last_error,"
+            " d.created_at, d.finished_at, a.type, a.ap_id FROM deliveries d"
+            f" JOIN activities a ON a.id = d.activity_id WHERE d.status IN ({marks})"
+            " ORDER BY d.id DESC LIMIT ?",
+            (*statuses, limit),
+        )
+
+    async def count_deliveries(self) -> dict[str, int]:
+        rows = await self._fetchall("SELECT status, count(*) AS n FROM deliveries GROUP BY status")
+        return {row["status"]: row["n"] for row in rows}
+
+    # ---- followers ----------------------------------------------------------------
+
+    async def save_follower(
+        self, *, actor_id: int, follow_id: str, inbox: str, shared_inbox: str | None, status: str
+    ) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO followers (actor_id, follow_ap_id, inbox, shared_inbox, status,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (actor_id) DO UPDATE SET"
+                " follow_ap_id = excluded.follow_ap_id, inbox = excluded.inbox,"
+                " shared_inbox = excluded.shared_inbox,"
+                " status = CASE WHEN followers.status = 'accepted' THEN 'accepted'"
+                " ELSE excluded.status END",
+                (actor_id, follow_id, inbox, shared_inbox, status, format_ts(utcnow())),
+            )
+
+    _FOLLOWER_SELECT = (
+        "SELECT a.ap_id AS actor, f.inbox, f.shared_inbox, f.follow_ap_id, f.status, f.created_at"
+        " FROM followers f JOIN actors a ON a.id = f.actor_id"
+    )
+
+    @staticmethod
+    def _follower(row: sqlite3.Row) -> Follower:
+        return Follower(
+            actor=row["actor"],
+            inbox=row["inbox"],
+            shared_inbox=row["shared_inbox"],
+            follow_id=row["follow_ap_id"],
+            status=row["status"],
+            created=parse_ts(row["created_at"]),
+        )
+
+    async def get_follower(self, actor: str) -> Follower | None:
+        row = await self._fetchone(self._FOLLOWER_SELECT + " WHERE a.ap_id = ?", (actor,))
+        return self._follower(row) if row else None
+
+    async def list_followers(
+        self, *, status: str = "accepted", limit: int = 1_000_000, offset: int = 0
+    ) -> list[Follower]:
+        rows = await self._fetchall(
+            self._FOLLOWER_SELECT + " WHERE f.status = ? ORDER BY f.id LIMIT ? OFFSET ?",
+            (status, limit, offset),
+        )
+        return [self._follower(row) for row in rows]
+
+    async def count_followers(self, status: str = "accepted") -> int:
+        row = await self._fetchone("SELECT count(*) FROM followers WHERE status = ?", (status,))
+        return int(row[0]) if row else 0
+
+    async def set_follower_status(self, actor: str, status: str) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE followers SET status = ? WHERE actor_id ="
+                " (SELECT id FROM actors WHERE ap_id = ?)",
+                (status, actor),
+            )
+            return cursor.rowcount > 0
+
+    async def delete_follower(self, actor: str) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM followers WHERE actor_id = (SELECT id FROM actors WHERE ap_id = ?)",
+                (actor,),
+            )
+            return cursor.rowcount > 0
+
+    async def delete_followers_at_inbox(self, inbox: str) -> int:
+        """A 410 from an inbox: everyone who received our posts there is gone."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM followers WHERE inbox = ? OR shared_inbox = ?", (inbox, inbox)
+            )
+            return cursor.rowcount
+
+    # ---- remote actors and their keys ------------------------------------------------
+
+    async def get_actor_key(self, key_id: str) -> ActorKey | None:
+        row = await self._fetchone(
+            "SELECT ap_id, key_id, public_key_pem, key_refreshed_at FROM actors"
+            " WHERE key_id = ? AND public_key_pem IS NOT NULL AND deleted_at IS NULL",
+            (key_id,),
+        )
+        if row is None:
+            return None
+        refreshed = row["key_refreshed_at"]
+        return ActorKey(
+            actor=row["ap_id"],
+            key_id=row["key_id"],
+            public_key_pem=row["public_key_pem"],
+            refreshed_at=parse_ts(refreshed) if refreshed else None,
+        )
+
+    async def get_actor_row(self, ap_id: str) -> sqlite3.Row | None:
+        return await self._fetchone(
+            "SELECT * FROM actors WHERE ap_id = ? AND deleted_at IS NULL", (ap_id,)
+        )
+
+    async def mark_key_refreshed(self, ap_id: str, when: datetime) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE actors SET key_refreshed_at = ? WHERE ap_id = ?", (format_ts(when), ap_id)
+            )
+
+    async def delete_actor(self, ap_id: str, when: datetime) -> None:
+        """An actor deleted itself: forget it as a follower, drop its comments."""
+        async with self._transaction() as db:
+            await db.execute(
+                "DELETE FROM followers WHERE actor_id = (SELECT id FROM actors WHERE ap_id = ?)",
+                (ap_id,),
+            )
+            await db.execute(
+                "UPDATE comments SET status = 'deleted', content_html = '' WHERE actor_id ="
+                " (SELECT id FROM actors WHERE ap_id = ?)",
+                (ap_id,),
+            )
+            await db.execute(
+                "UPDATE actors SET deleted_at = ? WHERE ap_id = ?", (format_ts(when), ap_id)
+            )
+
+    # ---- the inbox --------------------------------------------------------------
+
+    async def save_inbox_items(self, items: Sequence[InboxItem]) -> None:
+        """Durably store a batch of verified activities in one commit.
+
+        One commit per batch is what lets the inbox take thousands of activities a
+        second on SQLite; a duplicate (same activity id, or same body) is ignored.
+        """
+        now = format_ts(utcnow())
+        async with self._transaction() as db:
+            await db.executemany(
+                "INSERT OR IGNORE INTO inbox (dedup_key, actor_ap_id, type, payload, received_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(i.dedup_key, i.actor, i.type, i.payload, now) for i in items],
+            )
+
+    async def list_queued_inbox(self, limit: int) -> list[tuple[int, str]]:
+        rows = await self._fetchall(
+            "SELECT id, payload FROM inbox WHERE status = 'queued' ORDER BY id LIMIT ?", (limit,)
+        )
+        return [(row["id"], row["payload"]) for row in rows]
+
+    async def finish_inbox_items(self, results: Sequence[tuple[int, str | None]]) -> None:
+        """Mark processed activities done (error None) or failed (with the reason)."""
+        if not results:
+            return
+        now = format_ts(utcnow())
+        async with self._transaction() as db:
+            await db.executemany(
+                "UPDATE inbox SET status = CASE WHEN ? IS NULL THEN 'done' ELSE 'failed' END,"
+                " error = ?, processed_at = ? WHERE id = ?",
+                [(error, error, now, item_id) for item_id, error in results],
+            )
+
+    async def count_inbox(self) -> dict[str, int]:
+        rows = await self._fetchall("SELECT status, count(*) AS n FROM inbox GROUP BY status")
+        return {row["status"]: row["n"] for row in rows}
+
+    async def is_tombstoned(self, ap_id: str) -> bool:
+        return (
+            await self._fetchone("SELECT 1 FROM tombstones WHERE ap_id = ?", (ap_id,)) is not None
+        )
+
+    async def list_blocks(self) -> list[tuple[str, str]]:
+        rows = await self._fetchall("SELECT target, kind FROM blocks ORDER BY id")
+        return [(row["target"], row["kind"]) for row in rows]

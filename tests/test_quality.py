@@ -17,13 +17,15 @@ PACKAGE = ROOT / "fediblog"
 # -> store -> leaves. app and cli compose everything; nothing imports them.
 LAYERS: dict[str, int] = {
     "__init__": 0, "errors": 0, "models": 0,
-    "config": 1, "keys": 1, "render": 1, "httpsig": 1, "activitystreams": 1, "netguard": 1,
+    "config": 1, "keys": 1, "render": 1, "httpsig": 1, "netguard": 1,
+    "activitystreams": 2,
     "store": 2,
     "remote": 3, "delivery": 3, "comments": 3,
-    "blog": 4, "inbox": 4, "federation": 4,
-    "demo": 5,
-    "web": 6,
-    "app": 7, "cli": 8, "__main__": 9,
+    "actors": 4,
+    "blog": 5, "inbox": 5,
+    "demo": 6,
+    "web": 7,
+    "app": 8, "cli": 9, "__main__": 10,
 }  # fmt: skip
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 import jinja2
 from starlette.requests import Request
 
+from fediblog.activitystreams import Urls
 from fediblog.blog import Blog
 from fediblog.config import Settings
+from fediblog.delivery import Deliverer
+from fediblog.inbox import Inbox
 from fediblog.store import Store
 from fediblog.web.cache import PageCache
 
@@ -20,6 +24,12 @@ class Services:
     blog: Blog
     templates: jinja2.Environment
     pages: PageCache
+    urls: Urls
+    inbox: Inbox
+    deliverer: Deliverer
+    blog_public_pem: str
+    instance_public_pem: str
+    created_at: datetime
 
 
 def services(request: Request) -> Services:

@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from fediblog.comments import build_threads, count_responses
 from fediblog.render import excerpt
+from fediblog.web.activitypub import post_document, wants_activitypub
 from fediblog.web.cache import CachedPage, respond
 from fediblog.web.deps import Services, services
 
@@ -47,9 +48,11 @@ def page_number(request: Request) -> int:
     return int(raw)
 
 
-def html_page(ctx: Services, template: str, **context: object) -> CachedPage:
+def html_page(
+    ctx: Services, template: str, *, vary: str = "Accept-Encoding", **context: object
+) -> CachedPage:
     body = ctx.templates.get_template(template).render(site=ctx.settings, **context)
-    return CachedPage.build(body.encode(), media_type=HTML)
+    return CachedPage.build(body.encode(), media_type=HTML, vary=vary)
 
 
 async def _post_list(ctx: Services, page: int, tag: str | None, heading: str) -> CachedPage | None:
@@ -95,6 +98,11 @@ async def about(request: Request) -> Response:
 async def post_page(request: Request) -> Response:
     slug = request.path_params["slug"]
     ctx = services(request)
+    if wants_activitypub(request):  # the same URL, for servers: the post's object
+        found = await ctx.store.get_post_by_slug(slug)
+        if found is None:
+            raise HTTPException(404)
+        return post_document(ctx, found)
     # Cached pages answer before any query; only a miss asks whether the slug moved.
     version = await ctx.store.version()
     key = f"post:{slug}"
@@ -111,6 +119,7 @@ async def post_page(request: Request) -> Response:
         page = html_page(
             ctx,
             "post.html",
+            vary="Accept, Accept-Encoding",
             post=post,
             url=ctx.blog.post_url(post),
             object_id=ctx.blog.object_id(post.uid),

@@ -1,0 +1,456 @@
+"""ActivityStreams 2 JSON: what we publish (``build_*``) and how we read others (``parse_*``).
+
+Pure: no network, no database. All ids are built here from the settings, so the
+URL layout of the federation side is in one place:
+
+    {base}/users/{handle}             the blog actor (Person or Service)
+    {base}/users/{handle}#main-key    its key
+    {base}/users/{handle}/inbox       personal inbox     {base}/inbox  shared inbox
+    {base}/users/{handle}/outbox      /followers  /following
+    {base}/actor                      the instance actor (signs outbound GETs)
+    {base}/p/{uid}                    a post (Article or Note); stable across slug changes
+    {base}/p/{uid}/activity           its Create        {base}/p/{uid}/replies
+
+Only well-known contexts plus inline term definitions are published (Fedify refuses
+others). Inbound payloads are read as plain JSON: ``@context`` is never fetched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from fediblog.config import Settings
+from fediblog.errors import ActivityError
+from fediblog.models import JsonObject, Post, format_ts
+
+AS_CONTEXT = "https://www.w3.org/ns/activitystreams"
+SECURITY_CONTEXT = "https://w3id.org/security/v1"
+PUBLIC = "https://www.w3.org/ns/activitystreams#Public"
+PUBLIC_ALIASES = frozenset({PUBLIC, "as:Public", "Public"})
+ACTIVITY_JSON = "application/activity+json"
+
+_EXTENSIONS: JsonObject = {
+    "manuallyApprovesFollowers": "as:manuallyApprovesFollowers",
+    "sensitive": "as:sensitive",
+    "Hashtag": "as:Hashtag",
+    "toot": "http://joinmastodon.org/ns#",
+    "discoverable": "toot:discoverable",
+    "indexable": "toot:indexable",
+    "schema": "http://schema.org#",
+    "PropertyValue": "schema:PropertyValue",
+    "value": "schema:value",
+}
+ACTOR_CONTEXT: list[Any] = [AS_CONTEXT, SECURITY_CONTEXT, _EXTENSIONS]
+OBJECT_CONTEXT: list[Any] = [AS_CONTEXT, _EXTENSIONS]
+
+PAGE_SIZE = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Urls:
+    """Every federation URL of this blog."""
+
+    base: str
+    actor: str
+    key_id: str
+    inbox: str
+    shared_inbox: str
+    outbox: str
+    followers: str
+    following: str
+    instance_actor: str
+    instance_key_id: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> Urls:
+        actor = settings.url(f"/users/{settings.handle}")
+        return cls(
+            base=settings.base_url,
+            actor=actor,
+            key_id=f"{actor}#main-key",
+            inbox=f"{actor}/inbox",
+            shared_inbox=settings.url("/inbox"),
+            outbox=f"{actor}/outbox",
+            followers=f"{actor}/followers",
+            following=f"{actor}/following",
+            instance_actor=settings.url("/actor"),
+            instance_key_id=settings.url("/actor#main-key"),
+        )
+
+    def object_id(self, uid: str) -> str:
+        return f"{self.base}/p/{uid}"
+
+    def post_url(self, slug: str) -> str:
+        return f"{self.base}/posts/{slug}"
+
+    def tag_url(self, tag: str) -> str:
+        return f"{self.base}/tags/{quote(tag)}"
+
+
+# ---- what we publish ----------------------------------------------------------------
+
+
+def build_actor(settings: Settings, public_key_pem: str, published: datetime) -> JsonObject:
+    urls = Urls.of(settings)
+    return {
+        "@context": ACTOR_CONTEXT,
+        "id": urls.actor,
+        "type": settings.actor_type,
+        "preferredUsername": settings.handle,
+        "name": settings.title,
+        "summary": f"<p>{_escape(settings.description)}</p>",
+        "url": urls.base + "/",
+        "icon": {
+            "type": "Image",
+            "mediaType": "image/png",
+            "url": urls.base + "/static/avatar.png",
+        },
+        "inbox": urls.inbox,
+        "outbox": urls.outbox,
+        "followers": urls.followers,
+        "following": urls.following,
+        "endpoints": {"sharedInbox": urls.shared_inbox},
+        "manuallyApprovesFollowers": settings.manually_approves_followers,
+        "discoverable": True,
+        "indexable": True,
+        "published": format_ts(published),
+        "attachment": [
+            {
+                "type": "PropertyValue",
+                "name": "Blog",
+                "value": f'<a href="{urls.base}/" rel="me">{_escape(urls.base)}</a>',
+            }
+        ],
+        "publicKey": {"id": urls.key_id, "owner": urls.actor, "publicKeyPem": public_key_pem},
+    }
+
+
+def build_instance_actor(settings: Settings, public_key_pem: str) -> JsonObject:
+    urls = Urls.of(settings)
+    return {
+        "@context": ACTOR_CONTEXT,
+        "id": urls.instance_actor,
+        "type": "Application",
+        "preferredUsername": urlsplit(settings.base_url).hostname,
+        "name": f"{settings.title} (server)",
+        "url": urls.base + "/about",
+        "inbox": urls.shared_inbox,
+        "outbox": urls.instance_actor + "/outbox",
+        "manuallyApprovesFollowers": True,
+        "discoverable": False,
+        "indexable": False,
+        "publicKey": {
+            "id": urls.instance_key_id,
+            "owner": urls.instance_actor,
+            "publicKeyPem": public_key_pem,
+        },
+    }
+
+
+def build_post_object(settings: Settings, post: Post) -> JsonObject:
+    """A post as an Article (title, summary, link) or, by setting, a Note."""
+    urls = Urls.of(settings)
+    object_id = urls.object_id(post.uid)
+    url = urls.post_url(post.slug)
+    hashtags = [
+        {"type": "Hashtag", "name": f"#{tag}", "href": urls.tag_url(tag)} for tag in post.tags
+    ]
+    tag_links = " ".join(
+        f'<a href="{urls.tag_url(tag)}" class="mention hashtag" rel="tag">#<span>{tag}</span></a>'
+        for tag in post.tags
+    )
+    document: JsonObject = {
+        "@context": OBJECT_CONTEXT,
+        "id": object_id,
+        "type": settings.object_type,
+        "attributedTo": urls.actor,
+        "to": [PUBLIC],
+        "cc": [urls.followers],
+        "published": format_ts(post.published),
+        "url": url,
+        "mediaType": "text/html",
+        "tag": hashtags,
+        "replies": object_id + "/replies",
+        "sensitive": False,
+    }
+    if settings.object_type == "Article":
+        content = post.body_html + (f"<p>{tag_links}</p>" if tag_links else "")
+        # Mastodon shows an Article as name + summary + link: the summary must stand alone.
+        document["name"] = post.title
+        document["summary"] = post.summary or None
+    else:
+        # A Note's summary is a content warning: never put an excerpt there.
+        content = (
+            f"<p><strong>{_escape(post.title)}</strong></p>{post.body_html}"
+            f'<p><a href="{url}">{_escape(url)}</a></p>'
+            + (f"<p>{tag_links}</p>" if tag_links else "")
+        )
+    document["content"] = content
+    document["contentMap"] = {settings.language: content}
+    if post.updated:
+        document["updated"] = format_ts(post.updated)
+    if post.image:
+        image = post.image if "://" in post.image else urls.base + post.image
+        document["image"] = {"type": "Image", "url": image}
+        document["attachment"] = [{"type": "Image", "url": image, "name": post.title}]
+    return document
+
+
+def build_create(settings: Settings, post: Post) -> JsonObject:
+    note = build_post_object(settings, post)
+    return _wrap("Create", f"{note['id']}/activity", settings, note, note["published"])
+
+
+def build_update(settings: Settings, post: Post, updated: datetime) -> JsonObject:
+    note = build_post_object(settings, post)
+    stamp = format_ts(updated)
+    activity_id = f"{note['id']}#updates/{int(updated.timestamp())}"
+    return _wrap("Update", activity_id, settings, note, stamp)
+
+
+def build_delete(settings: Settings, uid: str, deleted: datetime) -> JsonObject:
+    urls = Urls.of(settings)
+    object_id = urls.object_id(uid)
+    tombstone = build_tombstone(object_id, deleted)
+    del tombstone["@context"]
+    return _wrap("Delete", f"{object_id}#delete", settings, tombstone, format_ts(deleted))
+
+
+def build_tombstone(object_id: str, deleted: datetime) -> JsonObject:
+    return {
+        "@context": AS_CONTEXT,
+        "id": object_id,
+        "type": "Tombstone",
+        "formerType": "Article",
+        "deleted": format_ts(deleted),
+    }
+
+
+def build_accept(settings: Settings, follow: JsonObject, *, reject: bool = False) -> JsonObject:
+    """Accept (or Reject) a Follow, embedding it as the follower sent it."""
+    urls = Urls.of(settings)
+    follow_id = str(follow.get("id") or "")
+    kind = "Reject" if reject else "Accept"
+    return {
+        "@context": AS_CONTEXT,
+        "id": f"{urls.actor}#{kind.lower()}s/{_digest(follow_id)}",
+        "type": kind,
+        "actor": urls.actor,
+        "to": [follow.get("actor")],
+        "object": {
+            "id": follow_id,
+            "type": "Follow",
+            "actor": follow.get("actor"),
+            "object": urls.actor,
+        },
+    }
+
+
+def build_collection(
+    collection_id: str, total: int, *, ordered: bool = True, first: str | None = None
+) -> JsonObject:
+    document: JsonObject = {
+        "@context": AS_CONTEXT,
+        "id": collection_id,
+        "type": "OrderedCollection" if ordered else "Collection",
+        "totalItems": total,
+    }
+    if first is not None:
+        document["first"] = first
+    return document
+
+
+def build_collection_page(
+    collection_id: str, page: int, items: list[Any], *, has_next: bool
+) -> JsonObject:
+    document: JsonObject = {
+        "@context": AS_CONTEXT,
+        "id": f"{collection_id}?page={page}",
+        "type": "OrderedCollectionPage",
+        "partOf": collection_id,
+        "orderedItems": items,
+    }
+    if has_next:
+        document["next"] = f"{collection_id}?page={page + 1}"
+    if page > 1:
+        document["prev"] = f"{collection_id}?page={page - 1}"
+    return document
+
+
+def _wrap(
+    kind: str, activity_id: str, settings: Settings, obj: JsonObject, when: str
+) -> JsonObject:
+    urls = Urls.of(settings)
+    body = {key: value for key, value in obj.items() if key != "@context"}
+    return {
+        "@context": OBJECT_CONTEXT,
+        "id": activity_id,
+        "type": kind,
+        "actor": urls.actor,
+        "published": when,
+        "to": [PUBLIC],
+        "cc": [urls.followers],
+        "object": body,
+    }
+
+
+def _escape(text: str) -> str:
+    return (
+        text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    )
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+# ---- reading what others send ---------------------------------------------------------
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+
+
+def as_list(value: Any) -> list[Any]:
+    """``to``, ``cc``, ``tag``… may be one value or a list (GoToSocial sends both)."""
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def id_of(value: Any) -> str | None:
+    """The id of an embedded object or a bare IRI; None if there is neither."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        found = value.get("id")
+        return found if isinstance(found, str) else None
+    return None
+
+
+def host_of(url: str) -> str:
+    """The authority (host[:port]) of an http(s) URL, lower case; '' if it is not one."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return ""
+    return parts.netloc.rsplit("@", 1)[-1].lower()
+
+
+def require_http_url(value: Any, what: str, *, allow_http: bool) -> str:
+    """An http(s) URL (https only unless allowed), or ActivityError (ATTACKS.md 23)."""
+    if not isinstance(value, str) or len(value) > 2048:
+        raise ActivityError(f"{what} must be a URL")
+    scheme = urlsplit(value).scheme
+    if scheme != "https" and not (allow_http and scheme == "http"):
+        raise ActivityError(f"{what} must be an https URL")
+    if not host_of(value):
+        raise ActivityError(f"{what} has no host")
+    return value
+
+
+def plain_text(value: Any, limit: int) -> str:
+    """A display string from untrusted input: no control, bidi or zero-width characters,
+    whitespace folded, at most ``limit`` characters (ATTACKS.md 34)."""
+    if not isinstance(value, str):
+        return ""
+    return " ".join(_CONTROL.sub("", value).split())[:limit]
+
+
+def is_public(activity_or_object: JsonObject) -> bool:
+    audience = as_list(activity_or_object.get("to")) + as_list(activity_or_object.get("cc"))
+    return any(isinstance(item, str) and item in PUBLIC_ALIASES for item in audience)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteActor:
+    """The parts of a remote actor document we keep."""
+
+    ap_id: str
+    type: str
+    username: str
+    domain: str
+    name: str
+    url: str | None
+    icon_url: str | None
+    inbox: str
+    shared_inbox: str | None
+    key_id: str
+    public_key_pem: str
+
+
+ACTOR_TYPES = frozenset({"Person", "Service", "Application", "Group", "Organization"})
+
+
+def parse_actor(document: JsonObject, *, allow_http: bool) -> RemoteActor:
+    """Validate a fetched actor document; raise ActivityError if it is unusable."""
+    ap_id = require_http_url(document.get("id"), "actor id", allow_http=allow_http)
+    kind = document.get("type")
+    if kind not in ACTOR_TYPES:
+        raise ActivityError(f"{kind!r} is not an actor type")
+    username = document.get("preferredUsername")
+    if not isinstance(username, str) or not username or len(username) > 256:
+        raise ActivityError("the actor has no preferredUsername")
+    key = document.get("publicKey")
+    if isinstance(key, list):  # some servers publish several keys; take the first RSA one
+        key = next((k for k in key if isinstance(k, dict)), None)
+    if not isinstance(key, dict):
+        raise ActivityError("the actor has no publicKey")
+    key_id = require_http_url(key.get("id"), "publicKey.id", allow_http=allow_http)
+    pem = key.get("publicKeyPem")
+    if not isinstance(pem, str) or "PUBLIC KEY" not in pem or len(pem) > 16_384:
+        raise ActivityError("the actor's publicKeyPem is missing")
+    if key.get("owner", ap_id) != ap_id or host_of(key_id) != host_of(ap_id):
+        raise ActivityError("the actor's key belongs to someone else")
+    inbox = require_http_url(document.get("inbox"), "inbox", allow_http=allow_http)
+    endpoints = document.get("endpoints")
+    shared = endpoints.get("sharedInbox") if isinstance(endpoints, dict) else None
+    shared = shared or document.get("sharedInbox")  # Misskey puts it at the top level
+    shared_inbox = _optional_url(shared, allow_http)
+    icon = document.get("icon")
+    if isinstance(icon, list):
+        icon = icon[0] if icon else None
+    icon_url = _optional_url(icon.get("url") if isinstance(icon, dict) else icon, allow_http)
+    url = document.get("url")
+    if isinstance(url, dict):
+        url = url.get("href")
+    return RemoteActor(
+        ap_id=ap_id,
+        type=str(kind),
+        username=plain_text(username, 64),
+        domain=host_of(ap_id),
+        name=plain_text(document.get("name"), 100),
+        url=_optional_url(url, allow_http),
+        icon_url=icon_url,
+        inbox=inbox,
+        shared_inbox=shared_inbox,
+        key_id=key_id,
+        public_key_pem=pem,
+    )
+
+
+def parse_key_document(document: JsonObject) -> tuple[str, str | None]:
+    """A stand-alone key document (GoToSocial's ``…/main-key``): (owner, pem or None)."""
+    owner = document.get("owner")
+    if not isinstance(owner, str):
+        raise ActivityError("the key document names no owner")
+    pem = document.get("publicKeyPem")
+    return owner, pem if isinstance(pem, str) else None
+
+
+def _optional_url(value: Any, allow_http: bool) -> str | None:
+    try:
+        return require_http_url(value, "url", allow_http=allow_http)
+    except ActivityError:
+        return None
+
+
+def strip_fragment(url: str) -> str:
+    return url.split("#", 1)[0]
+
+
+def audience_of(items: Iterable[Any]) -> list[str]:
+    return [item for item in items if isinstance(item, str)]

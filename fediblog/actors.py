@@ -1,0 +1,162 @@
+"""Remote actors and their keys: find, confirm, cache, refresh (INTEROP.md 10).
+
+A keyId resolves to a key in three ways, cheapest first: the in-memory cache, the
+actors table, and a signed fetch. A fetched keyId may be the actor itself
+(Mastodon's ``…#main-key``) or a stand-alone key document (GoToSocial's
+``…/main-key``), whose ``owner`` we then fetch and require to publish the very
+same key id (ATTACKS.md 20). A key that fails to verify is refetched once, at most
+every ``refresh_interval`` per actor, so a flood of bad signatures costs no flood
+of fetches (ATTACKS.md 21).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from datetime import timedelta
+
+from fediblog.activitystreams import (
+    RemoteActor,
+    host_of,
+    parse_actor,
+    parse_key_document,
+    strip_fragment,
+)
+from fediblog.errors import ActivityError, FetchError, SignatureError
+from fediblog.models import ActorKey, JsonObject, utcnow
+from fediblog.remote import Fetcher
+from fediblog.store import Store
+
+REFRESH_INTERVAL = timedelta(minutes=5)
+
+
+class ActorDirectory:
+    def __init__(
+        self,
+        store: Store,
+        fetcher: Fetcher,
+        *,
+        allow_http: bool,
+        cache_size: int = 10_000,
+        refresh_interval: timedelta = REFRESH_INTERVAL,
+    ) -> None:
+        self._store = store
+        self._fetcher = fetcher
+        self._allow_http = allow_http
+        self._keys: OrderedDict[str, ActorKey] = OrderedDict()
+        self._cache_size = cache_size
+        self._refresh_interval = refresh_interval
+
+    async def get_key(self, key_id: str) -> ActorKey:
+        """The key for ``key_id``, fetched if we have never seen it.
+
+        Raises SignatureError (the request cannot be verified) when the key cannot be
+        found or confirmed.
+        """
+        cached = self._keys.get(key_id)
+        if cached is not None:
+            self._keys.move_to_end(key_id)
+            return cached
+        stored = await self._store.get_actor_key(key_id)
+        if stored is None:
+            stored = await self._fetch_key(key_id)
+        self._remember(stored)
+        return stored
+
+    def cached_key(self, key_id: str) -> ActorKey | None:
+        return self._keys.get(key_id)
+
+    async def refresh_key(self, key: ActorKey) -> ActorKey | None:
+        """Refetch a key that failed (it may have rotated); None if refreshed too recently."""
+        now = utcnow()
+        if key.refreshed_at is not None and now - key.refreshed_at < self._refresh_interval:
+            return None
+        await self._store.mark_key_refreshed(key.actor, now)
+        self._keys.pop(key.key_id, None)
+        try:
+            fresh = await self._fetch_key(key.key_id)
+        except SignatureError:
+            # Marked as refreshed even so: a dead actor costs one fetch per interval.
+            self._remember(ActorKey(key.actor, key.key_id, key.public_key_pem, refreshed_at=now))
+            raise
+        fresh = ActorKey(fresh.actor, fresh.key_id, fresh.public_key_pem, refreshed_at=now)
+        self._remember(fresh)
+        return fresh
+
+    def forget(self, actor: str) -> None:
+        for key_id in [k for k, v in self._keys.items() if v.actor == actor]:
+            del self._keys[key_id]
+
+    async def get_actor(self, ap_id: str) -> RemoteActor | None:
+        """An actor from the cache only (the inbox fetched it when it verified the key)."""
+        row = await self._store.get_actor_row(ap_id)
+        if row is None or not row["inbox"]:
+            return None
+        return RemoteActor(
+            ap_id=row["ap_id"],
+            type=row["type"],
+            username=row["username"],
+            domain=row["domain"],
+            name=row["name"],
+            url=row["url"],
+            icon_url=row["icon_url"],
+            inbox=row["inbox"],
+            shared_inbox=row["shared_inbox"],
+            key_id=row["key_id"] or "",
+            public_key_pem=row["public_key_pem"] or "",
+        )
+
+    async def fetch_actor(self, ap_id: str) -> RemoteActor:
+        """Fetch (signed) and cache an actor document."""
+        try:
+            document = await self._fetcher.fetch_document(ap_id)
+            actor = parse_actor(document, allow_http=self._allow_http)
+        except (FetchError, ActivityError) as error:
+            raise ActivityError(f"cannot fetch the actor {ap_id}: {error}") from None
+        if actor.ap_id != ap_id:
+            raise ActivityError(f"the actor at {ap_id} claims to be {actor.ap_id}")
+        await self.save(actor)
+        return actor
+
+    async def save(self, actor: RemoteActor) -> int:
+        return await self._store.save_actor(
+            ap_id=actor.ap_id,
+            username=actor.username,
+            domain=actor.domain,
+            name=actor.name,
+            url=actor.url,
+            icon_url=actor.icon_url,
+            inbox=actor.inbox,
+            shared_inbox=actor.shared_inbox,
+            key_id=actor.key_id,
+            public_key_pem=actor.public_key_pem,
+            fetched=utcnow(),
+            actor_type=actor.type,
+        )
+
+    async def _fetch_key(self, key_id: str) -> ActorKey:
+        try:
+            document = await self._fetcher.fetch_document(strip_fragment(key_id))
+            actor = await self._actor_for_key(key_id, document)
+        except (FetchError, ActivityError) as error:
+            raise SignatureError(f"cannot get the signing key {key_id}: {error}") from None
+        await self.save(actor)
+        return ActorKey(actor.ap_id, actor.key_id, actor.public_key_pem, refreshed_at=None)
+
+    async def _actor_for_key(self, key_id: str, document: JsonObject) -> RemoteActor:
+        if "inbox" in document or "preferredUsername" in document:
+            actor_document = document
+        else:
+            owner, _ = parse_key_document(document)
+            if host_of(owner) != host_of(key_id):
+                raise ActivityError("the key's owner is on another host")
+            actor_document = await self._fetcher.fetch_document(owner)
+        actor = parse_actor(actor_document, allow_http=self._allow_http)
+        if actor.key_id != key_id:
+            raise ActivityError("the key's owner does not publish this key id")
+        return actor
+
+    def _remember(self, key: ActorKey) -> None:
+        self._keys[key.key_id] = key
+        self._keys.move_to_end(key.key_id)
+        while len(self._keys) > self._cache_size:
+            self._keys.popitem(last=False)

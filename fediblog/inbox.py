@@ -1,0 +1,297 @@
+"""The inbox: verify a signed POST, store it durably, then act on it.
+
+Receiving is the hot path and does no network I/O once a key is known
+(activitypub-federation-rust's order: parse → dereference actor → verify → store):
+
+1. every signature check that needs no key (``httpsig.parse_signature``): 401;
+2. the body as plain, size- and depth-capped JSON with a ``type`` and an ``actor``: 400;
+3. the signer's key (memory, database, or one signed fetch), the signature, one
+   rate-limited refresh if it fails, and signer == ``actor``: 401;
+4. the activity goes to ``BatchWriter``, which commits many in one SQLite
+   transaction (group commit); the POST is answered 202 only after that commit.
+
+Processing runs apart from receiving (``process_once`` / ``run``), from the stored
+rows, so a slow remote server never holds an inbound POST open, and a crash between
+the two loses nothing. What an activity means is decided from its content, never
+from which inbox URL it came to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from fediblog.activitystreams import (
+    ACTOR_TYPES,
+    Urls,
+    build_accept,
+    host_of,
+    id_of,
+    parse_actor,
+)
+from fediblog.actors import ActorDirectory
+from fediblog.config import Settings
+from fediblog.errors import ActivityError, FediblogError, FetchError, SignatureError
+from fediblog.httpsig import parse_signature, verify_signature
+from fediblog.models import InboxItem, JsonObject, OutgoingActivity, utcnow
+from fediblog.remote import parse_json
+from fediblog.store import Store
+
+log = logging.getLogger("fediblog.inbox")
+
+Handler = Callable[[JsonObject], Awaitable[None]]
+
+
+class Overloaded(FediblogError):
+    """Too many activities are waiting to be stored: answer 503, the sender retries."""
+
+
+class BatchWriter:
+    """Group commit: every activity waiting when a commit starts rides in the next one."""
+
+    def __init__(self, store: Store, *, max_batch: int = 2_000, max_waiting: int = 20_000) -> None:
+        self._store = store
+        self._queue: asyncio.Queue[tuple[InboxItem, asyncio.Future[None]]] = asyncio.Queue()
+        self._max_batch = max_batch
+        self._max_waiting = max_waiting
+
+    async def submit(self, item: InboxItem) -> None:
+        """Return once ``item`` is committed; raise what the commit raised."""
+        if self._queue.qsize() >= self._max_waiting:
+            raise Overloaded("the inbox is busy, retry later")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, done))
+        await done
+
+    async def run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._store.save_inbox_items([item for item, _ in batch])
+            except Exception as error:  # handed to every waiting request
+                log.error("storing %d inbox activities failed: %s", len(batch), error)
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(Overloaded("the inbox cannot store activities now"))
+                continue
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
+
+
+class Inbox:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        actors: ActorDirectory,
+        writer: BatchWriter,
+        *,
+        on_queued: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._actors = actors
+        self._writer = writer
+        self._urls = Urls.of(settings)
+        self._on_queued = on_queued
+        self._wake = asyncio.Event()
+        self._blocked: frozenset[str] = frozenset()
+        self.handlers: dict[str, Handler] = {
+            "Follow": self.handle_follow,
+            "Undo": self.handle_undo,
+            "Delete": self.handle_delete,
+            "Update": self.handle_update,
+        }
+
+    # ---- receiving --------------------------------------------------------------
+
+    async def load_blocks(self) -> None:
+        self._blocked = frozenset(target for target, _ in await self._store.list_blocks())
+
+    def is_blocked(self, actor: str) -> bool:
+        return actor in self._blocked or host_of(actor) in self._blocked
+
+    async def receive(
+        self, method: str, target: str, headers: Mapping[str, str], body: bytes
+    ) -> None:
+        """Verify and durably store one inbound activity (or drop it silently).
+
+        Raises SignatureError (401), ActivityError (400) or Overloaded (503).
+        """
+        signed = parse_signature(
+            method,
+            target,
+            headers,
+            body,
+            expected_host=self._settings.host,
+            now=utcnow(),
+            scheme=self._settings.scheme,
+        )
+        activity = _parse_activity(body)
+        actor = activity["actor"]
+        if self.is_blocked(actor) or self.is_blocked(signed.key_id):
+            return  # 202 and nothing stored: a blocked server learns nothing
+        if activity["type"] == "Delete" and id_of(activity.get("object")) == actor:
+            # An account deleting itself: its URL now answers 410, so only a key we
+            # already hold can verify it. Unknown actor: drop it, fetch nothing.
+            key = self._actors.cached_key(signed.key_id) or await self._store.get_actor_key(
+                signed.key_id
+            )
+            if key is None:
+                return
+            verify_signature(signed, key.public_key_pem)
+        else:
+            key = await self._actors.get_key(signed.key_id)
+            try:
+                verify_signature(signed, key.public_key_pem)
+            except SignatureError:
+                fresh = await self._actors.refresh_key(key)
+                if fresh is None:
+                    raise
+                verify_signature(signed, fresh.public_key_pem)
+                key = fresh
+        if key.actor != actor:
+            raise SignatureError("the signer is not the activity's actor")
+        activity_id = activity.get("id")
+        dedup_key = (
+            activity_id
+            if isinstance(activity_id, str) and activity_id
+            else "sha256:" + hashlib.sha256(body).hexdigest()
+        )
+        await self._writer.submit(
+            InboxItem(
+                dedup_key=dedup_key,
+                actor=actor,
+                type=activity["type"],
+                payload=body.decode("utf-8"),
+            )
+        )
+        self._wake.set()
+
+    # ---- processing -------------------------------------------------------------
+
+    async def process_once(self, limit: int = 500) -> int:
+        """Act on every stored activity not yet processed; return how many."""
+        processed = 0
+        while True:
+            items = await self._store.list_queued_inbox(limit)
+            if not items:
+                return processed
+            results: list[tuple[int, str | None]] = []
+            for item_id, payload in items:
+                results.append((item_id, await self._dispatch(payload)))
+            await self._store.finish_inbox_items(results)
+            processed += len(items)
+
+    async def run(self, poll_seconds: float = 1.0) -> None:
+        while True:
+            try:
+                await self.process_once()
+            except FediblogError as error:
+                log.error("inbox pass failed: %s", error)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), poll_seconds)
+
+    async def _dispatch(self, payload: str) -> str | None:
+        activity: JsonObject = json.loads(payload)
+        activity["actor"] = id_of(activity.get("actor"))  # verified on receipt
+        handler = self.handlers.get(activity["type"])
+        if handler is None:
+            return None  # an activity we have no use for is simply done
+        try:
+            await handler(activity)
+        except (ActivityError, FetchError) as error:
+            return str(error)[:500]
+        return None
+
+    # ---- handlers -----------------------------------------------------------------
+
+    async def handle_follow(self, activity: JsonObject) -> None:
+        if id_of(activity.get("object")) != self._urls.actor:
+            return  # following someone else: not ours to answer
+        actor_id = activity["actor"]
+        actor = await self._actors.get_actor(actor_id) or await self._actors.fetch_actor(actor_id)
+        local_id = await self._actors.save(actor)
+        manual = self._settings.manually_approves_followers
+        await self._store.save_follower(
+            actor_id=local_id,
+            follow_id=str(activity.get("id") or ""),
+            inbox=actor.inbox,
+            shared_inbox=actor.shared_inbox,
+            status="pending" if manual else "accepted",
+        )
+        follower = await self._store.get_follower(actor_id)
+        if follower is not None and follower.status == "accepted":
+            await self.send_accept(activity, actor.inbox)
+
+    async def send_accept(self, follow: JsonObject, inbox: str, *, reject: bool = False) -> None:
+        accept = build_accept(self._settings, follow, reject=reject)
+        await self._store.save_activity_for(
+            OutgoingActivity(
+                ap_id=accept["id"],
+                type=accept["type"],
+                payload=json.dumps(accept, separators=(",", ":")),
+                public=False,
+            ),
+            inbox,
+        )
+        self._on_queued()
+
+    async def handle_undo(self, activity: JsonObject) -> None:
+        inner = activity.get("object")
+        actor = activity["actor"]
+        if isinstance(inner, dict):
+            if id_of(inner.get("actor")) != actor:
+                return  # undoing someone else's activity (ATTACKS.md 12)
+            if inner.get("type") == "Follow" and id_of(inner.get("object")) == self._urls.actor:
+                await self._store.delete_follower(actor)
+        elif isinstance(inner, str):
+            follower = await self._store.get_follower(actor)
+            if follower is not None and follower.follow_id == inner:
+                await self._store.delete_follower(actor)
+
+    async def handle_delete(self, activity: JsonObject) -> None:
+        actor = activity["actor"]
+        if id_of(activity.get("object")) == actor:
+            await self._store.delete_actor(actor, utcnow())
+            self._actors.forget(actor)
+
+    async def handle_update(self, activity: JsonObject) -> None:
+        obj = activity.get("object")
+        actor = activity["actor"]
+        if isinstance(obj, dict) and obj.get("type") in ACTOR_TYPES:
+            if obj.get("id") != actor:
+                return  # only an actor may update itself (ATTACKS.md 11)
+            updated = parse_actor(obj, allow_http=self._settings.allow_http)
+            await self._actors.save(updated)
+            self._actors.forget(actor)
+
+
+def _parse_activity(body: bytes) -> JsonObject:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ActivityError("the body is not UTF-8") from None
+    try:
+        activity: Any = parse_json(body)
+    except FetchError as error:
+        raise ActivityError(f"the body is not acceptable JSON: {error}") from None
+    if not isinstance(activity, dict):
+        raise ActivityError("the body is not a JSON object")
+    kind = activity.get("type")
+    if not isinstance(kind, str) or not kind or len(kind) > 64:
+        raise ActivityError("the activity has no type")
+    actor = id_of(activity.get("actor"))
+    if actor is None or not host_of(actor):
+        raise ActivityError("the activity has no actor")
+    activity["actor"] = actor
+    return activity
