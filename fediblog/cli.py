@@ -1,4 +1,4 @@
-"""The ``fediblog`` command: init, serve, demo, and post new/edit/delete/list.
+"""The ``fediblog`` command: init, serve, demo, post …, followers …, deliveries.
 
 Every failure a user can cause ends as one line on stderr and a non-zero exit:
 2 for a wrong setting or usage, 1 for a command that could not be done.
@@ -50,6 +50,20 @@ def _parser() -> argparse.ArgumentParser:
     delete = post_commands.add_parser("delete", help="delete a post (its URL then answers 410)")
     delete.add_argument("slug")
     post_commands.add_parser("list", help="list the published posts")
+
+    followers = commands.add_parser("followers", help="list followers; approve or reject requests")
+    follower_commands = followers.add_subparsers(dest="followers_command", metavar="ACTION")
+    follower_commands.add_parser("list", help="the accepted followers (the default)")
+    follower_commands.add_parser("pending", help="follow requests waiting for approval")
+    for action in ("approve", "reject"):
+        sub = follower_commands.add_parser(action, help=f"{action} a pending follow request")
+        sub.add_argument("actor", help="the follower's actor URL, as `pending` shows it")
+
+    deliveries = commands.add_parser(
+        "deliveries", help="the delivery queue: queued, failed and dead deliveries"
+    )
+    deliveries.add_argument("--sent", action="store_true", help="also list sent ones")
+    deliveries.add_argument("--limit", type=int, default=50, help="rows to show (50)")
     return parser
 
 
@@ -137,6 +151,46 @@ def _post(settings: Settings, args: argparse.Namespace) -> None:
     asyncio.run(_with_blog(settings, run))
 
 
+def _followers(settings: Settings, args: argparse.Namespace) -> None:
+    from fediblog import followers
+
+    async def run(blog: Blog) -> None:
+        store = blog.store
+        action = args.followers_command or "list"
+        if action in ("approve", "reject"):
+            await getattr(followers, action)(settings, store, args.actor)
+            verb = "approved" if action == "approve" else "rejected"
+            print(f"{verb} {args.actor}; the answer is queued for delivery")
+            return
+        status = "pending" if action == "pending" else "accepted"
+        found = await store.list_followers(status=status)
+        if not found:
+            print("no pending follow requests" if status == "pending" else "no followers yet")
+        for follower in found:
+            print(f"{format_ts(follower.created)}  {follower.actor}")
+
+    asyncio.run(_with_blog(settings, run))
+
+
+def _deliveries(settings: Settings, args: argparse.Namespace) -> None:
+    async def run(blog: Blog) -> None:
+        counts = await blog.store.count_deliveries()
+        summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("queued", "sent", "failed", "dead"))
+        print(f"deliveries: {summary}")
+        statuses = (
+            ("queued", "failed", "dead", "sent") if args.sent else ("queued", "failed", "dead")
+        )
+        for row in await blog.store.list_deliveries(statuses, limit=max(1, args.limit)):
+            when = row["next_attempt_at"] if row["status"] == "queued" else row["finished_at"]
+            error = f"  ({row['last_error']})" if row["last_error"] else ""
+            print(
+                f"{row['status']:<6} {row['type']:<7} attempts={row['attempts']:<2} {when}"
+                f"  {row['inbox']}{error}"
+            )
+
+    asyncio.run(_with_blog(settings, run))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -150,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _serve(settings, args.host, args.port)
         elif args.command == "post":
             _post(settings, args)
+        elif args.command == "followers":
+            _followers(settings, args)
+        elif args.command == "deliveries":
+            _deliveries(settings, args)
     except ConfigError as error:
         print(f"fediblog: configuration error: {error}", file=sys.stderr)
         return 2

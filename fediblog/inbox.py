@@ -29,7 +29,6 @@ from typing import Any
 from fediblog.activitystreams import (
     ACTOR_TYPES,
     Urls,
-    build_accept,
     host_of,
     id_of,
     parse_actor,
@@ -37,8 +36,9 @@ from fediblog.activitystreams import (
 from fediblog.actors import ActorDirectory
 from fediblog.config import Settings
 from fediblog.errors import ActivityError, FediblogError, FetchError, SignatureError
+from fediblog.followers import queue_answer
 from fediblog.httpsig import parse_signature, verify_signature
-from fediblog.models import InboxItem, JsonObject, OutgoingActivity, utcnow
+from fediblog.models import InboxItem, JsonObject, utcnow
 from fediblog.remote import parse_json
 from fediblog.store import Store
 
@@ -233,17 +233,8 @@ class Inbox:
         if follower is not None and follower.status == "accepted":
             await self.send_accept(activity, actor.inbox)
 
-    async def send_accept(self, follow: JsonObject, inbox: str, *, reject: bool = False) -> None:
-        accept = build_accept(self._settings, follow, reject=reject)
-        await self._store.save_activity_for(
-            OutgoingActivity(
-                ap_id=accept["id"],
-                type=accept["type"],
-                payload=json.dumps(accept, separators=(",", ":")),
-                public=False,
-            ),
-            inbox,
-        )
+    async def send_accept(self, follow: JsonObject, inbox: str) -> None:
+        await queue_answer(self._settings, self._store, follow, inbox)
         self._on_queued()
 
     async def handle_undo(self, activity: JsonObject) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,17 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return load_settings({"FEDIBLOG_CONFIG": str(tmp_path / "absent.toml")}, **values)
+
+
+@pytest.fixture
+def blog_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory for CLI tests: no FEDIBLOG_* from outside, https base URL."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith("FEDIBLOG_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("FEDIBLOG_BASE_URL", BASE_URL)
+    return tmp_path
 
 
 @pytest.fixture

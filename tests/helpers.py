@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+import pytest
 from bs4 import BeautifulSoup, Tag
 
 from fediblog.blog import parse_post
+from fediblog.cli import main
 from fediblog.models import Post, utcnow
 from fediblog.web.deps import Services
 
@@ -89,3 +91,10 @@ def comment_tree(page: BeautifulSoup) -> list[tuple[str, list[object]]]:
 
     top = page.find("ol", class_="comment-list")
     return items(top) if isinstance(top, Tag) else []
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run the fediblog command in-process: (exit code, stdout, stderr)."""
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -10,28 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from fediblog.cli import main
-
-
-@pytest.fixture
-def blog_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.startswith("FEDIBLOG_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("FEDIBLOG_BASE_URL", "https://blog.example")
-    return tmp_path
+from tests.helpers import run
 
 
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_init_creates_database_and_private_keys_once(
