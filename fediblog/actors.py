@@ -12,7 +12,7 @@ of fetches (ATTACKS.md 21).
 from __future__ import annotations
 
 from collections import OrderedDict
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from fediblog.activitystreams import (
     RemoteActor,
@@ -22,11 +22,14 @@ from fediblog.activitystreams import (
     strip_fragment,
 )
 from fediblog.errors import ActivityError, FetchError, SignatureError
-from fediblog.models import ActorKey, JsonObject, utcnow
+from fediblog.models import ActorKey, JsonObject, parse_ts, utcnow
 from fediblog.remote import Fetcher
 from fediblog.store import Store
 
 REFRESH_INTERVAL = timedelta(minutes=5)
+ACTOR_MAX_AGE = timedelta(
+    days=1
+)  # cached profiles (name, avatar, inboxes) older than this are refetched
 
 
 class ActorDirectory:
@@ -86,12 +89,27 @@ class ActorDirectory:
         for key_id in [k for k, v in self._keys.items() if v.actor == actor]:
             del self._keys[key_id]
 
-    async def get_actor(self, ap_id: str) -> RemoteActor | None:
-        """An actor from the cache only (the inbox fetched it when it verified the key)."""
+    async def get_actor(self, ap_id: str) -> RemoteActor:
+        """An actor, from the cache while it is fresh, else fetched (signed) and cached.
+
+        A failed refetch of a stale actor falls back to the cached copy: a server that
+        is down for a day should not make its users' replies disappear.
+        """
+        cached = await self._cached_actor(ap_id)
+        if cached is not None and utcnow() - cached[1] < ACTOR_MAX_AGE:
+            return cached[0]
+        try:
+            return await self.fetch_actor(ap_id)
+        except ActivityError:
+            if cached is None:
+                raise
+            return cached[0]
+
+    async def _cached_actor(self, ap_id: str) -> tuple[RemoteActor, datetime] | None:
         row = await self._store.get_actor_row(ap_id)
         if row is None or not row["inbox"]:
             return None
-        return RemoteActor(
+        actor = RemoteActor(
             ap_id=row["ap_id"],
             type=row["type"],
             username=row["username"],
@@ -104,6 +122,7 @@ class ActorDirectory:
             key_id=row["key_id"] or "",
             public_key_pem=row["public_key_pem"] or "",
         )
+        return actor, parse_ts(row["fetched_at"])
 
     async def fetch_actor(self, ap_id: str) -> RemoteActor:
         """Fetch (signed) and cache an actor document."""

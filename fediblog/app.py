@@ -32,10 +32,12 @@ from fediblog.inbox import BatchWriter, Inbox
 from fediblog.keys import load_key
 from fediblog.models import utcnow
 from fediblog.remote import Fetcher, FetchPolicy, build_transport
+from fediblog.responses import Responses
 from fediblog.store import Store
-from fediblog.web import activitypub, feeds, html, wellknown
+from fediblog.web import activitypub, feeds, forms, html, wellknown
 from fediblog.web.cache import PageCache
 from fediblog.web.deps import Services
+from fediblog.web.ratelimit import RateLimit
 from fediblog.web.templating import build_templates
 
 # Pages carry no script at all; images may come from the commenters' servers.
@@ -115,12 +117,12 @@ def create_app(
                 now=utcnow(),
             )
 
-        actors = ActorDirectory(
-            store, Fetcher(client, policy, sign_get), allow_http=settings.allow_http
-        )
+        fetcher = Fetcher(client, policy, sign_get)
+        actors = ActorDirectory(store, fetcher, allow_http=settings.allow_http)
         deliverer = Deliverer(store, client, blog_key, urls.key_id)
         writer = BatchWriter(store)
         inbox = Inbox(settings, store, actors, writer, on_queued=deliverer.wake)
+        inbox.add_handlers(Responses(settings, store, actors, fetcher).handlers())
         await inbox.load_blocks()
         tasks = [asyncio.create_task(writer.run(), name="inbox-writer")]
         if run_workers:
@@ -139,6 +141,9 @@ def create_app(
                 blog_public_pem=blog_key.public_pem,
                 instance_public_pem=instance_key.public_pem,
                 created_at=await store.get_created_at(),
+                fetcher=fetcher,
+                interact_limit=RateLimit(limit=10, window=60),
+                comment_limit=RateLimit(limit=5, window=600),
             )
             yield
         finally:
@@ -154,6 +159,7 @@ def create_app(
             *html.routes,
             *feeds.routes,
             *wellknown.routes,
+            *forms.routes,
             *activitypub.routes,
             Mount("/static", StaticFiles(directory=static_dir), name="static"),
         ],

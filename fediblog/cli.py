@@ -1,4 +1,4 @@
-"""The ``fediblog`` command: init, serve, demo, post …, followers …, deliveries.
+"""The ``fediblog`` command: init, serve, demo, post, followers, deliveries, comments, block.
 
 Every failure a user can cause ends as one line on stderr and a non-zero exit:
 2 for a wrong setting or usage, 1 for a command that could not be done.
@@ -58,6 +58,24 @@ def _parser() -> argparse.ArgumentParser:
     for action in ("approve", "reject"):
         sub = follower_commands.add_parser(action, help=f"{action} a pending follow request")
         sub.add_argument("actor", help="the follower's actor URL, as `pending` shows it")
+
+    comments = commands.add_parser("comments", help="list, approve, reject or delete comments")
+    comment_commands = comments.add_subparsers(dest="comments_command", metavar="ACTION")
+    listing = comment_commands.add_parser("list", help="the newest comments (the default)")
+    listing.add_argument("--pending", action="store_true", help="only those held for approval")
+    for action, text in (
+        ("approve", "publish a held comment"),
+        ("reject", "hide a comment (it stays in the database)"),
+        ("delete", "delete a comment (replies stay, under a placeholder)"),
+    ):
+        sub = comment_commands.add_parser(action, help=text)
+        sub.add_argument("id", type=int, help="the comment's number, as `comments list` shows it")
+
+    block = commands.add_parser("block", help="block an actor URL or a whole domain")
+    block.add_argument("target", help="https://server/users/name or server.example")
+    unblock = commands.add_parser("unblock", help="lift a block")
+    unblock.add_argument("target")
+    commands.add_parser("blocks", help="list the blocks")
 
     deliveries = commands.add_parser(
         "deliveries", help="the delivery queue: queued, failed and dead deliveries"
@@ -191,6 +209,53 @@ def _deliveries(settings: Settings, args: argparse.Namespace) -> None:
     asyncio.run(_with_blog(settings, run))
 
 
+def _comments(settings: Settings, args: argparse.Namespace) -> None:
+    from fediblog import moderation
+    from fediblog.render import excerpt
+
+    async def run(blog: Blog) -> None:
+        action = args.comments_command or "list"
+        if action != "list":
+            status = {"approve": "published", "reject": "rejected", "delete": "deleted"}[action]
+            await moderation.set_status(blog.store, args.id, status)
+            print(f"comment {args.id}: {status}")
+            return
+        pending = bool(getattr(args, "pending", False))
+        rows = await blog.store.list_comments_for_review(pending_only=pending)
+        if not rows:
+            print("no comments waiting" if pending else "no comments yet")
+        for row in rows:
+            who = f"@{row['username']}@{row['domain']}" if row["actor"] else row["author_name"]
+            print(
+                f"{row['id']:>6}  {row['status']:<9} {row['visibility']:<9} {row['published_at']}"
+                f"  {row['slug']}  {who}: {excerpt(row['content_html'], 80)}"
+            )
+
+    asyncio.run(_with_blog(settings, run))
+
+
+def _blocks(settings: Settings, args: argparse.Namespace) -> None:
+    from fediblog import moderation
+
+    async def run(blog: Blog) -> None:
+        if args.command == "blocks":
+            found = await blog.store.list_blocks()
+            if not found:
+                print("no blocks")
+            for target, kind in found:
+                print(f"{kind:<6}  {target}")
+        elif args.command == "block":
+            target, kind = moderation.block_target(args.target)
+            added = await blog.store.save_block(target, kind)
+            print(f"blocked {kind} {target}" if added else f"{target} was already blocked")
+        elif not await blog.store.delete_block(moderation.block_target(args.target)[0]):
+            raise moderation.ModerationError(f"{args.target} is not blocked")
+        else:
+            print(f"unblocked {args.target}")
+
+    asyncio.run(_with_blog(settings, run))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -208,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _followers(settings, args)
         elif args.command == "deliveries":
             _deliveries(settings, args)
+        elif args.command == "comments":
+            _comments(settings, args)
+        elif args.command in ("block", "unblock", "blocks"):
+            _blocks(settings, args)
     except ConfigError as error:
         print(f"fediblog: configuration error: {error}", file=sys.stderr)
         return 2

@@ -44,6 +44,7 @@ class Settings:
     manually_approves_followers: bool = False
     hide_followers: bool = False
     moderation: str = "open"
+    hold_keywords: str = ""  # comma-separated; a reply containing one waits for approval
 
     # ---- derived values -------------------------------------------------------
 
@@ -55,6 +56,10 @@ class Settings:
     @property
     def scheme(self) -> str:
         return urlsplit(self.base_url).scheme
+
+    @property
+    def keywords(self) -> tuple[str, ...]:
+        return tuple(k.strip().lower() for k in self.hold_keywords.split(",") if k.strip())
 
     @property
     def acct(self) -> str:

@@ -104,12 +104,18 @@ class Inbox:
         self._on_queued = on_queued
         self._wake = asyncio.Event()
         self._blocked: frozenset[str] = frozenset()
-        self.handlers: dict[str, Handler] = {
-            "Follow": self.handle_follow,
-            "Undo": self.handle_undo,
-            "Delete": self.handle_delete,
-            "Update": self.handle_update,
+        # Every handler registered for a type runs; each ignores what is not its concern
+        # (an Undo may undo a Follow here, or a Like in ``responses``).
+        self.handlers: dict[str, list[Handler]] = {
+            "Follow": [self.handle_follow],
+            "Undo": [self.handle_undo],
+            "Delete": [self.handle_delete],
+            "Update": [self.handle_update],
         }
+
+    def add_handlers(self, handlers: Mapping[str, Handler]) -> None:
+        for kind, handler in handlers.items():
+            self.handlers.setdefault(kind, []).append(handler)
 
     # ---- receiving --------------------------------------------------------------
 
@@ -194,6 +200,7 @@ class Inbox:
     async def run(self, poll_seconds: float = 1.0) -> None:
         while True:
             try:
+                await self.load_blocks()  # `fediblog block` may have run in another process
                 await self.process_once()
             except FediblogError as error:
                 log.error("inbox pass failed: %s", error)
@@ -204,14 +211,12 @@ class Inbox:
     async def _dispatch(self, payload: str) -> str | None:
         activity: JsonObject = json.loads(payload)
         activity["actor"] = id_of(activity.get("actor"))  # verified on receipt
-        handler = self.handlers.get(activity["type"])
-        if handler is None:
-            return None  # an activity we have no use for is simply done
         try:
-            await handler(activity)
+            for handler in self.handlers.get(activity["type"], ()):
+                await handler(activity)
         except (ActivityError, FetchError) as error:
             return str(error)[:500]
-        return None
+        return None  # an activity we have no use for is simply done
 
     # ---- handlers -----------------------------------------------------------------
 
@@ -219,7 +224,7 @@ class Inbox:
         if id_of(activity.get("object")) != self._urls.actor:
             return  # following someone else: not ours to answer
         actor_id = activity["actor"]
-        actor = await self._actors.get_actor(actor_id) or await self._actors.fetch_actor(actor_id)
+        actor = await self._actors.get_actor(actor_id)
         local_id = await self._actors.save(actor)
         manual = self._settings.manually_approves_followers
         await self._store.save_follower(

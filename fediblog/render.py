@@ -11,7 +11,10 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
+from collections.abc import Mapping
 from functools import lru_cache
+from html.parser import HTMLParser
+from urllib.parse import urlsplit
 
 import nh3
 from markdown_it import MarkdownIt
@@ -105,3 +108,135 @@ def slugify(title: str, max_length: int = 80) -> str:
 def normalize_tag(tag: str) -> str:
     """Tags are compared and shown without '#', lower case, words joined by '-'."""
     return slugify(tag.lstrip("#"), max_length=64)
+
+
+# ---- content from other servers --------------------------------------------------------
+
+# Close to Mastodon's sanitizer (app/lib/sanitize_config.rb): text formatting, links,
+# lists, quotes, code; no images or media inside text (attachments are shown apart,
+# custom emoji are added after sanitizing), nothing that runs or styles.
+REMOTE_TAGS = frozenset(
+    {"p", "br", "span", "a", "del", "s", "pre", "blockquote", "code", "b", "strong", "u",
+     "i", "em", "ul", "ol", "li", "sub", "sup", "h1", "h2", "h3", "h4", "h5", "h6"}
+)  # fmt: skip
+REMOTE_ATTRIBUTES: dict[str, set[str]] = {
+    "a": {"href", "translate"},  # "class" is governed by REMOTE_CLASSES (ammonia's rule)
+    "span": {"translate"},
+    "ol": {"start", "reversed"},
+    "li": {"value"},
+}
+REMOTE_CLASSES = {
+    "a": {"mention", "hashtag", "u-url", "status-link"},
+    "span": {"h-card", "invisible", "ellipsis", "mention", "hashtag"},
+}
+LINK_REL = "nofollow ugc noopener"
+
+# Bidi overrides and zero-width characters hide or reorder what a reader sees
+# (ATTACKS.md 34): they never survive into a page.
+_INVISIBLE = re.compile("[\u00ad\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f"
+                        "\u202a-\u202e\u2060-\u206f\u3164\ufeff\uffa0]")  # fmt: skip
+_SHORTCODE = re.compile(r":([A-Za-z0-9_]{1,64}):")
+
+
+def strip_invisible(text: str) -> str:
+    return _INVISIBLE.sub("", text)
+
+
+def sanitize_remote_html(fragment: str, emoji: Mapping[str, str] | None = None) -> str:
+    """Sanitize HTML from another server; then put custom emoji in its text nodes only.
+
+    ``emoji`` maps a shortcode (without colons) to an https image URL that the caller
+    took from the same object's own ``tag`` list.
+    """
+    clean = nh3.clean(
+        strip_invisible(fragment),
+        tags=set(REMOTE_TAGS),
+        attributes=REMOTE_ATTRIBUTES,
+        allowed_classes=REMOTE_CLASSES,
+        url_schemes={"http", "https"},
+        link_rel=LINK_REL,
+        strip_comments=True,
+    )
+    return _TextRewriter(emoji or {}).rewrite(clean)
+
+
+def plain_to_html(text: str) -> str:
+    """Plain text (a local comment) as escaped paragraphs; nothing in it is markup."""
+    paragraphs = re.split(r"\n\s*\n", strip_invisible(text).strip().replace("\r\n", "\n"))
+    return "".join(
+        "<p>" + "<br>".join(html.escape(line) for line in p.split("\n")) + "</p>"
+        for p in paragraphs
+        if p.strip()
+    )
+
+
+def emoji_html(shortcode: str, url: str) -> str:
+    name = html.escape(f":{shortcode}:")
+    return (
+        f'<img class="emoji" src="{html.escape(url)}" alt="{name}" title="{name}"'
+        ' width="20" height="20" loading="lazy" referrerpolicy="no-referrer">'
+    )
+
+
+_URL_LIKE = re.compile(r"^\s*(?:https?://)?([a-z0-9.-]+\.[a-z]{2,})(?:[/:?#]\S*)?\s*$", re.I)
+
+
+class _TextRewriter(HTMLParser):
+    """Re-emits sanitized HTML, changing only what its text shows.
+
+    * ``:shortcode:`` in a text node becomes that emoji's image. Working on parsed text
+      nodes, not on the markup, means a shortcode inside an attribute, such as a
+      link's title, can never become an element (ATTACKS.md 32).
+    * A link whose text looks like a URL on another host than its target gets the
+      real host shown after it (ATTACKS.md 33).
+    """
+
+    def __init__(self, emoji: Mapping[str, str]) -> None:
+        super().__init__(convert_charrefs=True)
+        self._emoji = emoji
+        self._out: list[str] = []
+        self._link_host: str | None = None  # the host of the <a> we are inside
+        self._link_text: list[str] = []
+
+    def rewrite(self, fragment: str) -> str:
+        self.feed(fragment)
+        self.close()
+        return "".join(self._out)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            href = dict(attrs).get("href") or ""
+            self._link_host = (urlsplit(href).hostname or "").lower()
+            self._link_text = []
+        self._out.append(self._tag(tag, attrs, "/>" if tag == "br" else ">"))
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self._out.append(self._tag(tag, attrs, ">"))
+
+    def handle_endtag(self, tag: str) -> None:
+        self._out.append(f"</{tag}>")
+        if tag == "a" and self._link_host is not None:
+            shown = _URL_LIKE.match("".join(self._link_text))
+            if shown and shown.group(1).lower() != self._link_host:
+                host = html.escape(self._link_host or "no link")
+                self._out.append(f' <span class="link-host">[{host}]</span>')
+            self._link_host = None
+
+    def handle_data(self, data: str) -> None:
+        if self._link_host is not None:
+            self._link_text.append(data)
+        pieces = _SHORTCODE.split(data)
+        for index, piece in enumerate(pieces):
+            if index % 2 == 0:
+                self._out.append(html.escape(piece, quote=False))
+            elif piece in self._emoji:
+                self._out.append(emoji_html(piece, self._emoji[piece]))
+            else:
+                self._out.append(html.escape(f":{piece}:", quote=False))
+
+    @staticmethod
+    def _tag(tag: str, attrs: list[tuple[str, str | None]], end: str) -> str:
+        rendered = "".join(
+            f' {name}="{html.escape(value or "", quote=True)}"' for name, value in attrs
+        )
+        return f"<{tag}{rendered}{'>' if end == '/>' else end}"

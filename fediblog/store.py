@@ -215,8 +215,16 @@ _TAG_SEPARATOR = "\x1f"
 
 # Comments a reader may see: published ones, plus deleted ones kept as placeholders
 # for the replies under them. Never followers-only or direct ones.
-_VISIBLE = "c.status IN ('published', 'deleted') AND c.visibility IN ('public', 'unlisted')"
-_COUNTED = "c.status = 'published' AND c.visibility IN ('public', 'unlisted')"
+# Blocked actors and domains are hidden without touching their rows, so unblock restores them.
+_NOT_BLOCKED = (
+    "NOT EXISTS (SELECT 1 FROM blocks b JOIN actors ba ON ba.id = c.actor_id"
+    " WHERE b.target IN (ba.ap_id, ba.domain))"
+)
+_VISIBLE = (
+    "c.status IN ('published', 'deleted') AND c.visibility IN ('public', 'unlisted')"
+    f" AND {_NOT_BLOCKED}"
+)
+_COUNTED = f"c.status = 'published' AND c.visibility IN ('public', 'unlisted') AND {_NOT_BLOCKED}"
 
 _POST_COLUMNS = f"""
     p.id, p.uid, p.slug, p.title, p.summary, p.body_md, p.body_html, p.image,
@@ -969,3 +977,147 @@ class Store:
     async def list_blocks(self) -> list[tuple[str, str]]:
         rows = await self._fetchall("SELECT target, kind FROM blocks ORDER BY id")
         return [(row["target"], row["kind"]) for row in rows]
+
+    # ---- comments from the fediverse and the form --------------------------------------
+
+    async def get_comment_by_ap_id(self, ap_id: str) -> sqlite3.Row | None:
+        return await self._fetchone(
+            "SELECT c.id, c.post_id, c.status, c.published_at, c.updated_at, c.visibility,"
+            " a.ap_id AS actor FROM comments c LEFT JOIN actors a ON a.id = c.actor_id"
+            " WHERE c.ap_id = ?",
+            (ap_id,),
+        )
+
+    async def get_comment_row(self, comment_id: int) -> sqlite3.Row | None:
+        return await self._fetchone(
+            "SELECT c.*, a.ap_id AS actor, p.slug FROM comments c"
+            " LEFT JOIN actors a ON a.id = c.actor_id JOIN posts p ON p.id = c.post_id"
+            " WHERE c.id = ?",
+            (comment_id,),
+        )
+
+    async def count_published_by_actor(self, actor_id: int) -> int:
+        row = await self._fetchone(
+            "SELECT count(*) FROM comments WHERE actor_id = ? AND status = 'published'",
+            (actor_id,),
+        )
+        return int(row[0]) if row else 0
+
+    async def save_comment_edit(
+        self,
+        comment_id: int,
+        *,
+        content_html: str,
+        summary: str | None,
+        sensitive: bool,
+        updated: datetime,
+    ) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE comments SET content_html = ?, summary = ?, sensitive = ?,"
+                " updated_at = ? WHERE id = ?",
+                (content_html, summary, int(sensitive), format_ts(updated), comment_id),
+            )
+
+    async def delete_comment(
+        self, comment_id: int, *, ap_id: str | None, actor: str | None, when: datetime
+    ) -> None:
+        """Keep the row as a placeholder for its replies; keep a tombstone for its id."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE comments SET status = 'deleted', content_html = '', summary = NULL"
+                " WHERE id = ?",
+                (comment_id,),
+            )
+            if ap_id is not None:
+                await self._save_tombstone(db, ap_id, actor, when)
+
+    async def save_tombstone(self, ap_id: str, actor: str | None, when: datetime) -> None:
+        async with self._transaction() as db:
+            await self._save_tombstone(db, ap_id, actor, when)
+
+    @staticmethod
+    async def _save_tombstone(
+        db: aiosqlite.Connection, ap_id: str, actor: str | None, when: datetime
+    ) -> None:
+        await db.execute(
+            "INSERT OR IGNORE INTO tombstones (ap_id, actor_ap_id, former_type, deleted_at)"
+            " VALUES (?, ?, 'Note', ?)",
+            (ap_id, actor, format_ts(when)),
+        )
+
+    async def set_comment_status(self, comment_id: int, status: str) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE comments SET status = ? WHERE id = ?", (status, comment_id)
+            )
+            return cursor.rowcount > 0
+
+    async def list_comments_for_review(
+        self, *, pending_only: bool, limit: int = 200
+    ) -> list[sqlite3.Row]:
+        where = "c.status = 'pending'" if pending_only else "c.status != 'deleted'"
+        return await self._fetchall(
+            "SELECT c.id, c.status, c.visibility, c.source, c.published_at, c.content_html,"
+            " c.author_name, a.ap_id AS actor, a.username, a.domain, p.slug"
+            " FROM comments c LEFT JOIN actors a ON a.id = c.actor_id"
+            f" JOIN posts p ON p.id = c.post_id WHERE {where} ORDER BY c.id DESC LIMIT ?",
+            (limit,),
+        )
+
+    # ---- likes and boosts ----------------------------------------------------------
+
+    async def save_reaction(
+        self,
+        *,
+        post_id: int,
+        actor_id: int,
+        kind: str,
+        ap_id: str | None,
+        content: str | None,
+        when: datetime,
+    ) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT OR IGNORE INTO reactions (post_id, actor_id, type, ap_id, content,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (post_id, actor_id, kind, ap_id, content, format_ts(when)),
+            )
+
+    async def delete_reaction(
+        self, *, actor: str, kind: str, ap_id: str | None, post_id: int | None
+    ) -> int:
+        """Undo a Like/Announce: by its activity id, or by (post, actor, type)."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM reactions WHERE type = ? AND actor_id ="
+                " (SELECT id FROM actors WHERE ap_id = ?) AND (ap_id = ? OR post_id = ?)",
+                (kind, actor, ap_id, post_id),
+            )
+            return cursor.rowcount
+
+    async def list_reactions(self, post_id: int) -> list[sqlite3.Row]:
+        """Who liked and boosted a post (blocked actors left out), oldest first."""
+        return await self._fetchall(
+            "SELECT r.type, r.content, a.ap_id, a.username, a.domain, a.name, a.url, a.icon_url"
+            " FROM reactions r JOIN actors a ON a.id = r.actor_id"
+            " WHERE r.post_id = ? AND a.deleted_at IS NULL AND NOT EXISTS"
+            " (SELECT 1 FROM blocks b WHERE b.target IN (a.ap_id, a.domain))"
+            " ORDER BY r.id",
+            (post_id,),
+        )
+
+    # ---- blocks -------------------------------------------------------------------
+
+    async def save_block(self, target: str, kind: str) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "INSERT OR IGNORE INTO blocks (target, kind, created_at) VALUES (?, ?, ?)",
+                (target, kind, format_ts(utcnow())),
+            )
+            return cursor.rowcount > 0
+
+    async def delete_block(self, target: str) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute("DELETE FROM blocks WHERE target = ?", (target,))
+            return cursor.rowcount > 0

@@ -22,8 +22,8 @@ LAYERS: dict[str, int] = {
     "store": 2,
     "remote": 3, "delivery": 3, "comments": 3,
     "actors": 4,
-    "blog": 5, "inbox": 5, "followers": 4,
-    "demo": 6,
+    "blog": 5, "inbox": 5, "followers": 4, "moderation": 3,
+    "demo": 6, "responses": 6,
     "web": 7,
     "app": 8, "cli": 9, "__main__": 10,
 }  # fmt: skip

@@ -13,8 +13,10 @@ from fediblog.blog import Blog
 from fediblog.config import Settings
 from fediblog.delivery import Deliverer
 from fediblog.inbox import Inbox
+from fediblog.remote import Fetcher
 from fediblog.store import Store
 from fediblog.web.cache import PageCache
+from fediblog.web.ratelimit import RateLimit
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +32,9 @@ class Services:
     blog_public_pem: str
     instance_public_pem: str
     created_at: datetime
+    fetcher: Fetcher
+    interact_limit: RateLimit
+    comment_limit: RateLimit
 
 
 def services(request: Request) -> Services:

@@ -7,6 +7,7 @@ Every page is rendered from one or two queries, then cached per database version
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -14,6 +15,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from fediblog.comments import build_threads, count_responses
+from fediblog.models import Author
 from fediblog.render import excerpt
 from fediblog.web.activitypub import post_document, wants_activitypub
 from fediblog.web.cache import CachedPage, respond
@@ -116,6 +118,7 @@ async def post_page(request: Request) -> Response:
             raise HTTPException(404)
         comments = await ctx.store.list_visible_comments(post.id)
         threads = build_threads(comments)
+        reactions = await ctx.store.list_reactions(post.id)
         page = html_page(
             ctx,
             "post.html",
@@ -126,9 +129,21 @@ async def post_page(request: Request) -> Response:
             description=post.summary or excerpt(post.body_html, 200),
             threads=threads,
             response_count=count_responses(threads),
+            likes=[reactor(r) for r in reactions if r["type"] == "Like"],
+            boosts=[reactor(r) for r in reactions if r["type"] == "Announce"],
         )
         page = ctx.pages.put(key, version, page)
     return respond(request, page)
+
+
+def reactor(row: Any) -> Author:
+    """Who liked or boosted, shown like a comment's author: host from the actor id."""
+    return Author(
+        name=row["name"] or row["username"],
+        handle=f"@{row['username']}@{row['domain']}",
+        profile_url=row["url"] or row["ap_id"],
+        avatar_url=row["icon_url"],
+    )
 
 
 async def not_found(request: Request, exc: Exception) -> Response:

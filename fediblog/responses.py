@@ -1,0 +1,371 @@
+"""Responses from the fediverse: replies become comments, likes and boosts reactions.
+
+The inbox has verified who sent each activity; this module decides what it may do
+(ATTACKS.md cases in brackets):
+
+* a reply is a ``Create`` of a Note whose ``inReplyTo`` is one of our posts (its id
+  or its page) or a comment already under one, at any depth; replies to anything
+  else are ignored. Its id must be on the sender's host [2], its ``attributedTo``
+  the sender [3], it must not claim one of our ids [36] or a deleted id [9];
+* only its author may edit it, only forward in time, never its ``published`` [11];
+  only its author may delete it [8], and a tombstone stays so a late Create cannot
+  bring it back [9];
+* a copy embedded by a third party (a Lemmy community's Announce) is never
+  trusted: the object is fetched again from its origin [7];
+* a Like, a Misskey emoji reaction and an Announce of one of our posts count once
+  per actor; their Undo only by the same actor [12].
+
+Content goes through ``render.sanitize_remote_html``; the handle shown for an
+author always takes its host from the actor id, never from a claimed name [34].
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from fediblog.activitystreams import (
+    Urls,
+    as_list,
+    host_of,
+    id_of,
+    is_public,
+    plain_text,
+    require_http_url,
+)
+from fediblog.actors import ActorDirectory
+from fediblog.config import Settings
+from fediblog.errors import ActivityError, FetchError
+from fediblog.inbox import Handler
+from fediblog.models import JsonObject, Post, Visibility, parse_ts, utcnow
+from fediblog.remote import Fetcher
+from fediblog.render import html_to_text, sanitize_remote_html
+from fediblog.store import Store
+
+NOTE_TYPES = frozenset({"Note", "Article", "Page", "Question"})
+MAX_CONTENT = 50_000
+MAX_ATTACHMENTS = 8
+MAX_EMOJI = 50
+
+
+class Responses:
+    def __init__(
+        self, settings: Settings, store: Store, actors: ActorDirectory, fetcher: Fetcher
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._actors = actors
+        self._fetcher = fetcher
+        self._urls = Urls.of(settings)
+
+    def handlers(self) -> Mapping[str, Handler]:
+        return {
+            "Create": self.handle_create,
+            "Update": self.handle_update,
+            "Delete": self.handle_delete,
+            "Like": self.handle_like,
+            "EmojiReact": self.handle_like,
+            "Announce": self.handle_announce,
+            "Undo": self.handle_undo,
+        }
+
+    # ---- replies ----------------------------------------------------------------------
+
+    async def handle_create(self, activity: JsonObject) -> None:
+        obj = activity.get("object")
+        actor = activity["actor"]
+        if isinstance(obj, str):
+            obj = await self._fetch_from_origin(obj)
+        if not isinstance(obj, dict) or obj.get("type") not in NOTE_TYPES:
+            return
+        await self._save_reply(obj, actor)
+
+    async def _save_reply(self, obj: JsonObject, actor: str) -> None:
+        note_id = self._check_note(obj, actor)
+        if await self._store.is_tombstoned(note_id):
+            raise ActivityError("that object was deleted")
+        if await self._store.get_comment_by_ap_id(note_id) is not None:
+            return  # already here (the same reply, delivered twice)
+        target = await self._find_target(obj.get("inReplyTo"))
+        if target is None:
+            return  # not a reply to us: nothing to do
+        post_id, parent_id = target
+        author = await self._actors.get_actor(actor)
+        row = await self._store.get_actor_row(author.ap_id)
+        assert row is not None  # get_actor saved it
+        content, summary, sensitive = self._render(obj)
+        now = utcnow()
+        await self._store.save_comment(
+            post_id=post_id,
+            parent_id=parent_id,
+            content_html=content,
+            summary=summary,
+            sensitive=sensitive,
+            published=min(_moment(obj.get("published")) or now, now),
+            received=now,
+            source="fediverse",
+            ap_id=note_id,
+            url=_html_url(obj, self._settings.allow_http) or note_id,
+            actor_id=row["id"],
+            visibility=_visibility(obj),
+            status=await self._initial_status(row["id"], content),
+        )
+
+    def _check_note(self, obj: JsonObject, actor: str) -> str:
+        note_id = require_http_url(obj.get("id"), "object id", allow_http=self._settings.allow_http)
+        if note_id.startswith(self._urls.base + "/") or host_of(note_id) == self._settings.host:
+            raise ActivityError("a remote object cannot use one of our ids")
+        if host_of(note_id) != host_of(actor):
+            raise ActivityError("the object is on another host than its actor")
+        authors = [id_of(a) for a in as_list(obj.get("attributedTo"))]
+        if not authors or any(author != actor for author in authors):
+            raise ActivityError("the object is attributed to someone other than its sender")
+        return note_id
+
+    async def _find_target(self, in_reply_to: Any) -> tuple[int, int | None] | None:
+        """(post id, parent comment id) if the reply belongs under one of our posts."""
+        parent = id_of(in_reply_to)
+        if parent is None:
+            return None
+        post = await self.find_post(parent)
+        if post is not None:
+            return post.id, None
+        # A reply under a deleted reply still belongs in that thread, under its placeholder.
+        comment = await self._store.get_comment_by_ap_id(parent)
+        return (comment["post_id"], comment["id"]) if comment is not None else None
+
+    async def find_post(self, ref: str) -> Post | None:
+        """One of our posts by its id (``/p/uid``) or its page (``/posts/slug``)."""
+        base = self._urls.base + "/"
+        if not ref.startswith(base):
+            return None
+        path = urlsplit(ref).path.rstrip("/")
+        if path.startswith("/p/"):
+            return await self._store.get_post_by_uid(path.removeprefix("/p/"))
+        if path.startswith("/posts/"):
+            slug = unquote(path.removeprefix("/posts/"))
+            return await self._store.get_post_by_slug(slug)
+        return None
+
+    def _render(self, obj: JsonObject) -> tuple[str, str | None, bool]:
+        raw = obj.get("content")
+        raw = raw if isinstance(raw, str) else ""
+        if len(raw) > MAX_CONTENT:
+            raise ActivityError("the reply is too long")
+        emoji = _emoji_map(obj.get("tag"), self._settings.allow_http)
+        content = sanitize_remote_html(raw, emoji) + _attachments_html(
+            obj.get("attachment"), self._settings.allow_http
+        )
+        summary = plain_text(obj.get("summary"), 500) or None
+        return content, summary, bool(obj.get("sensitive")) or summary is not None
+
+    async def _initial_status(self, actor_id: int, content: str) -> str:
+        mode = self._settings.moderation
+        text = html_to_text(content).lower()
+        if any(keyword in text for keyword in self._settings.keywords):
+            return "pending"
+        if mode == "all":
+            return "pending"
+        if mode == "first" and await self._store.count_published_by_actor(actor_id) == 0:
+            return "pending"
+        return "published"
+
+    async def _fetch_from_origin(self, object_id: str) -> JsonObject | None:
+        try:
+            document = await self._fetcher.fetch_document(object_id)
+        except FetchError as error:
+            raise ActivityError(f"cannot fetch {object_id}: {error}") from None
+        return document
+
+    # ---- edits and deletions ----------------------------------------------------------
+
+    async def handle_update(self, activity: JsonObject) -> None:
+        obj = activity.get("object")
+        actor = activity["actor"]
+        if not isinstance(obj, dict) or obj.get("type") not in NOTE_TYPES:
+            return
+        note_id = self._check_note(obj, actor)
+        comment = await self._store.get_comment_by_ap_id(note_id)
+        if comment is None or comment["actor"] != actor or comment["status"] == "deleted":
+            return
+        updated = _moment(obj.get("updated"))
+        known = parse_ts(comment["updated_at"] or comment["published_at"])
+        if updated is None or updated <= known:
+            return  # not newer than what we show
+        published = _moment(obj.get("published"))
+        if published is not None and published != parse_ts(comment["published_at"]):
+            return  # an edit never moves a reply in time
+        content, summary, sensitive = self._render(obj)
+        await self._store.save_comment_edit(
+            comment["id"],
+            content_html=content,
+            summary=summary,
+            sensitive=sensitive,
+            updated=min(updated, utcnow()),
+        )
+
+    async def handle_delete(self, activity: JsonObject) -> None:
+        actor = activity["actor"]
+        object_id = id_of(activity.get("object"))
+        if object_id is None or object_id == actor:
+            return  # an actor deleting itself is the inbox's business
+        comment = await self._store.get_comment_by_ap_id(object_id)
+        if comment is not None:
+            if comment["actor"] == actor:
+                await self._store.delete_comment(
+                    comment["id"], ap_id=object_id, actor=actor, when=utcnow()
+                )
+            return
+        if host_of(object_id) == host_of(actor):
+            # Delete before Create (they crossed on the way): remember, so the late
+            # Create is refused.
+            await self._store.save_tombstone(object_id, actor, utcnow())
+
+    # ---- likes and boosts -------------------------------------------------------------
+
+    async def handle_like(self, activity: JsonObject) -> None:
+        reaction = activity.get("_misskey_reaction") or activity.get("content")
+        await self._react(activity, "Like", plain_text(reaction, 64) or None)
+
+    async def handle_announce(self, activity: JsonObject) -> None:
+        obj = activity.get("object")
+        if isinstance(obj, dict) and obj.get("type") == "Create":
+            # A Lemmy community relays a comment: trust only the origin's copy.
+            inner = id_of(obj.get("object"))
+            if inner is not None:
+                await self._relayed_reply(inner)
+            return
+        await self._react(activity, "Announce", None)
+
+    async def _relayed_reply(self, object_id: str) -> None:
+        document = await self._fetch_from_origin(object_id)
+        if not isinstance(document, dict) or document.get("type") not in NOTE_TYPES:
+            return
+        authors = [id_of(a) for a in as_list(document.get("attributedTo"))]
+        author = authors[0] if authors else None
+        if author is None or host_of(author) != host_of(object_id):
+            raise ActivityError("the relayed object's author is on another host")
+        await self._save_reply(document, author)
+
+    async def _react(self, activity: JsonObject, kind: str, content: str | None) -> None:
+        target = id_of(activity.get("object"))  # an embedded copy is never trusted
+        post = await self.find_post(target) if target else None
+        if post is None:
+            return
+        author = await self._actors.get_actor(activity["actor"])
+        row = await self._store.get_actor_row(author.ap_id)
+        assert row is not None
+        await self._store.save_reaction(
+            post_id=post.id,
+            actor_id=row["id"],
+            kind=kind,
+            ap_id=activity.get("id") if isinstance(activity.get("id"), str) else None,
+            content=content,
+            when=utcnow(),
+        )
+
+    async def handle_undo(self, activity: JsonObject) -> None:
+        inner = activity.get("object")
+        actor = activity["actor"]
+        if isinstance(inner, dict):
+            kind = "Like" if inner.get("type") in ("Like", "EmojiReact") else inner.get("type")
+            if kind not in ("Like", "Announce") or id_of(inner.get("actor")) != actor:
+                return  # not a reaction, or someone else's (ATTACKS.md 12)
+            target = id_of(inner.get("object"))
+            post = await self.find_post(target) if target else None
+            await self._store.delete_reaction(
+                actor=actor, kind=kind, ap_id=id_of(inner), post_id=post.id if post else None
+            )
+        elif isinstance(inner, str):
+            for kind in ("Like", "Announce"):
+                await self._store.delete_reaction(actor=actor, kind=kind, ap_id=inner, post_id=None)
+
+
+def _moment(value: Any) -> datetime | None:
+    if not isinstance(value, str) or len(value) > 40:
+        return None
+    try:
+        return parse_ts(value)
+    except ValueError:
+        return None
+
+
+def _visibility(obj: JsonObject) -> Visibility:
+    """Public: Public in ``to``; unlisted: Public only in ``cc``; else never shown."""
+    to = as_list(obj.get("to"))
+    if any(isinstance(item, str) and item in _PUBLIC for item in to):
+        return "public"
+    if is_public(obj):
+        return "unlisted"
+    addressed = [item for item in to + as_list(obj.get("cc")) if isinstance(item, str)]
+    return "followers" if any(item.endswith("/followers") for item in addressed) else "direct"
+
+
+_PUBLIC = frozenset({"https://www.w3.org/ns/activitystreams#Public", "as:Public", "Public"})
+
+
+def _html_url(obj: JsonObject, allow_http: bool) -> str | None:
+    url = obj.get("url")
+    if isinstance(url, list):
+        url = next((u for u in url if isinstance(u, str | dict)), None)
+    if isinstance(url, dict):
+        url = url.get("href")
+    try:
+        return require_http_url(url, "url", allow_http=allow_http)
+    except ActivityError:
+        return None
+
+
+def _emoji_map(tags: Any, allow_http: bool) -> dict[str, str]:
+    """Custom emoji of this object: shortcode -> https icon, from its own ``tag`` list
+    only, so no server's emoji can stand in another's text (ATTACKS.md 32)."""
+    found: dict[str, str] = {}
+    for tag in as_list(tags)[: MAX_EMOJI * 4]:
+        if not isinstance(tag, dict) or tag.get("type") != "Emoji":
+            continue
+        name = tag.get("name")
+        icon = tag.get("icon")
+        url = icon.get("url") if isinstance(icon, dict) else None
+        if not isinstance(name, str) or not isinstance(url, str):
+            continue
+        shortcode = name.strip(":")
+        if not shortcode or not all(c.isascii() and (c.isalnum() or c == "_") for c in shortcode):
+            continue
+        if urlsplit(url).scheme != "https" and not allow_http:
+            continue
+        found[shortcode] = url
+        if len(found) >= MAX_EMOJI:
+            break
+    return found
+
+
+def _attachments_html(attachments: Any, allow_http: bool) -> str:
+    """Image attachments, shown with their alt text; other media as a link."""
+    parts: list[str] = []
+    for item in as_list(attachments)[:MAX_ATTACHMENTS]:
+        if not isinstance(item, dict):
+            continue
+        url = item.get("url")
+        if isinstance(url, list):
+            url = url[0] if url else None
+        if isinstance(url, dict):
+            url = url.get("href")
+        try:
+            url = require_http_url(url, "attachment", allow_http=allow_http)
+        except ActivityError:
+            continue
+        alt = html.escape(plain_text(item.get("name"), 1500))
+        media = str(item.get("mediaType") or "")
+        src = html.escape(url)
+        if media.startswith("image/") or item.get("type") == "Image":
+            parts.append(
+                f'<a href="{src}" rel="nofollow ugc noopener"><img src="{src}" alt="{alt}"'
+                ' loading="lazy" decoding="async" referrerpolicy="no-referrer"></a>'
+            )
+        else:
+            label = alt or "attachment"
+            parts.append(f'<a href="{src}" rel="nofollow ugc noopener">{label}</a>')
+    return f'<p class="attachments">{"".join(parts)}</p>' if parts else ""
