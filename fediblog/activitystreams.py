@@ -28,6 +28,7 @@ from urllib.parse import quote, urlsplit
 from fediblog.config import Settings
 from fediblog.errors import ActivityError
 from fediblog.models import JsonObject, Post, format_ts
+from fediblog.render import strip_invisible
 
 AS_CONTEXT = "https://www.w3.org/ns/activitystreams"
 SECURITY_CONTEXT = "https://w3id.org/security/v1"
@@ -344,6 +345,9 @@ def require_http_url(value: Any, what: str, *, allow_http: bool) -> str:
     """An http(s) URL (https only unless allowed), or ActivityError (ATTACKS.md 23)."""
     if not isinstance(value, str) or len(value) > 2048:
         raise ActivityError(f"{what} must be a URL")
+    if " " in value or not value.isprintable() or strip_invisible(value) != value:
+        # A URL never holds these raw; in a page they would hide or reorder (ATTACKS.md 34).
+        raise ActivityError(f"{what} has spaces, control or invisible characters in it")
     scheme = urlsplit(value).scheme
     if scheme != "https" and not (allow_http and scheme == "http"):
         raise ActivityError(f"{what} must be an https URL")
@@ -357,7 +361,7 @@ def plain_text(value: Any, limit: int) -> str:
     whitespace folded, at most ``limit`` characters (ATTACKS.md 34)."""
     if not isinstance(value, str):
         return ""
-    return " ".join(_CONTROL.sub("", value).split())[:limit]
+    return " ".join(strip_invisible(_CONTROL.sub("", value)).split())[:limit]
 
 
 def is_public(activity_or_object: JsonObject) -> bool:
@@ -382,7 +386,8 @@ class RemoteActor:
     public_key_pem: str
 
 
-ACTOR_TYPES = frozenset({"Person", "Service", "Application", "Group", "Organization"})
+# A tuple, not a set: a JSON ``type`` may be a list, and ``[...] in a_set`` raises TypeError.
+ACTOR_TYPES = ("Person", "Service", "Application", "Group", "Organization")
 
 
 def parse_actor(document: JsonObject, *, allow_http: bool) -> RemoteActor:
@@ -394,6 +399,9 @@ def parse_actor(document: JsonObject, *, allow_http: bool) -> RemoteActor:
     username = document.get("preferredUsername")
     if not isinstance(username, str) or not username or len(username) > 256:
         raise ActivityError("the actor has no preferredUsername")
+    if "@" in username or any(c.isspace() for c in username):
+        # "@admin@blog.example" + "@evil.example" would show another host first (ATTACKS 34).
+        raise ActivityError("the actor's preferredUsername has '@' or spaces in it")
     key = document.get("publicKey")
     if isinstance(key, list):  # some servers publish several keys; take the first RSA one
         key = next((k for k in key if isinstance(k, dict)), None)
@@ -433,7 +441,11 @@ def parse_actor(document: JsonObject, *, allow_http: bool) -> RemoteActor:
 
 
 def parse_key_document(document: JsonObject) -> tuple[str, str | None]:
-    """A stand-alone key document (GoToSocial's ``…/main-key``): (owner, pem or None)."""
+    """A stand-alone key document ``{id, owner, publicKeyPem}``, or GoToSocial's stub at
+    ``…/main-key`` (the owner's id and a ``publicKey``, no inbox): (owner, pem or None)."""
+    key = document.get("publicKey")
+    if "owner" not in document and isinstance(key, dict):
+        document = key  # GoToSocial's stub
     owner = document.get("owner")
     if not isinstance(owner, str):
         raise ActivityError("the key document names no owner")

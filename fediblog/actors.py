@@ -154,17 +154,21 @@ class ActorDirectory:
 
     async def _fetch_key(self, key_id: str) -> ActorKey:
         try:
-            document = await self._fetcher.fetch_document(strip_fragment(key_id))
+            # A GoToSocial keyId answers a stub with its owner's id: any id on the host.
+            document = await self._fetcher.fetch_document(strip_fragment(key_id), exact_id=False)
             actor = await self._actor_for_key(key_id, document)
         except (FetchError, ActivityError) as error:
             raise SignatureError(f"cannot get the signing key {key_id}: {error}") from None
         await self.save(actor)
-        return ActorKey(actor.ap_id, actor.key_id, actor.public_key_pem, refreshed_at=None)
+        # Just fetched: as fresh as a refresh could make it, so a bad signature right
+        # after costs no second fetch of the same document.
+        return ActorKey(actor.ap_id, actor.key_id, actor.public_key_pem, refreshed_at=utcnow())
 
     async def _actor_for_key(self, key_id: str, document: JsonObject) -> RemoteActor:
-        if "inbox" in document or "preferredUsername" in document:
-            actor_document = document
+        if document.get("id") == strip_fragment(key_id) and "inbox" in document:
+            actor_document = document  # the key is a fragment of the actor (Mastodon)
         else:
+            # A key document or GoToSocial's stub: only its owner is read from it.
             owner, _ = parse_key_document(document)
             if host_of(owner) != host_of(key_id):
                 raise ActivityError("the key's owner is on another host")

@@ -75,15 +75,18 @@ class Deliverer:
         """Something was queued in this process: deliver now, not at the next poll."""
         self._wake.set()
 
-    async def deliver_once(self) -> int:
-        """Send every delivery that is due now; return how many were attempted."""
+    async def deliver_once(self, max_rounds: int = 1_000) -> int:
+        """Send every delivery that is due now; return how many were attempted.
+
+        Bounded: a round takes a batch of due rows; a short batch means none are left.
+        """
         attempted = 0
-        while True:
+        for _ in range(max_rounds):
             jobs = await self._store.list_due_deliveries(
                 self._clock(), self._batch, exclude=self._in_flight
             )
             if not jobs:
-                return attempted
+                break
             self._in_flight.update(job.id for job in jobs)
             try:
                 outcomes = await asyncio.gather(*(self._attempt(job) for job in jobs))
@@ -94,14 +97,17 @@ class Deliverer:
             finally:
                 self._in_flight.difference_update(job.id for job in jobs)
             attempted += len(jobs)
+            if len(jobs) < self._batch:
+                break
+        return attempted
 
     async def run(self, poll_seconds: float = 1.0) -> None:
         """Deliver forever: after every wake-up, and at least every ``poll_seconds``."""
         while True:
             try:
                 await self.deliver_once()
-            except FediblogError as error:  # a broken database is logged, then retried
-                log.error("delivery pass failed: %s", error)
+            except Exception:  # the worker outlives any one bad pass; the rows stay queued
+                log.exception("delivery pass failed")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), poll_seconds)

@@ -123,7 +123,12 @@ class Inbox:
         self._blocked = frozenset(target for target, _ in await self._store.list_blocks())
 
     def is_blocked(self, actor: str) -> bool:
-        return actor in self._blocked or host_of(actor) in self._blocked
+        """Blocked as an actor, or its domain or a parent domain is (as Mastodon does)."""
+        authority = host_of(actor)
+        if actor in self._blocked or authority in self._blocked:
+            return True
+        labels = authority.split(":")[0].split(".")
+        return any(".".join(labels[i:]) in self._blocked for i in range(1, len(labels) - 1))
 
     async def receive(
         self, method: str, target: str, headers: Mapping[str, str], body: bytes
@@ -184,31 +189,37 @@ class Inbox:
 
     # ---- processing -------------------------------------------------------------
 
-    async def process_once(self, limit: int = 500) -> int:
-        """Act on every stored activity not yet processed; return how many."""
+    async def process_once(self, limit: int = 500, max_rounds: int = 1_000) -> int:
+        """Act on every stored activity not yet processed (bounded); return how many."""
         processed = 0
-        while True:
+        for _ in range(max_rounds):
             items = await self._store.list_queued_inbox(limit)
             if not items:
-                return processed
+                break
             results: list[tuple[int, str | None]] = []
             for item_id, payload in items:
                 results.append((item_id, await self._dispatch(payload)))
             await self._store.finish_inbox_items(results)
             processed += len(items)
+        return processed
 
     async def run(self, poll_seconds: float = 1.0) -> None:
         while True:
             try:
                 await self.load_blocks()  # `fediblog block` may have run in another process
                 await self.process_once()
-            except FediblogError as error:
-                log.error("inbox pass failed: %s", error)
+            except Exception:  # the worker outlives any one bad pass; the rows stay queued
+                log.exception("inbox pass failed")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), poll_seconds)
 
     async def _dispatch(self, payload: str) -> str | None:
+        """Run the handlers for one stored activity; the error text, or None when done.
+
+        One activity that breaks a handler is marked failed and logged, never retried
+        forever, and never stops the activities queued behind it.
+        """
         activity: JsonObject = json.loads(payload)
         activity["actor"] = id_of(activity.get("actor"))  # verified on receipt
         try:
@@ -216,6 +227,9 @@ class Inbox:
                 await handler(activity)
         except (ActivityError, FetchError) as error:
             return str(error)[:500]
+        except Exception as error:
+            log.exception("handling %s %s failed", activity["type"], activity.get("id"))
+            return f"internal error: {type(error).__name__}"
         return None  # an activity we have no use for is simply done
 
     # ---- handlers -----------------------------------------------------------------

@@ -131,9 +131,10 @@ REMOTE_CLASSES = {
 }
 LINK_REL = "nofollow ugc noopener"
 
-# Bidi overrides and zero-width characters hide or reorder what a reader sees
-# (ATTACKS.md 34): they never survive into a page.
-_INVISIBLE = re.compile("[\u00ad\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f"
+# Bidi overrides, zero-width characters and controls (but tab and line breaks) hide or
+# reorder what a reader sees (ATTACKS.md 34): they never survive into a page.
+_INVISIBLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"
+                        "\u00ad\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f"
                         "\u202a-\u202e\u2060-\u206f\u3164\ufeff\uffa0]")  # fmt: skip
 _SHORTCODE = re.compile(r":([A-Za-z0-9_]{1,64}):")
 
@@ -178,7 +179,33 @@ def emoji_html(shortcode: str, url: str) -> str:
     )
 
 
-_URL_LIKE = re.compile(r"^\s*(?:https?://)?([a-z0-9.-]+\.[a-z]{2,})(?:[/:?#]\S*)?\s*$", re.I)
+# A host named in a link's text: any script (so a homoglyph is still a host), and the
+# dots IDNA reads as "." ("bank。example" is bank.example to a browser).
+_HOST_WORD = re.compile(r"(?:[^\W_]|-)+(?:\.(?:[^\W_]|-)+)*\.[^\W\d_]{2,}")
+_IDNA_DOTS = str.maketrans("\u3002\uff0e\uff61", "...")
+_AUTHORITY_END = re.compile(r"[/?#]")
+
+
+def _ascii_host(host: str) -> str:
+    """A host as the browser resolves it: lower case, IDN in punycode."""
+    host = host.lower().rstrip(".")
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return host
+
+
+def _shown_hosts(text: str) -> set[str]:
+    """Every host a link's text shows: each word's authority (before any path), on
+    both sides of an '@' (``https://bank.example@evil.example/``), "www." aside."""
+    hosts: set[str] = set()
+    for word in text.translate(_IDNA_DOTS).split():
+        authority = _AUTHORITY_END.split(word.split("://", 1)[-1], maxsplit=1)[0]
+        for part in authority.split("@"):
+            name = part.split(":", 1)[0].strip(".,;!?()[]<>\"'")
+            if _HOST_WORD.fullmatch(name):
+                hosts.add(_ascii_host(name).removeprefix("www."))
+    return hosts
 
 
 class _TextRewriter(HTMLParser):
@@ -187,8 +214,9 @@ class _TextRewriter(HTMLParser):
     * ``:shortcode:`` in a text node becomes that emoji's image. Working on parsed text
       nodes, not on the markup, means a shortcode inside an attribute, such as a
       link's title, can never become an element (ATTACKS.md 32).
-    * A link whose text looks like a URL on another host than its target gets the
-      real host shown after it (ATTACKS.md 33).
+    * A link whose text names another host than its target (anywhere in its text,
+      homoglyphs and ``user@host`` included) gets the real host shown after it, in
+      punycode (ATTACKS.md 33).
     """
 
     def __init__(self, emoji: Mapping[str, str]) -> None:
@@ -216,9 +244,10 @@ class _TextRewriter(HTMLParser):
     def handle_endtag(self, tag: str) -> None:
         self._out.append(f"</{tag}>")
         if tag == "a" and self._link_host is not None:
-            shown = _URL_LIKE.match("".join(self._link_text))
-            if shown and shown.group(1).lower() != self._link_host:
-                host = html.escape(self._link_host or "no link")
+            real = _ascii_host(self._link_host)
+            shown = _shown_hosts("".join(self._link_text))
+            if any(other != real.removeprefix("www.") for other in shown):
+                host = html.escape(real or "no link")
                 self._out.append(f' <span class="link-host">[{host}]</span>')
             self._link_host = None
 

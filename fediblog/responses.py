@@ -45,7 +45,8 @@ from fediblog.remote import Fetcher
 from fediblog.render import html_to_text, sanitize_remote_html
 from fediblog.store import Store
 
-NOTE_TYPES = frozenset({"Note", "Article", "Page", "Question"})
+# A tuple, not a set: a JSON ``type`` may be a list, and ``[...] in a_set`` raises TypeError.
+NOTE_TYPES = ("Note", "Article", "Page", "Question")
 MAX_CONTENT = 50_000
 MAX_ATTACHMENTS = 8
 MAX_EMOJI = 50
@@ -85,7 +86,7 @@ class Responses:
 
     async def _save_reply(self, obj: JsonObject, actor: str) -> None:
         note_id = self._check_note(obj, actor)
-        if await self._store.is_tombstoned(note_id):
+        if await self._store.is_tombstoned(note_id, actor):
             raise ActivityError("that object was deleted")
         if await self._store.get_comment_by_ap_id(note_id) is not None:
             return  # already here (the same reply, delivered twice)
@@ -111,7 +112,7 @@ class Responses:
             url=_html_url(obj, self._settings.allow_http) or note_id,
             actor_id=row["id"],
             visibility=_visibility(obj),
-            status=await self._initial_status(row["id"], content),
+            status=await self._initial_status(row["id"], content, summary),
         )
 
     def _check_note(self, obj: JsonObject, actor: str) -> str:
@@ -160,12 +161,19 @@ class Responses:
             obj.get("attachment"), self._settings.allow_http
         )
         summary = plain_text(obj.get("summary"), 500) or None
-        return content, summary, bool(obj.get("sensitive")) or summary is not None
+        sensitive = bool(obj.get("sensitive")) or summary is not None
+        if sensitive and summary is None:
+            summary = "Sensitive content"  # marked sensitive without a warning: still collapse
+        return content, summary, sensitive
 
-    async def _initial_status(self, actor_id: int, content: str) -> str:
+    def _has_keyword(self, content: str, summary: str | None) -> bool:
+        # The content warning is shown too: a keyword there holds the reply as well.
+        text = f"{summary or ''} {html_to_text(content)}".lower()
+        return any(keyword in text for keyword in self._settings.keywords)
+
+    async def _initial_status(self, actor_id: int, content: str, summary: str | None) -> str:
         mode = self._settings.moderation
-        text = html_to_text(content).lower()
-        if any(keyword in text for keyword in self._settings.keywords):
+        if self._has_keyword(content, summary):
             return "pending"
         if mode == "all":
             return "pending"
@@ -196,7 +204,11 @@ class Responses:
         if updated is None or updated <= known:
             return  # not newer than what we show
         published = _moment(obj.get("published"))
-        if published is not None and published != parse_ts(comment["published_at"]):
+        # Stored to the second (Pleroma and Misskey send fractions: …35.602455Z) and
+        # never later than its arrival (a sender's clock may run a little fast).
+        if published is not None and min(
+            published.replace(microsecond=0), parse_ts(comment["received_at"])
+        ) != parse_ts(comment["published_at"]):
             return  # an edit never moves a reply in time
         content, summary, sensitive = self._render(obj)
         await self._store.save_comment_edit(
@@ -206,6 +218,9 @@ class Responses:
             sensitive=sensitive,
             updated=min(updated, utcnow()),
         )
+        if comment["status"] == "published" and self._has_keyword(content, summary):
+            # An edit must not slip a held keyword past the filter.
+            await self._store.set_comment_status(comment["id"], "pending")
 
     async def handle_delete(self, activity: JsonObject) -> None:
         actor = activity["actor"]
@@ -334,9 +349,10 @@ def _emoji_map(tags: Any, allow_http: bool) -> dict[str, str]:
         shortcode = name.strip(":")
         if not shortcode or not all(c.isascii() and (c.isalnum() or c == "_") for c in shortcode):
             continue
-        if urlsplit(url).scheme != "https" and not allow_http:
+        try:  # https (http only if allowed), never javascript: or data: (ATTACKS.md 32)
+            found[shortcode] = require_http_url(url, "emoji icon", allow_http=allow_http)
+        except ActivityError:
             continue
-        found[shortcode] = url
         if len(found) >= MAX_EMOJI:
             break
     return found

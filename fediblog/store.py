@@ -218,7 +218,7 @@ _TAG_SEPARATOR = "\x1f"
 # Blocked actors and domains are hidden without touching their rows, so unblock restores them.
 _NOT_BLOCKED = (
     "NOT EXISTS (SELECT 1 FROM blocks b JOIN actors ba ON ba.id = c.actor_id"
-    " WHERE b.target IN (ba.ap_id, ba.domain))"
+    " WHERE b.target IN (ba.ap_id, ba.domain) OR ba.domain LIKE '%.' || b.target)"
 )
 _VISIBLE = (
     "c.status IN ('published', 'deleted') AND c.visibility IN ('public', 'unlisted')"
@@ -373,8 +373,12 @@ class Store:
         return (self._writes, self._data_version)
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A write transaction: all of it commits, or none of it."""
+    async def _transaction(self, *, shown: bool = True) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction: all of it commits, or none of it.
+
+        ``shown=False`` is for bookkeeping no page shows (the inbox queue, delivery
+        states), so a storm of inbound activities does not invalidate cached pages.
+        """
         async with self._lock:
             await self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -383,7 +387,8 @@ class Store:
                 await self._db.execute("ROLLBACK")
                 raise
             await self._db.execute("COMMIT")
-            self._writes += 1
+            if shown:
+                self._writes += 1
 
     async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         async with self._db.execute(sql, params) as cursor:
@@ -773,7 +778,7 @@ class Store:
         if not outcomes:
             return
         now = format_ts(utcnow())
-        async with self._transaction() as db:
+        async with self._transaction(shown=False) as db:
             await db.executemany(
                 "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?,"
                 " last_error = ?, finished_at = CASE WHEN ? = 'queued' THEN NULL ELSE ? END"
@@ -910,7 +915,7 @@ class Store:
         )
 
     async def mark_key_refreshed(self, ap_id: str, when: datetime) -> None:
-        async with self._transaction() as db:
+        async with self._transaction(shown=False) as db:
             await db.execute(
                 "UPDATE actors SET key_refreshed_at = ? WHERE ap_id = ?", (format_ts(when), ap_id)
             )
@@ -940,7 +945,7 @@ class Store:
         second on SQLite; a duplicate (same activity id, or same body) is ignored.
         """
         now = format_ts(utcnow())
-        async with self._transaction() as db:
+        async with self._transaction(shown=False) as db:
             await db.executemany(
                 "INSERT OR IGNORE INTO inbox (dedup_key, actor_ap_id, type, payload, received_at)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -958,7 +963,7 @@ class Store:
         if not results:
             return
         now = format_ts(utcnow())
-        async with self._transaction() as db:
+        async with self._transaction(shown=False) as db:
             await db.executemany(
                 "UPDATE inbox SET status = CASE WHEN ? IS NULL THEN 'done' ELSE 'failed' END,"
                 " error = ?, processed_at = ? WHERE id = ?",
@@ -969,10 +974,12 @@ class Store:
         rows = await self._fetchall("SELECT status, count(*) AS n FROM inbox GROUP BY status")
         return {row["status"]: row["n"] for row in rows}
 
-    async def is_tombstoned(self, ap_id: str) -> bool:
-        return (
-            await self._fetchone("SELECT 1 FROM tombstones WHERE ap_id = ?", (ap_id,)) is not None
-        )
+    async def is_tombstoned(self, ap_id: str, actor: str | None = None) -> bool:
+        """Whether ``ap_id`` was deleted. Given ``actor`` (who now creates it), only a
+        deletion by that actor counts, or one by this blog or by several actors: another
+        actor's Delete of an object not here yet must not keep it out (ATTACKS.md 8)."""
+        row = await self._fetchone("SELECT actor_ap_id FROM tombstones WHERE ap_id = ?", (ap_id,))
+        return row is not None and (actor is None or row["actor_ap_id"] in (None, actor))
 
     async def list_blocks(self) -> list[tuple[str, str]]:
         rows = await self._fetchall("SELECT target, kind FROM blocks ORDER BY id")
@@ -982,9 +989,9 @@ class Store:
 
     async def get_comment_by_ap_id(self, ap_id: str) -> sqlite3.Row | None:
         return await self._fetchone(
-            "SELECT c.id, c.post_id, c.status, c.published_at, c.updated_at, c.visibility,"
-            " a.ap_id AS actor FROM comments c LEFT JOIN actors a ON a.id = c.actor_id"
-            " WHERE c.ap_id = ?",
+            "SELECT c.id, c.post_id, c.status, c.published_at, c.updated_at, c.received_at,"
+            " c.visibility, a.ap_id AS actor FROM comments c"
+            " LEFT JOIN actors a ON a.id = c.actor_id WHERE c.ap_id = ?",
             (ap_id,),
         )
 
@@ -1040,9 +1047,11 @@ class Store:
     async def _save_tombstone(
         db: aiosqlite.Connection, ap_id: str, actor: str | None, when: datetime
     ) -> None:
+        # Deleted by two different actors: a tombstone for whoever creates it (NULL).
         await db.execute(
-            "INSERT OR IGNORE INTO tombstones (ap_id, actor_ap_id, former_type, deleted_at)"
-            " VALUES (?, ?, 'Note', ?)",
+            "INSERT INTO tombstones (ap_id, actor_ap_id, former_type, deleted_at)"
+            " VALUES (?, ?, 'Note', ?) ON CONFLICT (ap_id) DO UPDATE SET actor_ap_id = NULL"
+            " WHERE tombstones.actor_ap_id IS NOT excluded.actor_ap_id",
             (ap_id, actor, format_ts(when)),
         )
 
@@ -1102,7 +1111,8 @@ class Store:
             "SELECT r.type, r.content, a.ap_id, a.username, a.domain, a.name, a.url, a.icon_url"
             " FROM reactions r JOIN actors a ON a.id = r.actor_id"
             " WHERE r.post_id = ? AND a.deleted_at IS NULL AND NOT EXISTS"
-            " (SELECT 1 FROM blocks b WHERE b.target IN (a.ap_id, a.domain))"
+            " (SELECT 1 FROM blocks b WHERE b.target IN (a.ap_id, a.domain)"
+            " OR a.domain LIKE '%.' || b.target)"
             " ORDER BY r.id",
             (post_id,),
         )

@@ -1,7 +1,13 @@
-"""Shared fixtures: settings in a temporary folder, the real app, a client for it."""
+"""Shared fixtures: settings in a temporary folder, the real app, a client for it.
+
+With a fake fediverse (tests/fediverse.py) as the network: ``fediverse``, ``fed_app``,
+``ctx`` (its services), ``web`` (a client for it) and ``deliver`` (a signed POST to
+the shared inbox, then one processing pass).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +21,7 @@ from fediblog.app import create_app
 from fediblog.config import Settings, load_settings
 from fediblog.keys import ensure_keys
 from fediblog.web.deps import Services
+from tests.fediverse import Fediverse, RemoteActor, signed_headers
 
 BASE_URL = "https://blog.example"
 
@@ -74,3 +81,51 @@ async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
         yield http
+
+
+# ---- the app with a fake fediverse as its network ----------------------------------------
+
+
+@pytest.fixture
+def fediverse() -> Fediverse:
+    return Fediverse()
+
+
+@pytest.fixture
+async def fed_app(settings: Settings, fediverse: Fediverse) -> AsyncIterator[Starlette]:
+    ensure_keys(settings.keys_dir)
+    app = create_app(settings, transport=fediverse.transport(), run_workers=False)
+    async with app.router.lifespan_context(app):
+        app.state.services.store.version_max_age = 0.0
+        yield app
+
+
+@pytest.fixture
+def ctx(fed_app: Starlette) -> Services:
+    found: Services = fed_app.state.services
+    return found
+
+
+@pytest.fixture
+async def web(fed_app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=fed_app), base_url=BASE_URL
+    ) as client:
+        yield client
+
+
+async def deliver(
+    web: httpx.AsyncClient,
+    ctx: Services,
+    actor: RemoteActor,
+    activity: dict[str, object],
+    *,
+    process: bool = True,
+) -> httpx.Response:
+    """POST an activity to the shared inbox, signed by its actor, then process it."""
+    body = json.dumps(activity).encode()
+    headers = signed_headers(actor.key_id, actor.key, BASE_URL + "/inbox", body)
+    response = await web.post("/inbox", content=body, headers=headers)
+    if process:
+        await ctx.inbox.process_once()
+    return response

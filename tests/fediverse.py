@@ -33,6 +33,8 @@ from fediblog.models import utcnow
 FIXTURES = Path(__file__).parent / "fixtures"
 AS_PUBLIC = "https://www.w3.org/ns/activitystreams#Public"
 AP_TYPE = "application/activity+json"
+JRD_TYPE = "application/jrd+json"
+SUBSCRIBE = "http://ostatus.org/schema/1.0/subscribe"
 _KEY_CACHE: list[rsa.RSAPrivateKey] = []
 
 
@@ -122,6 +124,26 @@ class RemoteActor:
         note.update(extra)
         return note
 
+    def webfinger(self, template: str | None = None) -> dict[str, Any]:
+        """This account's JRD, as Mastodon serves it; with the OStatus subscribe
+        (remote interaction) template unless ``template`` is ""."""
+        links: list[dict[str, Any]] = [
+            {
+                "rel": "http://webfinger.net/rel/profile-page",
+                "type": "text/html",
+                "href": f"https://{self.host}/@{self.username}",
+            },
+            {"rel": "self", "type": AP_TYPE, "href": self.id},
+        ]
+        if template != "":
+            default = f"https://{self.host}/authorize_interaction?uri={{uri}}"
+            links.append({"rel": SUBSCRIBE, "template": template or default})
+        return {
+            "subject": f"acct:{self.username}@{self.host}",
+            "aliases": [self.id],
+            "links": links,
+        }
+
     def create(self, note: dict[str, Any]) -> dict[str, Any]:
         return {
             "@context": "https://www.w3.org/ns/activitystreams",
@@ -167,6 +189,7 @@ class Fediverse:
     def __init__(self) -> None:
         self.actors: dict[str, RemoteActor] = {}
         self.documents: dict[str, dict[str, Any]] = {}  # extra documents by URL
+        self.webfingers: dict[str, dict[str, Any]] = {}  # JRDs by resource (acct:user@host)
         self.requests: list[tuple[str, str]] = []  # (method, url)
         self.received: list[tuple[str, dict[str, str], bytes]] = []  # POSTs: url, headers, body
         self.inbox_status = 202
@@ -175,6 +198,14 @@ class Fediverse:
         actor = RemoteActor(host, username, remote_key(key_index), name=name)
         self.actors[actor.id] = actor
         return actor
+
+    def add_webfinger(
+        self, actor: RemoteActor, jrd: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Serve ``jrd`` (default: ``actor.webfinger()``) for ``acct:user@host``."""
+        found = jrd if jrd is not None else actor.webfinger()
+        self.webfingers[f"acct:{actor.username}@{actor.host}"] = found
+        return found
 
     def transport(self) -> httpx.AsyncBaseTransport:
         return httpx.ASGITransport(app=self)
@@ -196,6 +227,11 @@ class Fediverse:
         if request.method == "POST":
             self.received.append((url, dict(request.headers), await request.body()))
             return Response(status_code=self.inbox_status)
+        if request.url.path == "/.well-known/webfinger":
+            jrd = self.webfingers.get(request.query_params.get("resource", ""))
+            if jrd is None:
+                return Response("no such account", status_code=404)
+            return JSONResponse(copy.deepcopy(jrd), media_type=JRD_TYPE)
         if url in self.documents:
             return JSONResponse(copy.deepcopy(self.documents[url]), media_type=AP_TYPE)
         actor = self.actors.get(url)

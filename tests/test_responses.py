@@ -2,61 +2,15 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
-
 import httpx
 import pytest
-from starlette.applications import Starlette
 
-from fediblog.app import create_app
-from fediblog.config import Settings
-from fediblog.keys import ensure_keys
 from fediblog.web.deps import Services
-from tests.conftest import BASE_URL
-from tests.fediverse import Fediverse, RemoteActor, signed_headers
+from tests.conftest import deliver
+from tests.fediverse import Fediverse
 from tests.helpers import comment_tree, publish, soup
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def fediverse() -> Fediverse:
-    return Fediverse()
-
-
-@pytest.fixture
-async def fed_app(settings: Settings, fediverse: Fediverse) -> AsyncIterator[Starlette]:
-    ensure_keys(settings.keys_dir)
-    app = create_app(settings, transport=fediverse.transport(), run_workers=False)
-    async with app.router.lifespan_context(app):
-        app.state.services.store.version_max_age = 0.0
-        yield app
-
-
-@pytest.fixture
-def ctx(fed_app: Starlette) -> Services:
-    found: Services = fed_app.state.services
-    return found
-
-
-@pytest.fixture
-async def web(fed_app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=fed_app), base_url=BASE_URL
-    ) as client:
-        yield client
-
-
-async def deliver(
-    web: httpx.AsyncClient, ctx: Services, actor: RemoteActor, activity: dict[str, object]
-) -> httpx.Response:
-    """POST an activity to the shared inbox, signed by its actor, then process it."""
-    body = json.dumps(activity).encode()
-    headers = signed_headers(actor.key_id, actor.key, BASE_URL + "/inbox", body)
-    response = await web.post("/inbox", content=body, headers=headers)
-    await ctx.inbox.process_once()
-    return response
 
 
 async def test_three_level_thread_from_three_servers(
@@ -115,3 +69,24 @@ async def test_reply_to_something_else_is_ignored(
     assert response.status_code == 202
     assert await ctx.store.get_comment_by_ap_id(note["id"]) is None
     assert "not for us" not in (await web.get(f"/posts/{post.slug}")).text
+
+
+async def test_a_handler_bug_fails_one_activity_not_the_queue(
+    web: httpx.AsyncClient, ctx: Services, fediverse: Fediverse
+) -> None:
+    post = await publish(ctx, "Robust")
+    ann = fediverse.add("social.example", "ann")
+
+    async def broken(activity: dict[str, object]) -> None:
+        raise RuntimeError("a bug")
+
+    ctx.inbox.add_handlers({"Create": broken})
+    first = ann.note(1, ctx.blog.object_id(post.uid), "first")
+    await deliver(web, ctx, ann, ann.create(first))
+    ctx.inbox.handlers["Create"].remove(broken)
+    second = ann.note(2, ctx.blog.object_id(post.uid), "second")
+    await deliver(web, ctx, ann, ann.create(second))
+
+    assert await ctx.store.count_inbox() == {"done": 1, "failed": 1}
+    assert await ctx.inbox.process_once() == 0  # the failed one is not retried forever
+    assert await ctx.store.get_comment_by_ap_id(second["id"]) is not None

@@ -136,7 +136,14 @@ async def comment(request: Request) -> Response:
         problems.append("your name")
     if not _EMAIL.match(email):
         problems.append("an email address (it is never shown)")
-    if website and (not website.startswith(("https://", "http://")) or len(website) > 300):
+    if website and (
+        not website.startswith(("https://", "http://"))
+        or len(website) > 300
+        # No spaces, control, bidi or zero-width characters: a URL has none (ATTACKS 34).
+        or not website.isprintable()
+        or strip_invisible(website) != website
+        or any(c.isspace() for c in website)
+    ):
         problems.append("a website starting with https:// (or nothing)")
     if not text:
         problems.append("a comment")

@@ -41,7 +41,7 @@ async def webfinger(request: Request) -> Response:
     blog_accts = {f"acct:{settings.handle}@{settings.host}".lower()}
     instance_accts = {f"acct:{hostname}@{settings.host}".lower()}
     normalized = resource.lower() if resource.lower().startswith("acct:") else resource
-    normalized = normalized.removeprefix("acct:@").replace("acct:@", "acct:")
+    normalized = normalized.replace("acct:@", "acct:", 1)  # acct:@blog@host, as some send it
     if normalized in blog_accts or resource in (urls.actor, urls.base, urls.base + "/"):
         subject, actor, profile = f"acct:{settings.acct}", urls.actor, urls.base + "/"
     elif normalized in instance_accts or resource == urls.instance_actor:
