@@ -11,6 +11,7 @@ of fetches (ATTACKS.md 21).
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from datetime import datetime, timedelta
 
@@ -27,6 +28,8 @@ from fediblog.remote import Fetcher
 from fediblog.store import Store
 
 REFRESH_INTERVAL = timedelta(minutes=5)
+FAILURE_COOLDOWN = 60.0  # seconds a key (or, after a few, a host) that failed is not fetched
+HOST_FAILURE_LIMIT = 5
 ACTOR_MAX_AGE = timedelta(
     days=1
 )  # cached profiles (name, avatar, inboxes) older than this are refetched
@@ -48,6 +51,8 @@ class ActorDirectory:
         self._keys: OrderedDict[str, ActorKey] = OrderedDict()
         self._cache_size = cache_size
         self._refresh_interval = refresh_interval
+        self._failed_keys: OrderedDict[str, float] = OrderedDict()
+        self._failed_hosts: dict[str, list[float]] = {}
 
     async def get_key(self, key_id: str) -> ActorKey:
         """The key for ``key_id``, fetched if we have never seen it.
@@ -61,9 +66,33 @@ class ActorDirectory:
             return cached
         stored = await self._store.get_actor_key(key_id)
         if stored is None:
-            stored = await self._fetch_key(key_id)
+            stored = await self._fetch_new_key(key_id)
         self._remember(stored)
         return stored
+
+    async def _fetch_new_key(self, key_id: str) -> ActorKey:
+        """Fetch a key never seen, unless it (or its host) failed just now.
+
+        Without this, a flood of requests naming unfetchable keys (a dead host, made-up
+        key ids) would cost one fetch each (ATTACKS.md 21).
+        """
+        now = time.monotonic()
+        host = host_of(key_id)
+        if now - self._failed_keys.get(key_id, -FAILURE_COOLDOWN) < FAILURE_COOLDOWN:
+            raise SignatureError(f"the signing key {key_id} could not be fetched recently")
+        recent = [t for t in self._failed_hosts.get(host, []) if now - t < FAILURE_COOLDOWN]
+        if len(recent) >= HOST_FAILURE_LIMIT:
+            raise SignatureError(f"keys on {host} could not be fetched recently")
+        try:
+            return await self._fetch_key(key_id)
+        except SignatureError:
+            self._failed_keys[key_id] = now
+            self._failed_hosts[host] = [*recent, now]
+            while len(self._failed_keys) > self._cache_size:
+                self._failed_keys.popitem(last=False)
+            if len(self._failed_hosts) > self._cache_size:
+                self._failed_hosts.clear()
+            raise
 
     def cached_key(self, key_id: str) -> ActorKey | None:
         return self._keys.get(key_id)
