@@ -28,7 +28,7 @@ from urllib.parse import quote, urlsplit
 from fediblog.config import Settings
 from fediblog.errors import ActivityError
 from fediblog.models import JsonObject, Post, format_ts
-from fediblog.render import strip_invisible
+from fediblog.render import ascii_host, strip_invisible
 
 AS_CONTEXT = "https://www.w3.org/ns/activitystreams"
 SECURITY_CONTEXT = "https://w3id.org/security/v1"
@@ -334,11 +334,17 @@ def id_of(value: Any) -> str | None:
 
 
 def host_of(url: str) -> str:
-    """The authority (host[:port]) of an http(s) URL, lower case; '' if it is not one."""
+    """The authority (host[:port]) of an http(s) URL, lower case, IDN in punycode; ''
+    if it is not one. One form for every comparison: a block of ``xn--…`` also
+    catches ids written in Unicode."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return ""
-    return parts.netloc.rsplit("@", 1)[-1].lower()
+    authority = parts.netloc.rsplit("@", 1)[-1].lower()
+    host, colon, port = authority.rpartition(":") if not authority.endswith("]") else ("", "", "")
+    if not colon or not port.isdigit():
+        host, colon, port = authority, "", ""
+    return ascii_host(host) + colon + port
 
 
 def require_http_url(value: Any, what: str, *, allow_http: bool) -> str:
@@ -429,7 +435,7 @@ def parse_actor(document: JsonObject, *, allow_http: bool) -> RemoteActor:
         ap_id=ap_id,
         type=str(kind),
         username=plain_text(username, 64),
-        domain=host_of(ap_id),
+        domain=host_of(ap_id),  # punycode: a handle cannot be a homoglyph (ATTACKS.md 34)
         name=plain_text(document.get("name"), 100),
         url=_optional_url(url, allow_http),
         icon_url=icon_url,

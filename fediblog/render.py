@@ -186,7 +186,7 @@ _IDNA_DOTS = str.maketrans("\u3002\uff0e\uff61", "...")
 _AUTHORITY_END = re.compile(r"[/?#]")
 
 
-def _ascii_host(host: str) -> str:
+def ascii_host(host: str) -> str:
     """A host as the browser resolves it: lower case, IDN in punycode."""
     host = host.lower().rstrip(".")
     try:
@@ -204,7 +204,7 @@ def _shown_hosts(text: str) -> set[str]:
         for part in authority.split("@"):
             name = part.split(":", 1)[0].strip(".,;!?()[]<>\"'")
             if _HOST_WORD.fullmatch(name):
-                hosts.add(_ascii_host(name).removeprefix("www."))
+                hosts.add(ascii_host(name).removeprefix("www."))
     return hosts
 
 
@@ -244,7 +244,7 @@ class _TextRewriter(HTMLParser):
     def handle_endtag(self, tag: str) -> None:
         self._out.append(f"</{tag}>")
         if tag == "a" and self._link_host is not None:
-            real = _ascii_host(self._link_host)
+            real = ascii_host(self._link_host)
             shown = _shown_hosts("".join(self._link_text))
             if any(other != real.removeprefix("www.") for other in shown):
                 host = html.escape(real or "no link")

@@ -9,6 +9,7 @@ the app keeps its connection open: exactly a `fediblog` command next to a runnin
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,8 @@ from bs4 import BeautifulSoup
 from fediblog.config import Settings
 from fediblog.models import Post
 from fediblog.web.deps import Services
-from tests.conftest import deliver, make_settings
-from tests.fediverse import Fediverse, RemoteActor
+from tests.conftest import BASE_URL, deliver, make_settings
+from tests.fediverse import Fediverse, RemoteActor, signed_headers
 from tests.helpers import comment_tree, publish, run, soup
 
 pytestmark = pytest.mark.anyio
@@ -392,6 +393,30 @@ async def test_a_domain_block_covers_its_subdomains(
     stored = await stored_activities(ctx)
     await reply(web, ctx, sub, 3, object_id, "Again from the subdomain")
     assert await stored_activities(ctx) == stored
+
+
+async def test_a_domain_block_catches_ids_written_in_unicode(
+    web: httpx.AsyncClient,
+    ctx: Services,
+    fediverse: Fediverse,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    post = await publish(ctx, "IDN")
+    eve = fediverse.add("\u0430pple.example", "eve", key_index=0)  # the first letter is Cyrillic
+    assert (await cli(capsys, "block", "xn--pple-43d.example"))[0] == 0
+    await ctx.inbox.load_blocks()
+    stored = await stored_activities(ctx)
+    # Headers are ASCII: the keyId is in punycode, the ids in the body in Unicode.
+    body = json.dumps(eve.create(eve.note(1, ctx.blog.object_id(post.uid), "Hi"))).encode()
+    key_id = eve.key_id.replace("\u0430pple", "xn--pple-43d")
+    for key in (key_id, "https://other.example/users/x#main-key"):
+        headers = signed_headers(key, eve.key, BASE_URL + "/inbox", body)
+        response = await web.post("/inbox", content=body, headers=headers)
+        assert response.status_code == 202, key
+    await ctx.inbox.process_once()
+
+    assert await stored_activities(ctx) == stored
+    assert fediverse.requests == []  # dropped before any key fetch
 
 
 @pytest.mark.parametrize(
