@@ -118,6 +118,20 @@ async def seed_demo(blog: Blog, store: Store) -> bool:
             summary=warning,
             sensitive=warning is not None,
         )
+    for key, kind in (
+        ("alice", "Like"),
+        ("bob", "Like"),
+        ("carol", "Like"),
+        ("dmitri", "Announce"),
+    ):
+        await store.save_reaction(
+            post_id=post.id,
+            actor_id=actor_ids[key],
+            kind=kind,
+            ap_id=None,
+            content="⭐" if key == "carol" else None,
+            when=post.published,
+        )
     await store.save_comment(
         post_id=posts[0].id,
         parent_id=None,

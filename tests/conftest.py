@@ -55,9 +55,18 @@ def blog_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture(scope="session")
+def blog_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The blog's key pairs, made once for the session: the app only reads them, and
+    RSA key generation would otherwise be most of every app's start-up."""
+    keys = tmp_path_factory.mktemp("keys")
+    ensure_keys(keys)
+    return keys
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return make_settings(tmp_path)
+def settings(tmp_path: Path, blog_keys: Path) -> Settings:
+    return make_settings(tmp_path, keys_dir=blog_keys)
 
 
 @pytest.fixture

@@ -29,7 +29,6 @@ from bs4 import BeautifulSoup, Tag
 
 from fediblog.app import create_app
 from fediblog.comments import MAX_DEPTH
-from fediblog.config import Settings
 from fediblog.keys import ensure_keys
 from fediblog.models import Post, format_ts, utcnow
 from fediblog.render import sanitize_remote_html
@@ -44,18 +43,6 @@ AP_ACCEPT = {"Accept": "application/activity+json"}
 AS_CONTEXT = "https://www.w3.org/ns/activitystreams"
 
 
-@pytest.fixture(scope="module")
-def module_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    keys = tmp_path_factory.mktemp("keys")
-    ensure_keys(keys)
-    return keys
-
-
-@pytest.fixture
-def settings(tmp_path: Path, module_keys: Path) -> Settings:
-    """conftest's settings, with the blog's keys made once for this module (RSA key
-    generation is most of an app's start-up)."""
-    return make_settings(tmp_path, keys_dir=module_keys)
 
 
 # ---- reading the outcome ------------------------------------------------------------------

@@ -24,10 +24,9 @@ from bs4 import BeautifulSoup
 
 from fediblog.cli import main
 from fediblog.config import Settings
-from fediblog.keys import ensure_keys
 from fediblog.models import Post
 from fediblog.web.deps import Services
-from tests.conftest import BASE_URL, make_settings
+from tests.conftest import BASE_URL
 from tests.fediverse import Fediverse
 from tests.helpers import comment_tree, publish, soup
 
@@ -37,18 +36,6 @@ FORM = "application/x-www-form-urlencoded"
 AP_TYPE = "application/activity+json"
 
 
-@pytest.fixture(scope="module")
-def module_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    keys = tmp_path_factory.mktemp("keys")
-    ensure_keys(keys)
-    return keys
-
-
-@pytest.fixture
-def settings(tmp_path: Path, module_keys: Path) -> Settings:
-    """conftest's settings, with the blog's keys made once for this module (RSA key
-    generation is most of an app's start-up)."""
-    return make_settings(tmp_path, keys_dir=module_keys)
 
 
 async def interact(

@@ -32,8 +32,9 @@ from fediblog.activitystreams import (
 from fediblog.errors import ActivityError, FediblogError, SignatureError
 from fediblog.inbox import Overloaded
 from fediblog.remote import is_activitypub_type
-from fediblog.web.cache import CachedPage, respond
+from fediblog.web.cache import CachedPage
 from fediblog.web.deps import Services, services
+from fediblog.web.pages import cached
 
 log = logging.getLogger("fediblog.web")
 
@@ -55,15 +56,13 @@ Render = Callable[[Services], Awaitable[Any]]
 
 
 async def ap_cached(request: Request, key: str, render: Render) -> Response:
-    ctx = services(request)
-    version = await ctx.store.version()
-    page = ctx.pages.get(key, version)
-    if page is None:
+    """An ActivityPub document through the page cache; ``render`` gives None for 404."""
+
+    async def page(ctx: Services) -> CachedPage | None:
         document = await render(ctx)
-        if document is None:
-            raise HTTPException(404)
-        page = ctx.pages.put(key, version, ap_page(document))
-    return respond(request, page)
+        return None if document is None else ap_page(document)
+
+    return await cached(request, key, page)
 
 
 def _check_handle(request: Request) -> Services:

@@ -12,7 +12,7 @@ from starlette.routing import Route
 from fediblog.models import format_ts
 from fediblog.web.cache import CachedPage
 from fediblog.web.deps import Services
-from fediblog.web.html import cached
+from fediblog.web.pages import cached
 
 FEED_SIZE = 20
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -6,7 +6,6 @@ Every page is rendered from one or two queries, then cached per database version
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -20,27 +19,9 @@ from fediblog.render import excerpt
 from fediblog.web.activitypub import post_document, wants_activitypub
 from fediblog.web.cache import CachedPage, respond
 from fediblog.web.deps import Services, services
+from fediblog.web.pages import cached
 
 HTML = "text/html; charset=utf-8"
-
-Renderer = Callable[[Services], Awaitable[CachedPage | None]]
-
-
-async def cached(request: Request, key: str, render: Renderer) -> Response:
-    """Serve ``key`` from the page cache, rendering it when the data changed.
-
-    ``render`` returns None for "no such page", which is never cached, so random
-    URLs cannot fill the cache.
-    """
-    ctx = services(request)
-    version = await ctx.store.version()
-    page = ctx.pages.get(key, version)
-    if page is None:
-        page = await render(ctx)
-        if page is None:
-            raise HTTPException(404)
-        page = ctx.pages.put(key, version, page)
-    return respond(request, page)
 
 
 def page_number(request: Request) -> int:
