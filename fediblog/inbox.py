@@ -172,8 +172,10 @@ class Inbox:
         if key.actor != actor:
             raise SignatureError("the signer is not the activity's actor")
         activity_id = activity.get("id")
+        # Scoped to the signer: nobody can squat another actor's activity id to have
+        # the real activity dropped as a duplicate.
         dedup_key = (
-            activity_id
+            f"{actor} {activity_id}"
             if isinstance(activity_id, str) and activity_id
             else "sha256:" + hashlib.sha256(body).hexdigest()
         )

@@ -64,7 +64,7 @@ def outcome(ctx: Services, activity_id: str) -> tuple[str, str | None]:
     """(status, error) of a stored inbound activity."""
     with _db(ctx) as db:
         row = db.execute(
-            "SELECT status, error FROM inbox WHERE dedup_key = ?", (activity_id,)
+            "SELECT status, error FROM inbox WHERE dedup_key LIKE '% ' || ?", (activity_id,)
         ).fetchone()
     assert row is not None, f"{activity_id} was not stored"
     return row[0], row[1]

@@ -295,6 +295,21 @@ async def test_attack_13_replayed_post_processed_once(inbox: Harness, alice: Acc
     assert await inbox.services.store.count_followers() == 2
 
 
+async def test_attack_13_squatting_another_actors_activity_id(
+    inbox: Harness, alice: Account, mallory: Account
+) -> None:
+    """Mallory sends first, under the id Alice's server will use: Alice's Follow still counts."""
+    genuine = follow(alice.id)
+    squatter = follow(mallory.id) | {"id": genuine["id"]}
+    squatter_body, genuine_body = body_of(squatter), body_of(genuine)
+
+    assert (await inbox.post(squatter_body, signed_by(mallory, squatter_body))).status_code == 202
+    assert (await inbox.post(genuine_body, signed_by(alice, genuine_body))).status_code == 202
+    await inbox.services.inbox.process_once()
+
+    assert await inbox.services.store.get_follower(alice.id) is not None
+
+
 async def test_attack_13_activity_without_id_deduplicated_by_body(gts_inbox: Harness) -> None:
     """GoToSocial's Delete has no id (INTEROP 14): the same body is the same activity."""
     body = fixture_bytes("gotosocial/delete_note_no_id.json")  # byte for byte
