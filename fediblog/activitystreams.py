@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -333,6 +334,7 @@ def id_of(value: Any) -> str | None:
     return None
 
 
+@lru_cache(maxsize=8192)  # actor and key ids repeat: the inbox asks several times per POST
 def host_of(url: str) -> str:
     """The authority (host[:port]) of an http(s) URL, lower case, IDN in punycode; ''
     if it is not one. One form for every comparison: a block of ``xn--…`` also

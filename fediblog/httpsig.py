@@ -68,6 +68,8 @@ _HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]{1,64}")
 _CAVAGE_PARAM = re.compile(r'\s*([A-Za-z]{1,32})=(?:"([^"]*)"|([0-9]{1,15}))\s*(?:,|\Z)', re.ASCII)
 _INTEGER = re.compile(r"[0-9]{1,15}")  # str.isdigit() would let "²" through to int()
 _HASHES = {"sha-256": hashlib.sha256, "sha-512": hashlib.sha512}
+_PKCS1V15 = padding.PKCS1v15()
+_SHA256 = hashes.SHA256()
 _SET_BY_SIGNER = frozenset(
     {"host", "date", "digest", "content-digest", "signature", "signature-input"}
 )
@@ -261,7 +263,7 @@ def verify_signature(signed: SignedRequest, public_key_pem: str) -> None:
                 raise SignatureError(f"algorithm {algorithm} does not fit the signer's RSA key")
             if key.key_size not in _RSA_BITS:
                 raise SignatureError(f"RSA keys of {key.key_size} bits are not accepted")
-            key.verify(signed.signature, signed.signing_string, padding.PKCS1v15(), hashes.SHA256())
+            key.verify(signed.signature, signed.signing_string, _PKCS1V15, _SHA256)
         elif isinstance(key, ed25519.Ed25519PublicKey):
             if signed.scheme != "rfc9421" or signed.algorithm not in ("ed25519", ""):
                 raise SignatureError(f"algorithm {algorithm} does not fit the signer's Ed25519 key")
@@ -439,6 +441,7 @@ def _authority(host: str, scheme: str) -> str:
     return host.strip().lower().removesuffix(":443" if scheme == "https" else ":80")
 
 
+@lru_cache(maxsize=512)  # a sender's Date changes once a second: nearly every call hits
 def _http_date(value: str) -> datetime:
     try:
         when = parsedate_to_datetime(value)

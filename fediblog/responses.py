@@ -40,7 +40,7 @@ from fediblog.actors import ActorDirectory
 from fediblog.config import Settings
 from fediblog.errors import ActivityError, FetchError
 from fediblog.inbox import Handler
-from fediblog.models import JsonObject, Post, Visibility, parse_ts, utcnow
+from fediblog.models import JsonObject, Visibility, parse_ts, utcnow
 from fediblog.remote import Fetcher
 from fediblog.render import html_to_text, sanitize_remote_html
 from fediblog.store import Store
@@ -131,24 +131,27 @@ class Responses:
         parent = id_of(in_reply_to)
         if parent is None:
             return None
-        post = await self.find_post(parent)
-        if post is not None:
-            return post.id, None
+        post_id = await self.find_post_id(parent)
+        if post_id is not None:
+            return post_id, None
         # A reply under a deleted reply still belongs in that thread, under its placeholder.
         comment = await self._store.get_comment_by_ap_id(parent)
         return (comment["post_id"], comment["id"]) if comment is not None else None
 
-    async def find_post(self, ref: str) -> Post | None:
-        """One of our posts by its id (``/p/uid``) or its page (``/posts/slug``)."""
+    async def find_post_id(self, ref: str) -> int | None:
+        """One of our live posts by its id (``/p/uid``) or its page (``/posts/slug``).
+
+        Only the number: loading the whole post would count its comments, a cost that
+        grows with every reply it gets.
+        """
         base = self._urls.base + "/"
         if not ref.startswith(base):
             return None
         path = urlsplit(ref).path.rstrip("/")
         if path.startswith("/p/"):
-            return await self._store.get_post_by_uid(path.removeprefix("/p/"))
+            return await self._store.get_post_id(uid=path.removeprefix("/p/"))
         if path.startswith("/posts/"):
-            slug = unquote(path.removeprefix("/posts/"))
-            return await self._store.get_post_by_slug(slug)
+            return await self._store.get_post_id(slug=unquote(path.removeprefix("/posts/")))
         return None
 
     def _render(self, obj: JsonObject) -> tuple[str, str | None, bool]:
@@ -267,14 +270,14 @@ class Responses:
 
     async def _react(self, activity: JsonObject, kind: str, content: str | None) -> None:
         target = id_of(activity.get("object"))  # an embedded copy is never trusted
-        post = await self.find_post(target) if target else None
-        if post is None:
+        post_id = await self.find_post_id(target) if target else None
+        if post_id is None:
             return
         author = await self._actors.get_actor(activity["actor"])
         row = await self._store.get_actor_row(author.ap_id)
         assert row is not None
         await self._store.save_reaction(
-            post_id=post.id,
+            post_id=post_id,
             actor_id=row["id"],
             kind=kind,
             ap_id=activity.get("id") if isinstance(activity.get("id"), str) else None,
@@ -290,9 +293,9 @@ class Responses:
             if kind not in ("Like", "Announce") or id_of(inner.get("actor")) != actor:
                 return  # not a reaction, or someone else's (ATTACKS.md 12)
             target = id_of(inner.get("object"))
-            post = await self.find_post(target) if target else None
+            post_id = await self.find_post_id(target) if target else None
             await self._store.delete_reaction(
-                actor=actor, kind=kind, ap_id=id_of(inner), post_id=post.id if post else None
+                actor=actor, kind=kind, ap_id=id_of(inner), post_id=post_id
             )
         elif isinstance(inner, str):
             for kind in ("Like", "Announce"):

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from fediblog.activitystreams import (
     ACTIVITY_JSON,
@@ -201,80 +202,122 @@ def post_document(ctx: Services, post: Any) -> Response:
 
 
 # ---- the inbox ---------------------------------------------------------------------
+# The hot path, so a plain ASGI app: no Request, no Response objects, headers read once.
+
+Headers = list[tuple[bytes, bytes]]
+_TEXT = (b"content-type", b"text/plain; charset=utf-8")
 
 
-def _reason(status: int, reason: str, **headers: str) -> Response:
-    return Response(
-        f"{status}: {reason}\n", status_code=status, media_type="text/plain", headers=headers
-    )
+class ClientGone(Exception):
+    """The sender hung up before its body was complete: nothing to answer."""
 
 
-async def _read_body(request: Request) -> bytes | Response:
-    declared = request.headers.get("content-length")
+async def _read_body(headers: dict[str, str], receive: Receive) -> bytes | tuple[int, str]:
+    """The body, or (status, reason): at most MAX_BODY bytes after gzip (ATTACKS.md 25-26)."""
+    too_big = (413, f"the body is larger than {MAX_BODY} bytes")
+    declared = headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
-        return _reason(413, f"the body is larger than {MAX_BODY} bytes")
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        return too_big
+    encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("identity", "gzip"):
-        return _reason(415, f"content encoding {encoding!r} is not supported")
+        return 415, f"content encoding {encoding!r} is not supported"
     inflate = zlib.decompressobj(wbits=31) if encoding == "gzip" else None
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in request.stream():
-            if inflate is not None:
-                # Count the decompressed bytes: a gzip bomb stops at the cap (ATTACKS.md 26).
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            if inflate is not None and chunk:
+                # Count the decompressed bytes: a gzip bomb stops at the cap.
                 chunk = inflate.decompress(chunk, MAX_BODY + 1 - size)
                 if inflate.unconsumed_tail:
-                    return _reason(413, f"the body is larger than {MAX_BODY} bytes")
+                    return too_big
             size += len(chunk)
             if size > MAX_BODY:
-                return _reason(413, f"the body is larger than {MAX_BODY} bytes")
+                return too_big
             chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
     except zlib.error:
-        return _reason(400, "the gzip body is corrupt")
-    return b"".join(chunks)
+        return 400, "the gzip body is corrupt"
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def inbox(request: Request) -> Response:
-    """Personal and shared inbox alike: 202 once stored; 4xx with a reason; never 500."""
-    ctx = services(request)
-    if request.path_params.get("handle", ctx.settings.handle) != ctx.settings.handle:
-        return _reason(404, "no such inbox")
-    content_type = request.headers.get("content-type", "")
+async def _answer(ctx: Services, scope: Scope, receive: Receive) -> tuple[int, str, Headers]:
+    """(status, reason, extra headers) for one inbox POST; never raises."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in scope["headers"]:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1").strip(" \t")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    if scope["path_params"].get("handle", ctx.settings.handle) != ctx.settings.handle:
+        return 404, "no such inbox", []
+    content_type = headers.get("content-type", "")
     if not is_activitypub_type(content_type) and not content_type.lower().startswith(
         "application/ld+json"
     ):
-        return _reason(415, "send application/activity+json")
-    body = await _read_body(request)
-    if isinstance(body, Response):
-        return body
-    target = request.scope["raw_path"].decode("latin-1")
-    if request.scope.get("query_string"):
-        target += "?" + request.scope["query_string"].decode("latin-1")
+        return 415, "send application/activity+json", []
+    body = await _read_body(headers, receive)
+    if isinstance(body, tuple):
+        return body[0], body[1], []
+    target = scope["raw_path"].decode("latin-1")
+    if scope.get("query_string"):
+        target += "?" + scope["query_string"].decode("latin-1")
     try:
-        await ctx.inbox.receive(request.method, target, request.headers, body)
+        await ctx.inbox.receive("POST", target, headers, body)
     except SignatureError as error:
-        return _reason(401, str(error))
+        return 401, str(error), []
     except ActivityError as error:
-        return _reason(400, str(error))
+        return 400, str(error), []
     except Overloaded as error:
-        return _reason(503, str(error), **{"Retry-After": "10"})
+        return 503, str(error), [(b"retry-after", b"10")]
     except FediblogError as error:
-        return _reason(503, f"temporary trouble: {error}", **{"Retry-After": "30"})
+        return 503, f"temporary trouble: {error}", [(b"retry-after", b"30")]
     except Exception:  # a bug must not become a 500 that loses the activity
         log.exception("the inbox failed on a %d-byte activity", len(body))
-        return _reason(503, "temporary trouble, retry later", **{"Retry-After": "60"})
-    return Response(status_code=202)
+        return 503, "temporary trouble, retry later", [(b"retry-after", b"60")]
+    return 202, "", []
+
+
+class InboxEndpoint:
+    """Personal and shared inbox alike: 202 once stored; 4xx with a reason; never 500.
+
+    An object, not a function: starlette routes it as a raw ASGI app.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx: Services = scope["app"].state.services
+        try:
+            status, reason, extra = await _answer(ctx, scope, receive)
+        except ClientGone:
+            return
+        text = f"{status}: {reason}\n".encode() if status != 202 else b""
+        head = [(b"content-length", str(len(text)).encode()), *extra]
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*head, _TEXT] if text else head,
+            }
+        )
+        await send({"type": "http.response.body", "body": text})
+
+
+inbox = InboxEndpoint()
 
 
 routes = [
+    # First: the inbox is the busiest route, and a plain ASGI app (no Request wrapper).
+    Route("/inbox", inbox, methods=["POST"]),
+    Route("/users/{handle}/inbox", inbox, methods=["POST"]),
     Route("/users/{handle}", actor),
     Route("/actor", instance_actor),
     Route("/users/{handle}/outbox", outbox),
     Route("/users/{handle}/followers", followers),
     Route("/users/{handle}/following", following),
-    Route("/users/{handle}/inbox", inbox, methods=["POST"]),
-    Route("/inbox", inbox, methods=["POST"]),
     Route("/p/{uid}", post_object),
     Route("/p/{uid}/activity", post_activity),
     Route("/p/{uid}/replies", post_replies),

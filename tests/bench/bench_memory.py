@@ -1,0 +1,116 @@
+"""Resident memory of one `fediblog serve` worker: idle, and after serving every page once.
+
+    python -m tests.bench.bench_memory
+
+Target (project brief): idle memory <= 80 MB.
+
+Three measurements, each of a fresh server process (one uvicorn worker):
+
+1. an empty blog, right after start-up;
+2. a blog with the demo content (``fediblog.demo.seed_demo``: posts, tags, threaded
+   comments), right after start-up;
+3. the same server after every page was served once: the pages linked from the
+   home page (posts, tags, about, feeds, pagination), each post's ActivityPub object,
+   the actor, outbox, followers, WebFinger, host-meta and NodeInfo; then 2 s idle.
+
+RSS is VmRSS from /proc (what `ps` and the container see).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from fediblog.blog import Blog
+from fediblog.demo import seed_demo
+from fediblog.store import Store
+from tests.bench.common import bench_settings, free_port, rss_mb, running_server
+
+AP = "application/activity+json"
+LINK = re.compile(r'href="(/[^"#]*)"')
+
+
+async def seed(settings: object) -> None:
+    store = await Store.open(settings.database)  # type: ignore[attr-defined]
+    try:
+        await seed_demo(Blog(settings, store), store)  # type: ignore[arg-type]
+    finally:
+        await store.close()
+
+
+def crawl(base: str, limit: int) -> tuple[int, int]:
+    """GET every same-site page reachable from / (at most ``limit``); return (pages, bytes)."""
+    seen: set[str] = set()
+    queue = ["/", "/feed.xml", "/feed.json", "/tags", "/about"]
+    size = 0
+    with httpx.Client(base_url=base, timeout=30) as client:
+        while queue and len(seen) < limit:
+            path = queue.pop(0)
+            if path in seen or path.startswith("/static/"):
+                continue
+            seen.add(path)
+            page = client.get(path)
+            size += len(page.content)
+            if "text/html" in page.headers.get("content-type", ""):
+                queue.extend(p for p in LINK.findall(page.text) if p not in seen)
+            if path.startswith("/posts/") and page.status_code == 200:
+                doc = client.get(path, headers={"Accept": AP})  # the post as an object
+                size += len(doc.content)
+        host = base.split("://", 1)[1]
+        for path, accept in [
+            ("/users/blog", AP),
+            ("/users/blog/outbox", AP),
+            ("/users/blog/outbox?page=1", AP),
+            ("/users/blog/followers", AP),
+            ("/actor", AP),
+            (f"/.well-known/webfinger?resource=acct:blog@{host}", "application/jrd+json"),
+            ("/.well-known/host-meta", "*/*"),
+            ("/.well-known/nodeinfo", "*/*"),
+            ("/nodeinfo/2.1", "*/*"),
+        ]:
+            size += len(client.get(path, headers={"Accept": accept}).content)
+            seen.add(path)
+    return len(seen), size
+
+
+def measure(demo: bool, limit: int) -> tuple[float, float | None, int]:
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        folder, port = Path(tmp), free_port()
+        settings = bench_settings(folder, port)
+        if demo:
+            asyncio.run(seed(settings))
+        with running_server(settings, port) as server:
+            time.sleep(2.0)  # start-up settles; the probe GET /about has been served
+            idle = rss_mb(server.pid)
+            if not demo:
+                return idle, None, 0
+            pages, size = crawl(f"http://127.0.0.1:{port}", limit)
+            time.sleep(2.0)
+            after = rss_mb(server.pid)
+            print(f"served {pages} pages and documents once ({size:,} bytes)")
+            return idle, after, pages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pages", type=int, default=300, help="crawl at most this many pages")
+    args = parser.parse_args()
+    empty, _, _ = measure(False, args.pages)
+    demo_idle, demo_after, pages = measure(True, args.pages)
+    assert demo_after is not None
+    worst = max(empty, demo_idle, demo_after)
+    print(
+        f"RESULT memory empty_idle={empty:.1f} MB demo_idle={demo_idle:.1f} MB "
+        f"demo_after_serving_{pages}_pages={demo_after:.1f} MB target=80 MB "
+        f"{'MET' if worst <= 80 else 'NOT MET'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
