@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from fediblog.store import Store
+from fediblog.web.cache import CachedPage, PageCache
 from fediblog.web.deps import Services
 from tests.helpers import comment_tree, publish, remote_actor, remote_comment, soup
 
@@ -302,3 +303,14 @@ async def test_static_assets_are_served_with_their_type(client: httpx.AsyncClien
     assert css.headers["content-type"].startswith("text/css")
     assert "prefers-color-scheme: dark" in css.text
     assert (await client.get("/static/../keys/blog.pem")).status_code == 404
+
+
+def test_page_cache_serves_a_changed_page_only_within_its_staleness() -> None:
+    pages = PageCache()
+    page = CachedPage.build(b"<p>old</p>", media_type="text/html")
+    pages.put("post:x", (1, 0), page)
+
+    assert pages.get("post:x", (1, 0)) is page
+    assert pages.get("post:x", (2, 0)) is None  # changed, and no staleness allowed
+    assert pages.get("post:x", (2, 0), max_stale=60.0) is page  # rendered just now
+    assert pages.get("other", (1, 0), max_stale=60.0) is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -51,25 +52,33 @@ class CachedPage:
 
 
 class PageCache:
-    """A bounded LRU of pages, each valid for one database version."""
+    """A bounded LRU of pages, each valid for one database version.
+
+    ``get(…, max_stale=s)`` may still serve a page rendered less than ``s`` seconds
+    ago after the data changed: under a flood of replies a hot page is then rendered
+    at most once every ``s`` seconds instead of once per reply. Changes made by another
+    process are noticed that late anyway (``Store.version_max_age``).
+    """
 
     def __init__(self, max_entries: int = 1_024) -> None:
-        self._entries: OrderedDict[str, tuple[object, CachedPage]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[object, float, CachedPage]] = OrderedDict()
         self._max = max_entries
 
-    def get(self, key: str, version: object) -> CachedPage | None:
+    def get(self, key: str, version: object, max_stale: float = 0.0) -> CachedPage | None:
         entry = self._entries.get(key)
-        if entry is None or entry[0] != version:
+        if entry is None:
+            return None
+        if entry[0] != version and time.monotonic() - entry[1] >= max_stale:
             return None
         self._entries.move_to_end(key)
-        return entry[1]
+        return entry[2]
 
     def put(self, key: str, version: object, page: CachedPage) -> CachedPage:
         """Store a page; if the bytes did not change, keep the old Last-Modified."""
         previous = self._entries.get(key)
-        if previous is not None and previous[1].etag == page.etag:
-            page = replace(page, last_modified=previous[1].last_modified)
-        self._entries[key] = (version, page)
+        if previous is not None and previous[2].etag == page.etag:
+            page = replace(page, last_modified=previous[2].last_modified)
+        self._entries[key] = (version, time.monotonic(), page)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)

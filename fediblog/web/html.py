@@ -89,7 +89,7 @@ async def post_page(request: Request) -> Response:
     # Cached pages answer before any query; only a miss asks whether the slug moved.
     version = await ctx.store.version()
     key = f"post:{slug}"
-    page = ctx.pages.get(key, version)
+    page = ctx.pages.get(key, version, max_stale=ctx.store.version_max_age)
     if page is None:
         post = await ctx.store.get_post_by_slug(slug)
         if post is None:

@@ -22,7 +22,7 @@ async def cached(request: Request, key: str, render: Renderer) -> Response:
     """
     ctx = services(request)
     version = await ctx.store.version()
-    page = ctx.pages.get(key, version)
+    page = ctx.pages.get(key, version, max_stale=ctx.store.version_max_age)
     if page is None:
         page = await render(ctx)
         if page is None:
