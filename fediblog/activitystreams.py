@@ -18,8 +18,6 @@ others). Inbound payloads are read as plain JSON: ``@context`` is never fetched.
 from __future__ import annotations
 
 import hashlib
-import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -314,8 +312,6 @@ def _digest(text: str) -> str:
 
 # ---- reading what others send ---------------------------------------------------------
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
-
 
 def as_list(value: Any) -> list[Any]:
     """``to``, ``cc``, ``tag``… may be one value or a list (GoToSocial sends both)."""
@@ -369,7 +365,7 @@ def plain_text(value: Any, limit: int) -> str:
     whitespace folded, at most ``limit`` characters (ATTACKS.md 34)."""
     if not isinstance(value, str):
         return ""
-    return " ".join(strip_invisible(_CONTROL.sub("", value)).split())[:limit]
+    return " ".join(strip_invisible(value).split())[:limit]
 
 
 def is_public(activity_or_object: JsonObject) -> bool:
@@ -470,7 +466,3 @@ def _optional_url(value: Any, allow_http: bool) -> str | None:
 
 def strip_fragment(url: str) -> str:
     return url.split("#", 1)[0]
-
-
-def audience_of(items: Iterable[Any]) -> list[str]:
-    return [item for item in items if isinstance(item, str)]

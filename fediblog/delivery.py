@@ -41,6 +41,7 @@ BACKOFF = tuple(
 )
 MAX_ATTEMPTS = len(BACKOFF) + 1
 RETRYABLE_4XX = frozenset({401, 408, 429})
+GONE = "410 Gone"  # the error of a delivery whose recipient no longer exists
 MAX_RETRY_AFTER = timedelta(hours=12)
 CONTENT_TYPE = "application/activity+json"
 USER_AGENT = "fediblog/0.1 (+https://pypi.org/project/fediblog/)"
@@ -92,7 +93,7 @@ class Deliverer:
                 outcomes = await asyncio.gather(*(self._attempt(job) for job in jobs))
                 await self._store.save_delivery_outcomes(outcomes)
                 for job, outcome in zip(jobs, outcomes, strict=True):
-                    if outcome.error == "410 Gone":
+                    if outcome.error == GONE:
                         await self._store.delete_followers_at_inbox(job.inbox)
             finally:
                 self._in_flight.difference_update(job.id for job in jobs)
@@ -138,7 +139,7 @@ class Deliverer:
             if 200 <= status < 300:
                 return DeliveryOutcome(job.id, "sent", attempts, now)
             if status == 410:
-                return DeliveryOutcome(job.id, "failed", attempts, now, "410 Gone")
+                return DeliveryOutcome(job.id, "failed", attempts, now, GONE)
             if 400 <= status < 500 and status not in RETRYABLE_4XX:
                 return DeliveryOutcome(job.id, "failed", attempts, now, f"HTTP {status}")
             return self._retry(job, attempts, now, f"HTTP {status}", _retry_after(response, now))

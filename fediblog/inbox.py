@@ -146,6 +146,10 @@ class Inbox:
             now=utcnow(),
             scheme=self._settings.scheme,
         )
+        try:
+            payload = body.decode("utf-8")  # decoded once: checked here, stored below
+        except UnicodeDecodeError:
+            raise ActivityError("the body is not UTF-8") from None
         activity = _parse_activity(body)
         actor = activity["actor"]
         if self.is_blocked(actor) or self.is_blocked(signed.key_id):
@@ -184,7 +188,7 @@ class Inbox:
                 dedup_key=dedup_key,
                 actor=actor,
                 type=activity["type"],
-                payload=body.decode("utf-8"),
+                payload=payload,
             )
         )
         self._wake.set()
@@ -289,10 +293,6 @@ class Inbox:
 
 
 def _parse_activity(body: bytes) -> JsonObject:
-    try:
-        body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ActivityError("the body is not UTF-8") from None
     try:
         activity: Any = parse_json(body)
     except FetchError as error:

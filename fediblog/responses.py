@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from fediblog.activitystreams import (
+    PUBLIC_ALIASES,
     Urls,
     as_list,
     host_of,
@@ -314,15 +315,12 @@ def _moment(value: Any) -> datetime | None:
 def _visibility(obj: JsonObject) -> Visibility:
     """Public: Public in ``to``; unlisted: Public only in ``cc``; else never shown."""
     to = as_list(obj.get("to"))
-    if any(isinstance(item, str) and item in _PUBLIC for item in to):
+    if any(isinstance(item, str) and item in PUBLIC_ALIASES for item in to):
         return "public"
     if is_public(obj):
         return "unlisted"
     addressed = [item for item in to + as_list(obj.get("cc")) if isinstance(item, str)]
     return "followers" if any(item.endswith("/followers") for item in addressed) else "direct"
-
-
-_PUBLIC = frozenset({"https://www.w3.org/ns/activitystreams#Public", "as:Public", "Public"})
 
 
 def _html_url(obj: JsonObject, allow_http: bool) -> str | None:

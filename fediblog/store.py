@@ -520,26 +520,22 @@ class Store:
             [(post_id, tag) for tag in tags],
         )
 
-    async def get_post_by_id(self, post_id: int) -> Post | None:
+    async def _get_post(self, column: str, value: object) -> Post | None:
+        """A live post by one unique column (a constant: id, slug or uid)."""
         row = await self._fetchone(
-            f"SELECT {_POST_COLUMNS} FROM posts p WHERE p.id = ? AND p.deleted_at IS NULL",
-            (post_id,),
+            f"SELECT {_POST_COLUMNS} FROM posts p WHERE p.{column} = ? AND p.deleted_at IS NULL",
+            (value,),
         )
         return _post(row) if row else None
+
+    async def get_post_by_id(self, post_id: int) -> Post | None:
+        return await self._get_post("id", post_id)
 
     async def get_post_by_slug(self, slug: str) -> Post | None:
-        row = await self._fetchone(
-            f"SELECT {_POST_COLUMNS} FROM posts p WHERE p.slug = ? AND p.deleted_at IS NULL",
-            (slug,),
-        )
-        return _post(row) if row else None
+        return await self._get_post("slug", slug)
 
     async def get_post_by_uid(self, uid: str) -> Post | None:
-        row = await self._fetchone(
-            f"SELECT {_POST_COLUMNS} FROM posts p WHERE p.uid = ? AND p.deleted_at IS NULL",
-            (uid,),
-        )
-        return _post(row) if row else None
+        return await self._get_post("uid", uid)
 
     async def get_post_id(self, *, uid: str | None = None, slug: str | None = None) -> int | None:
         """A live post's number by its uid or slug, without loading it."""

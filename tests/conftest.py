@@ -17,11 +17,11 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from fediblog.app import create_app
 from fediblog.config import Settings, load_settings
 from fediblog.keys import ensure_keys
 from fediblog.web.deps import Services
 from tests.fediverse import Fediverse, RemoteActor, signed_headers
+from tests.helpers import running
 
 BASE_URL = "https://blog.example"
 
@@ -71,11 +71,7 @@ def settings(tmp_path: Path, blog_keys: Path) -> Settings:
 
 @pytest.fixture
 async def app(settings: Settings) -> AsyncIterator[Starlette]:
-    ensure_keys(settings.keys_dir)
-    application = create_app(settings)
-    async with application.router.lifespan_context(application):
-        # Cross-process changes are polled; in tests, poll on every request.
-        application.state.services.store.version_max_age = 0.0
+    async with running(settings) as application:
         yield application
 
 
@@ -102,10 +98,7 @@ def fediverse() -> Fediverse:
 
 @pytest.fixture
 async def fed_app(settings: Settings, fediverse: Fediverse) -> AsyncIterator[Starlette]:
-    ensure_keys(settings.keys_dir)
-    app = create_app(settings, transport=fediverse.transport(), run_workers=False)
-    async with app.router.lifespan_context(app):
-        app.state.services.store.version_max_age = 0.0
+    async with running(settings, transport=fediverse.transport(), run_workers=False) as app:
         yield app
 
 

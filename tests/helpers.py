@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from bs4 import BeautifulSoup, Tag
+from starlette.applications import Starlette
 
+from fediblog.app import create_app
 from fediblog.blog import parse_post
 from fediblog.cli import main
+from fediblog.config import Settings
+from fediblog.keys import ensure_keys
 from fediblog.models import Post, utcnow
 from fediblog.web.deps import Services
+
+
+@asynccontextmanager
+async def running(settings: Settings, **options: Any) -> AsyncIterator[Starlette]:
+    """The real app for these settings with its lifespan entered (``app.state.services``
+    is ready); ``create_app`` options pass through. Cross-process changes are polled,
+    and in tests on every request. Keys are made if the settings' folder has none."""
+    ensure_keys(settings.keys_dir)
+    app = create_app(settings, **options)
+    async with app.router.lifespan_context(app):
+        app.state.services.store.version_max_age = 0.0
+        yield app
 
 
 async def publish(services: Services, title: str, body: str = "Body.", **front: str) -> Post:

@@ -36,12 +36,12 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric import rsa
 from httpsig import HeaderSigner
 
-from fediblog.app import create_app
 from fediblog.keys import ensure_keys
 from fediblog.models import InboxItem, utcnow
 from fediblog.web.deps import Services
 from tests.conftest import BASE_URL, make_settings
 from tests.fediverse import Fediverse, fixture, private_pem, public_pem
+from tests.helpers import running as running_app
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HOST = "blog.example"
@@ -333,10 +333,9 @@ async def running(tmp_path: Path, **overrides: Any) -> AsyncIterator[Harness]:
         return await remote_transport.handle_async_request(request)
 
     remote_transport = remote.transport()
-    app = create_app(settings, transport=httpx.MockTransport(recorded), run_workers=False)
-    async with app.router.lifespan_context(app):
+    transport = httpx.MockTransport(recorded)
+    async with running_app(settings, transport=transport, run_workers=False) as app:
         services: Services = app.state.services
-        services.store.version_max_age = 0.0
         await seed(services)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:

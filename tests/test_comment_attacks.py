@@ -27,22 +27,18 @@ import httpx
 import pytest
 from bs4 import BeautifulSoup, Tag
 
-from fediblog.app import create_app
 from fediblog.comments import MAX_DEPTH
-from fediblog.keys import ensure_keys
 from fediblog.models import Post, format_ts, utcnow
 from fediblog.render import sanitize_remote_html
 from fediblog.web.deps import Services
 from tests.conftest import BASE_URL, deliver, make_settings
 from tests.fediverse import AS_PUBLIC, Fediverse, RemoteActor
-from tests.helpers import comment_tree, publish, remote_actor, remote_comment, soup
+from tests.helpers import comment_tree, publish, remote_actor, remote_comment, running, soup
 
 pytestmark = pytest.mark.anyio
 
 AP_ACCEPT = {"Accept": "application/activity+json"}
 AS_CONTEXT = "https://www.w3.org/ns/activitystreams"
-
-
 
 
 # ---- reading the outcome ------------------------------------------------------------------
@@ -1104,11 +1100,8 @@ async def app_with(
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Services]]:
     """The app with other settings than the ``fed_app`` fixture's."""
     settings = make_settings(tmp_path, **overrides)
-    ensure_keys(settings.keys_dir)
-    app = create_app(settings, transport=fediverse.transport(), run_workers=False)
-    async with app.router.lifespan_context(app):
+    async with running(settings, transport=fediverse.transport(), run_workers=False) as app:
         services: Services = app.state.services
-        services.store.version_max_age = 0.0
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
             yield client, services

@@ -22,13 +22,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from fediblog.activitystreams import PAGE_SIZE, parse_actor
-from fediblog.app import create_app
 from fediblog.models import Post
 from fediblog.remote import Fetcher, FetchPolicy
 from fediblog.web.deps import Services
 from tests.conftest import BASE_URL, make_settings
 from tests.fediverse import fixture
-from tests.helpers import publish, remote_actor
+from tests.helpers import publish, remote_actor, running
 from tests.inbox_kit import install_keys
 
 pytestmark = pytest.mark.anyio
@@ -61,10 +60,9 @@ async def blog(tmp_path: Path, **overrides: Any) -> AsyncIterator[Site]:
     """The real app for these settings, its services, and a client on it."""
     settings = make_settings(tmp_path, **overrides)
     install_keys(settings.keys_dir)
-    app = create_app(settings, transport=httpx.MockTransport(_no_network), run_workers=False)
-    async with app.router.lifespan_context(app):
+    no_network = httpx.MockTransport(_no_network)
+    async with running(settings, transport=no_network, run_workers=False) as app:
         services: Services = app.state.services
-        services.store.version_max_age = 0.0
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url=settings.base_url) as client:
             yield Site(client, services, transport)

@@ -56,14 +56,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from fediblog.app import create_app
 from fediblog.config import Settings, load_settings
 from fediblog.delivery import MAX_ATTEMPTS, Deliverer
 from fediblog.keys import ensure_keys, load_key
 from fediblog.models import parse_ts, utcnow
 from fediblog.web.deps import Services
 from tests.bench.common import free_port
-from tests.helpers import publish
+from tests.helpers import publish, running
 
 JsonObject = dict[str, Any]
 T = TypeVar("T")
@@ -468,10 +467,8 @@ class World:
     @asynccontextmanager
     async def blog(self) -> AsyncIterator[Services]:
         """Start the app (lifespan) on the database; stop it at the end of the block."""
-        app = create_app(self.settings, transport=self.internet, run_workers=False)
-        async with app.router.lifespan_context(app):
+        async with running(self.settings, transport=self.internet, run_workers=False) as app:
             self._services = app.state.services
-            self.services.store.version_max_age = 0.0
             self.internet.hosts[self.settings.host] = app
             try:
                 yield self.services
