@@ -8,8 +8,10 @@ Nothing imports this module except the CLI and the tests.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from importlib.resources import files
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from fediblog.actors import ActorDirectory
 from fediblog.blog import Blog
 from fediblog.config import Settings
 from fediblog.delivery import USER_AGENT, Deliverer
+from fediblog.errors import StorageError
 from fediblog.httpsig import sign_request
 from fediblog.inbox import BatchWriter, Inbox
 from fediblog.keys import load_key
@@ -39,6 +42,7 @@ from fediblog.web.cache import PageCache
 from fediblog.web.deps import Services
 from fediblog.web.ratelimit import RateLimit
 from fediblog.web.templating import build_templates
+from fediblog.worker import ThrottledLog, every
 
 # Pages carry no script at all; images may come from the commenters' servers.
 CONTENT_SECURITY_POLICY = (
@@ -78,6 +82,20 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return PlainTextResponse(f"{exc.status_code}: {exc.detail}", status_code=exc.status_code)
 
 
+_storage_trouble = ThrottledLog(logging.getLogger("fediblog.web"))
+
+
+async def storage_error(request: Request, exc: Exception) -> Response:
+    """The database cannot serve this request (full, locked, read-only, gone): a 503
+    the reader can act on, one log line a minute, and never a traceback."""
+    _storage_trouble.error("storage", f"{request.method} {request.url.path}: {exc}")
+    return PlainTextResponse(
+        "503: the blog cannot save or read this right now; please try again in a minute",
+        status_code=503,
+        headers={"Retry-After": "60"},
+    )
+
+
 def create_app(
     settings: Settings,
     *,
@@ -101,11 +119,17 @@ def create_app(
             allow_private_addresses=settings.allow_private_addresses,
         )
         store = await Store.open(settings.database)
-        client = httpx.AsyncClient(
-            transport=transport or build_transport(policy),
-            headers={"User-Agent": USER_AGENT},
-            follow_redirects=False,
-        )
+
+        def http_client() -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                transport=transport or build_transport(policy),
+                headers={"User-Agent": USER_AGENT},
+                follow_redirects=False,
+            )
+
+        # Two connection pools: GETs (key and actor fetches, which strangers can point at
+        # a tarpit) never take the connections that deliveries need, nor the reverse.
+        fetch_client, delivery_client = http_client(), http_client()
 
         def sign_get(method: str, url: str) -> dict[str, str]:
             return sign_request(
@@ -117,17 +141,22 @@ def create_app(
                 now=utcnow(),
             )
 
-        fetcher = Fetcher(client, policy, sign_get)
+        fetcher = Fetcher(fetch_client, policy, sign_get)
         actors = ActorDirectory(store, fetcher, allow_http=settings.allow_http)
-        deliverer = Deliverer(store, client, blog_key, urls.key_id)
+        deliverer = Deliverer(store, delivery_client, blog_key, urls.key_id)
         writer = BatchWriter(store)
         inbox = Inbox(settings, store, actors, writer, on_queued=deliverer.wake)
         inbox.add_handlers(Responses(settings, store, actors, fetcher).handlers())
         await inbox.load_blocks()
         tasks = [asyncio.create_task(writer.run(), name="inbox-writer")]
         if run_workers:
+
+            async def prune() -> None:
+                await store.prune(utcnow() - timedelta(days=settings.retention_days))
+
             tasks.append(asyncio.create_task(inbox.run(), name="inbox-processor"))
             tasks.append(asyncio.create_task(deliverer.run(), name="delivery"))
+            tasks.append(asyncio.create_task(every(3600, prune, "pruning"), name="retention"))
         try:
             app.state.services = Services(
                 settings=settings,
@@ -150,7 +179,10 @@ def create_app(
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await client.aclose()
+            await actors.aclose()
+            await fetcher.aclose()
+            await fetch_client.aclose()
+            await delivery_client.aclose()
             await store.close()
 
     static_dir = Path(str(files("fediblog") / "static"))
@@ -163,7 +195,7 @@ def create_app(
             *activitypub.routes,
             Mount("/static", StaticFiles(directory=static_dir), name="static"),
         ],
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: http_error, StorageError: storage_error},
         lifespan=lifespan,
     )
     app.add_middleware(SecurityHeaders)

@@ -22,6 +22,14 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 MODERATION_MODES = ("open", "first", "all")
 OBJECT_TYPES = ("Article", "Note")
 ACTOR_TYPES = ("Person", "Service")
+# Whole-number settings that need another range than the usual 1..100.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "retention_days": (1, 3650),
+    "header_timeout": (1, 300),
+    "body_timeout": (1, 3600),
+    "keep_alive_timeout": (1, 300),
+    "shutdown_timeout": (1, 600),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +53,14 @@ class Settings:
     hide_followers: bool = False
     moderation: str = "open"
     hold_keywords: str = ""  # comma-separated; a reply containing one waits for approval
+    retention_days: int = 30  # processed inbox rows and finished deliveries live this long
+    # Client timeouts, in seconds (server.py): a request head must arrive within
+    # header_timeout, its body within body_timeout; an idle keep-alive connection is
+    # closed after keep_alive_timeout; on stop, requests get shutdown_timeout to finish.
+    header_timeout: int = 10
+    body_timeout: int = 30
+    keep_alive_timeout: int = 5
+    shutdown_timeout: int = 10
 
     # ---- derived values -------------------------------------------------------
 
@@ -138,7 +154,8 @@ def _validate(raw: Mapping[str, Any]) -> Settings:
         if isinstance(default, bool):
             values[field.name] = _to_bool(name, value)
         elif isinstance(default, int):
-            values[field.name] = _to_int(name, value, 1, 100)
+            low, high = INT_RANGES.get(field.name, (1, 100))
+            values[field.name] = _to_int(name, value, low, high)
         elif isinstance(default, Path):
             values[field.name] = Path(str(value)).expanduser()
         else:

@@ -1,7 +1,10 @@
 """The durable delivery queue: POST each stored activity to each inbox, until it lands.
 
 Deliveries are rows (see ``Store._publish``), not memory, so a restart loses
-nothing. Each row moves through explicit states:
+nothing. They run on the common worker (``worker.py``): claimed in batches, sent at
+most ``concurrency`` at a time, each recorded the moment its inbox answers, so a
+crash re-sends at most what was in flight and one slow inbox holds up no other.
+Each row moves through explicit states:
 
     queued --2xx--> sent
     queued --410--> failed (the follower is gone and removed)
@@ -12,15 +15,11 @@ nothing. Each row moves through explicit states:
 ``deliver_once()`` runs one pass (tests call it; nothing sleeps); ``run()`` loops
 over it, woken by ``wake()`` after a publish in this process and polling once a
 second for rows another process (the CLI) queued. Every attempt is signed afresh.
-At most ``concurrency`` POSTs are in flight.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import random
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -30,21 +29,34 @@ import httpx
 from fediblog.errors import FediblogError
 from fediblog.httpsig import sign_request
 from fediblog.keys import KeyPair
-from fediblog.models import DeliveryJob, DeliveryOutcome, utcnow
+from fediblog.models import DeliveryJob, utcnow
+from fediblog.netguard import deadline
 from fediblog.store import Store
+from fediblog.worker import Outcome, RetryPolicy, Worker, describe
 
 log = logging.getLogger("fediblog.delivery")
 
 # Waits after attempt 1, 2, …: 16 attempts over about two days, then "dead".
-BACKOFF = tuple(
-    timedelta(minutes=m) for m in (0.5, 1, 2, 5, 10, 20, 40, 60, 120, 180, 240, 360, 480, 600, 720)
+RETRY = RetryPolicy(
+    tuple(
+        timedelta(minutes=m)
+        for m in (0.5, 1, 2, 5, 10, 20, 40, 60, 120, 180, 240, 360, 480, 600, 720)
+    )
 )
-MAX_ATTEMPTS = len(BACKOFF) + 1
+MAX_ATTEMPTS = RETRY.max_attempts
 RETRYABLE_4XX = frozenset({401, 408, 429})
 GONE = "410 Gone"  # the error of a delivery whose recipient no longer exists
 MAX_RETRY_AFTER = timedelta(hours=12)
 CONTENT_TYPE = "application/activity+json"
 USER_AGENT = "fediblog/0.1 (+https://pypi.org/project/fediblog/)"
+
+
+class DeliveryQueue:
+    """The deliveries table, as a worker's queue."""
+
+    def __init__(self, store: Store) -> None:
+        self.claim = store.claim_deliveries
+        self.record = store.record_deliveries
 
 
 class Deliverer:
@@ -65,101 +77,68 @@ class Deliverer:
         self._client = client
         self._key = key
         self._key_id = key_id
-        self._limit = asyncio.Semaphore(concurrency)
-        self._batch = concurrency * 8
         self._timeout = timeout
-        self._clock = clock
-        self._wake = asyncio.Event()
-        self._in_flight: set[int] = set()
+        self.worker = Worker(
+            "delivery",
+            DeliveryQueue(store),
+            self._attempt,
+            concurrency=concurrency,
+            batch=concurrency * 4,
+            # Longer than any one attempt can take, so a live worker never loses a
+            # lease; a dead one's rows are due again this long after it died.
+            lease=timedelta(seconds=timeout * 2 + 10),
+            clock=clock,
+        )
 
     def wake(self) -> None:
         """Something was queued in this process: deliver now, not at the next poll."""
-        self._wake.set()
+        self.worker.wake()
 
-    async def deliver_once(self, max_rounds: int = 1_000) -> int:
-        """Send every delivery that is due now; return how many were attempted.
+    async def deliver_once(self) -> int:
+        """Send every delivery that is due now; return how many were attempted."""
+        return await self.worker.run_once()
 
-        Bounded: a round takes a batch of due rows; a short batch means none are left.
-        """
-        attempted = 0
-        for _ in range(max_rounds):
-            jobs = await self._store.list_due_deliveries(
-                self._clock(), self._batch, exclude=self._in_flight
-            )
-            if not jobs:
-                break
-            self._in_flight.update(job.id for job in jobs)
-            try:
-                outcomes = await asyncio.gather(*(self._attempt(job) for job in jobs))
-                await self._store.save_delivery_outcomes(outcomes)
-                for job, outcome in zip(jobs, outcomes, strict=True):
-                    if outcome.error == GONE:
-                        await self._store.delete_followers_at_inbox(job.inbox)
-            finally:
-                self._in_flight.difference_update(job.id for job in jobs)
-            attempted += len(jobs)
-            if len(jobs) < self._batch:
-                break
-        return attempted
+    async def run(self) -> None:
+        """Deliver forever: after every wake-up, and at least once a second."""
+        await self.worker.run_forever()
 
-    async def run(self, poll_seconds: float = 1.0) -> None:
-        """Deliver forever: after every wake-up, and at least every ``poll_seconds``."""
-        while True:
-            try:
-                await self.deliver_once()
-            except Exception:  # the worker outlives any one bad pass; the rows stay queued
-                log.exception("delivery pass failed")
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), poll_seconds)
-
-    async def _attempt(self, job: DeliveryJob) -> DeliveryOutcome:
-        async with self._limit:
-            attempts = job.attempts + 1
-            now = self._clock()
-            headers = {"Content-Type": CONTENT_TYPE, "User-Agent": USER_AGENT}
-            try:
-                headers.update(
-                    sign_request(
-                        "POST",
-                        job.inbox,
-                        body=job.payload,
-                        key_id=self._key_id,
-                        private_key=self._key.private_key,
-                        now=now,
-                    )
+    async def _attempt(self, job: DeliveryJob) -> Outcome:
+        now = self.worker.clock()
+        headers = {"Content-Type": CONTENT_TYPE, "User-Agent": USER_AGENT}
+        try:
+            headers.update(
+                sign_request(
+                    "POST",
+                    job.inbox,
+                    body=job.payload,
+                    key_id=self._key_id,
+                    private_key=self._key.private_key,
+                    now=now,
                 )
+            )
+            # One deadline for the whole request, so a trickling answer cannot outlive
+            # the lease; it ends as a timeout inside httpcore, never a cancellation.
+            with deadline(self._timeout):
                 response = await self._client.post(
                     job.inbox, content=job.payload, headers=headers, timeout=self._timeout
                 )
                 await response.aclose()
-            except (httpx.HTTPError, OSError, FediblogError, ValueError) as error:
-                return self._retry(job, attempts, now, f"{type(error).__name__}: {error}"[:300])
-            status = response.status_code
-            if 200 <= status < 300:
-                return DeliveryOutcome(job.id, "sent", attempts, now)
-            if status == 410:
-                return DeliveryOutcome(job.id, "failed", attempts, now, GONE)
-            if 400 <= status < 500 and status not in RETRYABLE_4XX:
-                return DeliveryOutcome(job.id, "failed", attempts, now, f"HTTP {status}")
-            return self._retry(job, attempts, now, f"HTTP {status}", _retry_after(response, now))
-
-    def _retry(
-        self,
-        job: DeliveryJob,
-        attempts: int,
-        now: datetime,
-        error: str,
-        retry_after: timedelta | None = None,
-    ) -> DeliveryOutcome:
-        if attempts >= MAX_ATTEMPTS:
-            return DeliveryOutcome(job.id, "dead", attempts, now, error)
-        wait = BACKOFF[attempts - 1]
-        # ±20% jitter, so a server that comes back is not hit by every sender at once.
-        wait = wait * random.uniform(0.8, 1.2)
-        if retry_after is not None:
-            wait = max(wait, min(retry_after, MAX_RETRY_AFTER))
-        return DeliveryOutcome(job.id, "queued", attempts, now + wait, error)
+        except (httpx.HTTPError, OSError, FediblogError, ValueError) as error:
+            return RETRY.after_error(job, describe(error)[:300], now, transient=True)
+        status = response.status_code
+        if 200 <= status < 300:
+            return Outcome.done()
+        if status == 410:
+            await self._store.delete_followers_at_inbox(job.inbox)
+            return Outcome.failed(GONE)
+        if 400 <= status < 500 and status not in RETRYABLE_4XX:
+            return Outcome.failed(f"HTTP {status}")
+        outcome = RETRY.after_error(job, f"HTTP {status}", now, transient=True)
+        retry_after = _retry_after(response, now)
+        if outcome.retry_at is not None and retry_after is not None:
+            wait = min(retry_after, MAX_RETRY_AFTER)
+            outcome = Outcome.retry(max(outcome.retry_at, now + wait), f"HTTP {status}")
+        return outcome
 
 
 def _retry_after(response: httpx.Response, now: datetime) -> timedelta | None:

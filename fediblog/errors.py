@@ -5,6 +5,7 @@ Callers catch at the level they care about:
     FediblogError
     ├── ConfigError          a setting is missing or wrong (CLI: one line, exit 2)
     ├── StorageError         the database cannot be opened or used
+    │   └── StorageUnavailable  busy, locked, full, read-only or gone: retry later
     ├── PostError            a post file or command is wrong (CLI: one line, exit 1)
     │   ├── PostNotFound     no post with that slug
     │   └── DuplicateSlug    the slug is taken
@@ -15,7 +16,9 @@ Callers catch at the level they care about:
         ├── FetchTooLarge    the body passed the size cap (counted decompressed)
         ├── FetchTimeout     the total deadline passed
         ├── FetchStatus      the server answered an error status (``.status``)
-        └── BadDocument      wrong content type, id mismatch, or not JSON
+        ├── BadDocument      wrong content type, id mismatch, or not JSON
+        ├── FetchUnreachable no answer: refused, reset, unresolvable, or not HTTP
+        └── FetchBusy        too many fetches under way here: retry later (HTTP 503)
 
 Every error carries a short, human reason in ``str(error)``; that text is what a
 user or a remote server sees, so it never contains a traceback or a secret.
@@ -34,6 +37,13 @@ class ConfigError(FediblogError):
 
 class StorageError(FediblogError):
     """The database cannot be opened, or is not one of ours."""
+
+
+class StorageUnavailable(StorageError):
+    """The database cannot take this write now (locked, busy, full, read-only, removed).
+
+    Transient from a queue's point of view: the work stays queued and is retried.
+    """
 
 
 class PostError(FediblogError):
@@ -82,3 +92,13 @@ class FetchStatus(FetchError):
 
 class BadDocument(FetchError):
     """The response is not an acceptable ActivityPub document."""
+
+
+class FetchUnreachable(FetchError):
+    """The connection failed: refused, reset, a name that does not resolve, or a server
+    that does not speak HTTP. Like timeouts and 5xx, it says the host is unwell."""
+
+
+class FetchBusy(FetchError):
+    """Too many fetches are under way (in all, or for that host): nothing was asked of
+    the remote server. Transient and ours, never the remote host's fault: retry later."""

@@ -19,11 +19,11 @@ from which inbox URL it came to.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
 from typing import Any
 
 from fediblog.activitystreams import (
@@ -35,12 +35,27 @@ from fediblog.activitystreams import (
 )
 from fediblog.actors import ActorDirectory
 from fediblog.config import Settings
-from fediblog.errors import ActivityError, FediblogError, FetchError, SignatureError
+from fediblog.errors import (
+    ActivityError,
+    FediblogError,
+    FetchError,
+    SignatureError,
+    StorageUnavailable,
+)
 from fediblog.followers import queue_answer
 from fediblog.httpsig import parse_signature, verify_signature
-from fediblog.models import InboxItem, JsonObject, utcnow
+from fediblog.models import InboxItem, InboxJob, JsonObject, utcnow
 from fediblog.remote import parse_json
 from fediblog.store import Store
+from fediblog.worker import (
+    Outcome,
+    RetryPolicy,
+    ThrottledLog,
+    Worker,
+    describe,
+    every,
+    is_transient,
+)
 
 log = logging.getLogger("fediblog.inbox")
 
@@ -52,13 +67,19 @@ class Overloaded(FediblogError):
 
 
 class BatchWriter:
-    """Group commit: every activity waiting when a commit starts rides in the next one."""
+    """Group commit: every activity waiting when a commit starts rides in the next one.
+
+    One activity that cannot be stored (a constraint, text SQLite refuses) must not
+    refuse its batch: when a batch fails for anything but the database itself, its
+    activities are stored one by one and only the culprit is refused (400).
+    """
 
     def __init__(self, store: Store, *, max_batch: int = 2_000, max_waiting: int = 20_000) -> None:
         self._store = store
         self._queue: asyncio.Queue[tuple[InboxItem, asyncio.Future[None]]] = asyncio.Queue()
         self._max_batch = max_batch
         self._max_waiting = max_waiting
+        self._trouble = ThrottledLog(log)
 
     async def submit(self, item: InboxItem) -> None:
         """Return once ``item`` is committed; raise what the commit raised."""
@@ -73,17 +94,57 @@ class BatchWriter:
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            try:
-                await self._store.save_inbox_items([item for item, _ in batch])
-            except Exception as error:  # handed to every waiting request
-                log.error("storing %d inbox activities failed: %s", len(batch), error)
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(Overloaded("the inbox cannot store activities now"))
-                continue
-            for _, done in batch:
-                if not done.done():
-                    done.set_result(None)
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[InboxItem, asyncio.Future[None]]]) -> None:
+        try:
+            await self._store.save_inbox_items([item for item, _ in batch])
+        except StorageUnavailable as error:
+            self._refuse(batch, error)
+            return
+        except Exception:
+            if len(batch) == 1:
+                item, done = batch[0]
+                log.info("refused an activity from %s that cannot be stored", item.actor)
+                _settle(done, ActivityError("the activity cannot be stored"))
+                return
+            for one in batch:
+                await self._commit([one])
+            return
+        for _, done in batch:
+            _settle(done, None)
+
+    def _refuse(
+        self, batch: list[tuple[InboxItem, asyncio.Future[None]]], error: StorageUnavailable
+    ) -> None:
+        # A full disk fails every request: one log line a minute, not one per request.
+        self._trouble.error("store", f"storing inbox activities failed: {error}")
+        for _, done in batch:
+            _settle(done, Overloaded("the inbox cannot store activities now"))
+
+
+def _settle(done: asyncio.Future[None], error: Exception | None) -> None:
+    if done.done():
+        return  # the request gave up waiting
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+
+
+# Processing retries what may pass later (a server down, a locked database) for about
+# a day; what is refused or malformed fails at once.
+RETRY = RetryPolicy(
+    tuple(timedelta(minutes=m) for m in (0.5, 1, 2, 5, 10, 20, 40, 60, 120, 240, 480))
+)
+
+
+class InboxQueue:
+    """The stored activities, as a worker's queue."""
+
+    def __init__(self, store: Store) -> None:
+        self.claim = store.claim_inbox
+        self.record = store.record_inbox
 
 
 class Inbox:
@@ -102,8 +163,15 @@ class Inbox:
         self._writer = writer
         self._urls = Urls.of(settings)
         self._on_queued = on_queued
-        self._wake = asyncio.Event()
         self._blocked: frozenset[str] = frozenset()
+        self.worker = Worker(
+            "inbox",
+            InboxQueue(store),
+            self._process,
+            batch=200,
+            record_every=200,
+            lease=timedelta(minutes=10),
+        )
         # Every handler registered for a type runs; each ignores what is not its concern
         # (an Undo may undo a Follow here, or a Like in ``responses``).
         self.handlers: dict[str, list[Handler]] = {
@@ -135,7 +203,8 @@ class Inbox:
     ) -> None:
         """Verify and durably store one inbound activity (or drop it silently).
 
-        Raises SignatureError (401), ActivityError (400) or Overloaded (503).
+        Raises SignatureError (401), ActivityError (400), Overloaded or FetchBusy
+        (503: too many signing keys are being fetched).
         """
         signed = parse_signature(
             method,
@@ -173,6 +242,9 @@ class Inbox:
                     raise
                 verify_signature(signed, fresh.public_key_pem)
                 key = fresh
+        # Only now is a freshly fetched key (and its actor) stored: a request that is
+        # not signed by it stores nothing.
+        await self._actors.confirm(key)
         if key.actor != actor:
             raise SignatureError("the signer is not the activity's actor")
         activity_id = activity.get("id")
@@ -191,52 +263,44 @@ class Inbox:
                 payload=payload,
             )
         )
-        self._wake.set()
+        self.worker.wake()
 
     # ---- processing -------------------------------------------------------------
 
-    async def process_once(self, limit: int = 500, max_rounds: int = 1_000) -> int:
-        """Act on every stored activity not yet processed (bounded); return how many."""
-        processed = 0
-        for _ in range(max_rounds):
-            items = await self._store.list_queued_inbox(limit)
-            if not items:
-                break
-            results: list[tuple[int, str | None]] = []
-            for item_id, payload in items:
-                results.append((item_id, await self._dispatch(payload)))
-            await self._store.finish_inbox_items(results)
-            processed += len(items)
-        return processed
+    async def process_once(self) -> int:
+        """Act on every stored activity that is due; return how many were run."""
+        return await self.worker.run_once()
 
-    async def run(self, poll_seconds: float = 1.0) -> None:
-        while True:
-            try:
-                await self.load_blocks()  # `fediblog block` may have run in another process
-                await self.process_once()
-            except Exception:  # the worker outlives any one bad pass; the rows stay queued
-                log.exception("inbox pass failed")
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), poll_seconds)
+    async def run(self) -> None:
+        """Process forever; reread the blocks every second (`fediblog block` may run
+        in another process)."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(every(1.0, self.load_blocks, "reloading blocks"))
+            group.create_task(self.worker.run_forever())
 
-    async def _dispatch(self, payload: str) -> str | None:
-        """Run the handlers for one stored activity; the error text, or None when done.
+    async def _process(self, job: InboxJob) -> Outcome:
+        """Run the handlers for one stored activity.
 
-        One activity that breaks a handler is marked failed and logged, never retried
-        forever, and never stops the activities queued behind it.
+        An activity that breaks a handler for good fails alone and never stops the ones
+        behind it; one that may pass later (its sender's server is down, the database
+        is locked) is retried with back-off.
         """
-        activity: JsonObject = json.loads(payload)
+        activity: JsonObject = json.loads(job.payload)
         activity["actor"] = id_of(activity.get("actor"))  # verified on receipt
         try:
             for handler in self.handlers.get(activity["type"], ()):
                 await handler(activity)
-        except (ActivityError, FetchError) as error:
-            return str(error)[:500]
         except Exception as error:
-            log.exception("handling %s %s failed", activity["type"], activity.get("id"))
-            return f"internal error: {type(error).__name__}"
-        return None  # an activity we have no use for is simply done
+            transient = is_transient(error)
+            if isinstance(error, ActivityError | FetchError):
+                reason = str(error)
+            elif transient:
+                reason = describe(error)
+            else:
+                log.exception("handling %s %s failed", activity["type"], activity.get("id"))
+                reason = f"internal error: {describe(error)}"
+            return RETRY.after_error(job, reason, self.worker.clock(), transient=transient)
+        return Outcome.done()  # an activity we have no use for is simply done
 
     # ---- handlers -----------------------------------------------------------------
 
@@ -305,5 +369,19 @@ def _parse_activity(body: bytes) -> JsonObject:
     actor = id_of(activity.get("actor"))
     if actor is None or not host_of(actor):
         raise ActivityError("the activity has no actor")
+    activity_id = activity.get("id")
+    # JSON may escape half a surrogate pair ("\ud800"), which no UTF-8 column can hold:
+    # refuse it here rather than fail the group commit it would ride in.
+    for value in (kind, actor, activity_id):
+        if isinstance(value, str) and not _is_unicode(value):
+            raise ActivityError("the activity's type, id or actor is not valid Unicode")
     activity["actor"] = actor
     return activity
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -126,23 +126,12 @@ class OutgoingActivity:
 
 @dataclass(frozen=True, slots=True)
 class DeliveryJob:
-    """One activity to POST to one inbox."""
+    """One activity to POST to one inbox; ``attempts`` counts this one."""
 
     id: int
     inbox: str
     payload: bytes
     attempts: int
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryOutcome:
-    """What became of a delivery attempt: the row's next state."""
-
-    id: int
-    status: Literal["queued", "sent", "failed", "dead"]
-    attempts: int
-    next_attempt_at: datetime
-    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +142,15 @@ class InboxItem:
     actor: str
     type: str
     payload: str
+
+
+@dataclass(frozen=True, slots=True)
+class InboxJob:
+    """A stored inbound activity to act on; ``attempts`` counts this one."""
+
+    id: int
+    payload: str
+    attempts: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from fediblog.errors import FediblogError
 from fediblog.models import utcnow
+from fediblog.render import plain_to_html
 from fediblog.store import Store
 
 _DOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9-]+(\.[a-z0-9-]+)+(:\d{1,5})?$")
@@ -47,3 +48,23 @@ async def set_status(store: Store, comment_id: int, status: str) -> None:
         )
     else:
         await store.set_comment_status(comment_id, status)
+
+
+async def hold_local_comment(
+    store: Store, post_id: int, *, name: str, email: str, website: str | None, text: str
+) -> int:
+    """A comment from the blog's own form (already validated), held for approval and
+    shown as plain text once approved; the email is kept, never published."""
+    now = utcnow()
+    return await store.save_comment(
+        post_id=post_id,
+        parent_id=None,
+        content_html=plain_to_html(text),
+        published=now,
+        received=now,
+        source="local",
+        author_name=name,
+        author_url=website,
+        author_email=email,
+        status="pending",
+    )

@@ -5,13 +5,31 @@ public unicast, and connects to the checked IP, so DNS rebinding has no second l
 to poison. Every outbound request of fediblog, GETs (``remote``) and deliveries
 (``delivery``) alike, goes through ``GuardedTransport``. ``allow_loopback`` is for
 tests and benchmarks on 127.0.0.1 only; it is never on by default.
+
+It also keeps httpcore's pool from losing connections to cancellation
+(encode/httpcore#1093, open in httpcore 1.0.9): a request cancelled while it waits in
+the pool, just as the pool hands it a new connection, leaves that connection
+CONNECTING for good, one slot fewer until every request ends in PoolTimeout. Two
+rules keep that from happening here:
+
+* requests wait for a slot in ``GuardedTransport`` (a semaphore as large as the pool),
+  never inside the pool, which so always has a connection for each request at once;
+* ``deadline()`` gives a task's requests a total deadline that every connect, TLS
+  handshake, read and write honours as httpcore's own timeout, which closes the
+  connection cleanly: a deadline needs no cancellation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 import anyio
 import httpcore
@@ -23,6 +41,34 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# When the current task's requests must be over (time.monotonic()), if it set one.
+_DEADLINE: ContextVar[float | None] = ContextVar("fediblog_http_deadline", default=None)
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Requests made in this block, through GuardedTransport, end within ``seconds``.
+
+    Each connect, TLS handshake, read and write (and the wait for a slot) gets at most
+    the time left, and fails as httpcore's own timeout when none is: the connection is
+    closed and given back, as for any timeout, and nothing is cancelled.
+    """
+    token = _DEADLINE.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def _time_left(timeout: float | None, expired: type[Exception]) -> float | None:
+    """``timeout`` shortened to the current deadline; ``expired`` if it has passed."""
+    at = _DEADLINE.get()
+    if at is None:
+        return timeout
+    left = at - time.monotonic()
+    if left <= 0:
+        raise expired("the request's deadline passed")
+    return left if timeout is None else min(timeout, left)
 
 
 def address_allowed(ip: IPAddress, *, allow_loopback: bool = False) -> bool:
@@ -68,6 +114,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
+        timeout = _time_left(timeout, httpcore.ConnectTimeout)
         try:
             with anyio.fail_after(timeout):
                 found = await self._resolve(host, port)
@@ -82,19 +129,80 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         failure = httpcore.ConnectError(f"cannot connect to {host}")
         for ip in addresses:
             try:
-                return await self._inner.connect_tcp(
-                    str(ip), port, timeout, local_address, socket_options
+                stream = await self._inner.connect_tcp(
+                    str(ip),
+                    port,
+                    _time_left(timeout, httpcore.ConnectTimeout),
+                    local_address,
+                    socket_options,
                 )
             except httpcore.ConnectError as error:
                 failure = error
+            else:
+                return _DeadlineStream(stream)
         raise failure
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
 
 
+class _DeadlineStream(httpcore.AsyncNetworkStream):
+    """A connection whose every operation ends by the deadline of the task using it.
+
+    Read at each call, so a connection kept alive serves each request with its own.
+    """
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        return await self._inner.read(max_bytes, _time_left(timeout, httpcore.ReadTimeout))
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        await self._inner.write(buffer, _time_left(timeout, httpcore.WriteTimeout))
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+    ) -> httpcore.AsyncNetworkStream:
+        left = _time_left(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(await self._inner.start_tls(ssl_context, server_hostname, left))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _SlotStream(httpx.AsyncByteStream):
+    """A response body that gives its transport slot back when it is closed."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, release: Callable[[], None]) -> None:
+        self._inner = inner
+        self._release: Callable[[], None] | None = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
+
+
 class GuardedTransport(httpx.AsyncHTTPTransport):
-    """httpx's own transport, with its connection pool connecting through GuardedBackend."""
+    """httpx's own transport, with its connection pool connecting through GuardedBackend.
+
+    At most ``max_connections`` requests are in the pool at once; the others wait for a
+    slot here, for as long as the request's pool timeout (see the module docstring).
+    """
 
     def __init__(
         self,
@@ -113,3 +221,27 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
             keepalive_expiry=5.0,
             network_backend=GuardedBackend(allow_loopback=allow_loopback, resolve=resolve),
         )
+        self._slots = asyncio.Semaphore(max_connections)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await self._take_slot(request)
+        try:
+            response = await super().handle_async_request(request)
+        except BaseException:
+            self._slots.release()
+            raise
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _SlotStream(response.stream, self._slots.release)
+        return response
+
+    async def _take_slot(self, request: httpx.Request) -> None:
+        if not self._slots.locked():
+            await self._slots.acquire()  # free: taken without waiting
+            return
+        timeout = request.extensions.get("timeout", {}).get("pool")
+        try:
+            # Cancelling this wait is harmless: the request holds nothing in the pool yet.
+            with anyio.fail_after(_time_left(timeout, httpx.PoolTimeout)):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise httpx.PoolTimeout("no connection became free in time") from None

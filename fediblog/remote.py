@@ -9,6 +9,9 @@ URL's host" (shared/security/ATTACKS.md cases in brackets):
   re-signed, at most ``max_redirects`` [6];
 * limits [24-27]: one total deadline per fetch, a size cap on decompressed bytes, caps on
   JSON nesting and array length;
+* cancellation [21]: each GET runs as a task of its own, ended by its deadline (see
+  ``netguard.deadline``), so a caller that gives up never cancels a request inside
+  httpcore's pool, which would lose the connection for good (encode/httpcore#1093);
 * the shape of the answer [4, 5, 29, 30, 35]: ActivityPub content type, ``id`` equal to
   the URL fetched on the host asked, WebFinger subject and self links on the host asked,
   collection pages on the collection's host. Payloads are plain JSON; ``@context`` is
@@ -16,11 +19,15 @@ URL's host" (shared/security/ATTACKS.md cases in brackets):
 
 Wiring: ``Fetcher(httpx.AsyncClient(transport=build_transport(policy)), policy, sign)``.
 A client given a transport also ignores proxy variables, which would resolve behind the
-guard's back. Every failure is a ``FetchError`` subclass with a short reason.
+guard's back. Every failure is a ``FetchError`` subclass with a short reason; those
+that say the host is unwell (``FetchTimeout``, ``FetchUnreachable``, 5xx) are told apart
+from those a URL chosen by anyone can cause (404, ``BadDocument``), and from
+``FetchBusy``, which says our own connections are all in use.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import re
@@ -35,12 +42,14 @@ import httpx
 from fediblog.errors import (
     BadDocument,
     BlockedAddress,
+    FetchBusy,
     FetchError,
     FetchStatus,
     FetchTimeout,
     FetchTooLarge,
+    FetchUnreachable,
 )
-from fediblog.netguard import GuardedTransport, address_allowed
+from fediblog.netguard import GuardedTransport, address_allowed, deadline
 
 JsonObject = dict[str, Any]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -53,6 +62,9 @@ MAX_JSON_DEPTH = 64
 MAX_ARRAY_ITEMS = 10_000
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# GuardedTransport ends a fetch at its deadline by itself; this much later, a backstop
+# cancels it (other transports: tests' fakes).
+_BACKSTOP = 2.0
 _NOT_IN_HOST = re.compile(r"[\s/?#@\\]")
 
 
@@ -74,7 +86,9 @@ class FetchPolicy:
 
 
 def build_transport(policy: FetchPolicy) -> httpx.AsyncBaseTransport:
-    """The transport for fediblog's one AsyncClient: checks addresses at connect time."""
+    """A transport for one of fediblog's AsyncClients (GETs and deliveries each have
+    their own, so neither can take all of the other's connections): checks addresses
+    at connect time."""
     return GuardedTransport(allow_loopback=policy.allow_private_addresses)
 
 
@@ -237,6 +251,13 @@ class Fetcher:
         self._policy = policy
         self._sign = sign
         self._user_agent = user_agent
+        self._running: set[asyncio.Task[tuple[httpx.URL, bytes]]] = set()
+
+    async def aclose(self) -> None:
+        """Cancel the GETs still under way (their callers are gone): at shutdown only."""
+        for task in list(self._running):
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
 
     async def fetch_document(self, url: str, *, exact_id: bool = True) -> JsonObject:
         """The ActivityPub object at ``url``, whose ``id`` must be the URL fetched.
@@ -341,15 +362,29 @@ class Fetcher:
     async def _fetch_json(
         self, url: httpx.URL, accept: str, type_ok: Callable[[str], bool]
     ) -> tuple[httpx.URL, Any]:
+        # Shielded: a caller cancelled now leaves the GET to end by its deadline.
+        task = asyncio.create_task(self._get_by_deadline(url, accept, type_ok))
+        self._running.add(task)
+        task.add_done_callback(self._settled)
+        final, body = await asyncio.shield(task)
+        return final, parse_json(body)
+
+    def _settled(self, task: asyncio.Task[tuple[httpx.URL, bytes]]) -> None:
+        self._running.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: its caller may have stopped waiting
+
+    async def _get_by_deadline(
+        self, url: httpx.URL, accept: str, type_ok: Callable[[str], bool]
+    ) -> tuple[httpx.URL, bytes]:
         limit = self._policy.total_timeout
         try:
             # One deadline over every hop and every read: per-read timeouts alone let
             # a server trickle a byte a second for ever (ATTACKS 24).
-            with anyio.fail_after(limit):
-                final, body = await self._get(url, accept, type_ok)
+            with deadline(limit), anyio.fail_after(limit + _BACKSTOP):
+                return await self._get(url, accept, type_ok)
         except TimeoutError:
             raise FetchTimeout(f"{url.host} did not answer within {limit:g} s") from None
-        return final, parse_json(body)
 
     async def _get(
         self, url: httpx.URL, accept: str, type_ok: Callable[[str], bool]
@@ -382,9 +417,15 @@ class Fetcher:
                     if not type_ok(content_type):
                         raise BadDocument(f"{url} is {content_type[:80] or 'untyped'}")
                     return url, await _read_capped(response, self._policy.max_bytes)
+            except httpx.PoolTimeout as error:
+                raise FetchBusy("no connection for fetching became free in time") from error
             except httpx.TimeoutException as error:
-                raise FetchTimeout(f"{url.host} timed out") from error
-            except (httpx.HTTPError, httpx.InvalidURL, OSError) as error:
+                limit = self._policy.total_timeout
+                raise FetchTimeout(f"{url.host} did not answer within {limit:g} s") from error
+            except (httpx.NetworkError, httpx.RemoteProtocolError, OSError) as error:
+                reason = f"GET {url} failed: {error or type(error).__name__}"
+                raise FetchUnreachable(reason) from error
+            except (httpx.HTTPError, httpx.InvalidURL) as error:
                 raise FetchError(f"GET {url} failed: {error or type(error).__name__}") from error
         raise FetchError(f"more than {self._policy.max_redirects} redirects")
 

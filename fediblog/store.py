@@ -13,26 +13,29 @@ another one (the CLI writing while the server runs), which is what page caches k
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from fediblog.errors import DuplicateSlug, StorageError
+from fediblog.errors import DuplicateSlug, StorageError, StorageUnavailable
 from fediblog.models import (
     ActorKey,
     Author,
     Comment,
     CommentSource,
     DeliveryJob,
-    DeliveryOutcome,
     Follower,
     InboxItem,
+    InboxJob,
     OutgoingActivity,
     Post,
     PostDraft,
@@ -41,6 +44,7 @@ from fediblog.models import (
     parse_ts,
     utcnow,
 )
+from fediblog.worker import Outcome
 
 # Each entry is one migration; the database remembers how many ran (PRAGMA user_version).
 # Never edit a shipped entry: append a new one.
@@ -209,9 +213,27 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX followers_status ON followers(status, id);
     CREATE INDEX deliveries_status ON deliveries(status, id);
     """,
+    """
+    -- The inbox queue retries transient failures: attempts, and when it is due again
+    -- (NULL: due now). A claimed row is leased by moving next_attempt_at ahead.
+    ALTER TABLE inbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE inbox ADD COLUMN next_attempt_at TEXT;
+    CREATE INDEX inbox_processed ON inbox(processed_at) WHERE status != 'queued';
+    CREATE INDEX deliveries_finished ON deliveries(finished_at) WHERE status != 'queued';
+    """,
 )
 
 _TAG_SEPARATOR = "\x1f"
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode), or None if it is gone."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino)
+
 
 # Comments a reader may see: published ones, plus deleted ones kept as placeholders
 # for the replies under them. Never followers-only or direct ones.
@@ -240,6 +262,45 @@ _COMMENT_COLUMNS = """
     a.ap_id AS actor_ap_id, a.username, a.domain, a.name AS actor_name, a.url AS actor_url,
     a.icon_url
 """
+
+
+# What an Outcome does to its row (worker.py): done, retry later, failed, or released
+# (claimed, never run: due again, its attempt not counted).
+_RECORD_INBOX = """
+    UPDATE inbox SET
+        status = CASE :status WHEN 'done' THEN 'done' WHEN 'failed' THEN 'failed'
+                 ELSE 'queued' END,
+        attempts = attempts - (:status = 'release'),
+        next_attempt_at = :retry_at,
+        error = coalesce(:error, error),
+        processed_at = CASE WHEN :status IN ('done', 'failed') THEN :now END
+    WHERE id = :id
+"""
+_RECORD_DELIVERY = """
+    UPDATE deliveries SET
+        status = CASE :status WHEN 'done' THEN 'sent' WHEN 'failed' THEN
+                 CASE WHEN :gave_up THEN 'dead' ELSE 'failed' END ELSE 'queued' END,
+        attempts = attempts - (:status = 'release'),
+        next_attempt_at = coalesce(:retry_at, next_attempt_at),
+        last_error = CASE :status WHEN 'release' THEN last_error ELSE :error END,
+        finished_at = CASE WHEN :status IN ('done', 'failed') THEN :now END
+    WHERE id = :id
+"""
+
+
+def _outcome_rows(results: Iterable[tuple[Any, Outcome]]) -> list[dict[str, Any]]:
+    now = format_ts(utcnow())
+    return [
+        {
+            "id": job.id,
+            "status": outcome.status,
+            "error": outcome.error,
+            "retry_at": format_ts(outcome.retry_at) if outcome.retry_at else None,
+            "gave_up": outcome.gave_up,
+            "now": now,
+        }
+        for job, outcome in results
+    ]
 
 
 def _post(row: sqlite3.Row) -> Post:
@@ -296,45 +357,75 @@ async def _returning(db: aiosqlite.Connection, sql: str, params: Sequence[Any]) 
     return int(row[0])
 
 
-class Store:
-    """One SQLite database. Open with ``await Store.open(path)``; close when done."""
+_PRAGMAS = (
+    "journal_mode = WAL",
+    "synchronous = FULL",
+    "foreign_keys = ON",
+    "busy_timeout = 5000",
+    "mmap_size = 268435456",
+)
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+# Set while a task is inside a write transaction: its reads go to the writer connection
+# (they must see its own uncommitted rows); every other read goes to the reader.
+_writing: ContextVar[bool] = ContextVar("fediblog_store_writing", default=False)
+
+
+def _unavailable(path: Path, error: sqlite3.Error) -> StorageUnavailable:
+    return StorageUnavailable(f"the database {path} cannot be used now: {error}")
+
+
+class Store:
+    """One SQLite database. Open with ``await Store.open(path)``; close when done.
+
+    Two connections: one writer, whose transactions ``_lock`` serializes, and one
+    reader. In WAL mode the reader sees only committed data, so no coroutine can read
+    a row another one is about to roll back.
+    """
+
+    def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection, path: Path) -> None:
         self._db = db
+        self._reader = reader
+        self._path = path
+        self._identity = _identity(path)
         self._lock = asyncio.Lock()  # one write transaction at a time on this connection
         self._writes = 0
         self._data_version = 0
         self._checked_at = 0.0
         self.version_max_age = 1.0  # seconds another process's commit may go unnoticed
 
+    @property
+    def path(self) -> Path:
+        return self._path
+
     @classmethod
-    async def open(cls, path: Path) -> Store:
-        """Open (creating if needed) and migrate the database at ``path``."""
+    async def open(cls, path: Path, *, create: bool = True) -> Store:
+        """Open and migrate the database at ``path``; create it only if ``create``."""
+        if not create and _identity(path) is None:
+            raise StorageError(f"no database at {path}: run `fediblog init` first")
+        connections: list[aiosqlite.Connection] = []
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            db = await aiosqlite.connect(path, isolation_level=None)
-        except (OSError, sqlite3.Error) as error:
-            raise StorageError(f"cannot open the database {path}: {error}") from None
-        try:
-            db.row_factory = sqlite3.Row
-            for pragma in (
-                "journal_mode = WAL",
-                "synchronous = FULL",
-                "foreign_keys = ON",
-                "busy_timeout = 5000",
-            ):
-                await db.execute(f"PRAGMA {pragma}")
-            store = cls(db)
+            for _ in range(2):
+                connection = await aiosqlite.connect(path, isolation_level=None)
+                connections.append(connection)
+                connection.row_factory = sqlite3.Row
+                for pragma in _PRAGMAS:
+                    await connection.execute(f"PRAGMA {pragma}")
+            db, reader = connections
+            store = cls(db, reader, path)
             await store.migrate()
-        except sqlite3.Error as error:
-            await db.close()
+        except (OSError, sqlite3.Error) as error:
+            for connection in connections:
+                await connection.close()
             raise StorageError(f"cannot use the database {path}: {error}") from None
         except BaseException:
-            await db.close()
+            for connection in connections:
+                await connection.close()
             raise
         return store
 
     async def close(self) -> None:
+        await self._reader.close()
         await self._db.close()
 
     async def migrate(self) -> int:
@@ -362,7 +453,8 @@ class Store:
 
         Our own writes count immediately; other processes' are noticed through
         ``PRAGMA data_version`` at most ``version_max_age`` seconds late, so a hot
-        page costs no query per request.
+        page costs no query per request. Asked on the writer connection, whose own
+        commits (inbox bookkeeping included) do not change it.
         """
         now = time.monotonic()
         if now - self._checked_at >= self.version_max_age:
@@ -378,26 +470,48 @@ class Store:
 
         ``shown=False`` is for bookkeeping no page shows (the inbox queue, delivery
         states), so a storm of inbound activities does not invalidate cached pages.
+        A locked, busy, full or read-only database raises StorageUnavailable, and so
+        does a database file removed or replaced under the running server: a commit
+        into an unlinked file would be lost at the next restart.
         """
         async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
+            token = _writing.set(True)
             try:
-                yield self._db
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
-            await self._db.execute("COMMIT")
+                try:
+                    await self._db.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as error:
+                    raise _unavailable(self._path, error) from error
+                try:
+                    yield self._db
+                    if _identity(self._path) != self._identity:
+                        raise StorageUnavailable(
+                            f"the database file {self._path} was removed or replaced while"
+                            " the server runs: restore it, then restart fediblog"
+                        )
+                    await self._db.execute("COMMIT")
+                except BaseException as error:
+                    if self._db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            await self._db.execute("ROLLBACK")
+                    if isinstance(error, sqlite3.OperationalError):
+                        raise _unavailable(self._path, error) from error
+                    raise
+            finally:
+                _writing.reset(token)
             if shown:
                 self._writes += 1
 
     # One trip to aiosqlite's thread per read (execute, fetch and close there): each
     # trip costs about 0.1 ms, three per query were most of a reply's processing.
     async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        return list(await self._db.execute_fetchall(sql, params))
+        db = self._db if _writing.get() else self._reader
+        try:
+            return list(await db.execute_fetchall(sql, params))
+        except sqlite3.OperationalError as error:
+            raise _unavailable(self._path, error) from error
 
     async def _fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
-        rows = await self._db.execute_fetchall(sql, params)
-        return next(iter(rows), None)
+        return next(iter(await self._fetchall(sql, params)), None)
 
     # ---- posts ------------------------------------------------------------------
 
@@ -760,46 +874,71 @@ class Store:
                 (activity_id, inbox, now, now),
             )
 
-    async def list_due_deliveries(
-        self, now: datetime, limit: int, exclude: Iterable[int] = ()
+    async def claim_deliveries(
+        self, now: datetime, lease_until: datetime, limit: int
     ) -> list[DeliveryJob]:
-        skip = list(exclude)[:900]  # SQLite's default variable limit is 999
-        marks = ",".join("?" * len(skip))
+        """Take due deliveries, count an attempt on each, lease them until ``lease_until``.
+
+        Counted when claimed, so a crash mid-request cannot under-count attempts; a
+        crash re-sends only what was in flight, once the lease ends.
+        """
+        async with self._transaction(shown=False) as db:
+            rows = await db.execute_fetchall(
+                "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?"
+                " WHERE id IN (SELECT id FROM deliveries WHERE status = 'queued'"
+                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?)"
+                " RETURNING id, inbox, attempts, activity_id",
+                (format_ts(lease_until), format_ts(now), limit),
+            )
+            payloads: dict[int, bytes] = {}
+            for activity_id in {row["activity_id"] for row in rows}:
+                found = await db.execute_fetchall(
+                    "SELECT payload FROM activities WHERE id = ?", (activity_id,)
+                )
+                payloads[activity_id] = next(iter(found))["payload"].encode()
+        jobs = [
+            DeliveryJob(row["id"], row["inbox"], payloads[row["activity_id"]], row["attempts"])
+            for row in rows
+        ]
+        jobs.sort(key=lambda job: job.id)
+        return jobs
+
+    async def list_due_deliveries(self, now: datetime, limit: int) -> list[DeliveryJob]:
+        """Deliveries due at ``now``, without claiming them (for looking, not sending)."""
         rows = await self._fetchall(
             "SELECT d.id, d.inbox, d.attempts, a.payload FROM deliveries d"
             " JOIN activities a ON a.id = d.activity_id"
             " WHERE d.status = 'queued' AND d.next_attempt_at <= ?"
-            + (f" AND d.id NOT IN ({marks})" if skip else "")
-            + " ORDER BY d.next_attempt_at, d.id LIMIT ?",
-            (format_ts(now), *skip, limit),
+            " ORDER BY d.next_attempt_at, d.id LIMIT ?",
+            (format_ts(now), limit),
         )
         return [
             DeliveryJob(row["id"], row["inbox"], row["payload"].encode(), row["attempts"])
             for row in rows
         ]
 
-    async def save_delivery_outcomes(self, outcomes: Sequence[DeliveryOutcome]) -> None:
-        if not outcomes:
-            return
-        now = format_ts(utcnow())
+    async def record_deliveries(self, results: Sequence[tuple[DeliveryJob, Outcome]]) -> None:
+        """Write what became of delivery attempts, in one commit."""
+        if results:
+            async with self._transaction(shown=False) as db:
+                await db.executemany(_RECORD_DELIVERY, _outcome_rows(results))
+
+    async def prune(self, before: datetime) -> tuple[int, int]:
+        """Forget processed inbox rows and finished deliveries older than ``before``.
+
+        Deduplication needs no more: a signed request older than its signature's
+        window is refused anyway, and a replayed reply meets its comment's unique id.
+        Returns (inbox rows, deliveries) removed.
+        """
+        cutoff = format_ts(before)
         async with self._transaction(shown=False) as db:
-            await db.executemany(
-                "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?,"
-                " last_error = ?, finished_at = CASE WHEN ? = 'queued' THEN NULL ELSE ? END"
-                " WHERE id = ?",
-                [
-                    (
-                        o.status,
-                        o.attempts,
-                        format_ts(o.next_attempt_at),
-                        o.error,
-                        o.status,
-                        now,
-                        o.id,
-                    )
-                    for o in outcomes
-                ],
+            inbox = await db.execute(
+                "DELETE FROM inbox WHERE status != 'queued' AND processed_at < ?", (cutoff,)
             )
+            deliveries = await db.execute(
+                "DELETE FROM deliveries WHERE status != 'queued' AND finished_at < ?", (cutoff,)
+            )
+            return inbox.rowcount, deliveries.rowcount
 
     async def next_delivery_due(self) -> datetime | None:
         row = await self._fetchone(
@@ -956,23 +1095,36 @@ class Store:
                 [(i.dedup_key, i.actor, i.type, i.payload, now) for i in items],
             )
 
-    async def list_queued_inbox(self, limit: int) -> list[tuple[int, str]]:
-        rows = await self._fetchall(
-            "SELECT id, payload FROM inbox WHERE status = 'queued' ORDER BY id LIMIT ?", (limit,)
-        )
-        return [(row["id"], row["payload"]) for row in rows]
-
-    async def finish_inbox_items(self, results: Sequence[tuple[int, str | None]]) -> None:
-        """Mark processed activities done (error None) or failed (with the reason)."""
-        if not results:
-            return
-        now = format_ts(utcnow())
+    async def claim_inbox(self, now: datetime, lease_until: datetime, limit: int) -> list[InboxJob]:
+        """Take due activities in arrival order, count an attempt, lease them."""
         async with self._transaction(shown=False) as db:
-            await db.executemany(
-                "UPDATE inbox SET status = CASE WHEN ? IS NULL THEN 'done' ELSE 'failed' END,"
-                " error = ?, processed_at = ? WHERE id = ?",
-                [(error, error, now, item_id) for item_id, error in results],
+            rows = await db.execute_fetchall(
+                "UPDATE inbox SET attempts = attempts + 1, next_attempt_at = ?"
+                " WHERE id IN (SELECT id FROM inbox WHERE status = 'queued'"
+                " AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id LIMIT ?)"
+                " RETURNING id, payload, attempts",
+                (format_ts(lease_until), format_ts(now), limit),
             )
+        jobs = [InboxJob(row["id"], row["payload"], row["attempts"]) for row in rows]
+        jobs.sort(key=lambda job: job.id)  # RETURNING promises no order
+        return jobs
+
+    async def record_inbox(self, results: Sequence[tuple[InboxJob, Outcome]]) -> None:
+        """Write what became of processed activities, in one commit."""
+        if results:
+            async with self._transaction(shown=False) as db:
+                await db.executemany(_RECORD_INBOX, _outcome_rows(results))
+
+    async def list_inbox(self, *, problems_only: bool, limit: int = 50) -> list[sqlite3.Row]:
+        """Inbound activities, newest first: all, or those failed or waiting to retry."""
+        where = "status = 'failed' OR error IS NOT NULL AND status = 'queued'"
+        return await self._fetchall(
+            "SELECT id, type, actor_ap_id, status, attempts, next_attempt_at, error,"
+            " received_at, processed_at FROM inbox"
+            + (f" WHERE {where}" if problems_only else "")
+            + " ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
 
     async def count_inbox(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT status, count(*) AS n FROM inbox GROUP BY status")

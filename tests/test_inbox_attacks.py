@@ -63,6 +63,8 @@ from tests.inbox_kit import (
 pytestmark = pytest.mark.anyio
 
 NOT_VERIFIED = "signature does not verify with the signer's key"
+# What was wrong is logged; the 401 says no more (tests/test_outbound_isolation.py).
+NOT_A_KEY = "the signing key is not a valid key document"
 TOO_LARGE = "the body is larger than 1000000 bytes"
 
 
@@ -603,9 +605,7 @@ async def test_attack_20_key_document_naming_victim_as_owner(
 
     response = await inbox.post(body, pyhttpsig_headers(evil, EVIL_KEY, body))
 
-    assert_answer(
-        response, 401, f"cannot get the signing key {EVIL_KEY}: the key's owner is on another host"
-    )
+    assert_answer(response, 401, NOT_A_KEY)
     assert inbox.fetched(alice.id) == []  # alice's server is not even asked
     assert actor_row(inbox.database, alice.id) is None
     await inbox.assert_nothing_stored()
@@ -636,11 +636,7 @@ async def test_attack_20_owner_publishes_other_key_id(
 
     response = await inbox.post(body, pyhttpsig_headers(evil, key_id, body))
 
-    assert_answer(
-        response,
-        401,
-        f"cannot get the signing key {key_id}: the key's owner does not publish this key id",
-    )
+    assert_answer(response, 401, NOT_A_KEY)
     assert inbox.fetched(alice.id) == [alice.id]  # the owner was asked, once
     await inbox.assert_nothing_stored()
     assert actor_row(inbox.database, alice.id) == known  # her cached key is untouched
@@ -660,11 +656,7 @@ async def test_attack_20_gotosocial_stub_owner_publishes_other_key_id(gts_inbox:
 
     response = await gts_inbox.post(body, pyhttpsig_headers(evil, other_key_id, body))
 
-    assert_answer(
-        response,
-        401,
-        f"cannot get the signing key {other_key_id}: the key's owner does not publish this key id",
-    )
+    assert_answer(response, 401, NOT_A_KEY)
     assert actor_row(gts_inbox.database, zork.id) is None
     await gts_inbox.assert_nothing_stored()
 
@@ -750,7 +742,9 @@ async def test_attack_21_unfetchable_key_flood_fetches_once(inbox: Harness) -> N
     await inbox.assert_nothing_stored()
 
 
-async def test_attack_21_made_up_key_ids_on_one_host_are_capped(inbox: Harness) -> None:
+async def test_attack_21_made_up_key_ids_on_one_host_are_fetched_once_each(
+    inbox: Harness,
+) -> None:
     ghost = mastodon("ghost")
 
     for n in range(20):
@@ -759,7 +753,9 @@ async def test_attack_21_made_up_key_ids_on_one_host_are_capped(inbox: Harness) 
         response = await inbox.post(body, pyhttpsig_headers(ghost.key, key_id, body))
         assert response.status_code == 401
 
-    assert len(inbox.fetched()) == 5  # then the host cools down
+    # Each once; 404s never cool the host down, or anyone could lock its users out
+    # (fetches are capped in number at once instead: tests/test_outbound_isolation.py).
+    assert len(inbox.fetched()) == 20
     await inbox.assert_nothing_stored()
 
 

@@ -18,10 +18,11 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
+from fediblog import moderation
 from fediblog.activitystreams import plain_text
 from fediblog.errors import FetchError
-from fediblog.models import Post, utcnow
-from fediblog.render import plain_to_html, strip_invisible
+from fediblog.models import Post
+from fediblog.render import strip_invisible
 from fediblog.web.deps import Services, services
 
 MAX_FORM_BYTES = 100_000
@@ -151,18 +152,8 @@ async def comment(request: Request) -> Response:
         problems.append(f"a comment of at most {MAX_COMMENT:,} characters")
     if problems:
         return _message(ctx, post, 400, "Almost", "Please give " + ", ".join(problems) + ".")
-    now = utcnow()
-    await ctx.store.save_comment(
-        post_id=post.id,
-        parent_id=None,
-        content_html=plain_to_html(text),
-        published=now,
-        received=now,
-        source="local",
-        author_name=name,
-        author_url=website or None,
-        author_email=email,
-        status="pending",
+    await moderation.hold_local_comment(
+        ctx.store, post.id, name=name, email=email, website=website or None, text=text
     )
     return RedirectResponse(f"/posts/{post.slug}/thanks", status_code=303)
 

@@ -1,0 +1,347 @@
+"""Background work, one mechanism for every queue: claim → run → record.
+
+A queue is rows in the database (inbox activities to act on, deliveries to send).
+``Worker`` drives any ``Queue``:
+
+* **claim** takes a batch of due rows in one write transaction, counting the attempt
+  and leasing each row until ``now + lease``: a process that dies mid-job leaves the
+  row to be claimed again once the lease ends, and the attempt is already counted;
+* **run** does one job, at most ``concurrency`` at once, each in its own task, so a
+  slow job never holds up another;
+* **record** writes each outcome as soon as it is known (outcomes that finish
+  together share one commit): done, retry at a time, or failed with a reason.
+
+Whether an error is worth retrying is decided here, in ``is_transient``, for every
+queue alike: the network, a timeout, a busy or locked or full database, a remote
+5xx are transient; a refused, malformed or forbidden thing is permanent.
+``run_once()`` drains what is due and returns (tests call it; nothing sleeps);
+``run_forever()`` repeats it after every ``wake()`` and at least every ``poll``
+seconds. Cancelled (shutdown), a worker records the jobs it was running as
+attempted and due again now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Generic, Literal, Protocol, TypeVar
+
+import httpx
+
+from fediblog.errors import (
+    BadDocument,
+    BlockedAddress,
+    FetchError,
+    FetchStatus,
+    FetchTooLarge,
+    StorageUnavailable,
+)
+from fediblog.models import utcnow
+
+log = logging.getLogger("fediblog.worker")
+
+Status = Literal["done", "retry", "failed", "release"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one job: its row's next state."""
+
+    status: Status
+    error: str | None = None
+    retry_at: datetime | None = None
+    gave_up: bool = False  # failed only because the attempts ran out
+
+    @classmethod
+    def done(cls) -> Outcome:
+        return cls("done")
+
+    @classmethod
+    def failed(cls, error: str) -> Outcome:
+        return cls("failed", error[:500])
+
+    @classmethod
+    def retry(cls, at: datetime, error: str) -> Outcome:
+        return cls("retry", error[:500], at)
+
+    @classmethod
+    def release(cls, at: datetime) -> Outcome:
+        """Claimed but never run: due again at ``at``, and the attempt not counted."""
+        return cls("release", None, at)
+
+
+class Job(Protocol):
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def attempts(self) -> int:
+        """Attempts so far, this one included (claiming counts it)."""
+
+
+J = TypeVar("J", bound=Job)
+
+
+class Queue(Protocol[J]):
+    async def claim(self, now: datetime, lease_until: datetime, limit: int) -> list[J]:
+        """Take up to ``limit`` due jobs, count an attempt on each, lease them."""
+
+    async def record(self, results: Sequence[tuple[J, Outcome]]) -> None:
+        """Write these outcomes, all in one commit."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Waits after attempt 1, 2, …; after the last one, a transient error is final."""
+
+    backoff: tuple[timedelta, ...]
+    jitter: float = 0.2  # ±20%, so a server that comes back is not hit by everyone at once
+
+    @property
+    def max_attempts(self) -> int:
+        return len(self.backoff) + 1
+
+    def next_try(self, attempts: int, now: datetime, at_least: timedelta | None = None) -> datetime:
+        wait = self.backoff[min(attempts, len(self.backoff)) - 1]
+        wait *= random.uniform(1 - self.jitter, 1 + self.jitter)
+        if at_least is not None:
+            wait = max(wait, at_least)
+        return now + wait
+
+    def after_error(self, job: Job, error: str, now: datetime, *, transient: bool) -> Outcome:
+        if not transient:
+            return Outcome.failed(error)
+        if job.attempts >= self.max_attempts:
+            return Outcome("failed", error[:500], gave_up=True)
+        return Outcome.retry(self.next_try(job.attempts, now), error)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether trying the same job again later may succeed.
+
+    Follows the chain of causes (``raise … from``, and the context of ``from None``):
+    an ``ActivityError`` that wraps a fetch timeout is as transient as the timeout.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, FetchStatus):
+            return current.status >= 500 or current.status in (408, 429)
+        if isinstance(current, BadDocument | BlockedAddress | FetchTooLarge):
+            return False
+        if isinstance(current, FetchError | StorageUnavailable):
+            return True  # connection refused, timeout, busy: the other side may recover
+        if isinstance(current, sqlite3.OperationalError):
+            return True  # locked, busy, disk full, read-only: the operator can fix it
+        if isinstance(current, httpx.TransportError | TimeoutError | ConnectionError):
+            return True
+        if isinstance(current, OSError):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def describe(error: BaseException) -> str:
+    """One line for the CLI: the error's own text, or its type for a bare one."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}"[:500] if text else type(error).__name__
+
+
+class ThrottledLog:
+    """Logs one line per ``interval`` for a recurring fault, with how often it recurred.
+
+    A full disk under a reply flood fails every request: one line a minute says as much
+    as 286 tracebacks.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0) -> None:
+        self._log = logger
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def error(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -self._interval) < self._interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        again = self._suppressed.pop(key, 0)
+        self._last[key] = now
+        self._log.error("%s%s", message, f" (and {again} more since the last report)" * bool(again))
+
+
+class Worker(Generic[J]):
+    """Runs one queue's jobs: claim in batches, run concurrently, record each outcome."""
+
+    def __init__(
+        self,
+        name: str,
+        queue: Queue[J],
+        run: Callable[[J], Awaitable[Outcome]],
+        *,
+        concurrency: int = 1,
+        batch: int = 200,
+        lease: timedelta = timedelta(minutes=1),
+        record_every: int = 1,
+        poll_seconds: float = 1.0,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.name = name
+        self._queue = queue
+        self._run = run
+        self._concurrency = concurrency
+        self._batch = max(batch, concurrency)
+        self._lease = lease
+        self._record_every = record_every
+        self._poll = poll_seconds
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._trouble = ThrottledLog(log)
+
+    def wake(self) -> None:
+        """Something was queued in this process: run now, not at the next poll."""
+        self._wake.set()
+
+    async def run_once(self, max_jobs: int = 1_000_000) -> int:
+        """Run every job due now (bounded by ``max_jobs``); return how many were claimed.
+
+        New work that arrives while jobs run (``wake()``, or found by polling) joins
+        this pass: a job that hangs until its timeout delays nothing queued after it.
+        """
+        backlog: deque[J] = deque()
+        running: dict[asyncio.Task[Outcome], J] = {}
+        held: set[int] = set()  # claimed by this pass: never run twice, even past a lease
+        results: list[tuple[J, Outcome]] = []
+        claimed = 0
+        exhausted = False
+        woken: asyncio.Task[bool] | None = None
+        try:
+            while True:
+                # Claiming costs a commit: claim when half the batch is free, not per job.
+                if not exhausted and claimed < max_jobs and len(backlog) <= self._batch // 2:
+                    now = self.clock()
+                    room = min(self._batch - len(backlog), max_jobs - claimed)
+                    try:
+                        found = await self._queue.claim(now, now + self._lease, room)
+                    except StorageUnavailable as error:
+                        if not (claimed or running or backlog):
+                            raise
+                        # Busy now; finish what this pass holds and look again later.
+                        self._trouble.error("claim", f"{self.name}: claiming jobs: {error}")
+                        found = []
+                    jobs = [job for job in found if job.id not in held]
+                    claimed += len(jobs)
+                    held.update(job.id for job in jobs)
+                    backlog.extend(jobs)
+                    exhausted = not jobs
+                while backlog and len(running) < self._concurrency:
+                    job = backlog.popleft()
+                    running[asyncio.ensure_future(self._run(job))] = job
+                if not running:
+                    break
+                if woken is None:
+                    woken = asyncio.ensure_future(self._wake.wait())
+                finished, _ = await asyncio.wait(
+                    {*running, woken}, timeout=self._poll, return_when=asyncio.FIRST_COMPLETED
+                )
+                if woken in finished or not finished:
+                    self._wake.clear()  # new work, or time to look for some
+                    exhausted = False
+                    woken = None
+                for task in [t for t in running if t in finished]:
+                    job = running.pop(task)
+                    results.append((job, self._outcome(job, task)))
+                if results and (len(results) >= self._record_every or not (running or backlog)):
+                    await self._record(results)
+                    results = []
+            return claimed
+        finally:
+            if woken is not None:
+                woken.cancel()
+            await self._stop(running, backlog, results)
+
+    async def _record(self, results: list[tuple[J, Outcome]]) -> None:
+        """Record outcomes, waiting out a database that is busy for a while: work done
+        and forgotten would be done again once its lease ends."""
+        for wait in (0.1, 0.5, 1, 2, 5):
+            try:
+                await self._queue.record(results)
+                return
+            except StorageUnavailable as error:
+                self._trouble.error("record", f"{self.name}: recording outcomes: {error}")
+                await asyncio.sleep(wait)
+        await self._queue.record(results)
+
+    def _outcome(self, job: J, task: asyncio.Task[Outcome]) -> Outcome:
+        error = task.exception()
+        if error is None:
+            return task.result()
+        # A job function returns its outcomes; what escapes it is a fault of ours or
+        # of the machine. Transient faults come back later; a bug fails this job alone.
+        transient = is_transient(error)
+        if transient:
+            self._trouble.error(type(error).__name__, f"{self.name}: {describe(error)}")
+        else:
+            log.error("%s: job %d failed", self.name, job.id, exc_info=error)
+        retry_at = self.clock() + timedelta(seconds=30)
+        return (
+            Outcome.retry(retry_at, describe(error))
+            if transient
+            else Outcome.failed(f"internal error: {describe(error)}")
+        )
+
+    async def _stop(
+        self,
+        running: dict[asyncio.Task[Outcome], J],
+        backlog: deque[J],
+        results: list[tuple[J, Outcome]],
+    ) -> None:
+        """Cancelled or failed mid-pass: what ran is recorded, the rest is due again."""
+        if not (running or backlog or results):
+            return
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        now = self.clock()
+        for task, job in running.items():
+            if task.cancelled():
+                results.append((job, Outcome.retry(now, "interrupted (the worker stopped)")))
+            else:
+                results.append((job, self._outcome(job, task)))
+        # Claimed but never started: due now, and the attempt given back.
+        results.extend((job, Outcome.release(now)) for job in backlog)
+        with contextlib.suppress(Exception):
+            await self._queue.record(results)
+
+    async def run_forever(self) -> None:
+        """Run due jobs after every ``wake()`` and at least every ``poll`` seconds."""
+        while True:
+            self._wake.clear()
+            try:
+                await self.run_once()
+            except Exception as error:  # the worker outlives any one bad pass
+                if is_transient(error):
+                    self._trouble.error("pass", f"{self.name}: {describe(error)}")
+                else:
+                    log.exception("%s: a pass failed", self.name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._poll)
+
+
+async def every(seconds: float, action: Callable[[], Awaitable[object]], name: str) -> None:
+    """Run ``action`` now and then every ``seconds``, surviving its failures."""
+    while True:
+        try:
+            await action()
+        except Exception:
+            log.exception("%s failed", name)
+        await asyncio.sleep(seconds)
