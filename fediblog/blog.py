@@ -40,6 +40,7 @@ MAX_TITLE = 300
 MAX_SUMMARY = 2_000
 MAX_TAGS = 30
 MAX_FILE_BYTES = 2_000_000
+MIN_YEAR, MAX_YEAR = 1900, 9999  # for `published`
 _SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,118}[a-z0-9])?$")
 
 
@@ -153,9 +154,23 @@ def _parse_published(value: object, source: str) -> datetime | None:
             ) from None
     else:
         raise PostError(f"{source}: published must be a date")
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).replace(microsecond=0)
+    out_of_range = PostError(
+        f"{source}: published must be between the years {MIN_YEAR} and {MAX_YEAR}"
+        f" (in UTC), not {value}"
+    )
+    try:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        # Year 1 with a positive offset, or 9999-12-31 with a negative one, leaves
+        # datetime's range when converted to UTC.
+        moment = moment.astimezone(UTC).replace(microsecond=0)
+    except OverflowError:
+        raise out_of_range from None
+    # Stored as text and compared as text: years before 1000 would sort wrongly and
+    # not parse back; no real post predates 1900.
+    if not MIN_YEAR <= moment.year <= MAX_YEAR:
+        raise out_of_range
+    return moment
 
 
 def _outgoing(activity: JsonObject) -> OutgoingActivity:

@@ -1,20 +1,23 @@
-"""The ``fediblog`` command: init, serve, demo, post, followers, deliveries, comments, block.
+"""The ``fediblog`` command: init, serve, demo, post, followers, deliveries, inbox, comments,
+block, backup and restore.
 
 Every failure a user can cause ends as one line on stderr and a non-zero exit:
-2 for a wrong setting or usage, 1 for a command that could not be done.
+2 for a wrong setting or usage, 1 for a command that could not be done. A database
+that fails under a command (read-only, full, locked, damaged) is one line too.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from fediblog.blog import Blog, read_post_file
 from fediblog.config import Settings, load_settings
-from fediblog.errors import ConfigError, FediblogError
+from fediblog.errors import ConfigError, FediblogError, StorageError
 from fediblog.keys import ensure_keys
 from fediblog.models import format_ts
 from fediblog.store import Store
@@ -82,6 +85,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     deliveries.add_argument("--sent", action="store_true", help="also list sent ones")
     deliveries.add_argument("--limit", type=int, default=50, help="rows to show (50)")
+
+    inbox = commands.add_parser(
+        "inbox", help="the inbox queue: activities waiting to retry or failed, with reasons"
+    )
+    inbox.add_argument("--all", action="store_true", help="also list processed ones")
+    inbox.add_argument("--limit", type=int, default=50, help="rows to show (50)")
+
+    backup = commands.add_parser(
+        "backup", help="copy the database and the keys into a new folder (safe while serving)"
+    )
+    backup.add_argument("folder", type=Path, help="a new or empty folder")
+    restore = commands.add_parser("restore", help="put a backup's database and keys back")
+    restore.add_argument("folder", type=Path, help="a folder `fediblog backup` wrote")
+    restore.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing database and keys (stop the server first)",
+    )
     return parser
 
 
@@ -109,23 +130,20 @@ def _init(settings: Settings) -> None:
 
 
 def _serve(settings: Settings, host: str, port: int) -> None:
-    import uvicorn  # imported here: only `serve` and `demo` need it
-
+    # Imported here: only `serve` and `demo` need uvicorn and the app.
     from fediblog.app import create_app
+    from fediblog.preflight import check_before_serving
+    from fediblog.server import Timeouts, serve
 
-    if not (settings.keys_dir / "blog.pem").exists():
-        raise ConfigError(f"no keys in {settings.keys_dir}: run `fediblog init` first")
-    print(f"fediblog: serving @{settings.acct} on http://{host}:{port}", file=sys.stderr)
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        proxy_headers=True,
-        forwarded_allow_ips="127.0.0.1",
-        server_header=False,
-        log_level="info",
-        access_log=False,
+    check_before_serving(settings)
+    timeouts = Timeouts(
+        header=settings.header_timeout,
+        body=settings.body_timeout,
+        keep_alive=settings.keep_alive_timeout,
+        shutdown=settings.shutdown_timeout,
     )
+    print(f"fediblog: serving @{settings.acct} on http://{host}:{port}", file=sys.stderr)
+    serve(create_app(settings), host, port, timeouts)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -209,6 +227,23 @@ def _deliveries(settings: Settings, args: argparse.Namespace) -> None:
     asyncio.run(_with_blog(settings, run))
 
 
+def _inbox(settings: Settings, args: argparse.Namespace) -> None:
+    async def run(blog: Blog) -> None:
+        counts = await blog.store.count_inbox()
+        summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("queued", "done", "failed"))
+        print(f"inbox: {summary}")
+        rows = await blog.store.list_inbox(problems_only=not args.all, limit=max(1, args.limit))
+        for row in rows:
+            if row["status"] == "queued" and row["error"]:
+                state = f"retry  attempts={row['attempts']:<2} at {row['next_attempt_at']}"
+            else:
+                state = f"{row['status']:<6} attempts={row['attempts']:<2} {row['received_at']}"
+            error = f"  ({row['error']})" if row["error"] else ""
+            print(f"{row['id']:>7} {state}  {row['type']:<8} {row['actor_ap_id']}{error}")
+
+    asyncio.run(_with_blog(settings, run))
+
+
 def _comments(settings: Settings, args: argparse.Namespace) -> None:
     from fediblog import moderation
     from fediblog.render import excerpt
@@ -256,13 +291,47 @@ def _blocks(settings: Settings, args: argparse.Namespace) -> None:
     asyncio.run(_with_blog(settings, run))
 
 
+def _backup(settings: Settings, args: argparse.Namespace) -> None:
+    from fediblog.backup import backup, restore
+
+    if args.command == "backup":
+        done = backup(settings, args.folder)
+        print(
+            f"backup written to {done.folder} in {done.seconds:.1f} s: {settings.database}"
+            f" (schema {done.schema_version}, {done.database_bytes:,} bytes) and the keys"
+            f" in {settings.keys_dir}"
+        )
+        return
+    manifest = restore(settings, args.folder, force=args.force)
+    print(
+        f"restored {settings.database} and the keys in {settings.keys_dir} from the backup"
+        f" of {manifest['created_at']} (schema {manifest['schema_version']})"
+    )
+
+
+def _database_failure(database: Path | None, error: BaseException) -> str | None:
+    """One line for a database failure that escaped a command, or None if it is not one."""
+    from fediblog.preflight import database_hint, database_problem
+
+    if isinstance(error, sqlite3.Error):
+        return database_problem(database or Path("(the database)"), error)
+    # The store raises its own errors `from None`; the SQLite error is still the context.
+    cause = error.__cause__ or error.__context__
+    if isinstance(error, StorageError) and isinstance(cause, sqlite3.Error):
+        hint = database_hint(cause)
+        return str(error) if hint in str(error) else f"{error} ({hint})"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    database: Path | None = args.database if args.command == "demo" else None
     try:
         if args.command == "demo":
             _demo(args)
             return 0
         settings = load_settings()
+        database = settings.database
         if args.command == "init":
             _init(settings)
         elif args.command == "serve":
@@ -273,15 +342,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             _followers(settings, args)
         elif args.command == "deliveries":
             _deliveries(settings, args)
+        elif args.command == "inbox":
+            _inbox(settings, args)
         elif args.command == "comments":
             _comments(settings, args)
         elif args.command in ("block", "unblock", "blocks"):
             _blocks(settings, args)
+        elif args.command in ("backup", "restore"):
+            _backup(settings, args)
     except ConfigError as error:
         print(f"fediblog: configuration error: {error}", file=sys.stderr)
         return 2
-    except FediblogError as error:
-        print(f"fediblog: error: {error}", file=sys.stderr)
+    except (FediblogError, sqlite3.Error) as error:
+        message = _database_failure(database, error) or str(error)
+        print(f"fediblog: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

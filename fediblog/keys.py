@@ -2,13 +2,14 @@
 
 ``blog.pem`` signs everything the blog actor sends; ``instance.pem`` signs the
 server's outbound GETs (the instance actor). Both are RSA-2048 PKCS#8 PEM files
-with mode 0600. ``ensure_keys`` never overwrites a key that exists: servers that
-cached our public key (GoToSocial does, and never refetches it) would otherwise
-reject everything we send.
+with mode 0600, in a folder with mode 0700. ``ensure_keys`` never overwrites a key
+that exists: servers that cached our public key (GoToSocial does, and never
+refetches it) would otherwise reject everything we send.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,10 @@ Private keys of this blog. `fediblog init` creates them; nothing else writes her
   (Accept, Create, Update, Delete). Its public half is in the actor document.
 - `instance.pem` — the instance actor's key: signs the server's outbound GETs.
 
-Each file is mode 0600 and git-ignored. Back them up with the database: followers'
-servers cache the public keys, so a lost key means they reject the blog's posts
-until they refetch it (some never do). Never commit, copy into a web root, or share
+Each file is mode 0600 (this folder 0700) and git-ignored; `fediblog serve` refuses
+keys other users can read. Back them up with the database (`fediblog backup DIR`):
+followers' servers cache the public keys, so a lost key means they reject the blog's
+posts until they refetch it (some never do). Never commit, copy into a web root, or share
 these files.
 """
 GITIGNORE = "*\n!README.md\n!.gitignore\n"
@@ -54,10 +56,21 @@ def _write_private(path: Path, key: rsa.RSAPrivateKey) -> None:
         handle.write(pem)
 
 
+def _tighten_folder(keys_dir: Path) -> None:
+    """Make the folder 0700: a checkout's keys/ (it holds README.md) is 0755, and
+    `serve` refuses a keys folder other users can enter or change."""
+    mode = keys_dir.stat().st_mode & 0o777
+    if mode & 0o077:
+        # Not ours to change? Then `serve` refuses it and names the command to run.
+        with contextlib.suppress(PermissionError):
+            keys_dir.chmod(0o700)
+
+
 def ensure_keys(keys_dir: Path) -> list[Path]:
     """Create any missing key (and the folder's README); return the files created."""
     try:
-        keys_dir.mkdir(parents=True, exist_ok=True)
+        keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _tighten_folder(keys_dir)
         created: list[Path] = []
         for name, text in (("README.md", README), (".gitignore", GITIGNORE)):
             path = keys_dir / name
@@ -81,8 +94,16 @@ def load_key(keys_dir: Path, name: str) -> KeyPair:
         data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"no key at {path}: run `fediblog init` first") from None
+    except PermissionError:
+        raise ConfigError(
+            f"cannot read {path}: permission denied (the key must belong to the user"
+            " that runs fediblog)"
+        ) from None
     except OSError as error:
         raise ConfigError(f"cannot read {path}: {error.strerror or error}") from None
+    # A lost key cannot be made again: followers' servers keep the old public key.
+    if not data.strip():
+        raise ConfigError(f"{path} is empty: restore it from your backup (`fediblog restore`)")
     try:
         # Our own file, written by `fediblog init` with mode 0600: the (slow) checks that
         # protect against a hostile key buy nothing here and cost 0.1 s per key.
@@ -90,7 +111,10 @@ def load_key(keys_dir: Path, name: str) -> KeyPair:
             data, password=None, unsafe_skip_rsa_key_validation=True
         )
     except (ValueError, TypeError):
-        raise ConfigError(f"{path} is not an unencrypted PEM private key") from None
+        raise ConfigError(
+            f"{path} is not an unencrypted PEM private key (truncated or damaged?):"
+            " restore it from your backup (`fediblog restore`)"
+        ) from None
     if not isinstance(key, rsa.RSAPrivateKey):
         raise ConfigError(f"{path} is not an RSA key")
     public_pem = key.public_key().public_bytes(

@@ -32,7 +32,7 @@ from fediblog.web.deps import Services
 from fediblog.worker import is_transient
 from tests.conftest import BASE_URL, deliver
 from tests.fediverse import Fediverse, signed_headers
-from tests.helpers import publish
+from tests.helpers import publish, run
 from tests.test_federation_e2e import Clock, World
 
 pytestmark = pytest.mark.anyio
@@ -165,6 +165,39 @@ def inbox_row(database: Path) -> sqlite3.Row:
         row = db.execute("SELECT status, attempts, error FROM inbox ORDER BY id DESC").fetchone()
     assert row is not None
     return row
+
+
+async def test_the_cli_shows_why_an_activity_waits_or_failed(
+    web: httpx.AsyncClient,
+    ctx: Services,
+    fediverse: Fediverse,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    post = await publish(ctx, "Reasons")
+    ann = fediverse.add("social.example", "ann")
+    mallory = fediverse.add("evil.example", "mallory", key_index=1)
+    forged = mallory.note(1, ctx.blog.object_id(post.uid), "x", id=f"{ann.id}/statuses/9")
+    await deliver(web, ctx, mallory, mallory.create(forged))
+
+    async def disk_full(activity: dict[str, Any]) -> None:
+        raise StorageUnavailable("the database cannot be used now: database or disk is full")
+
+    ctx.inbox.handlers["Create"].insert(0, disk_full)
+    await deliver(web, ctx, ann, ann.create(ann.note(2, ctx.blog.object_id(post.uid), "y")))
+    monkeypatch.setenv("FEDIBLOG_BASE_URL", BASE_URL)
+    monkeypatch.setenv("FEDIBLOG_DATABASE", str(ctx.settings.database))
+    monkeypatch.setenv("FEDIBLOG_CONFIG", str(ctx.settings.database.parent / "none.toml"))
+
+    code, out, _ = await asyncio.to_thread(run, capsys, "inbox")  # the CLI runs its own loop
+
+    assert code == 0
+    assert out.splitlines()[0] == "inbox: 1 queued, 0 done, 1 failed"
+    (retrying,) = [line for line in out.splitlines() if " retry " in line]
+    assert "attempts=1" in retrying
+    assert "disk is full" in retrying
+    (failed,) = [line for line in out.splitlines() if " failed " in line]
+    assert "the object is on another host than its actor" in failed
 
 
 def test_transient_and_permanent_errors() -> None:

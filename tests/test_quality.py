@@ -128,3 +128,22 @@ def test_mypy_strict_is_clean() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_package_file_ships_in_the_wheel() -> None:
+    """Each non-Python file of the package matches a package-data glob: a wheel install
+    (not only `pip install -e`) has its templates, static files and demo posts."""
+    import fnmatch
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    globs = config["tool"]["setuptools"]["package-data"]["fediblog"]
+    missing = [
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*")
+        if path.is_file()
+        and path.suffix not in (".py", ".pyc")
+        and "__pycache__" not in path.parts
+        and not any(fnmatch.fnmatch(str(path.relative_to(PACKAGE)), g) for g in globs)
+    ]
+    assert missing == []

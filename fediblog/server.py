@@ -1,0 +1,241 @@
+"""The HTTP server: uvicorn, configured so that no client can hold the process or a slot.
+
+This module owns the listening socket, uvicorn's settings, and the client deadlines:
+
+* a request head (request line and headers) must arrive within ``header`` seconds of
+  the connection, or of the previous response: uvicorn has no such limit, so
+  ``HeadDeadlineProtocol`` (its httptools protocol plus one timer) adds it;
+* a request body must arrive within ``body`` seconds of its head, or the request
+  is answered 408 and the connection closed (``BodyDeadline``, around the whole app);
+* an idle keep-alive connection is closed after ``keep_alive`` seconds (uvicorn's);
+* on SIGTERM or SIGINT, requests get ``shutdown`` seconds to finish, then the
+  process ends: the systemd unit's TimeoutStopSec must be longer.
+
+Without them, three slow uploads kept a stopping server alive until systemd killed it,
+and a client that connected and sent nothing held its connection forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from dataclasses import dataclass
+
+import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from fediblog.errors import ConfigError, FediblogError
+
+log = logging.getLogger("fediblog.server")
+
+_TIMEOUT_BODY = b"408: the request took too long to arrive\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Client deadlines and the shutdown grace period, in seconds."""
+
+    header: int = 10
+    body: int = 30
+    keep_alive: int = 5
+    shutdown: int = 10
+
+
+class HeadDeadlineProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, closing connections whose request head is late.
+
+    The timer runs from connection_made, and again from the end of each response,
+    until the head is complete (``on_headers_complete``). uvicorn's own keep-alive
+    timer only starts after a response and stops at the first byte of the next
+    request, so without this a client could connect, send half a head, and wait.
+    """
+
+    header_timeout: float = 10.0  # set per server by _protocol_class
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = False
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is not None:
+            self._head_bytes = True
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._disarm_head_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        next_head_complete = bool(self.pipeline)  # a pipelined request already has its head
+        super().on_response_complete()
+        if not next_head_complete and not self.transport.is_closing():
+            self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        self._disarm_head_timer()
+        self._head_bytes = False
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_bytes:  # a slow client deserves to know; a silent one gets nothing
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
+            )
+        self.transport.close()
+
+
+def _protocol_class(header_timeout: float) -> type[HeadDeadlineProtocol]:
+    class Protocol(HeadDeadlineProtocol):
+        pass
+
+    Protocol.header_timeout = header_timeout
+    return Protocol
+
+
+class BodyDeadline:
+    """Cuts a request whose body is not complete ``timeout`` seconds after its head.
+
+    The app then reads an ``http.disconnect`` (as if the client had gone), whatever it
+    answers is dropped, and the client gets 408 with ``connection: close``. Reads after
+    the body (waiting for a disconnect while streaming) are not limited.
+    """
+
+    def __init__(self, app: ASGIApp, timeout: float) -> None:
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        body_done = timed_out = started = False
+
+        async def receive_in_time() -> Message:
+            nonlocal body_done, timed_out
+            if body_done:
+                return await receive()
+            if not timed_out and loop.time() < deadline:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        message = await receive()
+                except TimeoutError:
+                    pass
+                else:
+                    if message["type"] != "http.request" or not message.get("more_body"):
+                        body_done = True
+                    return message
+            timed_out = True
+            return {"type": "http.disconnect"}
+
+        async def send_unless_cut(message: Message) -> None:
+            nonlocal started
+            if timed_out:
+                return  # the app's answer to a body it never got; 408 goes instead
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive_in_time, send_unless_cut)
+        except Exception:
+            if not timed_out:
+                raise  # a disconnect the app did not expect is ours, not a bug to log
+        if timed_out and not started:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 408,
+                    "headers": [
+                        (b"content-type", b"text/plain; charset=utf-8"),
+                        (b"content-length", str(len(_TIMEOUT_BODY)).encode()),
+                        (b"connection", b"close"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": _TIMEOUT_BODY})
+
+
+class _QuietCancellation(logging.Filter):
+    """One line, not a traceback, for requests cancelled when the grace period ends."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, asyncio.CancelledError):
+            record.msg = "a request was cut short: the shutdown grace period ended"
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the app starts, so a taken port is one line."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {error.strerror or error}"
+            " (is another server using it? choose another --port)"
+        ) from None
+    return sock
+
+
+def serve(app: ASGIApp, host: str, port: int, timeouts: Timeouts | None = None) -> None:
+    """Serve ``app`` on host:port until SIGINT or SIGTERM; return once it has stopped."""
+    timeouts = timeouts or Timeouts()
+    sock = _bind(host, port)
+    config = uvicorn.Config(
+        BodyDeadline(app, timeouts.body),
+        http=_protocol_class(timeouts.header),
+        ws="none",
+        lifespan="on",
+        proxy_headers=True,
+        forwarded_allow_ips="127.0.0.1",
+        server_header=False,
+        log_level="info",
+        access_log=False,
+        timeout_keep_alive=timeouts.keep_alive,
+        timeout_graceful_shutdown=timeouts.shutdown,
+    )
+    server = uvicorn.Server(config)
+    # uvicorn.Config has just configured its loggers; this one reports cancelled requests.
+    logging.getLogger("uvicorn.error").addFilter(_QuietCancellation())
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the SIGINT it handled: the graceful stop is done
+    except SystemExit:
+        # uvicorn exits like this when the app's start-up failed; it logged why.
+        raise FediblogError("the server did not start: see the messages above") from None
+    finally:
+        sock.close()
