@@ -83,10 +83,12 @@ class Deliverer:
             DeliveryQueue(store),
             self._attempt,
             concurrency=concurrency,
-            batch=concurrency * 4,
-            # Longer than any one attempt can take, so a live worker never loses a
-            # lease; a dead one's rows are due again this long after it died.
-            lease=timedelta(seconds=timeout * 2 + 10),
+            # Claimed rows a crash strands until their lease ends: about one round.
+            batch=concurrency,
+            # Longer than any one attempt can take (its deadline is ``timeout``), so a
+            # live worker never loses a lease; a dead one's rows are due again this long
+            # after it died.
+            lease=timedelta(seconds=timeout + 10),
             clock=clock,
         )
 

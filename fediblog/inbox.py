@@ -168,9 +168,11 @@ class Inbox:
             "inbox",
             InboxQueue(store),
             self._process,
-            batch=200,
-            record_every=200,
-            lease=timedelta(minutes=10),
+            # Small batches: after a crash, at most this many are processed twice (the
+            # handlers are idempotent) and wait out the lease before they are retried.
+            batch=50,
+            record_every=50,
+            lease=timedelta(minutes=1),
         )
         # Every handler registered for a type runs; each ignores what is not its concern
         # (an Undo may undo a Follow here, or a Like in ``responses``).
