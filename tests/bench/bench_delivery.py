@@ -89,6 +89,8 @@ def receiver_app(port: int, public_pem: str, key_id: str) -> Any:
         chunks, more = [], True
         while more:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # cut off mid-body (a sender killed): not a delivery
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
