@@ -10,6 +10,7 @@ URL layout of the federation side is in one place:
     {base}/actor                      the instance actor (signs outbound GETs)
     {base}/p/{uid}                    a post (Article or Note); stable across slug changes
     {base}/p/{uid}/activity           its Create        {base}/p/{uid}/replies
+    {base}/p/{uid}/answers/{token}    the author's answer to a response under it (a Note)
 
 Only well-known contexts plus inline term definitions are published (Fedify refuses
 others). Inbound payloads are read as plain JSON: ``@context`` is never fetched.
@@ -26,7 +27,7 @@ from urllib.parse import quote, urlsplit
 
 from fediblog.config import Settings
 from fediblog.errors import ActivityError
-from fediblog.models import JsonObject, Post, format_ts
+from fediblog.models import AuthorAnswer, JsonObject, Mentioned, Post, Visibility, format_ts
 from fediblog.render import ascii_host, strip_invisible
 
 AS_CONTEXT = "https://www.w3.org/ns/activitystreams"
@@ -91,6 +92,9 @@ class Urls:
 
     def tag_url(self, tag: str) -> str:
         return f"{self.base}/tags/{quote(tag)}"
+
+    def answer_id(self, post_uid: str, token: str) -> str:
+        return f"{self.base}/p/{post_uid}/answers/{token}"
 
 
 # ---- what we publish ----------------------------------------------------------------
@@ -222,12 +226,12 @@ def build_delete(settings: Settings, uid: str, deleted: datetime) -> JsonObject:
     return _wrap("Delete", f"{object_id}#delete", settings, tombstone, format_ts(deleted))
 
 
-def build_tombstone(object_id: str, deleted: datetime) -> JsonObject:
+def build_tombstone(object_id: str, deleted: datetime, former_type: str = "Article") -> JsonObject:
     return {
         "@context": AS_CONTEXT,
         "id": object_id,
         "type": "Tombstone",
-        "formerType": "Article",
+        "formerType": former_type,
         "deleted": format_ts(deleted),
     }
 
@@ -308,6 +312,90 @@ def _escape(text: str) -> str:
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+# ---- the author's answers to responses ---------------------------------------------------
+
+
+def answer_audience(
+    settings: Settings, visibility: Visibility, mentioned: str | None
+) -> tuple[list[str], list[str]]:
+    """(to, cc) of an answer, addressed like the response it answers, its author in cc."""
+    urls = Urls.of(settings)
+    also = [mentioned] if mentioned else []
+    if visibility == "unlisted":
+        return [urls.followers], [PUBLIC, *also]
+    return [PUBLIC], [urls.followers, *also]
+
+
+def mention_html(mentioned: Mentioned) -> str:
+    """The link Mastodon writes for a mention (its client shows it as ``@user``)."""
+    return (
+        f'<span class="h-card"><a href="{_escape(mentioned.profile_url)}" class="u-url mention">'
+        f"@<span>{_escape(mentioned.username)}</span></a></span>"
+    )
+
+
+def build_answer_note(settings: Settings, answer: AuthorAnswer) -> JsonObject:
+    """The author's answer: a Note in reply to the response (or, for a response from the
+    local form, which has no id, to the post), mentioning the response's author."""
+    urls = Urls.of(settings)
+    mentioned = answer.mentioned
+    to, cc = answer_audience(settings, answer.visibility, mentioned.ap_id if mentioned else None)
+    note: JsonObject = {
+        "@context": OBJECT_CONTEXT,
+        "id": answer.ap_id,
+        "type": "Note",
+        "attributedTo": urls.actor,
+        "inReplyTo": answer.parent_ap_id or urls.object_id(answer.post_uid),
+        "to": to,
+        "cc": cc,
+        "published": format_ts(answer.published),
+        "url": f"{urls.post_url(answer.post_slug)}#comment-{answer.id}",
+        "mediaType": "text/html",
+        "content": answer.content_html,
+        "contentMap": {settings.language: answer.content_html},
+        "tag": (
+            [{"type": "Mention", "href": mentioned.ap_id, "name": mentioned.handle}]
+            if mentioned
+            else []
+        ),
+        "sensitive": False,
+    }
+    if answer.updated:
+        note["updated"] = format_ts(answer.updated)
+    return note
+
+
+def build_answer_create(settings: Settings, answer: AuthorAnswer) -> JsonObject:
+    note = build_answer_note(settings, answer)
+    return _wrap_answer("Create", f"{answer.ap_id}#create", settings, note, note["published"])
+
+
+def build_answer_update(settings: Settings, answer: AuthorAnswer) -> JsonObject:
+    """The answer as edited (``answer.updated`` set): its id says when, so each edit is new."""
+    assert answer.updated is not None
+    note = build_answer_note(settings, answer)
+    activity_id = f"{answer.ap_id}#updates/{int(answer.updated.timestamp())}"
+    return _wrap_answer("Update", activity_id, settings, note, note["updated"])
+
+
+def build_answer_delete(settings: Settings, answer: AuthorAnswer, deleted: datetime) -> JsonObject:
+    tombstone = build_tombstone(answer.ap_id, deleted, "Note")
+    del tombstone["@context"]
+    note = build_answer_note(settings, answer)  # for its audience
+    activity = _wrap_answer("Delete", f"{answer.ap_id}#delete", settings, note, format_ts(deleted))
+    activity["object"] = tombstone
+    return activity
+
+
+def _wrap_answer(
+    kind: str, activity_id: str, settings: Settings, note: JsonObject, when: str
+) -> JsonObject:
+    # Addressed like the Note: the mentioned person is in cc, so their server takes it.
+    activity = _wrap(kind, activity_id, settings, note, when)
+    activity["to"], activity["cc"] = note["to"], note["cc"]
+    return activity
 
 
 # ---- reading what others send ---------------------------------------------------------

@@ -28,12 +28,14 @@ from fediblog.activitystreams import Urls
 from fediblog.actors import ActorDirectory
 from fediblog.blog import Blog
 from fediblog.config import Settings
+from fediblog.crawl import Crawler
 from fediblog.delivery import USER_AGENT, Deliverer
 from fediblog.errors import StorageError
 from fediblog.httpsig import sign_request
 from fediblog.inbox import BatchWriter, Inbox
 from fediblog.keys import load_key
 from fediblog.models import utcnow
+from fediblog.notify import Notifier
 from fediblog.remote import Fetcher, FetchPolicy, build_transport
 from fediblog.responses import Responses
 from fediblog.store import Store
@@ -105,8 +107,9 @@ def create_app(
     """Build the ASGI app for these settings. Resources open in the lifespan.
 
     ``transport`` replaces the network for every outbound request (tests);
-    ``run_workers=False`` leaves the inbox processor and the delivery worker to
-    the caller, who runs single passes (``process_once`` / ``deliver_once``).
+    ``run_workers=False`` leaves the inbox processor, the delivery worker and the
+    crawler to the caller, who runs single passes (``process_once`` /
+    ``deliver_once`` / ``crawler.run_once``).
     """
 
     @asynccontextmanager
@@ -146,17 +149,30 @@ def create_app(
         deliverer = Deliverer(store, delivery_client, blog_key, urls.key_id)
         writer = BatchWriter(store)
         inbox = Inbox(settings, store, actors, writer, on_queued=deliverer.wake)
-        inbox.add_handlers(Responses(settings, store, actors, fetcher).handlers())
+        responses = Responses(settings, store, actors, fetcher)
+        inbox.add_handlers(responses.handlers())
+        # Each saved reply is crawled for the replies that never reached the inbox.
+        crawler = Crawler(settings, store, fetcher, responses, is_blocked=inbox.is_blocked)
+        responses.reply_listeners.append(crawler.schedule)
+        # The author hears of each new reply (a pool of its own: a slow webhook holds
+        # up no delivery); the local form tells it too (web/forms.py).
+        notify_client = http_client()
+        notifier = Notifier(settings, store, notify_client)
+        responses.reply_listeners.append(notifier.response_saved)
         await inbox.load_blocks()
         tasks = [asyncio.create_task(writer.run(), name="inbox-writer")]
         if run_workers:
 
             async def prune() -> None:
                 await store.prune(utcnow() - timedelta(days=settings.retention_days))
+                await store.prune_notifications(utcnow() - timedelta(days=settings.retention_days))
 
             tasks.append(asyncio.create_task(inbox.run(), name="inbox-processor"))
             tasks.append(asyncio.create_task(deliverer.run(), name="delivery"))
+            tasks.append(asyncio.create_task(crawler.run(), name="crawler"))
             tasks.append(asyncio.create_task(every(3600, prune, "pruning"), name="retention"))
+            if notifier.enabled:
+                tasks.append(asyncio.create_task(notifier.run(), name="notify"))
         try:
             app.state.services = Services(
                 settings=settings,
@@ -173,6 +189,8 @@ def create_app(
                 fetcher=fetcher,
                 interact_limit=RateLimit(limit=10, window=60),
                 comment_limit=RateLimit(limit=5, window=600),
+                crawler=crawler,
+                notifier=notifier,
             )
             yield
         finally:
@@ -183,6 +201,7 @@ def create_app(
             await fetcher.aclose()
             await fetch_client.aclose()
             await delivery_client.aclose()
+            await notify_client.aclose()
             await store.close()
 
     static_dir = Path(str(files("fediblog") / "static"))

@@ -30,7 +30,7 @@ import yaml
 
 from fediblog.activitystreams import Urls, build_create, build_delete, build_update
 from fediblog.config import Settings
-from fediblog.errors import PostError, PostNotFound
+from fediblog.errors import FediblogError, PostError, PostNotFound
 from fediblog.models import JsonObject, OutgoingActivity, Post, PostDraft, utcnow
 from fediblog.render import markdown_to_html, normalize_tag, slugify
 from fediblog.store import Store
@@ -44,18 +44,25 @@ MIN_YEAR, MAX_YEAR = 1900, 9999  # for `published`
 _SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,118}[a-z0-9])?$")
 
 
-def read_post_file(path: Path) -> PostDraft:
-    """Parse and validate a post file; raise PostError with one readable line."""
+def read_text_file(
+    path: Path, *, error: type[FediblogError] = PostError, max_bytes: int = MAX_FILE_BYTES
+) -> str:
+    """A UTF-8 text file the author wrote; ``error`` with one readable line if it is not."""
     try:
         raw = path.read_bytes()
-    except OSError as error:
-        raise PostError(f"cannot read {path}: {error.strerror or error}") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise PostError(f"{path} is larger than {MAX_FILE_BYTES // 1_000_000} MB")
+    except OSError as cause:
+        raise error(f"cannot read {path}: {cause.strerror or cause}") from None
+    if len(raw) > max_bytes:
+        raise error(f"{path} is larger than {max_bytes / 1_000_000:g} MB")
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise PostError(f"{path} is not UTF-8 text") from None
+        raise error(f"{path} is not UTF-8 text") from None
+
+
+def read_post_file(path: Path) -> PostDraft:
+    """Parse and validate a post file; raise PostError with one readable line."""
+    text = read_text_file(path)
     return parse_post(text, source=str(path))
 
 

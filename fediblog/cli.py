@@ -1,5 +1,5 @@
 """The ``fediblog`` command: init, serve, demo, post, followers, deliveries, inbox, comments,
-block, backup and restore.
+feeds, reply, block, backup and restore.
 
 Every failure a user can cause ends as one line on stderr and a non-zero exit:
 2 for a wrong setting or usage, 1 for a command that could not be done. A database
@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import re
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 
 from fediblog.blog import Blog, read_post_file
 from fediblog.config import Settings, load_settings
 from fediblog.errors import ConfigError, FediblogError, StorageError
 from fediblog.keys import ensure_keys
-from fediblog.models import format_ts
+from fediblog.models import format_ts, utcnow
 from fediblog.store import Store
 
 
@@ -66,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     comment_commands = comments.add_subparsers(dest="comments_command", metavar="ACTION")
     listing = comment_commands.add_parser("list", help="the newest comments (the default)")
     listing.add_argument("--pending", action="store_true", help="only those held for approval")
+    listing.add_argument(
+        "--since",
+        metavar="DURATION",
+        help="only those received in the last DURATION: 45m, 2h, 3d, 1w or 1h30m",
+    )
     for action, text in (
         ("approve", "publish a held comment"),
         ("reject", "hide a comment (it stays in the database)"),
@@ -73,6 +81,26 @@ def _parser() -> argparse.ArgumentParser:
     ):
         sub = comment_commands.add_parser(action, help=text)
         sub.add_argument("id", type=int, help="the comment's number, as `comments list` shows it")
+
+    feeds = commands.add_parser(
+        "feeds", help="the private feed of new and held responses, and the webhook's state"
+    )
+    feeds_commands = feeds.add_subparsers(dest="feeds_command", metavar="ACTION")
+    feeds_commands.add_parser("show", help="print the private feed's URL (the default)")
+    feeds_commands.add_parser("rotate", help="replace the private feed's URL (the old one: 404)")
+
+    reply = commands.add_parser(
+        "reply",
+        help="answer a response as the blog's author; edit or delete an answer",
+        usage="fediblog reply TARGET (FILE.md | --text TEXT)\n"
+        "       fediblog reply edit ID (FILE.md | --text TEXT)\n"
+        "       fediblog reply delete ID",
+        description="TARGET is SLUG#N (the response numbered N on the post's page) or a"
+        " response's ActivityPub id; ID is what `reply` printed: the answer's number or id.",
+    )
+    reply.add_argument("words", nargs="+", metavar="TARGET [FILE.md]", help=argparse.SUPPRESS)
+    reply.add_argument("--text", help="the answer, in Markdown (instead of FILE.md)")
+    reply.set_defaults(reply_usage=reply.error)
 
     block = commands.add_parser("block", help="block an actor URL or a whole domain")
     block.add_argument("target", help="https://server/users/name or server.example")
@@ -244,9 +272,33 @@ def _inbox(settings: Settings, args: argparse.Namespace) -> None:
     asyncio.run(_with_blog(settings, run))
 
 
+class UsageError(FediblogError):
+    """A command line that cannot mean anything (one line, exit 2)."""
+
+
+_DURATION_PART = re.compile(r"(\d{1,7})([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``45m``, ``2h``, ``3d``, ``1w``, or parts together (``1h30m``): a span of time."""
+    value = text.strip().lower()
+    if not value or _DURATION_PART.sub("", value) != "":
+        raise UsageError(f"--since takes a duration like 45m, 2h or 3d, not {text!r}")
+    seconds = sum(
+        int(amount) * _UNIT_SECONDS[unit] for amount, unit in _DURATION_PART.findall(value)
+    )
+    if not 0 < seconds <= 3650 * 86_400:
+        raise UsageError(f"--since takes a duration from 1s to 3650d, not {text!r}")
+    return timedelta(seconds=seconds)
+
+
 def _comments(settings: Settings, args: argparse.Namespace) -> None:
     from fediblog import moderation
     from fediblog.render import excerpt
+
+    raw_since = getattr(args, "since", None)
+    since = parse_duration(raw_since) if raw_since is not None else None
 
     async def run(blog: Blog) -> None:
         action = args.comments_command or "list"
@@ -256,8 +308,15 @@ def _comments(settings: Settings, args: argparse.Namespace) -> None:
             print(f"comment {args.id}: {status}")
             return
         pending = bool(getattr(args, "pending", False))
-        rows = await blog.store.list_comments_for_review(pending_only=pending)
-        if not rows:
+        if since is not None:
+            rows = await blog.store.list_comments_received_since(
+                utcnow() - since, pending_only=pending
+            )
+            if not rows:
+                print(f"no comments {'waiting ' if pending else ''}in the last {args.since}")
+        else:
+            rows = await blog.store.list_comments_for_review(pending_only=pending)
+        if not rows and since is None:
             print("no comments waiting" if pending else "no comments yet")
         for row in rows:
             who = f"@{row['username']}@{row['domain']}" if row["actor"] else row["author_name"]
@@ -265,6 +324,69 @@ def _comments(settings: Settings, args: argparse.Namespace) -> None:
                 f"{row['id']:>6}  {row['status']:<9} {row['visibility']:<9} {row['published_at']}"
                 f"  {row['slug']}  {who}: {excerpt(row['content_html'], 80)}"
             )
+
+    asyncio.run(_with_blog(settings, run))
+
+
+def _feeds(settings: Settings, args: argparse.Namespace) -> None:
+    from urllib.parse import urlsplit
+
+    from fediblog import notify
+
+    async def run(blog: Blog) -> None:
+        if args.feeds_command == "rotate":
+            token = await notify.rotate_feed_token(blog.store)
+            print("new private feed URL (the old one now answers 404):")
+        else:
+            token = await notify.feed_token(blog.store)
+            print("private feed of new and held responses (keep this URL to yourself):")
+        print(settings.url(notify.private_feed_path(token)))
+        if not settings.notify_url:
+            print("webhook: off (set FEDIBLOG_NOTIFY_URL and FEDIBLOG_NOTIFY_SECRET)")
+            return
+        counts = await blog.store.count_notifications()
+        summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("queued", "sent", "failed", "dead"))
+        # The host only: the URL may carry a token (ntfy's ?auth=, Gotify's ?token=).
+        print(f"webhook to {urlsplit(settings.notify_url).hostname}: {summary}")
+        for row in await blog.store.list_notifications(limit=20):
+            if row["last_error"] and row["status"] != "sent":
+                print(
+                    f"{row['status']:<6} attempts={row['attempts']:<2} comment {row['comment_id']}"
+                    f"  {row['event']}  ({row['last_error']})"
+                )
+
+    asyncio.run(_with_blog(settings, run))
+
+
+def _reply(settings: Settings, args: argparse.Namespace) -> None:
+    from fediblog.answers import Answers, read_answer_file
+
+    words: list[str] = args.words
+    action = words[0] if words[0] in ("edit", "delete") else "new"
+    given = words[1:] if action != "new" else words  # what to answer or change [, FILE.md]
+    if not given:
+        args.reply_usage(f"`reply {action}` needs the answer's number or id")
+    if action == "delete" and (len(given) > 1 or args.text is not None):
+        args.reply_usage("`reply delete` takes the answer's number or id, nothing else")
+    if action != "delete" and len(given) != (1 if args.text is not None else 2):
+        args.reply_usage("give the answer as FILE.md or as --text TEXT (one of them)")
+    ref = given[0]
+    text = "" if action == "delete" else args.text
+    if text is None:
+        text = read_answer_file(Path(given[1]))
+
+    async def run(blog: Blog) -> None:
+        answers = Answers(settings, blog.store)
+        if action == "delete":
+            answer = await answers.delete(ref)
+            print(f"deleted answer {answer.id}: {answer.ap_id} now answers 410")
+        elif action == "edit":
+            answer = await answers.edit(ref, text)
+            print(f"updated answer {answer.id}: {answer.ap_id}")
+        else:
+            done = await answers.publish(ref, text)
+            whom = f" ({done.answer.mentioned.handle})" if done.answer.mentioned else ""
+            print(f"answered {done.target}{whom}: answer {done.answer.id}, {done.answer.ap_id}")
 
     asyncio.run(_with_blog(settings, run))
 
@@ -346,6 +468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _inbox(settings, args)
         elif args.command == "comments":
             _comments(settings, args)
+        elif args.command == "feeds":
+            _feeds(settings, args)
+        elif args.command == "reply":
+            _reply(settings, args)
         elif args.command in ("block", "unblock", "blocks"):
             _blocks(settings, args)
         elif args.command in ("backup", "restore"):
@@ -353,12 +479,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"fediblog: configuration error: {error}", file=sys.stderr)
         return 2
+    except UsageError as error:
+        print(f"fediblog: error: {error}", file=sys.stderr)
+        return 2
     except (FediblogError, sqlite3.Error) as error:
         message = _database_failure(database, error) or str(error)
         print(f"fediblog: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`fediblog comments | head`): stop quietly, and keep
+        # Python from complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

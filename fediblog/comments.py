@@ -76,3 +76,16 @@ def count_responses(threads: Iterable[Thread]) -> int:
     return sum(
         (0 if thread.deleted else 1) + count_responses(thread.children) for thread in threads
     )
+
+
+def number_responses(threads: Iterable[Thread], first: int = 1) -> int:
+    """Number the responses in page order (depth first, oldest first at every level),
+    from ``first``, as ``count_responses`` counts them: a deleted placeholder gets no
+    number. Returns the number the next response would get."""
+    following = first
+    for thread in threads:
+        if not thread.deleted:
+            thread.number = following
+            following += 1
+        following = number_responses(thread.children, following)
+    return following

@@ -29,6 +29,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "body_timeout": (1, 3600),
     "keep_alive_timeout": (1, 300),
     "shutdown_timeout": (1, 600),
+    "responses_per_page": (1, 10_000),
 }
 
 
@@ -61,6 +62,13 @@ class Settings:
     body_timeout: int = 30
     keep_alive_timeout: int = 5
     shutdown_timeout: int = 10
+    # Responses are paged by top-level thread, each thread whole (web/html.py).
+    responses_per_page: int = 100
+    # The webhook (notify.py): one signed JSON POST per new or held response. The
+    # secret signs each body (HMAC-SHA256); the topic is for ntfy's JSON API.
+    notify_url: str = ""
+    notify_secret: str = ""
+    notify_topic: str = ""
 
     # ---- derived values -------------------------------------------------------
 
@@ -191,4 +199,46 @@ def _validate(raw: Mapping[str, Any]) -> Settings:
         raise ConfigError(f"FEDIBLOG_MODERATION must be one of {', '.join(MODERATION_MODES)}")
     if not settings.title:
         raise ConfigError("FEDIBLOG_TITLE must not be empty")
+    _check_notify(settings)
     return replace(settings, base_url=base.lower() if base.isascii() else base)
+
+
+MIN_NOTIFY_SECRET = 16
+
+
+def _check_notify(settings: Settings) -> None:
+    """The webhook settings: a URL we may POST to, and a secret to sign with. The
+    messages never repeat the URL or the secret, which may carry credentials."""
+    if not settings.notify_url:
+        if settings.notify_topic:
+            raise ConfigError("FEDIBLOG_NOTIFY_TOPIC is set but FEDIBLOG_NOTIFY_URL is not")
+        return
+    try:
+        parts = urlsplit(settings.notify_url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ConfigError("FEDIBLOG_NOTIFY_URL is not a URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("FEDIBLOG_NOTIFY_URL must be an absolute https URL")
+    if parts.scheme == "http" and not settings.allow_http:
+        raise ConfigError(
+            "FEDIBLOG_NOTIFY_URL is http: use https (or set FEDIBLOG_ALLOW_HTTP=1 for local use)"
+        )
+    if parts.fragment or any(c.isspace() for c in settings.notify_url):
+        raise ConfigError("FEDIBLOG_NOTIFY_URL must have no spaces and no #fragment")
+    if not settings.notify_secret:
+        raise ConfigError(
+            "FEDIBLOG_NOTIFY_URL is set, so FEDIBLOG_NOTIFY_SECRET must be too: the secret"
+            " that signs each notification (e.g. `openssl rand -hex 32`)"
+        )
+    if len(settings.notify_secret) < MIN_NOTIFY_SECRET:
+        raise ConfigError(
+            f"FEDIBLOG_NOTIFY_SECRET must be at least {MIN_NOTIFY_SECRET} characters long"
+        )
+    topic = settings.notify_topic
+    if topic and not (
+        len(topic) <= 64 and all(c.isascii() and (c.isalnum() or c in "_-") for c in topic)
+    ):
+        raise ConfigError(
+            "FEDIBLOG_NOTIFY_TOPIC may use only letters, digits, '_' and '-' (64 at most)"
+        )

@@ -100,6 +100,7 @@ class Comment:
     source: CommentSource
     published: datetime
     updated: datetime | None
+    by_author: bool = False  # the blog's author answering (answers.py)
 
 
 @dataclass(slots=True)
@@ -108,10 +109,39 @@ class Thread:
 
     comment: Comment
     children: list[Thread] = field(default_factory=list)
+    number: int | None = None  # its place among the post's responses; None for a placeholder
 
     @property
     def deleted(self) -> bool:
         return self.comment.status == "deleted"
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadPage:
+    """One page of a post's responses: whole threads, and where they stand among all."""
+
+    comments: tuple[Comment, ...]  # every visible comment of this page's threads
+    first_number: int  # the number of this page's first response (1 on the first page)
+    threads: int  # how many threads the post has in all (deleted ones with no reply left out)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseEntry:
+    """A response with the post it answers, for the response feeds and notifications."""
+
+    comment: Comment
+    post_uid: str
+    post_slug: str
+    post_title: str
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationJob:
+    """One webhook POST about a response; ``attempts`` counts this one."""
+
+    id: int
+    payload: bytes
+    attempts: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +184,25 @@ class InboxJob:
 
 
 @dataclass(frozen=True, slots=True)
+class CrawlJob:
+    """A fediverse comment whose replies to read from its server (crawl.py); ``attempts``
+    counts this one, ``rounds`` the crawls of it already done."""
+
+    id: int
+    comment_id: int
+    post_id: int
+    ap_id: str
+    host: str
+    found_by: Literal["delivery", "crawl"]
+    depth: int  # 1: a reply to the post itself
+    rounds: int
+    attempts: int
+    arrived: datetime  # when the comment arrived: the rounds count from here
+    post_published: datetime
+    post_deleted: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ActorKey:
     """A remote actor's public key as we cached it."""
 
@@ -171,3 +220,38 @@ class Follower:
     follow_id: str
     status: Literal["pending", "accepted"]
     created: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Mentioned:
+    """The remote account an author's answer is for: mentioned, and delivered to."""
+
+    ap_id: str
+    username: str
+    domain: str
+    profile_url: str
+    inbox: str | None  # their shared inbox if they have one
+
+    @property
+    def handle(self) -> str:
+        return f"@{self.username}@{self.domain}"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorAnswer:
+    """The blog author's answer to a response: a comment of the blog's own, with an id."""
+
+    id: int  # the comment's number
+    ap_id: str
+    post_id: int
+    post_uid: str
+    post_slug: str
+    parent_id: int
+    parent_ap_id: str | None  # None: the answered comment came from the local form
+    mentioned: Mentioned | None
+    content_html: str
+    visibility: Visibility
+    status: CommentStatus
+    published: datetime
+    updated: datetime | None
+    gone_at: datetime | None  # deleted, or its post deleted: the id answers 410

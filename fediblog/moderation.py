@@ -8,6 +8,7 @@ nothing stored. The running server rereads the block list every second.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from fediblog.errors import FediblogError
@@ -42,6 +43,11 @@ async def set_status(store: Store, comment_id: int, status: str) -> None:
     row = await store.get_comment_row(comment_id)
     if row is None or row["status"] == "deleted":
         raise ModerationError(f"no comment has the id {comment_id}")
+    if row["by_author"]:
+        # Followers hold a copy: only `reply delete` sends the Delete that removes it.
+        raise ModerationError(
+            f"comment {comment_id} is your own answer: use `fediblog reply edit` or `delete`"
+        )
     if status == "deleted":
         await store.delete_comment(
             comment_id, ap_id=row["ap_id"], actor=row["actor"], when=utcnow()
@@ -51,14 +57,29 @@ async def set_status(store: Store, comment_id: int, status: str) -> None:
 
 
 async def hold_local_comment(
-    store: Store, post_id: int, *, name: str, email: str, website: str | None, text: str
+    store: Store,
+    post_id: int,
+    *,
+    name: str,
+    email: str,
+    website: str | None,
+    text: str,
+    parent_id: int | None = None,
+    on_saved: Callable[[int], Awaitable[None]] | None = None,
 ) -> int:
     """A comment from the blog's own form (already validated), held for approval and
-    shown as plain text once approved; the email is kept, never published."""
+    shown as plain text once approved; the email is kept, never published.
+
+    ``parent_id`` makes it a reply to a response that readers see under the same post
+    (anything else is a ModerationError); ``on_saved`` is told the new comment's id
+    (the author's notifications, notify.py).
+    """
+    if parent_id is not None and await store.get_visible_response(post_id, parent_id) is None:
+        raise ModerationError("you can only reply to a response shown under this post")
     now = utcnow()
-    return await store.save_comment(
+    comment_id = await store.save_comment(
         post_id=post_id,
-        parent_id=None,
+        parent_id=parent_id,
         content_html=plain_to_html(text),
         published=now,
         received=now,
@@ -68,3 +89,6 @@ async def hold_local_comment(
         author_email=email,
         status="pending",
     )
+    if on_saved is not None:
+        await on_saved(comment_id)
+    return comment_id

@@ -12,6 +12,10 @@ The inbox has verified who sent each activity; this module decides what it may d
   bring it back [9];
 * a copy embedded by a third party (a Lemmy community's Announce) is never
   trusted: the object is fetched again from its origin [7];
+* a reply the crawler (``crawl.py``) fetched from its origin is saved the same way, if
+  public or unlisted, its author being its ``attributedTo`` on the object's host; a
+  refetch applies an edit as an Update would, and a crawled reply gone from its
+  origin becomes a placeholder as a Delete would make it;
 * a Like, a Misskey emoji reaction and an Announce of one of our posts count once
   per actor; their Undo only by the same actor [12].
 
@@ -22,7 +26,7 @@ author always takes its host from the actor id, never from a claimed name [34].
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -62,6 +66,8 @@ class Responses:
         self._actors = actors
         self._fetcher = fetcher
         self._urls = Urls.of(settings)
+        # Told (comment id, found by crawling) after each reply is saved: crawl.py.
+        self.reply_listeners: list[Callable[[int, bool], Awaitable[None]]] = []
 
     def handlers(self) -> Mapping[str, Handler]:
         return {
@@ -85,22 +91,24 @@ class Responses:
             return
         await self._save_reply(obj, actor)
 
-    async def _save_reply(self, obj: JsonObject, actor: str) -> None:
+    async def _save_reply(
+        self, obj: JsonObject, actor: str, *, crawled: bool = False
+    ) -> int | None:
         note_id = self._check_note(obj, actor)
         if await self._store.is_tombstoned(note_id, actor):
             raise ActivityError("that object was deleted")
         if await self._store.get_comment_by_ap_id(note_id) is not None:
-            return  # already here (the same reply, delivered twice)
+            return None  # already here (the same reply, delivered twice)
         target = await self._find_target(obj.get("inReplyTo"))
         if target is None:
-            return  # not a reply to us: nothing to do
+            return None  # not a reply to us: nothing to do
         post_id, parent_id = target
         author = await self._actors.get_actor(actor)
         row = await self._store.get_actor_row(author.ap_id)
         assert row is not None  # get_actor saved it
         content, summary, sensitive = self._render(obj)
         now = utcnow()
-        await self._store.save_comment(
+        comment_id = await self._store.save_comment(
             post_id=post_id,
             parent_id=parent_id,
             content_html=content,
@@ -115,6 +123,9 @@ class Responses:
             visibility=_visibility(obj),
             status=await self._initial_status(row["id"], content, summary),
         )
+        for listener in self.reply_listeners:
+            await listener(comment_id, crawled)
+        return comment_id
 
     def _check_note(self, obj: JsonObject, actor: str) -> str:
         note_id = require_http_url(obj.get("id"), "object id", allow_http=self._settings.allow_http)
@@ -192,6 +203,28 @@ class Responses:
             raise ActivityError(f"cannot fetch {object_id}: {error}") from None
         return document
 
+    # ---- replies the crawler fetched from their origin (crawl.py) ----------------------
+
+    async def save_fetched_reply(self, document: JsonObject) -> int | None:
+        """Save a reply fetched from its origin like a delivered one; a followers-only
+        or direct one is not stored at all. Returns the new comment's id, if saved."""
+        if document.get("type") not in NOTE_TYPES or not is_public(document):
+            return None
+        author = _fetched_author(document, "fetched")
+        return await self._save_reply(document, author, crawled=True)
+
+    async def refresh_fetched_reply(self, document: JsonObject) -> None:
+        """A comment fetched again from its origin: an edit applies as an Update would."""
+        author = _fetched_author(document, "fetched")
+        await self.handle_update({"type": "Update", "actor": author, "object": document})
+
+    async def delete_gone_reply(self, object_id: str) -> None:
+        """A comment whose origin answers 404/410: a placeholder, as a Delete makes it."""
+        comment = await self._store.get_comment_by_ap_id(object_id)
+        if comment is not None and comment["actor"] is not None:
+            delete = {"type": "Delete", "actor": comment["actor"], "object": object_id}
+            await self.handle_delete(delete)
+
     # ---- edits and deletions ----------------------------------------------------------
 
     async def handle_update(self, activity: JsonObject) -> None:
@@ -263,11 +296,7 @@ class Responses:
         document = await self._fetch_from_origin(object_id)
         if not isinstance(document, dict) or document.get("type") not in NOTE_TYPES:
             return
-        authors = [id_of(a) for a in as_list(document.get("attributedTo"))]
-        author = authors[0] if authors else None
-        if author is None or host_of(author) != host_of(object_id):
-            raise ActivityError("the relayed object's author is on another host")
-        await self._save_reply(document, author)
+        await self._save_reply(document, _fetched_author(document, "relayed"))
 
     async def _react(self, activity: JsonObject, kind: str, content: str | None) -> None:
         target = id_of(activity.get("object"))  # an embedded copy is never trusted
@@ -301,6 +330,16 @@ class Responses:
         elif isinstance(inner, str):
             for kind in ("Like", "Announce"):
                 await self._store.delete_reaction(actor=actor, kind=kind, ap_id=inner, post_id=None)
+
+
+def _fetched_author(document: JsonObject, what: str) -> str:
+    """The author of an object fetched from its origin: its ``attributedTo``, which must
+    be on the object's own host (the origin answers only for its own users)."""
+    authors = [id_of(a) for a in as_list(document.get("attributedTo"))]
+    author = authors[0] if authors else None
+    if author is None or host_of(author) != host_of(str(document.get("id"))):
+        raise ActivityError(f"the {what} object's author is on another host")
+    return author
 
 
 def _moment(value: Any) -> datetime | None:

@@ -17,7 +17,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from datetime import datetime
@@ -30,15 +30,21 @@ from fediblog.errors import DuplicateSlug, StorageError, StorageUnavailable
 from fediblog.models import (
     ActorKey,
     Author,
+    AuthorAnswer,
     Comment,
     CommentSource,
+    CrawlJob,
     DeliveryJob,
     Follower,
     InboxItem,
     InboxJob,
+    Mentioned,
+    NotificationJob,
     OutgoingActivity,
     Post,
     PostDraft,
+    ResponseEntry,
+    ThreadPage,
     Visibility,
     format_ts,
     parse_ts,
@@ -221,9 +227,66 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX inbox_processed ON inbox(processed_at) WHERE status != 'queued';
     CREATE INDEX deliveries_finished ON deliveries(finished_at) WHERE status != 'queued';
     """,
+    # 4: the author's answers to responses, marked as such.
+    """
+    -- The blog's author answering a response: a comment of the blog's own (source 'local',
+    -- no actor), with an ap_id of ours ({base}/p/{uid}/answers/{token}) so it federates.
+    ALTER TABLE comments ADD COLUMN by_author INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 5: crawling reply threads: one row per comment whose replies we read.
+    """
+    -- Reading the replies of each fediverse comment from its own server (crawl.py):
+    -- one row per comment, crawled now and again in rounds counted from its arrival
+    -- (created_at). found_by tells delivered comments from those the crawl found.
+    CREATE TABLE crawls (
+        id               INTEGER PRIMARY KEY,
+        comment_id       INTEGER NOT NULL UNIQUE REFERENCES comments(id) ON DELETE CASCADE,
+        post_id          INTEGER NOT NULL REFERENCES posts(id) ON DELETE CASCADE,
+        ap_id            TEXT NOT NULL,
+        host             TEXT NOT NULL,
+        found_by         TEXT NOT NULL CHECK (found_by IN ('delivery', 'crawl')),
+        depth            INTEGER NOT NULL,          -- 1: a reply to the post itself
+        status           TEXT NOT NULL DEFAULT 'queued'
+                         CHECK (status IN ('queued', 'done', 'failed')),
+        rounds           INTEGER NOT NULL DEFAULT 0,
+        attempts         INTEGER NOT NULL DEFAULT 0,  -- of the round under way
+        next_attempt_at  TEXT NOT NULL,
+        last_error       TEXT,
+        created_at       TEXT NOT NULL,
+        finished_at      TEXT
+    );
+    CREATE INDEX crawls_due ON crawls(next_attempt_at) WHERE status = 'queued';
+    CREATE INDEX crawls_found ON crawls(post_id, found_by);
+    """,
+    # 6: notifications of new responses; indexes for paging threads.
+    """
+    -- One webhook POST per new or held response (notify.py): the exact JSON body, kept
+    -- as sent, and its state on the common worker (worker.py).
+    CREATE TABLE notifications (
+        id               INTEGER PRIMARY KEY,
+        comment_id       INTEGER NOT NULL REFERENCES comments(id) ON DELETE CASCADE,
+        event            TEXT NOT NULL,
+        payload          TEXT NOT NULL,
+        status           TEXT NOT NULL DEFAULT 'queued'
+                         CHECK (status IN ('queued', 'sent', 'failed', 'dead')),
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at  TEXT NOT NULL,
+        last_error       TEXT,
+        created_at       TEXT NOT NULL,
+        finished_at      TEXT,
+        UNIQUE (comment_id, event)
+    );
+    CREATE INDEX notifications_due ON notifications(next_attempt_at) WHERE status = 'queued';
+    CREATE INDEX notifications_finished ON notifications(finished_at) WHERE status != 'queued';
+    -- Walking a thread down from its top-level response (one page of responses), and
+    -- the newest arrivals (the private feed, `comments list --since`).
+    CREATE INDEX IF NOT EXISTS comments_thread ON comments(parent_id, id);
+    CREATE INDEX IF NOT EXISTS comments_received ON comments(received_at);
+    """,
 )
 
 _TAG_SEPARATOR = "\x1f"
+AUTHOR_AVATAR = "/static/avatar.png"  # the blog actor's icon, beside the author's answers
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -260,7 +323,7 @@ _COMMENT_COLUMNS = """
     c.visibility, c.status, c.source, c.published_at, c.updated_at,
     c.author_name, c.author_url,
     a.ap_id AS actor_ap_id, a.username, a.domain, a.name AS actor_name, a.url AS actor_url,
-    a.icon_url
+    a.icon_url, c.by_author
 """
 
 
@@ -329,6 +392,11 @@ def _comment(row: sqlite3.Row) -> Comment:
             profile_url=row["actor_url"] or row["actor_ap_id"],
             avatar_url=row["icon_url"],
         )
+    elif row["by_author"]:
+        # The blog's own avatar, as on the actor; the page shows the configured author name.
+        author = Author(
+            name=row["author_name"], profile_url=row["author_url"], avatar_url=AUTHOR_AVATAR
+        )
     else:
         author = Author(name=row["author_name"], profile_url=row["author_url"])
     return Comment(
@@ -346,6 +414,7 @@ def _comment(row: sqlite3.Row) -> Comment:
         source=row["source"],
         published=parse_ts(row["published_at"]),
         updated=parse_ts(row["updated_at"]) if row["updated_at"] else None,
+        by_author=bool(row["by_author"]),
     )
 
 
@@ -1287,3 +1356,538 @@ class Store:
         async with self._transaction() as db:
             cursor = await db.execute("DELETE FROM blocks WHERE target = ?", (target,))
             return cursor.rowcount > 0
+
+    # ---- the author's answers -------------------------------------------
+
+    # An answer, its post, the comment it answers and that comment's (live) author.
+    _ANSWER_SELECT = (
+        "SELECT c.id, c.ap_id, c.post_id, p.uid AS post_uid, p.slug AS post_slug,"
+        " c.parent_id, parent.ap_id AS parent_ap_id, c.content_html, c.visibility, c.status,"
+        " c.published_at, c.updated_at, coalesce(t.deleted_at, p.deleted_at) AS gone_at,"
+        " a.ap_id AS actor, a.username, a.domain, a.url AS actor_url,"
+        " coalesce(a.shared_inbox, a.inbox) AS actor_inbox"
+        " FROM comments c JOIN posts p ON p.id = c.post_id"
+        " JOIN comments parent ON parent.id = c.parent_id"
+        " LEFT JOIN actors a ON a.id = parent.actor_id AND a.deleted_at IS NULL"
+        " LEFT JOIN tombstones t ON t.ap_id = c.ap_id"
+        " WHERE c.by_author = 1 AND c.ap_id IS NOT NULL"
+    )
+
+    @classmethod
+    def _author_answer(cls, row: sqlite3.Row) -> AuthorAnswer:
+        mentioned = cls._mentioned(row) if row["actor"] is not None else None
+        return AuthorAnswer(
+            id=row["id"],
+            ap_id=row["ap_id"],
+            post_id=row["post_id"],
+            post_uid=row["post_uid"],
+            post_slug=row["post_slug"],
+            parent_id=row["parent_id"],
+            parent_ap_id=row["parent_ap_id"],
+            mentioned=mentioned,
+            content_html=row["content_html"],
+            visibility=row["visibility"],
+            status=row["status"],
+            published=parse_ts(row["published_at"]),
+            updated=parse_ts(row["updated_at"]) if row["updated_at"] else None,
+            gone_at=parse_ts(row["gone_at"]) if row["gone_at"] else None,
+        )
+
+    async def get_comment_author(self, comment_id: int) -> Mentioned | None:
+        """The remote account that wrote a comment, if it still exists (not a form's)."""
+        row = await self._fetchone(
+            "SELECT a.ap_id AS actor, a.username, a.domain, a.url AS actor_url,"
+            " coalesce(a.shared_inbox, a.inbox) AS actor_inbox"
+            " FROM comments c JOIN actors a ON a.id = c.actor_id"
+            " WHERE c.id = ? AND a.deleted_at IS NULL",
+            (comment_id,),
+        )
+        return self._mentioned(row) if row else None
+
+    @staticmethod
+    def _mentioned(row: sqlite3.Row) -> Mentioned:
+        return Mentioned(
+            ap_id=row["actor"],
+            username=row["username"],
+            domain=row["domain"],
+            profile_url=row["actor_url"] or row["actor"],
+            inbox=row["actor_inbox"],
+        )
+
+    async def get_author_answer(
+        self, *, comment_id: int | None = None, ap_id: str | None = None
+    ) -> AuthorAnswer | None:
+        """An answer of the blog's author, by its comment number or its id (deleted too)."""
+        column, value = ("c.id", comment_id) if comment_id is not None else ("c.ap_id", ap_id)
+        row = await self._fetchone(f"{self._ANSWER_SELECT} AND {column} = ?", (value,))
+        return self._author_answer(row) if row else None
+
+    async def save_author_answer(
+        self,
+        *,
+        post_id: int,
+        parent_id: int,
+        ap_id: str,
+        page_url: str,
+        content_html: str,
+        visibility: Visibility,
+        author_name: str,
+        author_url: str,
+        published: datetime,
+        activity: Callable[[int], OutgoingActivity],
+        inboxes: Sequence[str],
+    ) -> int:
+        """Store the author's answer under ``parent_id`` and queue its Create, built by
+        ``activity`` from the answer's number (its ``url`` is the page's anchor for it),
+        to every follower inbox and to ``inboxes``: all or nothing."""
+        async with self._transaction() as db:
+            comment_id = await _returning(
+                db,
+                "INSERT INTO comments (post_id, parent_id, ap_id, author_name, author_url,"
+                " content_html, visibility, status, source, by_author, published_at,"
+                " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'published', 'local', 1, ?, ?)"
+                " RETURNING id",
+                (
+                    post_id,
+                    parent_id,
+                    ap_id,
+                    author_name,
+                    author_url,
+                    content_html,
+                    visibility,
+                    format_ts(published),
+                    format_ts(published),
+                ),
+            )
+            await db.execute(
+                "UPDATE comments SET url = ? WHERE id = ?",
+                (f"{page_url}#comment-{comment_id}", comment_id),
+            )
+            await self._queue_answer(db, activity(comment_id), post_id, inboxes)
+        return comment_id
+
+    async def save_author_answer_edit(
+        self,
+        answer: AuthorAnswer,
+        *,
+        content_html: str,
+        updated: datetime,
+        activity: OutgoingActivity,
+        inboxes: Sequence[str],
+    ) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE comments SET content_html = ?, updated_at = ? WHERE id = ?",
+                (content_html, format_ts(updated), answer.id),
+            )
+            await self._queue_answer(db, activity, answer.post_id, inboxes)
+
+    async def delete_author_answer(
+        self,
+        answer: AuthorAnswer,
+        *,
+        deleted: datetime,
+        activity: OutgoingActivity,
+        inboxes: Sequence[str],
+    ) -> None:
+        """A placeholder for the replies under it, a tombstone for its id, and its Delete."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE comments SET status = 'deleted', content_html = '' WHERE id = ?",
+                (answer.id,),
+            )
+            await self._save_tombstone(db, answer.ap_id, None, deleted)
+            await self._queue_answer(db, activity, answer.post_id, inboxes)
+
+    async def _queue_answer(
+        self,
+        db: aiosqlite.Connection,
+        activity: OutgoingActivity,
+        post_id: int,
+        inboxes: Sequence[str],
+    ) -> None:
+        """``_publish`` (one row per distinct follower inbox), plus the answered person's
+        inbox: still one row per inbox, when they share a server with a follower."""
+        activity_id = await self._publish(db, activity, post_id)
+        now = format_ts(utcnow())
+        await db.executemany(
+            "INSERT OR IGNORE INTO deliveries (activity_id, inbox, next_attempt_at, created_at)"
+            " VALUES (?, ?, ?, ?)",
+            [(activity_id, inbox, now, now) for inbox in inboxes],
+        )
+
+    # ---- crawling reply threads -----------------------------------------
+
+    # A comment worth crawling: from the fediverse, shown (or held) publicly. Its depth
+    # counts its ancestors (parent ids are always smaller, so the walk ends).
+    _CRAWLABLE = (
+        "c.source = 'fediverse' AND c.ap_id IS NOT NULL"
+        " AND c.visibility IN ('public', 'unlisted') AND c.status IN ('published', 'pending')"
+    )
+    _NEW_CRAWL = (
+        "INSERT OR IGNORE INTO crawls (comment_id, post_id, ap_id, host, found_by, depth,"
+        " next_attempt_at, created_at)"
+        " SELECT c.id, c.post_id, c.ap_id, a.domain, :found_by,"
+        " (WITH RECURSIVE up(id, n) AS (SELECT c.parent_id, 1 UNION ALL"
+        "  SELECT x.parent_id, up.n + 1 FROM comments x JOIN up ON x.id = up.id WHERE up.n < 1000)"
+        "  SELECT max(n) FROM up),"
+        " :now, c.received_at FROM comments c JOIN actors a ON a.id = c.actor_id"
+    )
+    _RECORD_CRAWL = """
+        UPDATE crawls SET
+            status = CASE WHEN :status = 'failed' THEN 'failed'
+                     WHEN :status = 'done' AND :next_round IS NULL THEN 'done' ELSE 'queued' END,
+            rounds = rounds + (:status = 'done'),
+            attempts = CASE :status WHEN 'done' THEN 0 WHEN 'release' THEN attempts - 1
+                       ELSE attempts END,
+            next_attempt_at = CASE WHEN :status = 'done' THEN coalesce(:next_round, next_attempt_at)
+                              ELSE coalesce(:retry_at, next_attempt_at) END,
+            last_error = CASE :status WHEN 'release' THEN coalesce(:error, last_error)
+                         ELSE :error END,
+            finished_at = CASE WHEN :status = 'failed'
+                          OR (:status = 'done' AND :next_round IS NULL) THEN :now END
+        WHERE id = :id
+    """
+
+    async def save_crawls(self, requests: Sequence[tuple[int, str]], now: datetime) -> None:
+        """Queue crawls of these comments, (comment id, 'delivery' or 'crawl'), due now;
+        a comment already queued, or not worth crawling, is left alone."""
+        async with self._transaction(shown=False) as db:
+            await self._insert_crawls(db, requests, now)
+
+    async def _insert_crawls(
+        self, db: aiosqlite.Connection, requests: Sequence[tuple[int, str]], now: datetime
+    ) -> None:
+        await db.executemany(
+            self._NEW_CRAWL + f" WHERE c.id = :comment_id AND {self._CRAWLABLE}",
+            [
+                {"comment_id": comment_id, "found_by": found_by, "now": format_ts(now)}
+                for comment_id, found_by in requests
+            ],
+        )
+
+    async def save_missing_crawls(self, posts_since: datetime, now: datetime) -> int:
+        """Queue a crawl of every crawlable comment on a post published since
+        ``posts_since`` that has none (its scheduling was lost in a crash, or it came
+        before crawling existed); return how many."""
+        async with self._transaction(shown=False) as db:
+            cursor = await db.execute(
+                self._NEW_CRAWL + " JOIN posts p ON p.id = c.post_id"
+                f" WHERE p.deleted_at IS NULL AND p.published_at >= :since AND {self._CRAWLABLE}"
+                " AND NOT EXISTS (SELECT 1 FROM crawls k WHERE k.comment_id = c.id)"
+                " ORDER BY c.id",
+                {"found_by": "delivery", "now": format_ts(now), "since": format_ts(posts_since)},
+            )
+            return cursor.rowcount
+
+    async def claim_crawls(
+        self,
+        now: datetime,
+        lease_until: datetime,
+        limit: int,
+        *,
+        new: Sequence[tuple[int, str]] = (),
+    ) -> list[CrawlJob]:
+        """Queue ``new`` crawls (as ``save_crawls``), then take due ones: count an
+        attempt on each and lease it until ``lease_until``. One commit for both."""
+        async with self._transaction(shown=False) as db:
+            if new:
+                await self._insert_crawls(db, new, now)
+            rows = await db.execute_fetchall(
+                "UPDATE crawls SET attempts = attempts + 1, next_attempt_at = ?"
+                " WHERE id IN (SELECT id FROM crawls WHERE status = 'queued'"
+                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?)"
+                " RETURNING id, comment_id, post_id, ap_id, host, found_by, depth, rounds,"
+                " attempts, created_at,"
+                " (SELECT p.published_at FROM posts p WHERE p.id = crawls.post_id) AS published,"
+                " (SELECT p.deleted_at IS NOT NULL FROM posts p WHERE p.id = crawls.post_id)"
+                " AS deleted",
+                (format_ts(lease_until), format_ts(now), limit),
+            )
+        jobs = [
+            CrawlJob(
+                id=row["id"],
+                comment_id=row["comment_id"],
+                post_id=row["post_id"],
+                ap_id=row["ap_id"],
+                host=row["host"],
+                found_by=row["found_by"],
+                depth=row["depth"],
+                rounds=row["rounds"],
+                attempts=row["attempts"],
+                arrived=parse_ts(row["created_at"]),
+                post_published=parse_ts(row["published"]),
+                post_deleted=bool(row["deleted"]),
+            )
+            for row in rows
+        ]
+        jobs.sort(key=lambda job: job.id)  # RETURNING promises no order
+        return jobs
+
+    async def record_crawls(
+        self, results: Sequence[tuple[CrawlJob, Outcome, datetime | None]]
+    ) -> None:
+        """Write what became of crawls, in one commit. A ``done`` outcome ends a round:
+        the third value is when the next one is due, or None when there is none (then
+        the row is done, with the outcome's error as a note if it has one)."""
+        if not results:
+            return
+        now = format_ts(utcnow())
+        rows = [
+            {
+                "id": job.id,
+                "status": outcome.status,
+                "error": outcome.error,
+                "retry_at": format_ts(outcome.retry_at) if outcome.retry_at else None,
+                "next_round": format_ts(next_round) if next_round else None,
+                "now": now,
+            }
+            for job, outcome, next_round in results
+        ]
+        async with self._transaction(shown=False) as db:
+            await db.executemany(self._RECORD_CRAWL, rows)
+
+    async def count_crawled(self, post_id: int) -> int:
+        """How many comments under a post were found by crawling."""
+        row = await self._fetchone(
+            "SELECT count(*) FROM crawls WHERE post_id = ? AND found_by = 'crawl'", (post_id,)
+        )
+        return int(row[0]) if row else 0
+
+    async def get_crawl(self, ap_id: str) -> sqlite3.Row | None:
+        """The crawl row of the comment with this id."""
+        return await self._fetchone("SELECT * FROM crawls WHERE ap_id = ?", (ap_id,))
+
+    async def count_crawls(self) -> dict[str, int]:
+        rows = await self._fetchall("SELECT status, count(*) AS n FROM crawls GROUP BY status")
+        return {row["status"]: row["n"] for row in rows}
+
+    # ---- notifications and response feeds --------------------------------
+
+    # Every thread under a post, as ``comments.build_threads`` shows them: a visible
+    # comment starts a thread unless its parent is visible and older (a smaller id, so no
+    # cycle); the others hang under their parent. A thread of deleted placeholders only is
+    # not shown, so neither counted nor paged. ``ranked`` numbers the threads oldest first
+    # and says how many responses come before each: one page needs no other page's rows.
+    _THREADS = f"""
+        WITH RECURSIVE
+        tree(id, root, root_published, counted) AS (
+            SELECT c.id, c.id, c.published_at, c.status = 'published' FROM comments c
+            WHERE c.post_id = ?1 AND {_VISIBLE}
+              AND NOT (coalesce(c.parent_id < c.id, 0) AND c.parent_id IN
+                       (SELECT c.id FROM comments c WHERE c.post_id = ?1 AND {_VISIBLE}))
+            UNION ALL
+            SELECT c.id, t.root, t.root_published, c.status = 'published'
+            FROM tree t JOIN comments c ON c.parent_id = t.id
+            WHERE c.id > t.id AND c.post_id = ?1 AND {_VISIBLE}
+        ),
+        threads(root, published_at, responses) AS (
+            SELECT root, root_published, sum(counted) FROM tree
+            GROUP BY root HAVING sum(counted) > 0
+        ),
+        ranked(root, position, before, total) AS (
+            SELECT root, row_number() OVER oldest_first,
+                   coalesce(sum(responses) OVER (oldest_first ROWS BETWEEN UNBOUNDED PRECEDING
+                                                 AND 1 PRECEDING), 0),
+                   count(*) OVER ()
+            FROM threads WINDOW oldest_first AS (ORDER BY published_at, root)
+        )
+    """
+
+    async def get_thread_page(self, post_id: int, *, page: int, per_page: int) -> ThreadPage | None:
+        """Threads ``per_page`` at a time, oldest first, each whole; None past the last page.
+
+        One statement (one snapshot): the page's threads, then every visible comment in
+        them, walked down the thread index; the other pages' comments are only counted.
+        """
+        rows = await self._fetchall(
+            self._THREADS
+            + """,
+            page(root, before, total) AS (
+                SELECT root, before, total FROM ranked
+                WHERE position > ?2 ORDER BY position LIMIT ?3
+            ),
+            shown(id) AS (
+                SELECT root FROM page
+                UNION ALL
+                SELECT c.id FROM shown s JOIN comments c ON c.parent_id = s.id
+                WHERE c.id > s.id AND c.post_id = ?1 AND """
+            + _VISIBLE
+            + f"""
+            )
+            SELECT {_COMMENT_COLUMNS},
+                   (SELECT min(before) FROM page) AS page_before,
+                   (SELECT max(total) FROM page) AS page_total
+            FROM shown JOIN comments c ON c.id = shown.id
+            LEFT JOIN actors a ON a.id = c.actor_id
+            ORDER BY c.published_at, c.id
+            """,
+            (post_id, (page - 1) * per_page, per_page),
+        )
+        if not rows:
+            return ThreadPage((), 1, 0) if page == 1 else None
+        return ThreadPage(
+            comments=tuple(_comment(row) for row in rows),
+            first_number=int(rows[0]["page_before"]) + 1,
+            threads=int(rows[0]["page_total"]),
+        )
+
+    async def get_thread_position(self, post_id: int, comment_id: int) -> int | None:
+        """Where the thread that shows ``comment_id`` stands among the post's threads
+        (1 for the oldest), or None if no reader sees that comment under that post."""
+        row = await self._fetchone(
+            self._THREADS
+            + " SELECT position FROM ranked WHERE root = (SELECT root FROM tree WHERE id = ?2)",
+            (post_id, comment_id),
+        )
+        return int(row[0]) if row else None
+
+    async def get_visible_response(self, post_id: int, comment_id: int) -> Comment | None:
+        """A published response a reader sees under this post (to reply to), or None."""
+        row = await self._fetchone(
+            f"SELECT {_COMMENT_COLUMNS} FROM comments c LEFT JOIN actors a ON a.id = c.actor_id"
+            f" WHERE c.id = ? AND c.post_id = ? AND {_COUNTED}",
+            (comment_id, post_id),
+        )
+        return _comment(row) if row else None
+
+    _ENTRY_SELECT = (
+        f"SELECT {_COMMENT_COLUMNS}, p.uid AS post_uid, p.slug AS post_slug,"
+        " p.title AS post_title FROM comments c JOIN posts p ON p.id = c.post_id"
+        " LEFT JOIN actors a ON a.id = c.actor_id WHERE p.deleted_at IS NULL"
+    )
+
+    @staticmethod
+    def _entry(row: sqlite3.Row) -> ResponseEntry:
+        return ResponseEntry(_comment(row), row["post_uid"], row["post_slug"], row["post_title"])
+
+    async def list_post_responses(self, post_id: int, limit: int) -> list[ResponseEntry]:
+        """A post's published responses, newest first (its public feed)."""
+        rows = await self._fetchall(
+            self._ENTRY_SELECT + f" AND c.post_id = ? AND {_COUNTED}"
+            " ORDER BY c.published_at DESC, c.id DESC LIMIT ?",
+            (post_id, limit),
+        )
+        return [self._entry(row) for row in rows]
+
+    async def list_new_responses(self, limit: int) -> list[ResponseEntry]:
+        """The newest arrivals under every post, published or held for approval (the
+        author's private feed); never followers-only, direct, rejected or blocked ones."""
+        rows = await self._fetchall(
+            self._ENTRY_SELECT + " AND c.status IN ('published', 'pending')"
+            f" AND c.visibility IN ('public', 'unlisted') AND {_NOT_BLOCKED}"
+            " ORDER BY c.id DESC LIMIT ?",
+            (limit,),
+        )
+        return [self._entry(row) for row in rows]
+
+    async def get_response_entry(self, comment_id: int) -> ResponseEntry | None:
+        row = await self._fetchone(self._ENTRY_SELECT + " AND c.id = ?", (comment_id,))
+        return self._entry(row) if row else None
+
+    async def list_comments_received_since(
+        self, since: datetime, *, pending_only: bool, limit: int = 1_000
+    ) -> list[sqlite3.Row]:
+        """Like ``list_comments_for_review``, only those that arrived at ``since`` or later."""
+        status = "c.status = 'pending'" if pending_only else "c.status != 'deleted'"
+        return await self._fetchall(
+            "SELECT c.id, c.status, c.visibility, c.source, c.published_at, c.received_at,"
+            " c.content_html, c.author_name, a.ap_id AS actor, a.username, a.domain, p.slug"
+            " FROM comments c LEFT JOIN actors a ON a.id = c.actor_id"
+            f" JOIN posts p ON p.id = c.post_id WHERE {status} AND c.received_at >= ?"
+            " ORDER BY c.id DESC LIMIT ?",
+            (format_ts(since), limit),
+        )
+
+    # The private feed's token, and other facts kept in the meta table.
+
+    async def get_meta_value(self, key: str) -> str | None:
+        row = await self._fetchone("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(row["value"]) if row else None
+
+    async def save_meta_value(self, key: str, value: str) -> None:
+        async with self._transaction(shown=False) as db:
+            await db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    async def save_meta_value_once(self, key: str, value: str) -> str:
+        """Store ``value`` unless ``key`` has one already; return the value kept."""
+        async with self._transaction(shown=False) as db:
+            await db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value)
+            )
+            found = await db.execute_fetchall("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(next(iter(found))["value"])
+
+    # The webhook queue (notify.py): the same states as deliveries (``_RECORD_DELIVERY``).
+    _RECORD_NOTIFICATION = """
+        UPDATE notifications SET
+            status = CASE :status WHEN 'done' THEN 'sent' WHEN 'failed' THEN
+                     CASE WHEN :gave_up THEN 'dead' ELSE 'failed' END ELSE 'queued' END,
+            attempts = attempts - (:status = 'release'),
+            next_attempt_at = coalesce(:retry_at, next_attempt_at),
+            last_error = CASE :status WHEN 'release' THEN last_error ELSE :error END,
+            finished_at = CASE WHEN :status IN ('done', 'failed') THEN :now END
+        WHERE id = :id
+    """
+
+    async def save_notification(self, comment_id: int, event: str, payload: str) -> bool:
+        """Queue one POST about a response; a second one for the same event is ignored."""
+        now = format_ts(utcnow())
+        async with self._transaction(shown=False) as db:
+            cursor = await db.execute(
+                "INSERT OR IGNORE INTO notifications (comment_id, event, payload,"
+                " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?)",
+                (comment_id, event, payload, now, now),
+            )
+            return cursor.rowcount > 0
+
+    async def claim_notifications(
+        self, now: datetime, lease_until: datetime, limit: int
+    ) -> list[NotificationJob]:
+        """Take due notifications, count an attempt on each, lease them."""
+        async with self._transaction(shown=False) as db:
+            rows = await db.execute_fetchall(
+                "UPDATE notifications SET attempts = attempts + 1, next_attempt_at = ?"
+                " WHERE id IN (SELECT id FROM notifications WHERE status = 'queued'"
+                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?)"
+                " RETURNING id, payload, attempts",
+                (format_ts(lease_until), format_ts(now), limit),
+            )
+        jobs = [
+            NotificationJob(row["id"], row["payload"].encode(), row["attempts"]) for row in rows
+        ]
+        jobs.sort(key=lambda job: job.id)
+        return jobs
+
+    async def record_notifications(
+        self, results: Sequence[tuple[NotificationJob, Outcome]]
+    ) -> None:
+        if results:
+            async with self._transaction(shown=False) as db:
+                await db.executemany(self._RECORD_NOTIFICATION, _outcome_rows(results))
+
+    async def list_notifications(self, limit: int = 50) -> list[sqlite3.Row]:
+        return await self._fetchall(
+            "SELECT id, comment_id, event, status, attempts, next_attempt_at, last_error,"
+            " created_at, finished_at FROM notifications ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+
+    async def count_notifications(self) -> dict[str, int]:
+        rows = await self._fetchall(
+            "SELECT status, count(*) AS n FROM notifications GROUP BY status"
+        )
+        return {row["status"]: row["n"] for row in rows}
+
+    async def prune_notifications(self, before: datetime) -> int:
+        """Forget notifications finished before ``before``."""
+        async with self._transaction(shown=False) as db:
+            cursor = await db.execute(
+                "DELETE FROM notifications WHERE status != 'queued' AND finished_at < ?",
+                (format_ts(before),),
+            )
+            return cursor.rowcount

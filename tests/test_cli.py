@@ -148,3 +148,24 @@ def test_the_installed_command_runs_without_traceback(blog_dir: Path) -> None:
     ).stdout
     for command in ("init", "serve", "demo", "post"):
         assert command in help_text
+
+
+def test_output_cut_short_by_a_pipe_is_no_traceback(blog_dir: Path) -> None:
+    """`fediblog post list | head -0`: the reader is gone before the command writes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDIBLOG_")}
+    env["FEDIBLOG_BASE_URL"] = "https://blog.example"
+    command = [sys.executable, "-m", "fediblog"]
+    subprocess.run([*command, "init"], cwd=blog_dir, env=env, check=True, capture_output=True)
+    process = subprocess.Popen(
+        [*command, "post", "list"],
+        cwd=blog_dir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    process.stdout.close()  # before the command has written anything
+    _, errors = process.communicate(timeout=30)
+    assert "Traceback" not in errors
+    assert errors == ""

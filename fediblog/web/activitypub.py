@@ -23,6 +23,7 @@ from fediblog.activitystreams import (
     ACTIVITY_JSON,
     PAGE_SIZE,
     build_actor,
+    build_answer_note,
     build_collection,
     build_collection_page,
     build_create,
@@ -196,6 +197,30 @@ async def post_replies(request: Request) -> Response:
     return await ap_cached(request, f"ap:replies:{uid}", render)
 
 
+async def answer_object(request: Request) -> Response:
+    """The author's answer at its id: the Note for servers, its place on the page for
+    browsers, 410 with a Tombstone once deleted (or once its post is)."""
+    uid, token = request.path_params["uid"], request.path_params["token"]
+    ctx = services(request)
+    answer = await ctx.store.get_author_answer(ap_id=ctx.urls.answer_id(uid, token))
+    if answer is None:
+        raise HTTPException(404)
+    if answer.gone_at is not None:
+        tombstone = build_tombstone(answer.ap_id, answer.gone_at, "Note")
+        return Response(json.dumps(tombstone), status_code=410, media_type=AP_TYPE)
+    if not wants_activitypub(request):
+        return RedirectResponse(
+            f"{ctx.urls.post_url(answer.post_slug)}#comment-{answer.id}",
+            status_code=302,
+            headers={"Vary": "Accept"},
+        )
+
+    async def render(ctx: Services) -> Any:
+        return build_answer_note(ctx.settings, answer)
+
+    return await ap_cached(request, f"ap:answer:{uid}/{token}", render)
+
+
 def post_document(ctx: Services, post: Any) -> Response:
     page = ap_page(build_post_object(ctx.settings, post))
     return Response(page.body, media_type=AP_TYPE, headers={"Vary": "Accept, Accept-Encoding"})
@@ -321,4 +346,5 @@ routes = [
     Route("/p/{uid}", post_object),
     Route("/p/{uid}/activity", post_activity),
     Route("/p/{uid}/replies", post_replies),
+    Route("/p/{uid}/answers/{token}", answer_object),
 ]

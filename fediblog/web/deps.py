@@ -11,8 +11,10 @@ from starlette.requests import Request
 from fediblog.activitystreams import Urls
 from fediblog.blog import Blog
 from fediblog.config import Settings
+from fediblog.crawl import Crawler
 from fediblog.delivery import Deliverer
 from fediblog.inbox import Inbox
+from fediblog.notify import Notifier
 from fediblog.remote import Fetcher
 from fediblog.store import Store
 from fediblog.web.cache import PageCache
@@ -35,6 +37,8 @@ class Services:
     fetcher: Fetcher
     interact_limit: RateLimit
     comment_limit: RateLimit
+    crawler: Crawler
+    notifier: Notifier
 
 
 def services(request: Request) -> Services:

@@ -2,10 +2,12 @@
 
 * ``POST /posts/{slug}/interact``: the visitor types ``@me@their.server``; we look
   their server up by WebFinger (a guarded, signed fetch) and send them to its
-  remote-interaction template with our post's id (or our actor, to follow).
+  remote-interaction template with our post's id (or our actor, to follow); with
+  ``replyto`` (a response's database id), with that response's own ActivityPub id.
 * ``POST /posts/{slug}/comment``: name, email (never shown anywhere), optional
   website and the comment, held for approval and shown as plain text; a honeypot
-  field and a per-IP rate limit keep bots out (ATTACKS.md 37).
+  field and a per-IP rate limit keep bots out (ATTACKS.md 37). ``parent`` makes it a
+  reply to a response shown under the same post. The author is told (notify.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from starlette.routing import Route
 from fediblog import moderation
 from fediblog.activitystreams import plain_text
 from fediblog.errors import FetchError
-from fediblog.models import Post
+from fediblog.models import Comment, Post
 from fediblog.render import strip_invisible
 from fediblog.web.deps import Services, services
 
@@ -86,6 +88,14 @@ async def interact(request: Request) -> Response:
             ctx, post, 400, "Which account?", "Type your fediverse address, like @you@your.server."
         )
     target = ctx.urls.actor if form.get("action") == "follow" else ctx.blog.object_id(post.uid)
+    if form.get("action") != "follow" and form.get("replyto"):
+        # Replying to a response: its own id, so their server opens that very comment.
+        replying_to = await _response(ctx, post, form["replyto"])
+        if replying_to is None:
+            return _message(
+                ctx, post, 400, "No such response", "That response is not shown under this post."
+            )
+        target = replying_to.ap_id or target
     try:
         jrd = await ctx.fetcher.fetch_webfinger(f"acct:{match.group(1)}@{match.group(2)}")
     except FetchError as error:
@@ -152,10 +162,30 @@ async def comment(request: Request) -> Response:
         problems.append(f"a comment of at most {MAX_COMMENT:,} characters")
     if problems:
         return _message(ctx, post, 400, "Almost", "Please give " + ", ".join(problems) + ".")
-    await moderation.hold_local_comment(
-        ctx.store, post.id, name=name, email=email, website=website or None, text=text
-    )
+    parent = form.get("parent", "")
+    if parent and not (parent.isdigit() and len(parent) <= 18):
+        return _message(ctx, post, 400, "No such response", "That is not a response's number.")
+    try:
+        await moderation.hold_local_comment(
+            ctx.store,
+            post.id,
+            name=name,
+            email=email,
+            website=website or None,
+            text=text,
+            parent_id=int(parent) if parent else None,
+            on_saved=ctx.notifier.response_saved,
+        )
+    except moderation.ModerationError as error:
+        return _message(ctx, post, 400, "No such response", f"{str(error).capitalize()}.")
     return RedirectResponse(f"/posts/{post.slug}/thanks", status_code=303)
+
+
+async def _response(ctx: Services, post: Post, raw: str) -> Comment | None:
+    """The published response under ``post`` that a form field names by its id."""
+    if not (raw.isdigit() and len(raw) <= 18):
+        return None
+    return await ctx.store.get_visible_response(post.id, int(raw))
 
 
 async def thanks(request: Request) -> Response:

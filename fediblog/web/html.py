@@ -2,6 +2,12 @@
 
 Every page is rendered from one or two queries, then cached per database version
 (see ``web.cache``); a hot post page is a dictionary lookup.
+
+A post's responses come ``FEDIBLOG_RESPONSES_PER_PAGE`` top-level threads a page
+(``?responses=N``), each thread whole, oldest first, numbered across pages. Each
+response has an anchor by its database id (``#comment-ID``, the same on any page),
+a permalink ``/posts/SLUG/comments/ID`` that redirects to the page and anchor that
+show it now, and a Reply page ``/posts/SLUG/reply/ID`` with the forms aimed at it.
 """
 
 from __future__ import annotations
@@ -13,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from fediblog.comments import build_threads, count_responses
-from fediblog.models import Author
+from fediblog.comments import build_threads, number_responses
+from fediblog.models import Author, Post, Thread
 from fediblog.render import excerpt
 from fediblog.web.activitypub import post_document, wants_activitypub
 from fediblog.web.cache import CachedPage, respond
@@ -86,35 +92,116 @@ async def post_page(request: Request) -> Response:
         if found is None:
             raise HTTPException(404)
         return post_document(ctx, found)
+    number = responses_page_number(request)
     # Cached pages answer before any query; only a miss asks whether the slug moved.
+    # One entry per page of responses: the only query parameter the HTML depends on.
     version = await ctx.store.version()
-    key = f"post:{slug}"
+    key = f"post:{slug}:{number}"
     page = ctx.pages.get(key, version, max_stale=ctx.store.version_max_age)
     if page is None:
         post = await ctx.store.get_post_by_slug(slug)
         if post is None:
             new_slug = await ctx.store.get_current_slug(slug)
             if new_slug is not None:
-                return RedirectResponse(f"/posts/{new_slug}", status_code=301)
+                return RedirectResponse(responses_url(new_slug, number), status_code=301)
             raise HTTPException(404)
-        comments = await ctx.store.list_visible_comments(post.id)
-        threads = build_threads(comments)
-        reactions = await ctx.store.list_reactions(post.id)
-        page = html_page(
+        rendered = await _post_with_responses(ctx, post, number)
+        if rendered is None:
+            raise HTTPException(404)  # past the last page: never cached
+        page = ctx.pages.put(key, version, rendered)
+    return respond(request, page)
+
+
+def responses_page_number(request: Request) -> int:
+    raw = request.query_params.get("responses", "1")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1_000_000:
+        raise HTTPException(400, "responses must be a whole number from 1")
+    return int(raw)
+
+
+def responses_url(slug: str, number: int) -> str:
+    """The page of a post that shows its responses' page ``number`` (1: the post's URL)."""
+    return f"/posts/{slug}" + (f"?responses={number}" if number > 1 else "")
+
+
+async def _post_with_responses(ctx: Services, post: Post, number: int) -> CachedPage | None:
+    """The post and one page of its responses, or None past the last page.
+
+    The heading counts every response (``post.response_count`` counts as
+    ``comments.count_responses`` does: published, shown, not blocked), and the numbers
+    continue from the pages before, so the last response of the last page carries it.
+    """
+    per_page = ctx.settings.responses_per_page
+    if (number - 1) * per_page >= max(post.response_count, 1):
+        return None  # each thread holds a response at least: past the end, no query
+    found = await ctx.store.get_thread_page(post.id, page=number, per_page=per_page)
+    if found is None:
+        return None
+    threads = build_threads(found.comments)
+    number_responses(threads, found.first_number)
+    reactions = await ctx.store.list_reactions(post.id)
+    return html_page(
+        ctx,
+        "post.html",
+        vary="Accept, Accept-Encoding",
+        post=post,
+        url=ctx.blog.post_url(post),
+        object_id=ctx.blog.object_id(post.uid),
+        description=post.summary or excerpt(post.body_html, 200),
+        threads=threads,
+        response_count=post.response_count,
+        responses_page=number,
+        responses_pages=max(1, -(-found.threads // per_page)),
+        likes=[reactor(r) for r in reactions if r["type"] == "Like"],
+        boosts=[reactor(r) for r in reactions if r["type"] == "Announce"],
+    )
+
+
+async def comment_permalink(request: Request) -> Response:
+    """A response's stable address: to the page and anchor that show it now (pages
+    move as threads come and go; the anchor, by database id, does not)."""
+    ctx = services(request)
+    slug = request.path_params["slug"]
+    comment_id: int = request.path_params["comment_id"]
+    post_id = await ctx.store.get_post_id(slug=slug)
+    if post_id is None:
+        new_slug = await ctx.store.get_current_slug(slug)
+        if new_slug is not None:
+            return RedirectResponse(f"/posts/{new_slug}/comments/{comment_id}", status_code=301)
+        raise HTTPException(404)
+    position = await ctx.store.get_thread_position(post_id, comment_id)
+    if position is None:
+        raise HTTPException(404)
+    number = (position - 1) // ctx.settings.responses_per_page + 1
+    return RedirectResponse(
+        f"{responses_url(slug, number)}#comment-{comment_id}", status_code=302
+    )
+
+
+async def reply_page(request: Request) -> Response:
+    """"Leave a Reply" aimed at one response: the local form with it as parent, and
+    "Reply from your server" (and the address to paste) with its own ActivityPub id."""
+    slug = request.path_params["slug"]
+    comment_id: int = request.path_params["comment_id"]
+
+    async def render(ctx: Services) -> CachedPage | None:
+        post = await ctx.store.get_post_by_slug(slug)
+        if post is None:
+            return None
+        comment = await ctx.store.get_visible_response(post.id, comment_id)
+        if comment is None:
+            return None
+        return html_page(
             ctx,
-            "post.html",
-            vary="Accept, Accept-Encoding",
+            "reply.html",
             post=post,
+            comment=comment,
+            thread=Thread(comment),
             url=ctx.blog.post_url(post),
             object_id=ctx.blog.object_id(post.uid),
-            description=post.summary or excerpt(post.body_html, 200),
-            threads=threads,
-            response_count=count_responses(threads),
-            likes=[reactor(r) for r in reactions if r["type"] == "Like"],
-            boosts=[reactor(r) for r in reactions if r["type"] == "Announce"],
         )
-        page = ctx.pages.put(key, version, page)
-    return respond(request, page)
+
+    return await cached(request, f"reply:{slug}:{comment_id}", render)
 
 
 def reactor(row: Any) -> Author:
@@ -136,6 +223,8 @@ async def not_found(request: Request, exc: Exception) -> Response:
 routes = [
     Route("/", index),
     Route("/posts/{slug}", post_page),
+    Route("/posts/{slug}/comments/{comment_id:int}", comment_permalink),
+    Route("/posts/{slug}/reply/{comment_id:int}", reply_page),
     Route("/tags", tags),
     Route("/tags/{tag}", tag_page),
     Route("/about", about),
