@@ -22,12 +22,14 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from fediblog.answers import Answers
 from fediblog.crawl import CrawlLimits
 from fediblog.models import Post, parse_ts, utcnow
 from fediblog.web.deps import Services
 from tests.conftest import BASE_URL, deliver, make_settings
 from tests.fediverse import AP_TYPE, AS_PUBLIC, FIXTURES, Fediverse, RemoteActor
 from tests.helpers import comment_tree, publish, remote_actor, remote_comment, running, soup
+from tests.test_federation_e2e import pyhttpsig_verifies, signature_key_id
 
 pytestmark = pytest.mark.anyio
 
@@ -734,3 +736,51 @@ def test_every_crawl_fixture_is_here_with_its_provenance() -> None:
         assert (FIXTURES / path).is_file(), path
         folder, name = path.split("/")
         assert f"| {name} |" in section.split(f"### {folder}/", 1)[-1], path
+
+
+async def test_the_author_answers_a_reply_found_by_crawling(
+    web: httpx.AsyncClient, ctx: Services, fediverse: Servers
+) -> None:
+    """The issue's scenario end to end: only A1 is delivered, B1 (Bob on GoToSocial,
+    answering Alice) is found by crawling, and the author's answer to B1 reaches Bob's
+    server as a Create{Note} whose signature verifies with the blog's published key."""
+    post = await publish(ctx, "Federated thread")
+    world = three_servers(fediverse, post)
+    alice: RemoteActor = world["alice"]
+    a1 = {key: value for key, value in world["A1"].items() if key != "@context"}
+    await deliver(web, ctx, alice, alice.create(a1))
+    await ctx.crawler.run_once()
+    b1 = world["B1"]["id"]
+    assert await stored(ctx, b1) == "published"
+    fediverse.received.clear()
+
+    answered = await Answers(ctx.settings, ctx.store).publish(b1, "Answer: thanks, *Bob*!")
+    assert await ctx.deliverer.deliver_once() >= 1
+
+    to_bob = [(u, h, b) for u, h, b in fediverse.received if u == "https://gts.example/inbox"]
+    assert len(to_bob) == 1
+    _, headers, body = to_bob[0]
+    create = json.loads(body)
+    assert create["type"] == "Create"
+    note = create["object"]
+    assert note["id"] == answered.answer.ap_id
+    assert note["inReplyTo"] == b1
+    assert {
+        "type": "Mention",
+        "href": "https://gts.example/users/bob",
+        "name": "@bob@gts.example",
+    } in note["tag"]
+    assert "https://gts.example/users/bob" in note["cc"]
+    actor = (await web.get("/users/blog", headers={"Accept": AP_TYPE})).json()
+    assert signature_key_id(headers) == actor["publicKey"]["id"]
+    assert pyhttpsig_verifies(
+        "POST",
+        "/inbox",
+        headers,
+        actor["publicKey"]["publicKeyPem"],
+        ["(request-target)", "host", "date", "digest"],
+    )
+    # And it is on the page, under B1, as the author's.
+    assert await page_tree(web, post) == [
+        ("A1", [("A2", []), ("B1", [("C1", [("A3", [])]), ("D1", []), ("Answer", [])])])
+    ]
