@@ -90,6 +90,10 @@ class Urls:
     def post_url(self, slug: str) -> str:
         return f"{self.base}/posts/{slug}"
 
+    def response_url(self, slug: str, comment_id: int) -> str:
+        """A response's permalink: it redirects to whichever page of responses holds it."""
+        return f"{self.base}/posts/{slug}/comments/{comment_id}"
+
     def tag_url(self, tag: str) -> str:
         return f"{self.base}/tags/{quote(tag)}"
 
@@ -351,7 +355,7 @@ def build_answer_note(settings: Settings, answer: AuthorAnswer) -> JsonObject:
         "to": to,
         "cc": cc,
         "published": format_ts(answer.published),
-        "url": f"{urls.post_url(answer.post_slug)}#comment-{answer.id}",
+        "url": urls.response_url(answer.post_slug, answer.id),
         "mediaType": "text/html",
         "content": answer.content_html,
         "contentMap": {settings.language: answer.content_html},

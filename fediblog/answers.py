@@ -22,11 +22,13 @@ is checked before anything is written: a bad command stores and sends nothing.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from fediblog.activitystreams import (
     Urls,
@@ -53,6 +55,8 @@ from fediblog.render import html_to_text, markdown_to_html
 from fediblog.store import Store
 
 MAX_ANSWER_CHARS = 50_000
+# A response's permalink, as its number links to it: /posts/SLUG/comments/ID.
+_PERMALINK = re.compile(r"^/posts/([a-z0-9-]+)/comments/([0-9]{1,18})/?$")
 MAX_FILE_BYTES = 1_000_000
 
 
@@ -175,8 +179,17 @@ class Answers:
     async def find_response(self, target: str) -> tuple[Comment, Post, int]:
         """(the response, its post, its number on the page) for ``SLUG#N`` or an id."""
         target = target.strip()
+        permalink = _PERMALINK.match(target.removeprefix(self.settings.base_url))
+        if permalink is not None:  # stable, unlike SLUG#N, which a new reply can shift
+            row = await self.store.get_comment_row(int(permalink[2]))
+            if row is None or row["slug"] != permalink[1]:
+                raise AnswerError(f"no response is at {target}")
+            return await self._response_of(row, target)
         if target.startswith(("https://", "http://")):
-            return await self._response_by_id(target)
+            row = await self.store.get_comment_by_ap_id(target)
+            if row is None:
+                raise AnswerError(f"no response here has the id {target}")
+            return await self._response_of(row, target)
         slug, mark, number = target.rpartition("#")
         if not mark or not slug:
             raise AnswerError(
@@ -194,10 +207,8 @@ class Answers:
         _check_answerable(comment, target)
         return comment, post, int(number)
 
-    async def _response_by_id(self, ap_id: str) -> tuple[Comment, Post, int]:
-        row = await self.store.get_comment_by_ap_id(ap_id)
-        if row is None:
-            raise AnswerError(f"no response here has the id {ap_id}")
+    async def _response_of(self, row: Any, ap_id: str) -> tuple[Comment, Post, int]:
+        """The response stored as ``row`` (named ``ap_id`` by the user), if answerable."""
         status, visibility = row["status"], row["visibility"]
         if status != "published":
             reason = {

@@ -95,8 +95,10 @@ def _parser() -> argparse.ArgumentParser:
         usage="fediblog reply TARGET (FILE.md | --text TEXT)\n"
         "       fediblog reply edit ID (FILE.md | --text TEXT)\n"
         "       fediblog reply delete ID",
-        description="TARGET is SLUG#N (the response numbered N on the post's page) or a"
-        " response's ActivityPub id; ID is what `reply` printed: the answer's number or id.",
+        description="TARGET is a response's permalink (/posts/SLUG/comments/ID, where its"
+        " number on the page links: stable), SLUG#N (the response numbered N on the post's"
+        " page: a new reply above it shifts N) or a response's ActivityPub id; ID is what"
+        " `reply` printed: the answer's number or id.",
     )
     reply.add_argument("words", nargs="+", metavar="TARGET [FILE.md]", help=argparse.SUPPRESS)
     reply.add_argument("--text", help="the answer, in Markdown (instead of FILE.md)")

@@ -12,6 +12,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from dataclasses import field as setting
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -67,7 +68,7 @@ class Settings:
     # The webhook (notify.py): one signed JSON POST per new or held response. The
     # secret signs each body (HMAC-SHA256); the topic is for ntfy's JSON API.
     notify_url: str = ""
-    notify_secret: str = ""
+    notify_secret: str = setting(default="", repr=False)  # never in a log or a traceback
     notify_topic: str = ""
 
     # ---- derived values -------------------------------------------------------

@@ -128,6 +128,7 @@ class _Round:
 
     job: CrawlJob
     seen: set[str] = field(default_factory=set)
+    done: set[str] = field(default_factory=set)  # listed items handled to the end
     fetches: int = 0
     full: bool = False  # the post has its share of crawled comments
 
@@ -202,6 +203,7 @@ class Crawler:
         # Collections read recently: when, by which comment's crawl, what they listed.
         self._walks: OrderedDict[str, tuple[datetime, str, list[Ref]]] = OrderedDict()
         self._saving = asyncio.Lock()  # one save at a time: two crawls may list one reply
+        self._tried: dict[int, set[str]] = {}  # crawl id -> ids a put-back round tried
         self.worker = Worker(
             "crawl",
             CrawlQueue(self),
@@ -283,10 +285,16 @@ class Crawler:
             return _finished("the comment is no longer shown")
         if self._is_blocked(job.ap_id) or self._is_blocked(comment["actor"] or job.ap_id):
             return _finished("its server or author is blocked")
+        # A round put back for its budget resumes past what it already tried: items that
+        # failed or led nowhere are not asked again, so every round ends.
+        run = _Round(job, done=self._tried.pop(job.id, set()))
         try:
             self._check_cooling(job.host, now)
-            return await self._crawl_comment(_Round(job))
+            return await self._crawl_comment(run)
         except _Later as later:
+            self._tried[job.id] = run.done
+            while len(self._tried) > 1_000:
+                self._tried.pop(next(iter(self._tried)))
             return Outcome("release", f"waiting: {later}", later.until)
 
     async def _crawl_comment(self, run: _Round) -> Outcome:
@@ -441,7 +449,7 @@ class Crawler:
     def _remember_walk(self, key: str, reader: str, items: list[Ref]) -> None:
         self._walks[key] = (self.worker.clock(), reader, items)
         self._walks.move_to_end(key)
-        while len(self._walks) > 200:
+        while len(self._walks) > 32:  # each may hold up to 8 pages of items
             self._walks.popitem(last=False)
 
     # ---- the replies listed --------------------------------------------------------------
@@ -449,9 +457,13 @@ class Crawler:
     async def _take(self, run: _Round, ref: Ref) -> None:
         """Save a listed reply, and the ancestors it needs, if its chain reaches us."""
         item_id = ref if isinstance(ref, str) else str(ref["id"])
-        if item_id in run.seen or host_of(item_id) == self._settings.host:
+        if item_id in run.seen or item_id in run.done or host_of(item_id) == self._settings.host:
             return
         run.seen.add(item_id)
+        await self._take_new(run, ref, item_id)
+        run.done.add(item_id)  # not reached when the budget puts the round back
+
+    async def _take_new(self, run: _Round, ref: Ref, item_id: str) -> None:
         if await self._known(item_id) or await self.store.is_tombstoned(item_id):
             return
         if isinstance(ref, dict) and ref.get("type") in NOTE_TYPES:
@@ -476,8 +488,11 @@ class Crawler:
             parent = id_of(current.get("inReplyTo"))
             if parent is None or self._is_blocked(parent):
                 return None
-            if await self._known(parent) or await self._replies.find_post_id(parent):
-                return chain[::-1]
+            known = await self.store.get_comment_by_ap_id(parent)
+            reached = known["post_id"] if known else await self._replies.find_post_id(parent)
+            if reached is not None:
+                # Only into this crawl's post: its cap of crawled comments must hold.
+                return chain[::-1] if reached == run.job.post_id else None
             if host_of(parent) == self._settings.host or parent in run.seen:
                 return None  # not ours after all, or a cycle
             run.seen.add(parent)

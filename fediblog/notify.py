@@ -61,7 +61,7 @@ def sign(secret: str, body: bytes) -> str:
 
 def permalink(urls: Urls, slug: str, comment_id: int) -> str:
     """A response's stable address: it redirects to the page and anchor that show it."""
-    return f"{urls.post_url(slug)}/comments/{comment_id}"
+    return urls.response_url(slug, comment_id)
 
 
 def event_of(entry: ResponseEntry) -> str:

@@ -1461,7 +1461,7 @@ class Store:
             )
             await db.execute(
                 "UPDATE comments SET url = ? WHERE id = ?",
-                (f"{page_url}#comment-{comment_id}", comment_id),
+                (f"{page_url}/comments/{comment_id}", comment_id),  # the permalink
             )
             await self._queue_answer(db, activity(comment_id), post_id, inboxes)
         return comment_id
@@ -1518,11 +1518,12 @@ class Store:
 
     # ---- crawling reply threads -----------------------------------------
 
-    # A comment worth crawling: from the fediverse, shown (or held) publicly. Its depth
+    # A comment worth crawling: from the fediverse, published (not held: replies to a
+    # held comment would show before it is approved), public or unlisted. Its depth
     # counts its ancestors (parent ids are always smaller, so the walk ends).
     _CRAWLABLE = (
         "c.source = 'fediverse' AND c.ap_id IS NOT NULL"
-        " AND c.visibility IN ('public', 'unlisted') AND c.status IN ('published', 'pending')"
+        " AND c.visibility IN ('public', 'unlisted') AND c.status = 'published'"
     )
     _NEW_CRAWL = (
         "INSERT OR IGNORE INTO crawls (comment_id, post_id, ap_id, host, found_by, depth,"

@@ -183,7 +183,11 @@ async def test_answers_federate_show_under_the_response_and_can_be_edited_and_de
         "@<span>cyd</span></a></span>"
     )
     assert note["content"] == f"<p>{mention} Thanks, <em>Cyd</em>!</p>\n"
-    assert note["url"] == f"{services.blog.post_url(post)}#comment-{answer.id}"
+    # The permalink, which finds the answer's page of responses however many there are.
+    assert note["url"] == f"{services.blog.post_url(post)}/comments/{answer.id}"
+    found = await world.client.get(note["url"])
+    assert found.status_code == 302
+    assert found.headers["location"].endswith(f"#comment-{answer.id}")
 
     # The page: nested under Cyd's response, marked as the author's, counted.
     cyd_comment = await services.store.get_comment_by_ap_id(cyd_note)
@@ -345,6 +349,30 @@ async def test_slug_and_number_name_the_responses_in_page_order(
     for number, comment_id in enumerate(order, start=1):
         found, _, at = await answers.find_response(f"{post.slug}#{number}")
         assert (found.id, at) == (comment_id, number)
+
+
+async def test_a_permalink_names_a_response_that_numbers_would_shift(
+    ctx: Services, web: httpx.AsyncClient
+) -> None:
+    """SLUG#N moves when a reply lands in an earlier thread; the permalink the number
+    links to (/posts/SLUG/comments/ID, relative or absolute) does not."""
+    post = await publish(ctx, "Stable")
+    ann = await remote_actor(ctx, "ann", "one.example")
+    first = await remote_comment(ctx, post, ann, "first", minutes=1)
+    second = await remote_comment(ctx, post, ann, "second", minutes=2)
+    answers = Answers(ctx.settings, ctx.store)
+    page = soup((await web.get(f"/posts/{post.slug}")).text)
+    permalink = page.select_one(f"#comment-{second} a.comment-number")["href"]
+    assert (await answers.find_response(f"{post.slug}#2"))[0].id == second
+
+    await remote_comment(ctx, post, ann, "late reply", minutes=3, parent=first)
+
+    assert (await answers.find_response(f"{post.slug}#2"))[0].id != second  # shifted
+    assert (await answers.find_response(permalink))[0].id == second
+    absolute = ctx.settings.base_url + permalink
+    assert (await answers.find_response(absolute))[0].id == second
+    with pytest.raises(AnswerError, match="no response is at"):
+        await answers.find_response(f"/posts/other-post/comments/{second}")
 
 
 async def test_an_answer_to_a_form_comment_replies_to_the_post(

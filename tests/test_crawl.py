@@ -22,6 +22,7 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from fediblog import moderation
 from fediblog.answers import Answers
 from fediblog.crawl import CrawlLimits
 from fediblog.models import Post, parse_ts, utcnow
@@ -696,6 +697,13 @@ async def test_crawled_replies_are_sanitized_and_held_like_delivered_ones(
         )
         await commented(web, ctx, fediverse, post, ann, 1, lambda i: replies_of(i, [bad]))
 
+        # A held comment is not crawled: its replies would show before it is approved.
+        await ctx.crawler.run_once()
+        assert await stored(ctx, bad) is None
+        held = await ctx.store.get_comment_by_ap_id(x_id)
+        assert held is not None
+        await moderation.set_status(ctx.store, held["id"], "published")
+        assert await ctx.crawler.sweep() == 1  # approved: now it is queued
         await ctx.crawler.run_once()
 
         assert await stored(ctx, bad) == "pending"  # held, as every reply is under "all"
@@ -784,3 +792,45 @@ async def test_the_author_answers_a_reply_found_by_crawling(
     assert await page_tree(web, post) == [
         ("A1", [("A2", []), ("B1", [("C1", [("A3", [])]), ("D1", []), ("Answer", [])])])
     ]
+
+
+async def test_a_round_put_back_for_its_budget_resumes_and_ends(
+    web: httpx.AsyncClient, ctx: Services, fediverse: Servers
+) -> None:
+    """40 listed ids that 404, then one real reply, at 30 requests a minute: each put-back
+    round resumes past what it tried, so the reply is found and the round ends."""
+    post = await publish(ctx, "Stuck")
+    ann = fediverse.add("social.example", "ann")
+    x_id = f"{ann.id}/statuses/1"
+    dead = [f"{ann.id}/statuses/{n}" for n in range(100, 140)]
+    good = reply(fediverse, ann, 2, x_id)
+    await commented(web, ctx, fediverse, post, ann, 1, lambda i: replies_of(i, [*dead, good]))
+    now = utcnow()
+    for minute in range(10):
+        at(ctx, now + timedelta(minutes=minute, seconds=1))
+        await ctx.crawler.run_once()
+
+    assert await stored(ctx, good) == "published"
+    assert fediverse.exactly(dead[0]) == 1  # never asked again
+    row = await crawl_row(ctx, x_id)
+    assert (row["rounds"], row["last_error"]) == (1, None)
+
+
+async def test_replies_reaching_another_post_are_not_taken_past_its_cap(
+    web: httpx.AsyncClient, ctx: Services, fediverse: Servers
+) -> None:
+    """A comment on post A lists replies to a comment on post B: they are not saved by
+    A's crawl, so B's cap of crawled comments cannot be bypassed."""
+    post_a = await publish(ctx, "A")
+    post_b = await publish(ctx, "B")
+    ctx.crawler.limits = replace(CrawlLimits(), max_per_post=2)
+    bob = fediverse.add("other.example", "bob", key_index=1)
+    y = await commented(web, ctx, fediverse, post_b, bob, 1, lambda i: replies_of(i, []))
+    ann = fediverse.add("social.example", "ann")
+    into_b = [reply(fediverse, ann, n, y["id"]) for n in range(10, 20)]
+    await commented(web, ctx, fediverse, post_a, ann, 1, lambda i: replies_of(i, into_b))
+
+    await ctx.crawler.run_once()
+
+    assert [await stored(ctx, i) for i in into_b] == [None] * 10
+    assert await ctx.store.count_crawled(post_b.id) == 0

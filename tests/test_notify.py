@@ -431,3 +431,11 @@ def test_store_keeps_one_notification_per_response_and_event(tmp_path: Path) -> 
             await store.close()
 
     assert asyncio.run(check()) == (True, False)
+
+
+def test_the_webhook_secret_never_appears_in_the_settings_repr() -> None:
+    from fediblog.config import Settings
+
+    assert "s3cret-value-for-the-hook" not in repr(
+        Settings(notify_secret="s3cret-value-for-the-hook")
+    )

@@ -210,7 +210,7 @@ async def answer_object(request: Request) -> Response:
         return Response(json.dumps(tombstone), status_code=410, media_type=AP_TYPE)
     if not wants_activitypub(request):
         return RedirectResponse(
-            f"{ctx.urls.post_url(answer.post_slug)}#comment-{answer.id}",
+            ctx.urls.response_url(answer.post_slug, answer.id),
             status_code=302,
             headers={"Vary": "Accept"},
         )
