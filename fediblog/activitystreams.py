@@ -22,12 +22,22 @@ import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
+from html.parser import HTMLParser
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 from fediblog.config import Settings
 from fediblog.errors import ActivityError
-from fediblog.models import AuthorAnswer, JsonObject, Mentioned, Post, Visibility, format_ts
+from fediblog.models import (
+    MEDIA_TYPES,
+    AuthorAnswer,
+    JsonObject,
+    MediaImage,
+    Mentioned,
+    Post,
+    Visibility,
+    format_ts,
+)
 from fediblog.render import ascii_host, strip_invisible
 
 AS_CONTEXT = "https://www.w3.org/ns/activitystreams"
@@ -43,6 +53,7 @@ _EXTENSIONS: JsonObject = {
     "toot": "http://joinmastodon.org/ns#",
     "discoverable": "toot:discoverable",
     "indexable": "toot:indexable",
+    "featured": {"@id": "toot:featured", "@type": "@id"},
     "schema": "http://schema.org#",
     "PropertyValue": "schema:PropertyValue",
     "value": "schema:value",
@@ -87,6 +98,11 @@ class Urls:
     def object_id(self, uid: str) -> str:
         return f"{self.base}/p/{uid}"
 
+    @property
+    def featured(self) -> str:
+        """The pinned posts' collection (Mastodon's ``toot:featured``)."""
+        return f"{self.actor}/collections/featured"
+
     def post_url(self, slug: str) -> str:
         return f"{self.base}/posts/{slug}"
 
@@ -104,9 +120,18 @@ class Urls:
 # ---- what we publish ----------------------------------------------------------------
 
 
-def build_actor(settings: Settings, public_key_pem: str, published: datetime) -> JsonObject:
+def build_actor(
+    settings: Settings,
+    public_key_pem: str,
+    published: datetime,
+    *,
+    icon: MediaImage | None = None,
+    header: MediaImage | None = None,
+) -> JsonObject:
+    """The blog actor; ``icon`` and ``header`` are FEDIBLOG_AVATAR and FEDIBLOG_HEADER as
+    the media store keeps them (media.py), the default avatar otherwise."""
     urls = Urls.of(settings)
-    return {
+    document: JsonObject = {
         "@context": ACTOR_CONTEXT,
         "id": urls.actor,
         "type": settings.actor_type,
@@ -114,15 +139,14 @@ def build_actor(settings: Settings, public_key_pem: str, published: datetime) ->
         "name": settings.title,
         "summary": f"<p>{_escape(settings.description)}</p>",
         "url": urls.base + "/",
-        "icon": {
-            "type": "Image",
-            "mediaType": "image/png",
-            "url": urls.base + "/static/avatar.png",
-        },
+        "icon": _image(urls, icon)
+        if icon
+        else {"type": "Image", "mediaType": "image/png", "url": urls.base + "/static/avatar.png"},
         "inbox": urls.inbox,
         "outbox": urls.outbox,
         "followers": urls.followers,
         "following": urls.following,
+        "featured": urls.featured,
         "endpoints": {"sharedInbox": urls.shared_inbox},
         "manuallyApprovesFollowers": settings.manually_approves_followers,
         "discoverable": True,
@@ -137,6 +161,82 @@ def build_actor(settings: Settings, public_key_pem: str, published: datetime) ->
         ],
         "publicKey": {"id": urls.key_id, "owner": urls.actor, "publicKeyPem": public_key_pem},
     }
+    if header:
+        document["image"] = _image(urls, header)
+    return document
+
+
+def build_actor_update(settings: Settings, actor: JsonObject, updated: datetime) -> JsonObject:
+    """The actor changed (its avatar or header): an Update with the whole new actor."""
+    urls = Urls.of(settings)
+    stamp = format_ts(updated)
+    digest = _digest(str(actor.get("icon")) + str(actor.get("image")))[:8]
+    return {
+        "@context": ACTOR_CONTEXT,
+        "id": f"{urls.actor}#updates/{int(updated.timestamp())}-{digest}",
+        "type": "Update",
+        "actor": urls.actor,
+        "published": stamp,
+        "to": [PUBLIC],
+        "cc": [urls.followers],
+        "object": {key: value for key, value in actor.items() if key != "@context"},
+    }
+
+
+def _image(urls: Urls, image: MediaImage) -> JsonObject:
+    """A stored image (media.py) as an AS2 Image: its largest variant, absolute."""
+    width, height = image.largest
+    return {
+        "type": "Image",
+        "mediaType": image.media_type,
+        "url": urls.base + image.path(width),
+        "width": width,
+        "height": height,
+    }
+
+
+class _MediaImages(HTMLParser):
+    """The images of a post's HTML that come from the media store: markup we rendered
+    ourselves (render.media_img), read back so every path to the Article agrees."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.found: list[JsonObject] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag != "img":
+            return
+        values = {name: value or "" for name, value in attrs}
+        candidates = [part.split() for part in values.get("srcset", "").split(",")]
+        widest = max(
+            (c for c in candidates if len(c) == 2 and c[1].endswith("w") and c[1][:-1].isdigit()),
+            key=lambda c: int(c[1][:-1]),
+            default=[values.get("src", "")],
+        )
+        path = widest[0]
+        kind = MEDIA_TYPES.get(path.rsplit(".", 1)[-1])
+        if not path.startswith("/media/") or kind is None:
+            return
+        image: JsonObject = {"type": "Image", "mediaType": kind, "url": "", "name": ""}
+        image["url"], image["name"] = path, values.get("alt", "")
+        for key in ("width", "height"):
+            if values.get(key, "").isdigit():
+                image[key] = int(values[key])
+        self.found.append(image)
+
+
+def post_attachments(base: str, body_html: str) -> list[JsonObject]:
+    """The post's own images as attachments, alt text as ``name`` (Mastodon shows them)."""
+    reader = _MediaImages()
+    reader.feed(body_html)
+    reader.close()
+    seen: set[str] = set()
+    attachments = []
+    for image in reader.found:
+        if image["url"] not in seen:
+            seen.add(image["url"])
+            attachments.append({**image, "url": base + image["url"]})
+    return attachments
 
 
 def build_instance_actor(settings: Settings, public_key_pem: str) -> JsonObject:
@@ -159,6 +259,12 @@ def build_instance_actor(settings: Settings, public_key_pem: str) -> JsonObject:
             "publicKeyPem": public_key_pem,
         },
     }
+
+
+def absolute_media(html: str, base: str) -> str:
+    """Our images' URLs (src and srcset) are relative on the page; another server or a
+    feed reader needs them absolute."""
+    return html.replace('="/media/', f'="{base}/media/').replace(", /media/", f", {base}/media/")
 
 
 def build_post_object(settings: Settings, post: Post) -> JsonObject:
@@ -199,14 +305,22 @@ def build_post_object(settings: Settings, post: Post) -> JsonObject:
             f'<p><a href="{url}">{_escape(url)}</a></p>'
             + (f"<p>{tag_links}</p>" if tag_links else "")
         )
+    content = absolute_media(content, urls.base)
     document["content"] = content
     document["contentMap"] = {settings.language: content}
     if post.updated:
         document["updated"] = format_ts(post.updated)
+    attachments = post_attachments(urls.base, post.body_html)
     if post.image:
         image = post.image if "://" in post.image else urls.base + post.image
-        document["image"] = {"type": "Image", "url": image}
-        document["attachment"] = [{"type": "Image", "url": image, "name": post.title}]
+        cover: JsonObject = {"type": "Image", "url": image}
+        if post.image_alt:
+            cover["name"] = post.image_alt
+        document["image"] = cover
+        if not attachments:  # the cover stands in when the post shows no image of its own
+            attachments = [{**cover, "name": post.image_alt or post.title}]
+    if attachments:
+        document["attachment"] = attachments
     return document
 
 
@@ -228,6 +342,38 @@ def build_delete(settings: Settings, uid: str, deleted: datetime) -> JsonObject:
     tombstone = build_tombstone(object_id, deleted)
     del tombstone["@context"]
     return _wrap("Delete", f"{object_id}#delete", settings, tombstone, format_ts(deleted))
+
+
+def build_featured(settings: Settings, pinned: list[Post]) -> JsonObject:
+    """The pinned posts, as Mastodon serves its featured collection: the objects whole."""
+    items = [
+        {k: v for k, v in build_post_object(settings, post).items() if k != "@context"}
+        for post in pinned
+    ]
+    return {
+        "@context": OBJECT_CONTEXT,
+        "id": Urls.of(settings).featured,
+        "type": "OrderedCollection",
+        "totalItems": len(items),
+        "orderedItems": items,
+    }
+
+
+def build_pin(settings: Settings, uid: str, token: str, *, pinned: bool) -> JsonObject:
+    """Add (pin) or Remove (unpin) a post's id to or from ``featured``, as Mastodon
+    sends them; ``token`` makes each one's id new, so pin, unpin, pin all go out."""
+    urls = Urls.of(settings)
+    kind = "Add" if pinned else "Remove"
+    return {
+        "@context": OBJECT_CONTEXT,
+        "id": f"{urls.actor}#{kind.lower()}s/{token}",
+        "type": kind,
+        "actor": urls.actor,
+        "to": [PUBLIC],
+        "cc": [urls.followers],
+        "object": urls.object_id(uid),
+        "target": urls.featured,
+    }
 
 
 def build_tombstone(object_id: str, deleted: datetime, former_type: str = "Article") -> JsonObject:

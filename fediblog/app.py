@@ -34,21 +34,27 @@ from fediblog.errors import StorageError
 from fediblog.httpsig import sign_request
 from fediblog.inbox import BatchWriter, Inbox
 from fediblog.keys import load_key
+from fediblog.media import MediaStore
 from fediblog.models import utcnow
 from fediblog.notify import Notifier
+from fediblog.proxy import MediaProxy
 from fediblog.remote import Fetcher, FetchPolicy, build_transport
 from fediblog.responses import Responses
+from fediblog.schedule import Scheduler
 from fediblog.store import Store
 from fediblog.web import activitypub, feeds, forms, html, wellknown
+from fediblog.web import media as media_routes
+from fediblog.web import proxy as proxy_routes
 from fediblog.web.cache import PageCache
 from fediblog.web.deps import Services
 from fediblog.web.ratelimit import RateLimit
 from fediblog.web.templating import build_templates
 from fediblog.worker import ThrottledLog, every
 
-# Pages carry no script at all; images may come from the commenters' servers.
+# Pages carry no script at all; images are ours, the commenters' ones through the media
+# proxy (proxy.py), so no reader's browser contacts a commenter's server.
 CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; img-src 'self' https: data:; style-src 'self'; script-src 'none'; "
+    "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'none'; "
     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self' https:"
 )
 SECURITY_HEADERS = [
@@ -71,7 +77,10 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+                # A response that set its own (the media proxy's stricter CSP) keeps it.
+                own = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [header for header in SECURITY_HEADERS if header[0] not in own]
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -149,7 +158,18 @@ def create_app(
         deliverer = Deliverer(store, delivery_client, blog_key, urls.key_id)
         writer = BatchWriter(store)
         inbox = Inbox(settings, store, actors, writer, on_queued=deliverer.wake)
-        responses = Responses(settings, store, actors, fetcher)
+        # Remote images readers see are fetched by the blog (a pool of its own).
+        proxy_client = http_client()
+        media_proxy = await MediaProxy.open(
+            store,
+            proxy_client,
+            policy,
+            settings.database.parent / "proxy",
+            cache_bytes=settings.proxy_cache_mb * 1_000_000,
+            user_agent=USER_AGENT,
+        )
+        await media_proxy.sweep()
+        responses = Responses(settings, store, actors, fetcher, media_proxy)
         inbox.add_handlers(responses.handlers())
         # Each saved reply is crawled for the replies that never reached the inbox.
         crawler = Crawler(settings, store, fetcher, responses, is_blocked=inbox.is_blocked)
@@ -160,12 +180,17 @@ def create_app(
         notifier = Notifier(settings, store, notify_client)
         responses.reply_listeners.append(notifier.response_saved)
         await inbox.load_blocks()
+        # FEDIBLOG_AVATAR and FEDIBLOG_HEADER into the media store; an Update of the
+        # actor is queued once when they changed (media.py).
+        await MediaStore(settings, store).sync_face(blog_key.public_pem)
         tasks = [asyncio.create_task(writer.run(), name="inbox-writer")]
         if run_workers:
 
             async def prune() -> None:
                 await store.prune(utcnow() - timedelta(days=settings.retention_days))
                 await store.prune_notifications(utcnow() - timedelta(days=settings.retention_days))
+                await media_proxy.sweep()  # avatars changed by profile updates
+                await media_proxy.prune()
 
             tasks.append(asyncio.create_task(inbox.run(), name="inbox-processor"))
             tasks.append(asyncio.create_task(deliverer.run(), name="delivery"))
@@ -173,6 +198,9 @@ def create_app(
             tasks.append(asyncio.create_task(every(3600, prune, "pruning"), name="retention"))
             if notifier.enabled:
                 tasks.append(asyncio.create_task(notifier.run(), name="notify"))
+            # Scheduled posts go out at their time, even if scheduled while we were down.
+            scheduler = Scheduler(Blog(settings, store), on_published=deliverer.wake)
+            tasks.append(asyncio.create_task(scheduler.run(), name="schedule"))
         try:
             app.state.services = Services(
                 settings=settings,
@@ -191,6 +219,7 @@ def create_app(
                 comment_limit=RateLimit(limit=5, window=600),
                 crawler=crawler,
                 notifier=notifier,
+                proxy=media_proxy,
             )
             yield
         finally:
@@ -198,6 +227,8 @@ def create_app(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await actors.aclose()
+            await media_proxy.aclose()
+            await proxy_client.aclose()
             await fetcher.aclose()
             await fetch_client.aclose()
             await delivery_client.aclose()
@@ -212,6 +243,8 @@ def create_app(
             *wellknown.routes,
             *forms.routes,
             *activitypub.routes,
+            *proxy_routes.routes,
+            *media_routes.routes,
             Mount("/static", StaticFiles(directory=static_dir), name="static"),
         ],
         exception_handlers={HTTPException: http_error, StorageError: storage_error},

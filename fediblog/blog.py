@@ -9,8 +9,15 @@ A post file is Markdown with YAML front matter::
     tags: [python, fediverse]      # optional; a list or "a, b"
     published: 2026-11-28 10:00    # optional; now otherwise
     image: https://…/cover.jpg     # optional
+    image_alt: A cat on a sofa     # optional; the cover's alt text
+    draft: true                    # optional; stored unlisted, unfederated, until published
     ---
     The body, in Markdown.
+
+A ``published`` date in the future schedules the post: nobody sees it, and nothing is
+sent, until the scheduler (schedule.py) publishes it then. A draft has a secret
+preview URL (``/preview/{token}``); ``publish_now`` publishes it (or schedules it, if
+dated in the future).
 
 Everything is checked before anything is written, so a bad file changes nothing.
 """
@@ -28,14 +35,17 @@ from typing import Any
 import frontmatter
 import yaml
 
-from fediblog.activitystreams import Urls, build_create, build_delete, build_update
+from fediblog.activitystreams import Urls, build_create, build_delete, build_pin, build_update
 from fediblog.config import Settings
 from fediblog.errors import FediblogError, PostError, PostNotFound
-from fediblog.models import JsonObject, OutgoingActivity, Post, PostDraft, utcnow
+from fediblog.media import MediaStore
+from fediblog.models import JsonObject, OutgoingActivity, Post, PostDraft, PostState, utcnow
 from fediblog.render import markdown_to_html, normalize_tag, slugify
 from fediblog.store import Store
 
-FRONT_MATTER_KEYS = ("title", "slug", "summary", "tags", "published", "image")
+FRONT_MATTER_KEYS = (
+    "title", "slug", "summary", "tags", "published", "image", "image_alt", "draft"
+)  # fmt: skip
 MAX_TITLE = 300
 MAX_SUMMARY = 2_000
 MAX_TAGS = 30
@@ -106,11 +116,18 @@ def parse_post(text: str, *, source: str = "post") -> PostDraft:
     if len(summary) > MAX_SUMMARY:
         raise PostError(f"{source}: the summary is longer than {MAX_SUMMARY} characters")
 
+    is_draft = meta.get("draft")
+    if is_draft is not None and not isinstance(is_draft, bool):
+        raise PostError(f"{source}: draft must be true or false, not {is_draft!r}")
+
     image = meta.get("image")
     if image is not None and (
         not isinstance(image, str) or not image.startswith(("https://", "http://", "/"))
     ):
         raise PostError(f"{source}: the image must be an http(s) URL or a path on this blog")
+    image_alt = meta.get("image_alt", "")
+    if not isinstance(image_alt, str):
+        raise PostError(f"{source}: image_alt must be text")
 
     return PostDraft(
         title=title,
@@ -121,6 +138,8 @@ def parse_post(text: str, *, source: str = "post") -> PostDraft:
         image=image,
         published=_parse_published(meta.get("published"), source),
         slug_given=slug_given,
+        draft=is_draft,
+        image_alt=" ".join(image_alt.split()),
     )
 
 
@@ -207,25 +226,42 @@ class Blog:
         """The post's ActivityPub id: built from the uid, so a new slug keeps it."""
         return self.urls.object_id(uid)
 
+    async def import_images(self, draft: PostDraft, post_file: Path) -> PostDraft:
+        """The draft with its local images (paths relative to ``post_file``) imported
+        into the media store; MediaError, with nothing stored, if one cannot be."""
+        found = await MediaStore(self.settings, self.store).import_post_images(
+            draft.body_md, post_file.parent
+        )
+        return replace(draft, media=tuple(found.items()))
+
     async def publish(self, draft: PostDraft) -> Post:
         published = draft.published or utcnow()
         uid = secrets.token_hex(8)
-        body_html = markdown_to_html(draft.body_md)
+        body_html = markdown_to_html(draft.body_md, dict(draft.media))
         post = _as_post(draft, uid=uid, body_html=body_html, published=published, updated=None)
+        state = new_state(draft.draft, published, utcnow())
         return await self.store.save_new_post(
             replace(draft, published=published),
             uid=uid,
             body_html=body_html,
             published=published,
-            activity=_outgoing(build_create(self.settings, post)),
+            activity=_outgoing(build_create(self.settings, post)) if state == "published" else None,
+            state=state,
+            preview_token=None if state == "published" else _preview_token(),
         )
 
     async def edit(self, slug: str, draft: PostDraft) -> Post:
         old = await self.get(slug)
         if not draft.slug_given:
             draft = replace(draft, slug=old.slug)
+        if old.state != "published":
+            return await self._edit_unpublished(old, draft)
+        if draft.draft:
+            raise PostError(
+                f"{old.slug!r} is published: it cannot become a draft again (delete it instead)"
+            )
         updated = utcnow()
-        body_html = markdown_to_html(draft.body_md)
+        body_html = markdown_to_html(draft.body_md, dict(draft.media))
         post = _as_post(
             draft,
             uid=old.uid,
@@ -248,15 +284,115 @@ class Blog:
             post,
             object_id=self.object_id(post.uid),
             deleted=deleted,
-            activity=_outgoing(build_delete(self.settings, post.uid, deleted)),
+            # A draft or scheduled post was never sent anywhere: nobody to tell.
+            activity=_outgoing(build_delete(self.settings, post.uid, deleted))
+            if post.state == "published"
+            else None,
         )
         return post
 
     async def get(self, slug: str) -> Post:
-        post = await self.store.get_post_by_slug(slug)
+        """The author's post by its slug, whatever its state (drafts too)."""
+        post = await self.store.get_authored_post(slug)
         if post is None:
             raise PostNotFound(f"no post has the slug {slug!r}")
         return post
+
+    # ---- drafts, schedules and pinned posts -----------------------------------------
+
+    async def _edit_unpublished(self, old: Post, draft: PostDraft) -> Post:
+        """A draft stays a draft unless the file says ``draft: false``; a scheduled post
+        moves with its date, or goes out now if the date has passed."""
+        now = utcnow()
+        is_draft = draft.draft if draft.draft is not None else old.state == "draft"
+        state = new_state(is_draft, draft.published or old.published, now)
+        # Going out now: dated now, as `post publish` does (it was never seen before).
+        published = now if state == "published" else draft.published or old.published
+        draft = replace(draft, published=published)
+        body_html = markdown_to_html(draft.body_md, dict(draft.media))
+        post = _as_post(draft, uid=old.uid, body_html=body_html, published=published, updated=None)
+        return await self.store.save_post_edit(
+            old,
+            draft,
+            body_html=body_html,
+            updated=now,
+            activity=_outgoing(build_create(self.settings, post)) if state == "published" else None,
+            state=state,
+        )
+
+    async def publish_now(self, slug: str) -> Post:
+        """`post publish`: a draft or scheduled post goes out now, with its Create; a draft
+        dated in the future is scheduled for that date instead."""
+        post = await self.get(slug)
+        if post.state == "published":
+            raise PostError(f"{slug!r} is already published")
+        now = utcnow()
+        future = post.state == "draft" and post.published > now
+        published = post.published if future else now
+        state: PostState = "scheduled" if future else "published"
+        live = replace(post, published=published, updated=None, state=state)
+        await self.store.save_post_publish(
+            post,
+            published=published,
+            state=state,
+            activity=None if future else _outgoing(build_create(self.settings, live)),
+        )
+        return await self.get(slug)
+
+    async def publish_due(self, post_id: int, now: datetime) -> datetime | None:
+        """The scheduler's job: publish a scheduled post whose time has come, with its
+        Create. Returns when to look again (its time has not come), or None (done: it
+        was published, by this or by hand, or it is a draft now, or deleted)."""
+        post = await self.store.get_authored_post_by_id(post_id)
+        if post is None or post.state != "scheduled":
+            return None
+        if post.published > now:
+            return post.published
+        live = replace(post, updated=None, state="published")
+        done = await self.store.save_post_publish(
+            post,
+            published=post.published,
+            state="published",
+            activity=_outgoing(build_create(self.settings, live)),
+            only_if_scheduled=True,
+        )
+        return None if done else now  # changed meanwhile: look at it again
+
+    async def pin(self, slug: str, *, pinned: bool = True) -> Post:
+        """Pin a published post to the actor's featured collection (or unpin it), and
+        send followers the Add (or Remove), as Mastodon does."""
+        post = await self.get(slug)
+        if post.state != "published":
+            raise PostError(f"{slug!r} is not published ({post.state}): publish it first")
+        if post.pinned == pinned:
+            raise PostError(f"{slug!r} is {'already' if pinned else 'not'} pinned")
+        activity = build_pin(self.settings, post.uid, secrets.token_hex(8), pinned=pinned)
+        await self.store.set_post_pinned(post, utcnow() if pinned else None, _outgoing(activity))
+        return await self.get(slug)
+
+    async def preview_url(self, slug: str) -> str:
+        """The secret address of a draft's or scheduled post's preview."""
+        post = await self.get(slug)
+        if post.state == "published":
+            raise PostError(f"{slug!r} is published: its page is {self.post_url(post)}")
+        token = await self.store.get_preview_token(post.id)
+        assert token is not None  # every unpublished post is stored with one
+        return self.settings.url(preview_path(token))
+
+
+def preview_path(token: str) -> str:
+    return f"/preview/{token}"
+
+
+def _preview_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def new_state(is_draft: bool | None, published: datetime, now: datetime) -> PostState:
+    """What a post not yet seen becomes: a draft, scheduled (dated later), or published."""
+    if is_draft:
+        return "draft"
+    return "scheduled" if published > now else "published"
 
 
 def _as_post(
@@ -273,6 +409,7 @@ def _as_post(
         body_html=body_html,
         tags=tuple(sorted(draft.tags)),
         image=draft.image,
+        image_alt=draft.image_alt,
         published=published,
         updated=updated,
     )

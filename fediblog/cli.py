@@ -1,5 +1,5 @@
-"""The ``fediblog`` command: init, serve, demo, post, followers, deliveries, inbox, comments,
-feeds, reply, block, backup and restore.
+"""The ``fediblog`` command: init, serve, demo, post, media, followers, deliveries, inbox,
+comments, feeds, reply, block, backup and restore.
 
 Every failure a user can cause ends as one line on stderr and a non-zero exit:
 2 for a wrong setting or usage, 1 for a command that could not be done. A database
@@ -22,7 +22,7 @@ from fediblog.blog import Blog, read_post_file
 from fediblog.config import Settings, load_settings
 from fediblog.errors import ConfigError, FediblogError, StorageError
 from fediblog.keys import ensure_keys
-from fediblog.models import format_ts, utcnow
+from fediblog.models import Post, PostDraft, format_ts, utcnow
 from fediblog.store import Store
 
 
@@ -55,7 +55,19 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument("file", type=Path)
     delete = post_commands.add_parser("delete", help="delete a post (its URL then answers 410)")
     delete.add_argument("slug")
-    post_commands.add_parser("list", help="list the published posts")
+    post_commands.add_parser("list", help="list the posts: published, drafts and scheduled")
+    for action, text in (
+        ("preview", "print a draft's or scheduled post's secret preview URL"),
+        ("publish", "publish a draft or scheduled post now (a future date: schedule it)"),
+        ("pin", "pin a post: first on the index, featured on the fediverse profile"),
+        ("unpin", "unpin a post"),
+    ):
+        post_commands.add_parser(action, help=text).add_argument("slug")
+
+    media = commands.add_parser("media", help="the images in the media store: list, prune")
+    media_commands = media.add_subparsers(dest="media_command", metavar="ACTION")
+    media_commands.add_parser("list", help="hash, size, type and the posts using each (default)")
+    media_commands.add_parser("prune", help="delete the images no post, avatar or header uses")
 
     followers = commands.add_parser("followers", help="list followers; approve or reject requests")
     follower_commands = followers.add_subparsers(dest="followers_command", metavar="ACTION")
@@ -166,6 +178,7 @@ def _serve(settings: Settings, host: str, port: int) -> None:
     from fediblog.server import Timeouts, serve
 
     check_before_serving(settings)
+    _check_face(settings)
     timeouts = Timeouts(
         header=settings.header_timeout,
         body=settings.body_timeout,
@@ -174,6 +187,16 @@ def _serve(settings: Settings, host: str, port: int) -> None:
     )
     print(f"fediblog: serving @{settings.acct} on http://{host}:{port}", file=sys.stderr)
     serve(create_app(settings), host, port, timeouts)
+
+
+def _check_face(settings: Settings) -> None:
+    """FEDIBLOG_AVATAR and FEDIBLOG_HEADER are images we can use: one line, before
+    listening, rather than a failed start-up (the app imports them in its lifespan)."""
+    from fediblog.media import prepare_image
+
+    for given in (settings.avatar, settings.header):
+        if given:
+            prepare_image(Path(given).expanduser())
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -196,23 +219,76 @@ def _demo(args: argparse.Namespace) -> None:
 def _post(settings: Settings, args: argparse.Namespace) -> None:
     async def run(blog: Blog) -> None:
         if args.post_command == "new":
-            post = await blog.publish(read_post_file(args.file))
-            print(f"published {blog.post_url(post)}")
+            post = await blog.publish(await _read_post_with_images(blog, args.file))
+            if post.state == "published":
+                print(f"published {blog.post_url(post)}")
+            else:  # nothing was sent: say so, and where to see it
+                preview = await blog.preview_url(post.slug)
+                print(f"{_state_of(post)}: {post.slug} (preview: {preview})")
         elif args.post_command == "edit":
-            post = await blog.edit(args.slug, read_post_file(args.file))
-            print(f"updated {blog.post_url(post)}")
+            post = await blog.edit(args.slug, await _read_post_with_images(blog, args.file))
+            state = "" if post.state == "published" else f" ({_state_of(post)})"
+            print(f"updated {blog.post_url(post)}{state}")
         elif args.post_command == "delete":
             post = await blog.delete(args.slug)
             print(f"deleted {post.slug} ({blog.object_id(post.uid)} now answers 410)")
+        elif args.post_command == "preview":
+            print(await blog.preview_url(args.slug))
+        elif args.post_command == "publish":
+            post = await blog.publish_now(args.slug)
+            print(f"{_state_of(post)}: {blog.post_url(post)}")
+        elif args.post_command in ("pin", "unpin"):
+            post = await blog.pin(args.slug, pinned=args.post_command == "pin")
+            kind = "Add" if post.pinned else "Remove"
+            print(f"{args.post_command}ned {post.slug}; the {kind} is queued for delivery")
         else:
-            posts = await blog.store.list_posts(limit=1_000_000)
+            posts = await blog.store.list_authored_posts()
             if not posts:
                 print("no posts yet")
             for post in posts:
+                pinned = ", pinned" if post.pinned else ""
                 print(
-                    f"{format_ts(post.published)}  {post.slug}  "
+                    f"{format_ts(post.published)}  {post.slug}  [{_state_of(post)}{pinned}]  "
                     f"({post.response_count} responses)  {post.title}"
                 )
+
+    asyncio.run(_with_blog(settings, run))
+
+
+def _state_of(post: Post) -> str:
+    """How `post list` and `post new` name a post's state: published, draft, scheduled for …"""
+    if post.state == "scheduled":
+        return f"scheduled for {format_ts(post.published)}"
+    return post.state
+
+
+async def _read_post_with_images(blog: Blog, path: Path) -> PostDraft:
+    """A post file with its local images imported; a warning line (stderr) for each image
+    without alt text, which the post is published with all the same."""
+    from fediblog.render import images_without_alt
+
+    draft = await blog.import_images(read_post_file(path), path)
+    for src in images_without_alt(draft.body_md):
+        print(f"fediblog: warning: {path}: the image {src} has no alt text", file=sys.stderr)
+    if draft.image and not draft.image_alt:
+        print(f"fediblog: warning: {path}: the cover image has no image_alt", file=sys.stderr)
+    return draft
+
+
+def _media(settings: Settings, args: argparse.Namespace) -> None:
+    from fediblog.media import MediaStore, describe
+
+    async def run(blog: Blog) -> None:
+        media = MediaStore(settings, blog.store)
+        if args.media_command == "prune":
+            count, freed = await media.prune()
+            print(f"pruned {count} unused image(s), {freed:,} bytes freed")
+            return
+        entries = await media.list_entries()
+        if not entries:
+            print("no images yet")
+        for line in describe(entries):
+            print(line)
 
     asyncio.run(_with_blog(settings, run))
 
@@ -464,6 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _post(settings, args)
         elif args.command == "followers":
             _followers(settings, args)
+        elif args.command == "media":
+            _media(settings, args)
         elif args.command == "deliveries":
             _deliveries(settings, args)
         elif args.command == "inbox":

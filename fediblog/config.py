@@ -31,6 +31,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "keep_alive_timeout": (1, 300),
     "shutdown_timeout": (1, 600),
     "responses_per_page": (1, 10_000),
+    "proxy_cache_mb": (1, 1_000_000),
 }
 
 
@@ -70,6 +71,14 @@ class Settings:
     notify_url: str = ""
     notify_secret: str = setting(default="", repr=False)  # never in a log or a traceback
     notify_topic: str = ""
+    # The media proxy (proxy.py): commenters' images, kept beside the database in
+    # proxy/, at most this many megabytes (least recently used first out).
+    proxy_cache_mb: int = 500
+    # The media store (media.py): images of posts, resized and stripped of EXIF. The
+    # avatar and header are local image files, imported into it when the server starts.
+    media_dir: Path = Path("data/media")
+    avatar: str = ""
+    header: str = ""
 
     # ---- derived values -------------------------------------------------------
 

@@ -16,6 +16,7 @@ JsonObject = dict[str, Any]
 Visibility = Literal["public", "unlisted", "followers", "direct"]
 CommentStatus = Literal["published", "pending", "rejected", "deleted"]
 CommentSource = Literal["fediverse", "local"]
+PostState = Literal["published", "draft", "scheduled"]
 
 
 def utcnow() -> datetime:
@@ -48,6 +49,10 @@ class PostDraft:
     image: str | None = None
     published: datetime | None = None
     slug_given: bool = True  # False: made from the title; an edit then keeps the old slug
+    draft: bool | None = None  # front matter ``draft``; None: not said (an edit keeps the state)
+    image_alt: str = ""  # the cover image's alt text (front matter ``image_alt``)
+    # Its local images, imported into the media store (media.py): src as written -> image.
+    media: tuple[tuple[str, MediaImage], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,9 @@ class Post:
     published: datetime
     updated: datetime | None
     response_count: int = 0
+    image_alt: str = ""  # the cover image's alt text
+    state: PostState = "published"  # readers and servers see only published posts
+    pinned: bool = False  # in the actor's featured collection, first on the index
 
     @property
     def last_modified(self) -> datetime:
@@ -141,6 +149,15 @@ class NotificationJob:
 
     id: int
     payload: bytes
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleJob:
+    """A scheduled post to publish once its time has come; ``attempts`` counts this one."""
+
+    id: int
+    post_id: int
     attempts: int
 
 
@@ -255,3 +272,27 @@ class AuthorAnswer:
     published: datetime
     updated: datetime | None
     gone_at: datetime | None  # deleted, or its post deleted: the id answers 410
+
+
+MEDIA_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif"}
+
+
+@dataclass(frozen=True, slots=True)
+class MediaImage:
+    """An image in the media store (media.py): named by the sha256 of its stripped
+    original, stored as resized variants ``/media/{hash}-{width}.{ext}``."""
+
+    hash: str
+    ext: str  # a key of MEDIA_TYPES
+    variants: tuple[tuple[int, int], ...]  # (width, height), narrowest first
+
+    @property
+    def media_type(self) -> str:
+        return MEDIA_TYPES[self.ext]
+
+    @property
+    def largest(self) -> tuple[int, int]:
+        return self.variants[-1]
+
+    def path(self, width: int) -> str:
+        return f"/media/{self.hash}-{width}.{self.ext}"

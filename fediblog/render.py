@@ -11,14 +11,20 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
 from html.parser import HTMLParser
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import nh3
 from markdown_it import MarkdownIt
+from markdown_it.renderer import RendererHTML
+from markdown_it.token import Token
+from markdown_it.utils import OptionsDict
 from mdit_py_plugins.footnote import footnote_plugin
+
+from fediblog.models import MediaImage
 
 # What an author's post may contain after rendering. Generous for writing,
 # nothing that runs: no script, style, iframe, form or event-handler attributes.
@@ -34,7 +40,7 @@ POST_TAGS = frozenset(
 POST_ATTRIBUTES: dict[str, set[str]] = {
     "*": {"id", "title", "lang", "dir"},
     "a": {"href"},
-    "img": {"src", "alt", "width", "height", "loading"},
+    "img": {"src", "srcset", "sizes", "alt", "width", "height", "loading"},
     "ol": {"start", "reversed"},
     "td": {"colspan", "rowspan", "align"},
     "th": {"colspan", "rowspan", "align", "scope"},
@@ -54,16 +60,90 @@ _WHITESPACE = re.compile(r"\s+")
 def _markdown() -> MarkdownIt:
     # "commonmark" with tables and strikethrough; raw HTML is allowed in, and then
     # sanitized out, so authors can use <details>, <kbd>, <sup> and friends.
-    return (
+    md = (
         MarkdownIt("commonmark", {"html": True, "linkify": False, "typographer": False})
         .enable(["table", "strikethrough"])
         .use(footnote_plugin)
     )
+    md.add_render_rule("image", _render_image)
+    return md
 
 
-def markdown_to_html(source: str) -> str:
-    """Render an author's Markdown to sanitized HTML."""
-    return sanitize_post_html(_markdown().render(source))
+def markdown_to_html(source: str, images: Mapping[str, MediaImage] | None = None) -> str:
+    """Render an author's Markdown to sanitized HTML. ``images`` maps an image's src,
+    as written, to its copy in the media store (media.py): that image is shown from
+    there, in every size, with its dimensions."""
+    return sanitize_post_html(_markdown().render(source, {"media": images or {}}))
+
+
+_HTML_RENDERER = RendererHTML()
+
+# The widest the text column shows an image (style.css --measure, with margins).
+IMAGE_SIZES = "(max-width: 45rem) 100vw, 45rem"
+
+
+def _render_image(
+    renderer: RendererHTML, tokens: Sequence[Token], idx: int, options: OptionsDict, env: Any
+) -> str:
+    token = tokens[idx]
+    image = env.get("media", {}).get(_image_src(token))
+    if image is None:
+        return renderer.image(tokens, idx, options, env)
+    alt = renderer.renderInlineAsText(token.children or [], options, env)
+    return media_img(image, alt, title=token.attrGet("title"))
+
+
+def media_img(image: MediaImage, alt: str, *, title: str | int | float | None = None) -> str:
+    """An <img> of a stored image: the variant nearest the column's width as src, all of
+    them in srcset, the largest's dimensions (the page's CSS scales it down)."""
+    width, height = image.largest
+    src = max((w for w, _ in image.variants if w <= 960), default=image.variants[0][0])
+    srcset = ", ".join(f"{image.path(w)} {w}w" for w, _ in image.variants)
+    title_attr = f' title="{html.escape(str(title))}"' if title else ""
+    return (
+        f'<img src="{image.path(src)}" srcset="{srcset}" sizes="{IMAGE_SIZES}"'
+        f' width="{width}" height="{height}" alt="{html.escape(alt)}"{title_attr}'
+        ' loading="lazy">'
+    )
+
+
+def _image_src(token: Token) -> str:
+    src = token.attrGet("src")
+    return src if isinstance(src, str) else ""
+
+
+def _image_tokens(tokens: Sequence[Token]) -> Iterator[Token]:
+    for token in tokens:
+        if token.type == "image":
+            yield token
+        if token.children:
+            yield from _image_tokens(token.children)
+
+
+def markdown_images(source: str) -> list[tuple[str, str]]:
+    """(src as written, alt text) of every image in a post's Markdown, in order."""
+    md = _markdown()
+    found: list[tuple[str, str]] = []
+    for token in _image_tokens(md.parse(source, {})):
+        alt = _HTML_RENDERER.renderInlineAsText(token.children or [], md.options, {})
+        found.append((_image_src(token), alt))
+    return found
+
+
+def local_images(source: str) -> list[tuple[str, str]]:
+    """(src as written, path relative to the post file) of each distinct image that is
+    neither a URL nor a path on this blog: those are imported into the media store."""
+    found: dict[str, str] = {}
+    for src, _ in markdown_images(source):
+        parts = urlsplit(src)
+        if src and not parts.scheme and not parts.netloc and not src.startswith(("/", "#")):
+            found.setdefault(src, unquote(parts.path))
+    return list(found.items())
+
+
+def images_without_alt(source: str) -> list[str]:
+    """The src of each image in a post's Markdown that has no alt text."""
+    return [src for src, alt in markdown_images(source) if not alt.strip()]
 
 
 def sanitize_post_html(fragment: str) -> str:

@@ -46,6 +46,7 @@ from fediblog.config import Settings
 from fediblog.errors import ActivityError, FetchError
 from fediblog.inbox import Handler
 from fediblog.models import JsonObject, Visibility, parse_ts, utcnow
+from fediblog.proxy import MediaProxy
 from fediblog.remote import Fetcher
 from fediblog.render import html_to_text, sanitize_remote_html
 from fediblog.store import Store
@@ -59,9 +60,15 @@ MAX_EMOJI = 50
 
 class Responses:
     def __init__(
-        self, settings: Settings, store: Store, actors: ActorDirectory, fetcher: Fetcher
+        self,
+        settings: Settings,
+        store: Store,
+        actors: ActorDirectory,
+        fetcher: Fetcher,
+        proxy: MediaProxy,
     ) -> None:
         self._settings = settings
+        self._proxy = proxy  # readers load remote images from us only (proxy.py)
         self._store = store
         self._actors = actors
         self._fetcher = fetcher
@@ -106,7 +113,8 @@ class Responses:
         author = await self._actors.get_actor(actor)
         row = await self._store.get_actor_row(author.ap_id)
         assert row is not None  # get_actor saved it
-        content, summary, sensitive = self._render(obj)
+        await self._proxy.register([author.icon_url] if author.icon_url else [], "avatar")
+        content, summary, sensitive = await self._render(obj)
         now = utcnow()
         comment_id = await self._store.save_comment(
             post_id=post_id,
@@ -166,7 +174,7 @@ class Responses:
             return await self._store.get_post_id(slug=unquote(path.removeprefix("/posts/")))
         return None
 
-    def _render(self, obj: JsonObject) -> tuple[str, str | None, bool]:
+    async def _render(self, obj: JsonObject) -> tuple[str, str | None, bool]:
         raw = obj.get("content")
         raw = raw if isinstance(raw, str) else ""
         if len(raw) > MAX_CONTENT:
@@ -175,6 +183,7 @@ class Responses:
         content = sanitize_remote_html(raw, emoji) + _attachments_html(
             obj.get("attachment"), self._settings.allow_http
         )
+        content = await self._proxy.rewrite_html(content)  # emoji and images: /proxy/…
         summary = plain_text(obj.get("summary"), 500) or None
         sensitive = bool(obj.get("sensitive")) or summary is not None
         if sensitive and summary is None:
@@ -247,7 +256,7 @@ class Responses:
             published.replace(microsecond=0), parse_ts(comment["received_at"])
         ) != parse_ts(comment["published_at"]):
             return  # an edit never moves a reply in time
-        content, summary, sensitive = self._render(obj)
+        content, summary, sensitive = await self._render(obj)
         await self._store.save_comment_edit(
             comment["id"],
             content_html=content,
@@ -306,6 +315,7 @@ class Responses:
         author = await self._actors.get_actor(activity["actor"])
         row = await self._store.get_actor_row(author.ap_id)
         assert row is not None
+        await self._proxy.register([author.icon_url] if author.icon_url else [], "avatar")
         await self._store.save_reaction(
             post_id=post_id,
             actor_id=row["id"],

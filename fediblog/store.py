@@ -38,12 +38,15 @@ from fediblog.models import (
     Follower,
     InboxItem,
     InboxJob,
+    MediaImage,
     Mentioned,
     NotificationJob,
     OutgoingActivity,
     Post,
     PostDraft,
+    PostState,
     ResponseEntry,
+    ScheduleJob,
     ThreadPage,
     Visibility,
     format_ts,
@@ -283,10 +286,71 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX IF NOT EXISTS comments_thread ON comments(parent_id, id);
     CREATE INDEX IF NOT EXISTS comments_received ON comments(received_at);
     """,
+    # 7: drafts, scheduled posts and pinned posts.
+    """
+    -- Only 'published' posts are seen by readers and servers; a draft is seen through
+    -- its secret preview token, a scheduled post waits for its post_schedule row.
+    ALTER TABLE posts ADD COLUMN state TEXT NOT NULL DEFAULT 'published'
+        CHECK (state IN ('published', 'draft', 'scheduled'));
+    ALTER TABLE posts ADD COLUMN preview_token TEXT;
+    ALTER TABLE posts ADD COLUMN pinned_at TEXT;
+    CREATE UNIQUE INDEX posts_preview_token ON posts(preview_token)
+        WHERE preview_token IS NOT NULL;
+    CREATE INDEX posts_pinned ON posts(pinned_at) WHERE pinned_at IS NOT NULL;
+
+    -- A scheduled post's publication, as a worker job due at the post's time.
+    CREATE TABLE post_schedule (
+        id               INTEGER PRIMARY KEY,
+        post_id          INTEGER NOT NULL UNIQUE REFERENCES posts(id) ON DELETE CASCADE,
+        status           TEXT NOT NULL DEFAULT 'queued',   -- queued, done, failed
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at  TEXT NOT NULL,
+        error            TEXT,
+        finished_at      TEXT
+    );
+    CREATE INDEX post_schedule_due ON post_schedule(next_attempt_at) WHERE status = 'queued';
+    """,
+    # 8: the media store: images of posts and of the blog itself.
+    """
+    -- Images imported into the media store (media.py): named by the sha256 of the
+    -- stripped original; the files are {hash}-{width}.{ext} under FEDIBLOG_MEDIA_DIR.
+    CREATE TABLE media (
+        hash        TEXT PRIMARY KEY,
+        ext         TEXT NOT NULL,
+        variants    TEXT NOT NULL,               -- "480x320 960x640": width x height
+        bytes       INTEGER NOT NULL,            -- all the variants' files together
+        created_at  TEXT NOT NULL
+    ) WITHOUT ROWID;
+    -- The cover image's alt text (front matter image_alt), published as its name.
+    ALTER TABLE posts ADD COLUMN image_alt TEXT NOT NULL DEFAULT '';
+    """,
+    # 9: the media proxy: commenters' images served from the blog.
+    """
+    -- Remote images readers' browsers would load, each behind /proxy/{key} (proxy.py):
+    -- the key is an HMAC of the URL under proxy_secret, the bytes a file named by it.
+    CREATE TABLE proxy_media (
+        key           TEXT PRIMARY KEY,
+        url           TEXT NOT NULL UNIQUE,
+        host          TEXT NOT NULL,
+        kind          TEXT NOT NULL CHECK (kind IN ('image', 'avatar')),
+        status        TEXT NOT NULL DEFAULT 'new' CHECK (status IN ('new', 'cached', 'failed')),
+        content_type  TEXT,
+        size          INTEGER NOT NULL DEFAULT 0,
+        error         TEXT,
+        fetched_at    TEXT,
+        used_at       TEXT,
+        created_at    TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX proxy_media_lru ON proxy_media(used_at) WHERE status = 'cached';
+    INSERT OR IGNORE INTO meta (key, value) VALUES ('proxy_secret', lower(hex(randomblob(32))));
+    """,
 )
 
 _TAG_SEPARATOR = "\x1f"
+# A post readers and servers may see: not deleted, and neither a draft nor scheduled.
+_LIVE_POST = "p.deleted_at IS NULL AND p.state = 'published'"
 AUTHOR_AVATAR = "/static/avatar.png"  # the blog actor's icon, beside the author's answers
+PROXY_PATH = "/proxy/"  # where the media proxy serves remote images (web/proxy.py)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -312,18 +376,24 @@ _VISIBLE = (
 _COUNTED = f"c.status = 'published' AND c.visibility IN ('public', 'unlisted') AND {_NOT_BLOCKED}"
 
 _POST_COLUMNS = f"""
-    p.id, p.uid, p.slug, p.title, p.summary, p.body_md, p.body_html, p.image,
-    p.published_at, p.updated_at,
+    p.id, p.uid, p.slug, p.title, p.summary, p.body_md, p.body_html, p.image, p.image_alt,
+    p.published_at, p.updated_at, p.state, p.pinned_at,
     (SELECT group_concat(t.tag, char(31)) FROM post_tags t WHERE t.post_id = p.id) AS tags,
     (SELECT count(*) FROM comments c WHERE c.post_id = p.id AND {_COUNTED}) AS responses
 """
 
-_COMMENT_COLUMNS = """
+# A commenter's avatar as readers' browsers load it: through the media proxy (proxy.py),
+# never from the commenter's server; none (the default picture) until it is proxied.
+_PROXIED_ICON = (
+    f"(SELECT '{PROXY_PATH}' || m.key FROM proxy_media m WHERE m.url = a.icon_url) AS icon_url"
+)
+
+_COMMENT_COLUMNS = f"""
     c.id, c.post_id, c.parent_id, c.ap_id, c.url, c.content_html, c.summary, c.sensitive,
     c.visibility, c.status, c.source, c.published_at, c.updated_at,
     c.author_name, c.author_url,
     a.ap_id AS actor_ap_id, a.username, a.domain, a.name AS actor_name, a.url AS actor_url,
-    a.icon_url, c.by_author
+    {_PROXIED_ICON}, c.by_author
 """
 
 
@@ -348,6 +418,18 @@ _RECORD_DELIVERY = """
         last_error = CASE :status WHEN 'release' THEN last_error ELSE :error END,
         finished_at = CASE WHEN :status IN ('done', 'failed') THEN :now END
     WHERE id = :id
+"""
+
+# A scheduled post's row; a row re-queued by an edit meanwhile (attempts = 0) is left alone.
+_RECORD_SCHEDULE = """
+    UPDATE post_schedule SET
+        status = CASE :status WHEN 'done' THEN 'done' WHEN 'failed' THEN 'failed'
+                 ELSE 'queued' END,
+        attempts = attempts - (:status = 'release'),
+        next_attempt_at = coalesce(:retry_at, next_attempt_at),
+        error = CASE :status WHEN 'release' THEN error ELSE :error END,
+        finished_at = CASE WHEN :status IN ('done', 'failed') THEN :now END
+    WHERE id = :id AND attempts > 0
 """
 
 
@@ -381,6 +463,16 @@ def _post(row: sqlite3.Row) -> Post:
         published=parse_ts(row["published_at"]),
         updated=parse_ts(row["updated_at"]) if row["updated_at"] else None,
         response_count=row["responses"],
+        state=row["state"],
+        pinned=row["pinned_at"] is not None,
+        image_alt=row["image_alt"],
+    )
+
+
+def _media(row: sqlite3.Row) -> MediaImage:
+    sizes = (part.split("x") for part in str(row["variants"]).split())
+    return MediaImage(
+        hash=row["hash"], ext=row["ext"], variants=tuple((int(w), int(h)) for w, h in sizes)
     )
 
 
@@ -592,8 +684,13 @@ class Store:
         body_html: str,
         published: datetime,
         activity: OutgoingActivity | None = None,
+        state: PostState = "published",
+        preview_token: str | None = None,
     ) -> Post:
-        """Insert a post and its tags, and queue its Create to every follower: all or nothing."""
+        """Insert a post and its tags, and queue its Create to every follower: all or nothing.
+
+        A draft or scheduled post (``state``) is stored with its preview token, and a
+        scheduled one with its row in the schedule, due at ``published``."""
         async with self._transaction() as db:
             await self._ensure_slug_free(draft.slug, post_id=None)
             cursor = await db.execute(
@@ -612,10 +709,13 @@ class Store:
             )
             post_id = cursor.lastrowid
             assert post_id is not None
+            await self._save_image_alt(db, post_id, draft.image_alt)
             await self._save_tags(post_id, draft.tags)
+            if state != "published":
+                await self._save_post_state(db, post_id, state, published, preview_token)
             if activity is not None:
                 await self._publish(db, activity, post_id)
-        post = await self.get_post_by_id(post_id)
+        post = await self._get_post("id", post_id, any_state=True)
         assert post is not None
         return post
 
@@ -627,8 +727,12 @@ class Store:
         body_html: str,
         updated: datetime,
         activity: OutgoingActivity | None = None,
+        state: PostState | None = None,
+        preview_token: str | None = None,
     ) -> Post:
-        """Replace a post's content (uid kept, old slug remembered); queue its Update."""
+        """Replace a post's content (uid kept, old slug remembered); queue its Update.
+
+        ``state`` moves a draft or scheduled post on (None: it keeps its state)."""
         async with self._transaction() as db:
             await self._ensure_slug_free(draft.slug, post_id=post.id)
             published = draft.published or post.published
@@ -653,11 +757,14 @@ class Store:
                     (post.slug, post.id),
                 )
                 await db.execute("DELETE FROM old_slugs WHERE slug = ?", (draft.slug,))
+            await self._save_image_alt(db, post.id, draft.image_alt)
             await db.execute("DELETE FROM post_tags WHERE post_id = ?", (post.id,))
             await self._save_tags(post.id, draft.tags)
+            if state is not None:
+                await self._save_post_state(db, post.id, state, published, preview_token)
             if activity is not None:
                 await self._publish(db, activity, post.id)
-        edited = await self.get_post_by_id(post.id)
+        edited = await self._get_post("id", post.id, any_state=True)
         assert edited is not None
         return edited
 
@@ -703,11 +810,14 @@ class Store:
             [(post_id, tag) for tag in tags],
         )
 
-    async def _get_post(self, column: str, value: object) -> Post | None:
-        """A live post by one unique column (a constant: id, slug or uid)."""
+    async def _get_post(
+        self, column: str, value: object, *, any_state: bool = False
+    ) -> Post | None:
+        """A live post by one unique column (a constant: id, slug or uid); ``any_state``
+        also finds drafts and scheduled posts (for their author)."""
+        live = "p.deleted_at IS NULL" if any_state else _LIVE_POST
         row = await self._fetchone(
-            f"SELECT {_POST_COLUMNS} FROM posts p WHERE p.{column} = ? AND p.deleted_at IS NULL",
-            (value,),
+            f"SELECT {_POST_COLUMNS} FROM posts p WHERE p.{column} = ? AND {live}", (value,)
         )
         return _post(row) if row else None
 
@@ -724,7 +834,7 @@ class Store:
         """A live post's number by its uid or slug, without loading it."""
         column, value = ("uid", uid) if uid is not None else ("slug", slug)
         row = await self._fetchone(
-            f"SELECT id FROM posts WHERE {column} = ? AND deleted_at IS NULL", (value,)
+            f"SELECT id FROM posts p WHERE {column} = ? AND {_LIVE_POST}", (value,)
         )
         return int(row[0]) if row else None
 
@@ -732,7 +842,7 @@ class Store:
         """The slug a post has now, if ``old_slug`` is one it used to have."""
         row = await self._fetchone(
             "SELECT p.slug FROM old_slugs o JOIN posts p ON p.id = o.post_id"
-            " WHERE o.slug = ? AND p.deleted_at IS NULL",
+            f" WHERE o.slug = ? AND {_LIVE_POST}",
             (old_slug,),
         )
         return str(row["slug"]) if row else None
@@ -745,31 +855,33 @@ class Store:
         return parse_ts(row["deleted_at"]) if row else None
 
     async def list_posts(
-        self, *, limit: int, offset: int = 0, tag: str | None = None
+        self, *, limit: int, offset: int = 0, tag: str | None = None, pinned_first: bool = False
     ) -> list[Post]:
-        """Live posts, newest first, with tags and response counts, in one query."""
+        """Live posts, newest first (``pinned_first``: the pinned ones before, the latest
+        pinned first), with tags and response counts, in one query."""
+        pinned = "p.pinned_at IS NULL, p.pinned_at DESC, " if pinned_first else ""
         if tag is None:
             rows = await self._fetchall(
-                f"SELECT {_POST_COLUMNS} FROM posts p WHERE p.deleted_at IS NULL"
-                " ORDER BY p.published_at DESC, p.id DESC LIMIT ? OFFSET ?",
+                f"SELECT {_POST_COLUMNS} FROM posts p WHERE {_LIVE_POST}"
+                f" ORDER BY {pinned}p.published_at DESC, p.id DESC LIMIT ? OFFSET ?",
                 (limit, offset),
             )
         else:
             rows = await self._fetchall(
                 f"SELECT {_POST_COLUMNS} FROM post_tags pt JOIN posts p ON p.id = pt.post_id"
-                " WHERE pt.tag = ? AND p.deleted_at IS NULL"
-                " ORDER BY p.published_at DESC, p.id DESC LIMIT ? OFFSET ?",
+                f" WHERE pt.tag = ? AND {_LIVE_POST}"
+                f" ORDER BY {pinned}p.published_at DESC, p.id DESC LIMIT ? OFFSET ?",
                 (tag, limit, offset),
             )
         return [_post(row) for row in rows]
 
     async def count_posts(self, tag: str | None = None) -> int:
         if tag is None:
-            row = await self._fetchone("SELECT count(*) FROM posts WHERE deleted_at IS NULL")
+            row = await self._fetchone(f"SELECT count(*) FROM posts p WHERE {_LIVE_POST}")
         else:
             row = await self._fetchone(
                 "SELECT count(*) FROM post_tags pt JOIN posts p ON p.id = pt.post_id"
-                " WHERE pt.tag = ? AND p.deleted_at IS NULL",
+                f" WHERE pt.tag = ? AND {_LIVE_POST}",
                 (tag,),
             )
         return int(row[0]) if row else 0
@@ -778,7 +890,7 @@ class Store:
         """Every tag in use on a live post, with how many posts carry it."""
         rows = await self._fetchall(
             "SELECT pt.tag, count(*) AS n FROM post_tags pt JOIN posts p ON p.id = pt.post_id"
-            " WHERE p.deleted_at IS NULL GROUP BY pt.tag ORDER BY n DESC, pt.tag"
+            f" WHERE {_LIVE_POST} GROUP BY pt.tag ORDER BY n DESC, pt.tag"
         )
         return [(row["tag"], row["n"]) for row in rows]
 
@@ -1333,8 +1445,8 @@ class Store:
     async def list_reactions(self, post_id: int) -> list[sqlite3.Row]:
         """Who liked and boosted a post (blocked actors left out), oldest first."""
         return await self._fetchall(
-            "SELECT r.type, r.content, a.ap_id, a.username, a.domain, a.name, a.url, a.icon_url"
-            " FROM reactions r JOIN actors a ON a.id = r.actor_id"
+            "SELECT r.type, r.content, a.ap_id, a.username, a.domain, a.name, a.url,"
+            f" {_PROXIED_ICON} FROM reactions r JOIN actors a ON a.id = r.actor_id"
             " WHERE r.post_id = ? AND a.deleted_at IS NULL AND NOT EXISTS"
             " (SELECT 1 FROM blocks b WHERE b.target IN (a.ap_id, a.domain)"
             " OR a.domain LIKE '%.' || b.target)"
@@ -1892,3 +2004,284 @@ class Store:
                 (format_ts(before),),
             )
             return cursor.rowcount
+
+    # ---- drafts, schedules and pinned posts ------------------------------
+
+    async def _save_post_state(
+        self,
+        db: aiosqlite.Connection,
+        post_id: int,
+        state: PostState,
+        published: datetime,
+        preview_token: str | None,
+    ) -> None:
+        """Set a post's state; a scheduled post gets (or moves) its row in the schedule."""
+        # Never seen before, so never "updated": edits made before it went out are not news.
+        await db.execute(
+            "UPDATE posts SET state = ?, preview_token = coalesce(?, preview_token),"
+            " updated_at = NULL WHERE id = ?",
+            (state, preview_token, post_id),
+        )
+        if state == "scheduled":
+            # attempts = 0 also marks the row as new: a worker still holding the old
+            # claim records nothing over it (see _RECORD_SCHEDULE).
+            await db.execute(
+                "INSERT INTO post_schedule (post_id, next_attempt_at) VALUES (?, ?)"
+                " ON CONFLICT (post_id) DO UPDATE SET status = 'queued', attempts = 0,"
+                " next_attempt_at = excluded.next_attempt_at, error = NULL, finished_at = NULL",
+                (post_id, format_ts(published)),
+            )
+        else:
+            await db.execute("DELETE FROM post_schedule WHERE post_id = ?", (post_id,))
+
+    async def get_authored_post(self, slug: str) -> Post | None:
+        """A post by its slug whatever its state: drafts and scheduled posts too."""
+        return await self._get_post("slug", slug, any_state=True)
+
+    async def get_authored_post_by_id(self, post_id: int) -> Post | None:
+        return await self._get_post("id", post_id, any_state=True)
+
+    async def get_post_for_preview(self, token: str) -> Post | None:
+        """The post whose secret preview token this is, whatever its state."""
+        row = await self._fetchone(
+            "SELECT id FROM posts WHERE preview_token = ? AND deleted_at IS NULL", (token,)
+        )
+        return await self._get_post("id", row["id"], any_state=True) if row else None
+
+    async def get_preview_token(self, post_id: int) -> str | None:
+        row = await self._fetchone("SELECT preview_token FROM posts WHERE id = ?", (post_id,))
+        return row["preview_token"] if row else None
+
+    async def list_authored_posts(self) -> list[Post]:
+        """Every post that is not deleted, drafts and scheduled ones too, newest first."""
+        rows = await self._fetchall(
+            f"SELECT {_POST_COLUMNS} FROM posts p WHERE p.deleted_at IS NULL"
+            " ORDER BY p.published_at DESC, p.id DESC"
+        )
+        return [_post(row) for row in rows]
+
+    async def save_post_publish(
+        self,
+        post: Post,
+        *,
+        published: datetime,
+        state: PostState,
+        activity: OutgoingActivity | None,
+        only_if_scheduled: bool = False,
+    ) -> bool:
+        """Publish (or schedule) a draft or scheduled post, with its Create: all or nothing.
+
+        ``only_if_scheduled``: only if it is still scheduled for ``published`` (the
+        scheduler's check: an edit or a `post publish` may have come first). Returns
+        whether the post changed.
+        """
+        async with self._transaction() as db:
+            condition = " AND state = 'scheduled' AND published_at = ?" * only_if_scheduled
+            params: tuple[Any, ...] = (format_ts(published), post.id)
+            if only_if_scheduled:
+                params += (format_ts(published),)
+            cursor = await db.execute(
+                "UPDATE posts SET published_at = ? WHERE id = ? AND deleted_at IS NULL"
+                " AND state != 'published'" + condition,
+                params,
+            )
+            if cursor.rowcount == 0:
+                return False
+            await self._save_post_state(db, post.id, state, published, None)
+            if activity is not None:
+                await self._publish(db, activity, post.id)
+        return True
+
+    async def claim_schedules(
+        self, now: datetime, lease_until: datetime, limit: int
+    ) -> list[ScheduleJob]:
+        """Take scheduled posts whose time has come, count an attempt on each, lease them."""
+        async with self._transaction(shown=False) as db:
+            rows = await db.execute_fetchall(
+                "UPDATE post_schedule SET attempts = attempts + 1, next_attempt_at = ?"
+                " WHERE id IN (SELECT id FROM post_schedule WHERE status = 'queued'"
+                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?)"
+                " RETURNING id, post_id, attempts",
+                (format_ts(lease_until), format_ts(now), limit),
+            )
+        return sorted(
+            (ScheduleJob(row["id"], row["post_id"], row["attempts"]) for row in rows),
+            key=lambda job: job.id,
+        )
+
+    async def record_schedules(self, results: Sequence[tuple[ScheduleJob, Outcome]]) -> None:
+        if results:
+            async with self._transaction(shown=False) as db:
+                await db.executemany(_RECORD_SCHEDULE, _outcome_rows(results))
+
+    async def get_schedule_row(self, post_id: int) -> sqlite3.Row | None:
+        return await self._fetchone(
+            "SELECT status, attempts, next_attempt_at, error FROM post_schedule WHERE post_id = ?",
+            (post_id,),
+        )
+
+    async def set_post_pinned(
+        self, post: Post, pinned_at: datetime | None, activity: OutgoingActivity
+    ) -> None:
+        """Pin (``pinned_at``) or unpin a published post, and queue the Add or Remove."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE posts SET pinned_at = ? WHERE id = ? AND deleted_at IS NULL"
+                " AND state = 'published'",
+                (format_ts(pinned_at) if pinned_at else None, post.id),
+            )
+            await self._publish(db, activity, post.id)
+
+    async def list_pinned_posts(self) -> list[Post]:
+        """The pinned posts readers may see, the latest pinned first (as Mastodon lists)."""
+        rows = await self._fetchall(
+            f"SELECT {_POST_COLUMNS} FROM posts p WHERE {_LIVE_POST} AND p.pinned_at IS NOT NULL"
+            " ORDER BY p.pinned_at DESC, p.id DESC"
+        )
+        return [_post(row) for row in rows]
+
+    # ---- the media store --------------------------------------------------
+
+    async def _save_image_alt(self, db: aiosqlite.Connection, post_id: int, alt: str) -> None:
+        """The cover's alt text, written in the transaction that saves the post."""
+        await db.execute("UPDATE posts SET image_alt = ? WHERE id = ?", (alt, post_id))
+
+    async def save_media(self, image: MediaImage, size: int) -> None:
+        """Catalogue an imported image (its files are already on disk); idempotent."""
+        variants = " ".join(f"{w}x{h}" for w, h in image.variants)
+        async with self._transaction(shown=False) as db:
+            await db.execute(
+                "INSERT OR IGNORE INTO media (hash, ext, variants, bytes, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (image.hash, image.ext, variants, size, format_ts(utcnow())),
+            )
+
+    async def get_media(self, digest: str) -> MediaImage | None:
+        row = await self._fetchone(
+            "SELECT hash, ext, variants FROM media WHERE hash = ?", (digest,)
+        )
+        return _media(row) if row else None
+
+    async def list_media(self) -> list[tuple[MediaImage, int]]:
+        """Every catalogued image with the bytes its files take, oldest first."""
+        rows = await self._fetchall(
+            "SELECT hash, ext, variants, bytes FROM media ORDER BY created_at, hash"
+        )
+        return [(_media(row), int(row["bytes"])) for row in rows]
+
+    async def list_media_references(self) -> list[tuple[str, str]]:
+        """(slug, text that may name /media/ files) for every post not deleted, drafts too."""
+        rows = await self._fetchall(
+            "SELECT slug, body_html || ' ' || coalesce(image, '') AS text FROM posts"
+            " WHERE deleted_at IS NULL ORDER BY id"
+        )
+        return [(str(row["slug"]), str(row["text"])) for row in rows]
+
+    async def delete_media(self, digests: Iterable[str]) -> None:
+        async with self._transaction(shown=False) as db:
+            await db.executemany("DELETE FROM media WHERE hash = ?", [(d,) for d in digests])
+
+    async def save_face(
+        self, remembered: dict[str, str | None], activity: OutgoingActivity
+    ) -> None:
+        """Remember the blog's avatar and header (``face:ROLE`` → hash in meta) and queue
+        the actor's Update to every follower, together: a restart does not send it again."""
+        async with self._transaction() as db:
+            for role, digest in remembered.items():
+                if digest is None:
+                    await db.execute("DELETE FROM meta WHERE key = ?", (f"face:{role}",))
+                else:
+                    await db.execute(
+                        "INSERT INTO meta (key, value) VALUES (?, ?)"
+                        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        (f"face:{role}", digest),
+                    )
+            await self._publish(db, activity, None)
+
+    # ---- the media proxy ----------------------------------------------------
+    # Bookkeeping no page shows (shown=False): a fetched image changes no page's HTML.
+
+    async def save_proxied(self, rows: Sequence[tuple[str, str, str, str]]) -> None:
+        """Remember remote images behind the proxy: (key, url, host, kind); known ones stay."""
+        if rows:
+            now = format_ts(utcnow())
+            async with self._transaction(shown=False) as db:
+                await db.executemany(
+                    "INSERT OR IGNORE INTO proxy_media (key, url, host, kind, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [(*row, now) for row in rows],
+                )
+
+    async def get_proxied(self, key: str) -> sqlite3.Row | None:
+        return await self._fetchone(
+            "SELECT key, url, host, kind, status, content_type, size, error, fetched_at,"
+            " used_at FROM proxy_media WHERE key = ?",
+            (key,),
+        )
+
+    async def record_proxied_fetch(
+        self, key: str, *, content_type: str | None, size: int, error: str | None
+    ) -> None:
+        """A fetch ended: cached (a content type) or failed (an error), as of now."""
+        now = format_ts(utcnow())
+        async with self._transaction(shown=False) as db:
+            await db.execute(
+                "UPDATE proxy_media SET status = ?, content_type = ?, size = ?, error = ?,"
+                " fetched_at = ?, used_at = ? WHERE key = ?",
+                ("failed" if error else "cached", content_type, size, error, now, now, key),
+            )
+
+    async def mark_proxied_used(self, key: str, when: datetime) -> None:
+        async with self._transaction(shown=False) as db:
+            await db.execute(
+                "UPDATE proxy_media SET used_at = ? WHERE key = ?", (format_ts(when), key)
+            )
+
+    async def prune_proxied(self, max_bytes: int) -> list[str]:
+        """Forget the least recently used cached images past ``max_bytes`` in all (they
+        are fetched again if asked for); return their keys, whose files can go."""
+        async with self._transaction(shown=False) as db:
+            rows = await db.execute_fetchall(
+                "SELECT key FROM (SELECT key, sum(size) OVER (ORDER BY used_at DESC, key)"
+                " AS total FROM proxy_media WHERE status = 'cached') WHERE total > ?",
+                (max_bytes,),
+            )
+            keys = [str(row["key"]) for row in rows]
+            await db.executemany(
+                "UPDATE proxy_media SET status = 'new', size = 0, content_type = NULL"
+                " WHERE key = ?",
+                [(key,) for key in keys],
+            )
+        return keys
+
+    async def count_proxied_bytes(self) -> int:
+        row = await self._fetchone(
+            "SELECT coalesce(sum(size), 0) AS n FROM proxy_media WHERE status = 'cached'"
+        )
+        return int(row["n"]) if row else 0
+
+    async def list_unproxied_icons(self, limit: int = 1000) -> list[str]:
+        """Commenters' avatars not behind the proxy yet (saved before it, or changed)."""
+        rows = await self._fetchall(
+            "SELECT DISTINCT a.icon_url FROM actors a WHERE a.icon_url IS NOT NULL"
+            " AND NOT EXISTS (SELECT 1 FROM proxy_media m WHERE m.url = a.icon_url) LIMIT ?",
+            (limit,),
+        )
+        return [str(row["icon_url"]) for row in rows]
+
+    async def list_comments_with_remote_images(self, limit: int = 500) -> list[sqlite3.Row]:
+        """Comments saved before the proxy whose HTML still loads images from elsewhere."""
+        return await self._fetchall(
+            "SELECT id, content_html FROM comments WHERE content_html LIKE '%<img %src=\"http%'"
+            " ORDER BY id LIMIT ?",
+            (limit,),
+        )
+
+    async def save_comment_images(self, changed: Sequence[tuple[int, str]]) -> None:
+        """Comments' HTML with their images pointed at the proxy: (id, html)."""
+        if changed:
+            async with self._transaction() as db:
+                await db.executemany(
+                    "UPDATE comments SET content_html = ? WHERE id = ?",
+                    [(html_text, comment_id) for comment_id, html_text in changed],
+                )

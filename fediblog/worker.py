@@ -319,8 +319,10 @@ class Worker(Generic[J]):
                 results.append((job, self._outcome(job, task)))
         # Claimed but never started: due now, and the attempt given back.
         results.extend((job, Outcome.release(now)) for job in backlog)
-        with contextlib.suppress(Exception):
+        try:
             await self._queue.record(results)
+        except Exception as error:  # the leases bring the rows back; say why they wait
+            log.error("%s: recording at shutdown failed: %s", self.name, describe(error))
 
     async def run_forever(self) -> None:
         """Run due jobs after every ``wake()`` and at least every ``poll`` seconds."""

@@ -42,19 +42,22 @@ async def remote_actor(
     services: Services, username: str, domain: str, name: str | None = None
 ) -> int:
     ap_id = f"https://{domain}/users/{username}"
-    return await services.store.save_actor(
+    icon = f"https://{domain}/avatars/{username}.png"
+    actor_id = await services.store.save_actor(
         ap_id=ap_id,
         username=username,
         domain=domain,
         name=name if name is not None else username.title(),
         url=f"https://{domain}/@{username}",
-        icon_url=f"https://{domain}/avatars/{username}.png",
+        icon_url=icon,
         inbox=f"{ap_id}/inbox",
         shared_inbox=f"https://{domain}/inbox",
         key_id=f"{ap_id}#main-key",
         public_key_pem=None,
         fetched=utcnow(),
     )
+    await services.proxy.register([icon], "avatar")  # as a reply's arrival does
+    return actor_id
 
 
 async def remote_comment(

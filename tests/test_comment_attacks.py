@@ -827,7 +827,11 @@ def assert_inert(section: Tag) -> None:
             for text in attribute_values(value):
                 assert not INVISIBLE.search(text), (element.name, name, text)
                 if name.lower() in URL_ATTRIBUTES and not is_our_link(element, text):
-                    assert text.startswith(("https://", "/static/", "#comment-")), (name, text)
+                    # Images: ours, or remote ones through the media proxy (proxy.py).
+                    assert text.startswith(("https://", "/static/", "/proxy/", "#comment-")), (
+                        name,
+                        text,
+                    )
         if element.name == "a" and str(element.get("href", "")).startswith("https://"):
             assert {"nofollow", "ugc", "noopener"} <= set(element["rel"]), element
     for text in section.find_all(string=True):
@@ -951,7 +955,9 @@ async def test_attack_31_html_everywhere(
     for label in ("js link", "data link", "vb link", "spaced", "tabbed"):
         assert links[label] is None  # the text stays, the link does not
     # Only http(s) attachments, alt text as text.
-    assert [img["src"] for img in body.find_all("img")] == ["https://evil.example/a.png"]
+    assert [img["src"] for img in body.find_all("img")] == [
+        ctx.proxy.local_url("https://evil.example/a.png")
+    ]
     assert body.find("img")["alt"].startswith('"><script>')
     pdf = body.find("a", href="https://evil.example/f.pdf")
     assert pdf is not None
@@ -1085,7 +1091,8 @@ async def test_attack_32_emoji_only_in_text_nodes(
 
     body = alices.select_one(".e-content")
     images = body.select("img.emoji")
-    assert [(img["src"], img["alt"]) for img in images] == [(blob, ":blob:")] * 2
+    proxied_blob = ctx.proxy.local_url(blob)
+    assert [(img["src"], img["alt"]) for img in images] == [(proxied_blob, ":blob:")] * 2
     assert images[1].parent.name == "a"  # the one in the link's text, not its title
     link = body.find("a", href="https://x.example/:blob:")
     assert link is not None
@@ -1094,7 +1101,7 @@ async def test_attack_32_emoji_only_in_text_nodes(
     text = body.get_text()
     for shortcode in (":blob_cat:", ":bl-ob:", ":nope:", ":evil:"):
         assert shortcode in text
-    assert body.find_all("img", class_="emoji", src=re.compile("^(?!https://)")) == []
+    assert body.find_all("img", class_="emoji", src=re.compile("^(?!/proxy/)")) == []
     # Not in the content warning, nor in the author's name.
     assert alices.select_one("details > summary").find_all(True) == []
     assert alices.select_one(".author").get_text() == "Alice :blob:"
@@ -1102,7 +1109,7 @@ async def test_attack_32_emoji_only_in_text_nodes(
     assert bobs.select("img") == bobs.select("img.avatar")
     assert "Me too :blob:" in bobs.select_one(".e-content").get_text()
     assert [img["src"] for img in carols.select(".e-content img.emoji")] == [
-        "https://misskey.example/emoji/b.png"
+        ctx.proxy.local_url("https://misskey.example/emoji/b.png")
     ]
 
 
@@ -1142,7 +1149,7 @@ async def test_attack_32_icon_scheme_checked_even_with_http_allowed(
 
     images = page.select("#responses img.emoji")
     assert [(img["alt"], img["src"]) for img in images] == [
-        (":c:", "http://mastodon.example/c.png")
+        (":c:", ctx.proxy.local_url("http://mastodon.example/c.png"))
     ]
     assert "A :a: B :b: C" in page.select_one("#responses .e-content").get_text()
 
@@ -1494,13 +1501,16 @@ async def test_attack_36_remote_file_names_never_local_paths(
     page = await page_of(web, post)
     [comment] = page.select("#responses li.comment")
     sources = [img["src"] for img in comment.select(".e-content img")]
-    assert sources == ["https://evil.example/../../etc/passwd.png", "https://evil.example/x.png"]
+    assert sources == [
+        ctx.proxy.local_url(url)
+        for url in ("https://evil.example/../../etc/passwd.png", "https://evil.example/x.png")
+    ]
     assert comment.select_one("img.avatar")["src"] == "/static/avatar.svg"
     for element in comment.find_all(["a", "img"]):
         for attribute in ("href", "src"):
             value = str(element.get(attribute, "https://"))
             if not is_our_link(element, value):
-                assert value.startswith(("https://", "#comment-", "/static/avatar.svg")), value
+                assert value.startswith(("https://", "#comment-", "/static/avatar.svg", "/proxy/"))
     assert files_under(*roots, PACKAGE_STATIC) == before
     assert (await web.get("/static/../keys/blog.pem")).status_code == 404
 

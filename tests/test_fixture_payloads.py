@@ -253,7 +253,7 @@ async def test_mastodon_unlisted_reply_with_mention(
     assert author.get_text() == "Félix"
     avatar = comment.select_one("img.avatar")
     assert avatar is not None
-    assert avatar["src"] == "https://mastodon.madrid/avatars/felix.png"
+    assert avatar["src"] == ctx.proxy.local_url("https://mastodon.madrid/avatars/felix.png")
     date = comment.select_one("a.date")
     assert date is not None
     assert date["href"] == note["url"]
@@ -325,7 +325,7 @@ async def test_mastodon_reply_with_an_image_attachment(
     content = content_of(comment_of(page, "@kde@floss.social"))
     image = content.select_one("img")
     assert image is not None
-    assert image["src"] == note["attachment"][0]["url"]
+    assert image["src"] == ctx.proxy.local_url(note["attachment"][0]["url"])
     assert image["alt"] == (
         "The KDE dragons Katie and Konqi stand on either side of a pot filling up with"
         " gold coins. Donate!"
@@ -467,7 +467,7 @@ async def test_likes_boosts_and_their_undo(
         "boost": ("1 boost", ["@admin@mastodon.example.org"]),
     }
     avatars = [str(img["src"]) for img in page.select(".reactions img")]
-    assert avatars[0] == "https://mastodon.madrid/avatars/felix.png"
+    assert avatars[0] == ctx.proxy.local_url("https://mastodon.madrid/avatars/felix.png")
     stored = await ctx.store.list_reactions(post.id)
     assert [(r["type"], r["content"]) for r in stored] == [
         ("Like", None),
@@ -717,7 +717,7 @@ async def test_pleroma_custom_emoji_in_content_and_summary(
     content = details.select_one(".e-content")
     assert content is not None
     [emoji] = content.select("img.emoji")
-    assert emoji["src"] == "https://patch.cx/emoji/custom/joker_disapprove.png"
+    assert emoji["src"] == ctx.proxy.local_url("https://patch.cx/emoji/custom/joker_disapprove.png")
     assert emoji["alt"] == ":joker_disapprove:"
     assert "just grabbing a test fixture, nevermind me" in content.get_text()
     assert ":joker_disapprove:" not in content.get_text()

@@ -87,7 +87,8 @@ async def test_post_page_shows_article_and_threaded_numbered_responses(
     assert handle.get_text() == "@alice@mastodon.example"
     assert handle["href"] == "https://mastodon.example/@alice"
     assert first.select_one(".author").get_text() == "Alice"
-    assert first.select_one("img.avatar")["src"] == "https://mastodon.example/avatars/alice.png"
+    avatar = services.proxy.local_url("https://mastodon.example/avatars/alice.png")
+    assert first.select_one("img.avatar")["src"] == avatar
     assert first.select_one("a.date")["href"].startswith("https://remote.example/notes/")
     assert first.select_one("time")["datetime"].endswith("Z")
     assert page.find(id="reply-title").get_text() == "Leave a Reply"

@@ -27,12 +27,14 @@ from fediblog.activitystreams import (
     build_collection,
     build_collection_page,
     build_create,
+    build_featured,
     build_instance_actor,
     build_post_object,
     build_tombstone,
 )
 from fediblog.errors import ActivityError, FediblogError, SignatureError
 from fediblog.inbox import Overloaded
+from fediblog.media import MediaStore
 from fediblog.remote import is_activitypub_type
 from fediblog.web.cache import CachedPage
 from fediblog.web.deps import Services, services
@@ -80,7 +82,14 @@ async def actor(request: Request) -> Response:
         return RedirectResponse("/about", status_code=302, headers={"Vary": "Accept"})
 
     async def render(ctx: Services) -> Any:
-        return build_actor(ctx.settings, ctx.blog_public_pem, ctx.created_at)
+        face = await MediaStore(ctx.settings, ctx.store).load_face()
+        return build_actor(
+            ctx.settings,
+            ctx.blog_public_pem,
+            ctx.created_at,
+            icon=face.get("avatar"),
+            header=face.get("header"),
+        )
 
     return await ap_cached(request, "ap:actor", render)
 
@@ -136,6 +145,16 @@ async def followers(request: Request) -> Response:
         return build_collection_page(collection, page, items, has_next=page * PAGE_SIZE < total)
 
     return await ap_cached(request, f"ap:followers:{page}", render)
+
+
+async def featured(request: Request) -> Response:
+    """The pinned posts (Mastodon's featured collection), the latest pinned first."""
+    _check_handle(request)
+
+    async def render(ctx: Services) -> Any:
+        return build_featured(ctx.settings, await ctx.store.list_pinned_posts())
+
+    return await ap_cached(request, "ap:featured", render)
 
 
 async def following(request: Request) -> Response:
@@ -343,6 +362,7 @@ routes = [
     Route("/users/{handle}/outbox", outbox),
     Route("/users/{handle}/followers", followers),
     Route("/users/{handle}/following", following),
+    Route("/users/{handle}/collections/featured", featured),
     Route("/p/{uid}", post_object),
     Route("/p/{uid}/activity", post_activity),
     Route("/p/{uid}/replies", post_replies),

@@ -15,6 +15,7 @@ from fediblog.crawl import Crawler
 from fediblog.delivery import Deliverer
 from fediblog.inbox import Inbox
 from fediblog.notify import Notifier
+from fediblog.proxy import MediaProxy
 from fediblog.remote import Fetcher
 from fediblog.store import Store
 from fediblog.web.cache import PageCache
@@ -39,6 +40,7 @@ class Services:
     comment_limit: RateLimit
     crawler: Crawler
     notifier: Notifier
+    proxy: MediaProxy
 
 
 def services(request: Request) -> Services:

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from fediblog.activitystreams import absolute_media
 from fediblog.models import ResponseEntry, format_ts
 from fediblog.notify import FEED_META_KEY, private_feed_path
 from fediblog.web.cache import CachedPage
@@ -38,6 +39,7 @@ async def atom(request: Request) -> Response:
             updated=updated,
             post_url=ctx.blog.post_url,
             object_id=lambda post: ctx.blog.object_id(post.uid),
+            content=lambda post: absolute_media(post.body_html, ctx.settings.base_url),
         )
         return CachedPage.build(body.encode(), media_type="application/atom+xml; charset=utf-8")
 
@@ -61,7 +63,7 @@ async def json_feed(request: Request) -> Response:
                     "id": ctx.blog.object_id(post.uid),
                     "url": ctx.blog.post_url(post),
                     "title": post.title,
-                    "content_html": post.body_html,
+                    "content_html": absolute_media(post.body_html, settings.base_url),
                     **({"summary": post.summary} if post.summary else {}),
                     **({"image": post.image} if post.image else {}),
                     "date_published": format_ts(post.published),

@@ -20,6 +20,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from fediblog.comments import build_threads, number_responses
+from fediblog.media import MediaStore
 from fediblog.models import Author, Post, Thread
 from fediblog.render import excerpt
 from fediblog.web.activitypub import post_document, wants_activitypub
@@ -50,7 +51,9 @@ async def _post_list(ctx: Services, page: int, tag: str | None, heading: str) ->
     pages = max(1, -(-total // per_page))
     if page > pages or (tag is not None and total == 0):
         return None
-    posts = await ctx.store.list_posts(limit=per_page, offset=(page - 1) * per_page, tag=tag)
+    posts = await ctx.store.list_posts(
+        limit=per_page, offset=(page - 1) * per_page, tag=tag, pinned_first=tag is None
+    )
     return html_page(ctx, "index.html", posts=posts, page=page, pages=pages, heading=heading)
 
 
@@ -79,7 +82,8 @@ async def tags(request: Request) -> Response:
 async def about(request: Request) -> Response:
     async def render(ctx: Services) -> CachedPage:
         count = await ctx.store.count_posts()
-        return html_page(ctx, "about.html", post_count=count)
+        face = await MediaStore(ctx.settings, ctx.store).load_face()
+        return html_page(ctx, "about.html", post_count=count, face=face)
 
     return await cached(request, "about", render)
 
@@ -204,6 +208,34 @@ async def reply_page(request: Request) -> Response:
     return await cached(request, f"reply:{slug}:{comment_id}", render)
 
 
+async def preview(request: Request) -> Response:
+    """A draft's or scheduled post's secret preview (``fediblog post preview SLUG``):
+    never in the page cache nor in a shared cache, never indexed; once the post is
+    published, a redirect to its page."""
+    ctx = services(request)
+    post = await ctx.store.get_post_for_preview(request.path_params["token"])
+    if post is None:
+        raise HTTPException(404)
+    if post.state == "published":
+        return RedirectResponse(ctx.blog.post_url(post), status_code=302)
+    body = ctx.templates.get_template("post.html").render(
+        site=ctx.settings,
+        preview=True,
+        post=post,
+        url=ctx.blog.post_url(post),
+        object_id=ctx.blog.object_id(post.uid),
+        description=post.summary or excerpt(post.body_html, 200),
+        threads=[],
+        response_count=0,
+        responses_page=1,
+        responses_pages=1,
+        likes=[],
+        boosts=[],
+    )
+    headers = {"Cache-Control": "private, no-store", "X-Robots-Tag": "noindex, nofollow"}
+    return Response(body, media_type=HTML, headers=headers)
+
+
 def reactor(row: Any) -> Author:
     """Who liked or boosted, shown like a comment's author: host from the actor id."""
     return Author(
@@ -228,4 +260,5 @@ routes = [
     Route("/tags", tags),
     Route("/tags/{tag}", tag_page),
     Route("/about", about),
+    Route("/preview/{token}", preview),
 ]
