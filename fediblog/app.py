@@ -168,7 +168,10 @@ def create_app(
             cache_bytes=settings.proxy_cache_mb * 1_000_000,
             user_agent=USER_AGENT,
         )
-        await media_proxy.sweep()
+        try:
+            await media_proxy.sweep()
+        except Exception:  # what remote servers sent must never keep the blog from starting
+            logging.getLogger("fediblog.proxy").exception("proxying stored images failed")
         responses = Responses(settings, store, actors, fetcher, media_proxy)
         inbox.add_handlers(responses.handlers())
         # Each saved reply is crawled for the replies that never reached the inbox.

@@ -185,18 +185,24 @@ def _write_files(root: Path, prepared: Prepared) -> int:
         size += len(data)
         if target.is_file() and target.stat().st_size == len(data):
             continue  # content-addressed: already there
-        handle, temporary = tempfile.mkstemp(dir=root, prefix=".import-")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(temporary, 0o644)
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        atomic_write(target, data)
     return size
+
+
+def atomic_write(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` so that a reader sees the old file or the whole new
+    one, never half of it: a temporary file in the same folder, synced, then renamed."""
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".write-")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def _delete_files(root: Path, images: list[MediaImage]) -> int:
@@ -222,7 +228,7 @@ class MediaStore:
 
     def file_for(self, name: str) -> Path | None:
         """The file a ``/media/`` name stands for, if the name is well formed and exists."""
-        if not MEDIA_FILE.match(name):
+        if not MEDIA_FILE.fullmatch(name):
             return None
         path = self.root / name
         return path if path.is_file() else None

@@ -49,6 +49,7 @@ from fediblog.errors import (
     FetchTooLarge,
     FetchUnreachable,
 )
+from fediblog.media import atomic_write
 from fediblog.models import parse_ts, utcnow
 from fediblog.netguard import address_allowed, deadline
 from fediblog.remote import FetchPolicy, parse_url
@@ -192,7 +193,10 @@ class MediaProxy:
         """Let these remote URLs be served by the proxy (known ones stay as they are)."""
         rows = []
         for url in dict.fromkeys(urls):
-            host = httpx.URL(url).host if url.startswith(("https://", "http://")) else ""
+            try:
+                host = httpx.URL(url).host if url.startswith(("https://", "http://")) else ""
+            except (httpx.InvalidURL, ValueError):  # e.g. a host IDNA refuses: not served
+                continue
             if host:
                 rows.append((proxy_key(self._secret, url), url, host, kind))
         await self._store.save_proxied(rows)
@@ -283,7 +287,13 @@ class MediaProxy:
                     key, content_type=None, size=0, error=str(error)[:200]
                 )
                 raise
-            await anyio.Path(self._directory / key).write_bytes(body)
+            try:
+                await asyncio.to_thread(atomic_write, self._directory / key, body)
+            except OSError as error:  # a full disk: remembered, so no page view refetches
+                await self._store.record_proxied_fetch(
+                    key, content_type=None, size=0, error=f"cannot store it: {error}"[:200]
+                )
+                raise FetchError("the image cannot be stored now") from error
             await self._store.record_proxied_fetch(
                 key, content_type=content_type, size=len(body), error=None
             )

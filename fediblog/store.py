@@ -26,7 +26,7 @@ from typing import Any
 
 import aiosqlite
 
-from fediblog.errors import DuplicateSlug, StorageError, StorageUnavailable
+from fediblog.errors import DuplicateSlug, PostNotFound, StorageError, StorageUnavailable
 from fediblog.models import (
     ActorKey,
     Author,
@@ -2125,11 +2125,13 @@ class Store:
     ) -> None:
         """Pin (``pinned_at``) or unpin a published post, and queue the Add or Remove."""
         async with self._transaction() as db:
-            await db.execute(
+            cursor = await db.execute(
                 "UPDATE posts SET pinned_at = ? WHERE id = ? AND deleted_at IS NULL"
                 " AND state = 'published'",
                 (format_ts(pinned_at) if pinned_at else None, post.id),
             )
+            if cursor.rowcount == 0:  # deleted or unpublished meanwhile: announce nothing
+                raise PostNotFound(f"the post {post.slug!r} is no longer published")
             await self._publish(db, activity, post.id)
 
     async def list_pinned_posts(self) -> list[Post]:

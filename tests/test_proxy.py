@@ -411,3 +411,36 @@ async def test_the_cache_size_is_a_setting(tmp_path: Path, blog_keys: Path) -> N
     settings = make_settings(tmp_path, keys_dir=blog_keys, proxy_cache_mb=2)
     async with running(settings, run_workers=False) as app:
         assert app.state.services.proxy.cache_bytes == 2_000_000
+
+
+async def test_an_avatar_url_no_parser_accepts_cannot_stop_the_blog(
+    tmp_path: Path, blog_keys: Path
+) -> None:
+    """A remote actor's icon whose host IDNA refuses (``https://xn--/a.png``) is stored
+    with the actor; the start-up sweep skips it and the blog starts and serves."""
+    settings = make_settings(tmp_path, keys_dir=blog_keys)
+    async with running(settings) as app:
+        ctx: Services = app.state.services
+        post = await publish(ctx, "Still up")
+        actor_id = await ctx.store.save_actor(
+            ap_id="https://odd.example/users/x",
+            username="x",
+            domain="odd.example",
+            name="X",
+            url=None,
+            icon_url="https://xn--/a.png",
+            inbox="https://odd.example/users/x/inbox",
+            shared_inbox=None,
+            key_id=None,
+            public_key_pem=None,
+            fetched=utcnow(),
+        )
+        await remote_comment(ctx, post, actor_id, "odd avatar")
+    async with (
+        running(settings) as app,  # the restart that used to fail
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE_URL) as web,
+    ):
+        page = await web.get(f"/posts/{post.slug}")
+    assert page.status_code == 200
+    assert "odd avatar" in page.text
+    assert "xn--/a.png" not in page.text  # never loaded by a reader's browser
