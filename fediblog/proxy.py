@@ -26,12 +26,11 @@ import functools
 import hashlib
 import hmac
 import html
-import ipaddress
 import logging
 import re
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from importlib.resources import files
 from pathlib import Path
@@ -41,18 +40,12 @@ import httpx
 
 from fediblog.errors import (
     BadDocument,
-    BlockedAddress,
     FetchBusy,
     FetchError,
-    FetchStatus,
-    FetchTimeout,
-    FetchTooLarge,
-    FetchUnreachable,
 )
 from fediblog.media import atomic_write
 from fediblog.models import parse_ts, utcnow
-from fediblog.netguard import address_allowed, deadline
-from fediblog.remote import FetchPolicy, parse_url
+from fediblog.remote import Fetcher, FetchPolicy
 from fediblog.store import PROXY_PATH, Store
 
 log = logging.getLogger("fediblog.proxy")
@@ -70,8 +63,6 @@ SECRET_META_KEY = "proxy_secret"  # noqa: S105 - the name of a meta row, not a s
 
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp", "image/avif")
 ACCEPT = ", ".join(IMAGE_TYPES)
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_BACKSTOP = 2.0  # seconds after the deadline that a fetch is cancelled (fake transports)
 # A 1x1 transparent GIF: what a broken emoji or attachment shows.
 BLANK_GIF = bytes.fromhex(
     "47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b"
@@ -136,13 +127,14 @@ class MediaProxy:
     ) -> None:
         self._store = store
         self._client = client
-        self._policy = policy
+        self._user_agent = user_agent
+        # Unsigned GETs of images through remote.py's one guarded path, with the caps
+        # of an image: its own size cap and deadline.
+        self._policy = replace(policy, max_bytes=max_bytes, total_timeout=timeout)
+        self._fetcher = Fetcher(client, self._policy, user_agent=user_agent)
         self._directory = directory
         self._secret = secret
         self.cache_bytes = cache_bytes
-        self.max_bytes = max_bytes
-        self.timeout = timeout
-        self._user_agent = user_agent
         self._slots = asyncio.Semaphore(max_fetches)
         self._fetching: dict[str, asyncio.Task[ProxiedImage]] = {}
         avatar = files("fediblog") / "static" / "avatar.svg"
@@ -150,6 +142,28 @@ class MediaProxy:
             avatar.read_bytes(), "image/svg+xml", PLACEHOLDER_MAX_AGE, placeholder=True
         )
         self._blank = ProxiedImage(BLANK_GIF, "image/gif", PLACEHOLDER_MAX_AGE, placeholder=True)
+
+    @property
+    def max_bytes(self) -> int:
+        """The largest image fetched, counted while it streams."""
+        return self._policy.max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int) -> None:
+        self._limit(replace(self._policy, max_bytes=value))
+
+    @property
+    def timeout(self) -> float:
+        """One deadline for a whole fetch, redirects included."""
+        return self._policy.total_timeout
+
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        self._limit(replace(self._policy, total_timeout=value))
+
+    def _limit(self, policy: FetchPolicy) -> None:
+        self._policy = policy
+        self._fetcher = Fetcher(self._client, policy, user_agent=self._user_agent)
 
     @classmethod
     async def open(
@@ -182,6 +196,7 @@ class MediaProxy:
         for task in list(self._fetching.values()):
             task.cancel()
         await asyncio.gather(*self._fetching.values(), return_exceptions=True)
+        await self._fetcher.aclose()
 
     # ---- making proxied URLs -------------------------------------------------------
 
@@ -309,74 +324,19 @@ class MediaProxy:
             await anyio.Path(self._directory / key).unlink(missing_ok=True)
         return len(keys)
 
-    # ---- one fetch, redirects included --------------------------------------------
+    # ---- one fetch ---------------------------------------------------------------------
 
     async def _fetch(self, url: str) -> tuple[str, bytes]:
         """(type, bytes) of the image at ``url``, or a FetchError saying why not."""
-        limit = self.timeout
-        try:
-            # One deadline over every hop and read: a trickling server ends on time.
-            with deadline(limit), anyio.fail_after(limit + min(_BACKSTOP, limit)):
-                return await self._get(parse_url(url, BlockedAddress))
-        except TimeoutError:
-            raise FetchTimeout(f"no image within {limit:g} s") from None
+        return _check_image(await self._fetcher.fetch_bytes(url, ACCEPT, _image_type))
 
-    async def _get(self, url: httpx.URL) -> tuple[str, bytes]:
-        headers = {"Accept": ACCEPT, "Accept-Encoding": "identity", "User-Agent": self._user_agent}
-        for _hop in range(self._policy.max_redirects + 1):
-            self._check_url(url)
-            try:
-                async with self._client.stream("GET", url, headers=headers) as response:
-                    status = response.status_code
-                    if status in _REDIRECTS:
-                        location = response.headers.get("location")
-                        if not location:
-                            raise FetchError("redirected without a Location")
-                        url = url.join(location).copy_with(fragment=None)
-                        continue
-                    if status != 200:
-                        raise FetchStatus(f"{url.host} answered HTTP {status}", status)
-                    return self._check_image(response.headers, await self._read_capped(response))
-            except httpx.TimeoutException as error:
-                raise FetchTimeout(f"{url.host} did not answer in time") from error
-            except (httpx.NetworkError, httpx.RemoteProtocolError, OSError) as error:
-                raise FetchUnreachable(f"GET {url.host} failed: {type(error).__name__}") from error
-            except (httpx.HTTPError, httpx.InvalidURL) as error:
-                raise FetchError(f"GET {url.host} failed: {type(error).__name__}") from error
-        raise FetchError(f"more than {self._policy.max_redirects} redirects")
 
-    def _check_url(self, url: httpx.URL) -> None:
-        """Scheme and literal IPs, before any connection (host names: the transport)."""
-        if not (url.scheme == "https" or (url.scheme == "http" and self._policy.allow_http)):
-            raise BlockedAddress(f"{url.scheme} URLs are not fetched")
-        if not url.host or url.userinfo:
-            raise BlockedAddress("URL without a host, or with credentials")
-        try:
-            ip = ipaddress.ip_address(url.host)
-        except ValueError:
-            return
-        if not address_allowed(ip, allow_loopback=self._policy.allow_private_addresses):
-            raise BlockedAddress(f"{ip} is not a public address")
+def _image_type(content_type: str) -> bool:
+    return content_type.partition(";")[0].strip().lower() in IMAGE_TYPES
 
-    async def _read_capped(self, response: httpx.Response) -> bytes:
-        if response.headers.get("content-encoding", "identity").strip().lower() != "identity":
-            raise NotAnImage("compressed transfer of an image")  # asked for identity only
-        declared = response.headers.get("content-length", "").strip()
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            raise FetchTooLarge(f"{declared} bytes announced, the cap is {self.max_bytes}")
-        body = bytearray()
-        async for chunk in response.aiter_raw():
-            body += chunk
-            if len(body) > self.max_bytes:
-                raise FetchTooLarge(f"more than {self.max_bytes} bytes")
-        return bytes(body)
 
-    @staticmethod
-    def _check_image(headers: httpx.Headers, body: bytes) -> tuple[str, bytes]:
-        declared = headers.get("content-type", "").partition(";")[0].strip().lower()
-        if declared not in IMAGE_TYPES:
-            raise NotAnImage(f"not an image type we keep: {declared[:60] or 'untyped'}")
-        found = sniff_image(body)
-        if found is None:
-            raise NotAnImage(f"declared {declared}, but its bytes are no image we keep")
-        return found, body  # served as what the bytes are, whatever the label said
+def _check_image(body: bytes) -> tuple[str, bytes]:
+    found = sniff_image(body)
+    if found is None:
+        raise NotAnImage("its bytes are no image we keep")
+    return found, body  # served as what the bytes are, whatever the label said

@@ -359,15 +359,26 @@ class Fetcher:
 
     # ---- one GET, redirects included ------------------------------------------------
 
+    async def fetch_bytes(self, url: str, accept: str, type_ok: Callable[[str], bool]) -> bytes:
+        """The body at ``url`` whose content type passes ``type_ok`` (media, not
+        documents): the same guard, redirects, deadline and size cap as every GET."""
+        _final, body = await self._fetch_raw(parse_url(url, BlockedAddress), accept, type_ok)
+        return body
+
     async def _fetch_json(
         self, url: httpx.URL, accept: str, type_ok: Callable[[str], bool]
     ) -> tuple[httpx.URL, Any]:
+        final, body = await self._fetch_raw(url, accept, type_ok)
+        return final, parse_json(body)
+
+    async def _fetch_raw(
+        self, url: httpx.URL, accept: str, type_ok: Callable[[str], bool]
+    ) -> tuple[httpx.URL, bytes]:
         # Shielded: a caller cancelled now leaves the GET to end by its deadline.
         task = asyncio.create_task(self._get_by_deadline(url, accept, type_ok))
         self._running.add(task)
         task.add_done_callback(self._settled)
-        final, body = await asyncio.shield(task)
-        return final, parse_json(body)
+        return await asyncio.shield(task)
 
     def _settled(self, task: asyncio.Task[tuple[httpx.URL, bytes]]) -> None:
         self._running.discard(task)
@@ -381,7 +392,7 @@ class Fetcher:
         try:
             # One deadline over every hop and every read: per-read timeouts alone let
             # a server trickle a byte a second for ever (ATTACKS 24).
-            with deadline(limit), anyio.fail_after(limit + _BACKSTOP):
+            with deadline(limit), anyio.fail_after(limit + min(_BACKSTOP, limit)):
                 return await self._get(url, accept, type_ok)
         except TimeoutError:
             raise FetchTimeout(f"{url.host} did not answer within {limit:g} s") from None
