@@ -256,6 +256,7 @@ class Worker(Generic[J]):
                 if woken in finished or not finished:
                     self._wake.clear()  # new work, or time to look for some
                     exhausted = False
+                    woken.cancel()  # a waiter that timed out must not pile up
                     woken = None
                 for task in [t for t in running if t in finished]:
                     job = running.pop(task)
