@@ -289,17 +289,14 @@ class MediaStore:
         return face
 
     async def sync_face(self, public_key_pem: str) -> bool:
-        """Import FEDIBLOG_AVATAR and FEDIBLOG_HEADER; when either differs from what the
-        database remembers, remember the new ones and queue one Update of the actor to
-        every follower (in one transaction). True if an Update was queued."""
+        """Import FEDIBLOG_AVATAR and FEDIBLOG_HEADER; when they or anything else in the
+        actor document differs from what the database remembers, remember the new ones
+        and queue one Update of the actor to every follower (in one transaction). True
+        if an Update was queued."""
         wanted: dict[str, MediaImage | None] = {}
         for role in FACE_ROLES:
             given = getattr(self.settings, role)
             wanted[role] = await self.import_file(Path(given)) if given else None
-        remembered = {role: await self.store.get_meta_value(f"face:{role}") for role in FACE_ROLES}
-        now = {role: image.hash if image else None for role, image in wanted.items()}
-        if now == remembered:
-            return False
         face = {role: image for role, image in wanted.items() if image is not None}
         actor = build_actor(
             self.settings,
@@ -308,6 +305,14 @@ class MediaStore:
             icon=face.get("avatar"),
             header=face.get("header"),
         )
+        now = {role: image.hash if image else None for role, image in wanted.items()}
+        # Whatever followers' servers keep of the blog's profile (name, bio, avatar,
+        # header, the featured collection's URL) is in the actor: when it changes, one
+        # Update, or they go on showing the old one.
+        now["actor"] = hashlib.sha256(json.dumps(actor, sort_keys=True).encode()).hexdigest()
+        remembered = {role: await self.store.get_meta_value(f"face:{role}") for role in now}
+        if now == remembered:
+            return False
         update = build_actor_update(self.settings, actor, utcnow())
         await self.store.save_face(
             now,

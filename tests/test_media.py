@@ -339,9 +339,7 @@ def test_serve_refuses_an_svg_avatar_with_one_line(
 
 
 @pytest.mark.anyio
-async def test_images_already_stored_are_not_written_again(
-    tmp_path: Path, settings: Any
-) -> None:
+async def test_images_already_stored_are_not_written_again(tmp_path: Path, settings: Any) -> None:
     settings = make_settings(tmp_path, media_dir=tmp_path / "media", keys_dir=settings.keys_dir)
     png(tmp_path / "a.png")
     async with running(settings) as app:
@@ -380,3 +378,30 @@ async def test_feeds_carry_absolute_image_urls(tmp_path: Path) -> None:
     content = feed["items"][0]["content_html"]
     assert f'src="{BASE_URL}/media/' in content
     assert relative not in content
+
+
+@pytest.mark.anyio
+async def test_a_new_title_or_bio_sends_one_update_of_the_profile(tmp_path: Path) -> None:
+    """Followers' servers keep the blog's profile: a changed title (or bio, or anything
+    else in the actor) reaches them as exactly one Update; a restart with nothing
+    changed sends nothing."""
+    world = World(tmp_path, media_dir=tmp_path / "media", title="Cats")
+    async with world.client:
+        async with world.blog() as services:
+            fake = world.fake("mastodon.test")
+            await world.follow(fake.add_account("asonix"))
+            await services.deliverer.deliver_once()
+        fake.forget_traffic()
+        async with world.blog() as services:  # nothing changed
+            await services.deliverer.deliver_once()
+        assert fake.deliveries == []
+
+        world.settings = replace(world.settings, title="Cats and charts")
+        for _ in range(2):  # the second start finds nothing new: nothing sent
+            async with world.blog() as services:
+                await services.deliverer.deliver_once()
+
+    (update,) = fake.deliveries
+    assert update.valid
+    assert update.activity["type"] == "Update"
+    assert update.activity["object"]["name"] == "Cats and charts"
