@@ -32,7 +32,7 @@ from fediblog.keys import KeyPair
 from fediblog.models import DeliveryJob, utcnow
 from fediblog.netguard import deadline
 from fediblog.store import Store
-from fediblog.worker import Outcome, RetryPolicy, Worker, describe
+from fediblog.worker import Outcome, RetryPolicy, TableQueue, Worker, describe
 
 log = logging.getLogger("fediblog.delivery")
 
@@ -50,13 +50,6 @@ MAX_RETRY_AFTER = timedelta(hours=12)
 CONTENT_TYPE = "application/activity+json"
 USER_AGENT = "fediblog/0.1 (+https://pypi.org/project/fediblog/)"
 
-
-class DeliveryQueue:
-    """The deliveries table, as a worker's queue."""
-
-    def __init__(self, store: Store) -> None:
-        self.claim = store.claim_deliveries
-        self.record = store.record_deliveries
 
 
 class Deliverer:
@@ -80,7 +73,7 @@ class Deliverer:
         self._timeout = timeout
         self.worker = Worker(
             "delivery",
-            DeliveryQueue(store),
+            TableQueue(store.claim_deliveries, store.record_deliveries),
             self._attempt,
             concurrency=concurrency,
             # Claimed rows a crash strands until their lease ends: about one round.

@@ -50,6 +50,7 @@ from fediblog.store import Store
 from fediblog.worker import (
     Outcome,
     RetryPolicy,
+    TableQueue,
     ThrottledLog,
     Worker,
     describe,
@@ -139,13 +140,6 @@ RETRY = RetryPolicy(
 )
 
 
-class InboxQueue:
-    """The stored activities, as a worker's queue."""
-
-    def __init__(self, store: Store) -> None:
-        self.claim = store.claim_inbox
-        self.record = store.record_inbox
-
 
 class Inbox:
     def __init__(
@@ -166,7 +160,7 @@ class Inbox:
         self._blocked: frozenset[str] = frozenset()
         self.worker = Worker(
             "inbox",
-            InboxQueue(store),
+            TableQueue(store.claim_inbox, store.record_inbox),
             self._process,
             # Small batches: after a crash, at most this many are processed twice (the
             # handlers are idempotent) and wait out the lease before they are retried.

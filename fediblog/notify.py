@@ -41,7 +41,7 @@ from fediblog.models import JsonObject, NotificationJob, ResponseEntry, format_t
 from fediblog.netguard import deadline
 from fediblog.render import excerpt
 from fediblog.store import Store
-from fediblog.worker import Outcome, RetryPolicy, ThrottledLog, Worker, describe
+from fediblog.worker import Outcome, RetryPolicy, TableQueue, ThrottledLog, Worker, describe
 
 log = logging.getLogger("fediblog.notify")
 
@@ -122,13 +122,6 @@ def build_payload(settings: Settings, entry: ResponseEntry) -> JsonObject:
     return payload
 
 
-class NotificationQueue:
-    """The notifications table, as a worker's queue."""
-
-    def __init__(self, store: Store) -> None:
-        self.claim = store.claim_notifications
-        self.record = store.record_notifications
-
 
 class Notifier:
     """Queues and sends the webhook's notifications (nothing at all without a URL)."""
@@ -149,7 +142,7 @@ class Notifier:
         self._trouble = ThrottledLog(log)
         self.worker = Worker(
             "notify",
-            NotificationQueue(store),
+            TableQueue(store.claim_notifications, store.record_notifications),
             self._attempt,
             concurrency=4,
             batch=16,

@@ -18,16 +18,7 @@ from datetime import datetime, timedelta
 
 from fediblog.blog import Blog
 from fediblog.models import ScheduleJob, utcnow
-from fediblog.store import Store
-from fediblog.worker import Outcome, Worker
-
-
-class ScheduleQueue:
-    """The post_schedule table, as a worker's queue."""
-
-    def __init__(self, store: Store) -> None:
-        self.claim = store.claim_schedules
-        self.record = store.record_schedules
+from fediblog.worker import Outcome, TableQueue, Worker
 
 
 class Scheduler:
@@ -45,7 +36,7 @@ class Scheduler:
         self._on_published = on_published
         self.worker = Worker(
             "schedule",
-            ScheduleQueue(blog.store),
+            TableQueue(blog.store.claim_schedules, blog.store.record_schedules),
             self._publish,
             batch=20,
             lease=timedelta(minutes=1),

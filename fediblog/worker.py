@@ -91,11 +91,21 @@ J = TypeVar("J", bound=Job)
 
 
 class Queue(Protocol[J]):
-    async def claim(self, now: datetime, lease_until: datetime, limit: int) -> list[J]:
+    def claim(self, now: datetime, lease_until: datetime, limit: int, /) -> Awaitable[list[J]]:
         """Take up to ``limit`` due jobs, count an attempt on each, lease them."""
+        ...
 
-    async def record(self, results: Sequence[tuple[J, Outcome]]) -> None:
+    def record(self, results: Sequence[tuple[J, Outcome]], /) -> Awaitable[None]:
         """Write these outcomes, all in one commit."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class TableQueue(Generic[J]):
+    """A queue that is one table: the store's claim and record for it."""
+
+    claim: Callable[[datetime, datetime, int], Awaitable[list[J]]]
+    record: Callable[[Sequence[tuple[J, Outcome]]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
