@@ -249,7 +249,7 @@ def build_instance_actor(settings: Settings, public_key_pem: str) -> JsonObject:
         "name": f"{settings.title} (server)",
         "url": urls.base + "/about",
         "inbox": urls.shared_inbox,
-        "outbox": urls.instance_actor + "/outbox",
+        "outbox": instance_outbox_id(settings),
         "manuallyApprovesFollowers": True,
         "discoverable": False,
         "indexable": False,
@@ -259,6 +259,16 @@ def build_instance_actor(settings: Settings, public_key_pem: str) -> JsonObject:
             "publicKeyPem": public_key_pem,
         },
     }
+
+
+def instance_outbox_id(settings: Settings) -> str:
+    return Urls.of(settings).instance_actor + "/outbox"
+
+
+def build_instance_outbox(settings: Settings) -> JsonObject:
+    """The instance actor's outbox: it publishes nothing, but servers that read every
+    advertised outbox (GoToSocial) warn about one that answers 404."""
+    return {**build_collection(instance_outbox_id(settings), 0), "orderedItems": []}
 
 
 def absolute_media(html: str, base: str) -> str:
@@ -479,7 +489,13 @@ def answer_audience(
 
 
 def mention_html(mentioned: Mentioned) -> str:
-    """The link Mastodon writes for a mention (its client shows it as ``@user``)."""
+    """The link Mastodon writes for a mention (its client shows it as ``@user``); for an
+    account without a username, the same link showing its id's host and path."""
+    if not mentioned.username:
+        return (
+            f'<span class="h-card"><a href="{_escape(mentioned.profile_url)}"'
+            f' class="u-url mention">{_escape(mentioned.handle)}</a></span>'
+        )
     return (
         f'<span class="h-card"><a href="{_escape(mentioned.profile_url)}" class="u-url mention">'
         f"@<span>{_escape(mentioned.username)}</span></a></span>"
@@ -638,10 +654,15 @@ def parse_actor(document: JsonObject, *, allow_http: bool) -> RemoteActor:
     kind = document.get("type")
     if kind not in ACTOR_TYPES:
         raise ActivityError(f"{kind!r} is not an actor type")
+    # Optional: fediverse-pasture's actors that WebFinger cannot resolve have none, and
+    # FEP-03c1 names such an actor by its id. They get no handle ("" here), not one we
+    # would make up from the host.
     username = document.get("preferredUsername")
-    if not isinstance(username, str) or not username or len(username) > 256:
-        raise ActivityError("the actor has no preferredUsername")
-    if "@" in username or any(c.isspace() for c in username):
+    if username is None or username == "":
+        username = ""
+    elif not isinstance(username, str) or len(username) > 256:
+        raise ActivityError("the actor's preferredUsername is not a short string")
+    elif "@" in username or any(c.isspace() for c in username):
         # "@admin@blog.example" + "@evil.example" would show another host first (ATTACKS 34).
         raise ActivityError("the actor's preferredUsername has '@' or spaces in it")
     key = document.get("publicKey")

@@ -22,7 +22,9 @@ unwell (timeouts, refused connections, 5xx). 404s and bad documents never count
 against a host: anyone can make those up, and so lock the host's real users out.
 
 What went wrong with a fetch is logged; the SignatureError says only "could not be
-fetched" or "not a valid key document", never what we saw on our network.
+fetched" or "not a valid key document", never what we saw on our network. A host whose
+TLS certificate we do not trust is a warning (once an hour per host): the operator can
+fix it (a CA missing from the trust store or SSL_CERT_FILE), and nothing else says so.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from fediblog.errors import (
     SignatureError,
 )
 from fediblog.models import ActorKey, JsonObject, parse_ts, utcnow
+from fediblog.netguard import untrusted_certificate
 from fediblog.remote import Fetcher
 from fediblog.store import Store
 
@@ -64,6 +67,7 @@ HOST_FAILURE_LIMIT = 5
 MAX_KEY_FETCHES = 16  # key fetches under way at once, in all ...
 MAX_KEY_FETCHES_PER_HOST = 2  # ... and per host
 UNCONFIRMED_KEYS = 1_000  # fetched keys no signature has verified with yet
+TLS_WARNING_INTERVAL = 3600.0  # seconds between two warnings of an untrusted certificate
 NOT_FETCHED = "the signing key could not be fetched"
 NOT_A_KEY = "the signing key is not a valid key document"
 ACTOR_MAX_AGE = timedelta(
@@ -99,6 +103,7 @@ class ActorDirectory:
         self._fetching_per_host: Counter[str] = Counter()
         self._max_fetches = max_fetches
         self._max_fetches_per_host = max_fetches_per_host
+        self._tls_warned: OrderedDict[str, float] = OrderedDict()  # host: when
 
     async def get_key(self, key_id: str) -> ActorKey:
         """The key for ``key_id``, fetched if we have never seen it.
@@ -225,6 +230,7 @@ class ActorDirectory:
         except (FetchError, ActivityError) as error:
             # Here, not in the 401: what our network said is for our own log only.
             log.info("cannot use the signing key %s: %s", key_id, error)
+            self._warn_if_untrusted(key_id, error)
             self._remember_failure(key_id, error, new=new)
             raise
         # Just fetched: as fresh as a refresh could make it, so a bad signature right
@@ -250,6 +256,20 @@ class ActorDirectory:
             self._failed_hosts[host] = [*self._recent_host_failures(host, now), now]
             if len(self._failed_hosts) > self._cache_size:
                 self._failed_hosts.clear()
+
+    def _warn_if_untrusted(self, key_id: str, error: FetchError | ActivityError) -> None:
+        """A warning the operator sees (INFO may not reach the journal), at most once an
+        hour per host and for the 1,000 hosts seen last: strangers choose the hosts."""
+        if untrusted_certificate(error) is None:
+            return
+        host, now = host_of(key_id), time.monotonic()
+        if now - self._tls_warned.get(host, -TLS_WARNING_INTERVAL) < TLS_WARNING_INTERVAL:
+            return
+        self._tls_warned[host] = now
+        self._tls_warned.move_to_end(host)
+        while len(self._tls_warned) > 1_000:
+            self._tls_warned.popitem(last=False)
+        log.warning("requests signed by %s are refused: %s", host, error)
 
     def _recent_host_failures(self, host: str, now: float) -> list[float]:
         return [t for t in self._failed_hosts.get(host, []) if now - t < FAILURE_COOLDOWN]

@@ -42,7 +42,7 @@ from fediblog.remote import Fetcher, FetchPolicy, build_transport
 from fediblog.responses import Responses
 from fediblog.schedule import Scheduler
 from fediblog.store import Store
-from fediblog.web import activitypub, feeds, forms, html, wellknown
+from fediblog.web import activitypub, feeds, forms, health, html, wellknown
 from fediblog.web import media as media_routes
 from fediblog.web import proxy as proxy_routes
 from fediblog.web.cache import PageCache
@@ -86,11 +86,18 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+# Routes readers' browsers open or post to: their refusals are pages of the blog.
+# The routes servers call (ActivityPub, WebFinger, feeds, media) answer in plain text.
+_READER_ROUTES = frozenset(route.endpoint for route in [*html.routes, *forms.routes])
+
+
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    if exc.status_code == 404:
-        return await html.not_found(request, exc)
-    return PlainTextResponse(f"{exc.status_code}: {exc.detail}", status_code=exc.status_code)
+    if exc.status_code == 404 or request.scope.get("endpoint") in _READER_ROUTES:
+        return await html.error_page(request, exc)
+    return PlainTextResponse(
+        f"{exc.status_code}: {exc.detail}", status_code=exc.status_code, headers=exc.headers
+    )
 
 
 _storage_trouble = ThrottledLog(logging.getLogger("fediblog.web"))
@@ -205,6 +212,7 @@ def create_app(
             scheduler = Scheduler(Blog(settings, store), on_published=deliverer.wake)
             tasks.append(asyncio.create_task(scheduler.run(), name="schedule"))
         try:
+            app.state.tasks = tasks  # /healthz says whether each still runs
             app.state.services = Services(
                 settings=settings,
                 store=store,
@@ -246,6 +254,7 @@ def create_app(
             *wellknown.routes,
             *forms.routes,
             *activitypub.routes,
+            *health.routes,
             *proxy_routes.routes,
             *media_routes.routes,
             Mount("/static", StaticFiles(directory=static_dir), name="static"),
@@ -254,4 +263,6 @@ def create_app(
         lifespan=lifespan,
     )
     app.add_middleware(SecurityHeaders)
+    if settings.access_log:
+        app.add_middleware(health.AccessLog)
     return app

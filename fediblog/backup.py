@@ -123,10 +123,15 @@ def backup(settings: Settings, folder: Path) -> Summary:
 def _fill(settings: Settings, folder: Path, started: float) -> Summary:
     database = settings.database
     copy = folder / DATABASE
+    # Empty and 0600 before VACUUM INTO fills it (it takes an empty file as new): the
+    # copy holds commenters' emails, and is never readable by others, not for a moment.
+    try:
+        _write_private(copy, b"")
+    except OSError as error:
+        raise StorageError(f"cannot write the backup in {folder}: {error.strerror}") from None
     schema = _copy_database(database, copy)
     files: dict[str, dict[str, Any]] = {}
     try:
-        copy.chmod(0o600)
         _fsync(copy)
         for relative in _key_files():
             source = settings.keys_dir / relative.removeprefix("keys/")

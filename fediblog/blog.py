@@ -40,7 +40,7 @@ from fediblog.config import Settings
 from fediblog.errors import FediblogError, PostError, PostNotFound
 from fediblog.media import MediaStore
 from fediblog.models import JsonObject, OutgoingActivity, Post, PostDraft, PostState, utcnow
-from fediblog.render import markdown_to_html, normalize_tag, slugify
+from fediblog.render import blog_path, markdown_to_html, normalize_tag, slugify, web_url
 from fediblog.store import Store
 
 FRONT_MATTER_KEYS = (
@@ -121,10 +121,15 @@ def parse_post(text: str, *, source: str = "post") -> PostDraft:
         raise PostError(f"{source}: draft must be true or false, not {is_draft!r}")
 
     image = meta.get("image")
-    if image is not None and (
-        not isinstance(image, str) or not image.startswith(("https://", "http://", "/"))
-    ):
-        raise PostError(f"{source}: the image must be an http(s) URL or a path on this blog")
+    if image is not None:
+        # Checked, and kept, as a browser reads it: "//evil.example/x.png" and
+        # "/\evil.example/x.png" start with "/" but are on another host.
+        image = (web_url(image) or blog_path(image)) if isinstance(image, str) else None
+        if image is None:
+            raise PostError(
+                f"{source}: the image must be an http(s) URL or a path on this blog"
+                " (starting with one /)"
+            )
     image_alt = meta.get("image_alt", "")
     if not isinstance(image_alt, str):
         raise PostError(f"{source}: image_alt must be text")

@@ -1,5 +1,5 @@
 """The ``fediblog`` command: init, serve, demo, post, media, followers, deliveries, inbox,
-comments, feeds, reply, block, backup and restore.
+comments, feeds, reply, block, backup, restore and check.
 
 Every failure a user can cause ends as one line on stderr and a non-zero exit:
 2 for a wrong setting or usage, 1 for a command that could not be done. A database
@@ -12,17 +12,25 @@ import argparse
 import asyncio
 import os
 import re
+import shlex
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fediblog.blog import Blog, read_post_file
-from fediblog.config import Settings, load_settings
+from fediblog.config import (
+    NoBaseUrl,
+    Settings,
+    find_blog,
+    load_settings,
+    write_config,
+)
 from fediblog.errors import ConfigError, FediblogError, StorageError
 from fediblog.keys import ensure_keys
-from fediblog.models import Post, PostDraft, format_ts, utcnow
+from fediblog.models import Post, PostDraft, actor_address, actor_handle, format_ts, utcnow
 from fediblog.store import Store
 
 
@@ -30,11 +38,28 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fediblog",
         description="A blog whose posts live in the fediverse.",
-        epilog="Settings come from FEDIBLOG_* variables and ./fediblog.toml; see README.md.",
+        epilog="The blog is the folder --data names, else FEDIBLOG_CONFIG's folder, else the"
+        " current one: its fediblog.toml, data/ and keys/. FEDIBLOG_* variables override"
+        " fediblog.toml; see README.md.",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        metavar="DIR",
+        help="the blog's folder: fediblog.toml, data/fediblog.db, data/media/, keys/",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    commands.add_parser("init", help="create the database and the key pairs (idempotent)")
+    init = commands.add_parser(
+        "init",
+        help="create fediblog.toml, the database and the key pairs (idempotent)",
+        description="Creates the blog in its folder: fediblog.toml from the options given"
+        " (never overwriting a different one), data/fediblog.db and keys/.",
+    )
+    init.add_argument("--base-url", metavar="URL", help="the public https address, once for all")
+    init.add_argument("--handle", help="the blog's username, @HANDLE@HOST (blog), once for all")
+    init.add_argument("--title", help="the blog's title")
+    init.add_argument("--author", help="the author's name")
 
     serve = commands.add_parser("serve", help="run the server")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
@@ -44,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="run a local demo blog with posts and comments on http://127.0.0.1:8000"
     )
     demo.add_argument("--port", type=int, default=8000, help="port to bind (8000)")
-    demo.add_argument("--database", type=Path, default=Path("data/demo.db"), help="(data/demo.db)")
+    demo.add_argument("--database", type=Path, help="(data/demo.db in the blog's folder)")
 
     post = commands.add_parser("post", help="publish, edit, delete and list posts")
     post_commands = post.add_subparsers(dest="post_command", required=True, metavar="ACTION")
@@ -53,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     edit = post_commands.add_parser("edit", help="replace a post's content from a file")
     edit.add_argument("slug")
     edit.add_argument("file", type=Path)
-    delete = post_commands.add_parser("delete", help="delete a post (its URL then answers 410)")
+    delete = post_commands.add_parser(
+        "delete", help="delete a post (its page then answers 404, its id /p/UID 410)"
+    )
     delete.add_argument("slug")
     post_commands.add_parser("list", help="list the posts: published, drafts and scheduled")
     for action, text in (
@@ -80,12 +107,21 @@ def _parser() -> argparse.ArgumentParser:
     comments = commands.add_parser("comments", help="list, approve, reject or delete comments")
     comment_commands = comments.add_subparsers(dest="comments_command", metavar="ACTION")
     listing = comment_commands.add_parser("list", help="the newest comments (the default)")
-    listing.add_argument("--pending", action="store_true", help="only those held for approval")
-    listing.add_argument(
-        "--since",
-        metavar="DURATION",
-        help="only those received in the last DURATION: 45m, 2h, 3d, 1w or 1h30m",
-    )
+    # On both, so `comments --pending` means `comments list --pending`; SUPPRESS keeps
+    # one parser's default from overwriting what was given to the other.
+    for lister in (comments, listing):
+        lister.add_argument(
+            "--pending",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="only those held for approval",
+        )
+        lister.add_argument(
+            "--since",
+            metavar="DURATION",
+            default=argparse.SUPPRESS,
+            help="only those received in the last DURATION: 45m, 2h, 3d, 1w or 1h30m",
+        )
     for action, text in (
         ("approve", "publish a held comment"),
         ("reject", "hide a comment (it stays in the database)"),
@@ -145,24 +181,90 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an existing database and keys (stop the server first)",
     )
+
+    check = commands.add_parser(
+        "check",
+        help="test the blog through its public URL: TLS, discovery, actor, signatures, proxy",
+        description="From the server, through FEDIBLOG_BASE_URL: one line per check (ok,"
+        " FAIL or skip); exits 1 if any failed.",
+    )
+    check.add_argument(
+        "--peer", metavar="URL", help="a server whose Date header to compare clocks with"
+    )
+
     return parser
 
 
-async def _with_blog(settings: Settings, action: Callable[[Blog], Awaitable[None]]) -> None:
-    store = await Store.open(settings.database)
+async def _with_blog(
+    settings: Settings, action: Callable[[Blog], Awaitable[None]], *, create: bool = False
+) -> None:
+    # Only `init` and `demo` create a database: anywhere else a missing one is a wrong
+    # folder, and an empty blog made there would hide the real one.
+    store = await Store.open(settings.database, create=create)
     try:
         await action(Blog(settings, store))
     finally:
         await store.close()
 
 
-def _init(settings: Settings) -> None:
+# The commands that work without a database: they make one, bring one back, or look
+# at the blog from outside.
+_NO_DATABASE_NEEDED = ("init", "demo", "restore", "check")
+
+
+def _require_blog(settings: Settings, data: Path | None) -> None:
+    """One line, and nothing created, when the blog is not where we looked."""
+    if settings.database.exists():
+        return
+    folder = find_blog(data).folder
+    named = "the current folder" if folder == Path(".") else shlex.quote(str(folder))
+    flag = f" --data {shlex.quote(str(data))}" if data is not None else ""
+    raise ConfigError(
+        f"no blog in {named} (no database {settings.database}): run `fediblog init` first"
+        f" (`fediblog{flag} init --base-url https://YOUR.DOMAIN` makes a new blog there),"
+        " or name your blog's folder with `fediblog --data DIR` or FEDIBLOG_CONFIG"
+    )
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    """The settings, or the one line that says there is no blog here at all: a folder
+    with neither a database nor a base URL gets that, not "the address is not set"."""
+    try:
+        return load_settings(data=args.data)
+    except NoBaseUrl:
+        if args.command not in _NO_DATABASE_NEEDED:
+            local = load_settings(data=args.data, allow_http=True)
+            _require_blog(local, args.data)
+        raise
+
+
+def _init(args: argparse.Namespace) -> None:
+    given = {"base_url": args.base_url, "handle": args.handle}
+    given.update(title=args.title, author=args.author)
+    values = {key: value.strip() for key, value in given.items() if value is not None}
+    if values:
+        for key, value in values.items():  # the environment would win over the file
+            env = os.environ.get(f"FEDIBLOG_{key.upper()}")
+            if env is not None and env.strip() != value:
+                raise ConfigError(
+                    f"FEDIBLOG_{key.upper()} is set to {env!r}, which would win over"
+                    f" --{key.replace('_', '-')}: unset it, or leave the option out"
+                )
+        load_settings(data=args.data, **values)  # all of it valid before anything is written
+        where = find_blog(args.data)
+        if not where.config.exists():  # a new file names the handle: it is for good
+            handle = os.environ.get("FEDIBLOG_HANDLE", "blog").strip()
+            values = {"base_url": values.pop("base_url", ""), "handle": handle, **values}
+            values = {key: value for key, value in values.items() if value}
+        if write_config(where.config, values):
+            print(f"created {where.config}")
+    settings = load_settings(data=args.data)
     created = ensure_keys(settings.keys_dir)
 
     async def migrate(blog: Blog) -> None:
         await blog.store.migrate()
 
-    asyncio.run(_with_blog(settings, migrate))
+    asyncio.run(_with_blog(settings, migrate, create=True))
     print(f"database ready: {settings.database}")
     for path in created:
         print(f"created {path}")
@@ -203,8 +305,12 @@ def _demo(args: argparse.Namespace) -> None:
     from fediblog.demo import seed_demo
 
     # The demo is local by definition: its own database, plain http on loopback.
+    database = args.database or find_blog(args.data).folder / "data" / "demo.db"
     settings = load_settings(
-        database=args.database, base_url=f"http://127.0.0.1:{args.port}", allow_http=True
+        data=args.data,
+        database=database,
+        base_url=f"http://127.0.0.1:{args.port}",
+        allow_http=True,
     )
     ensure_keys(settings.keys_dir)
 
@@ -212,7 +318,13 @@ def _demo(args: argparse.Namespace) -> None:
         if await seed_demo(blog, blog.store):
             print(f"demo content written to {settings.database}", file=sys.stderr)
 
-    asyncio.run(_with_blog(settings, seed))
+    asyncio.run(_with_blog(settings, seed, create=True))
+    data = f" --data {shlex.quote(str(args.data))}" if args.data is not None else ""
+    print(
+        "fediblog: moderate the demo's comments with: FEDIBLOG_DATABASE="
+        f"{shlex.quote(str(database))} FEDIBLOG_ALLOW_HTTP=1 fediblog{data} comments --pending",
+        file=sys.stderr,
+    )
     _serve(settings, "127.0.0.1", args.port)
 
 
@@ -247,9 +359,10 @@ def _post(settings: Settings, args: argparse.Namespace) -> None:
                 print("no posts yet")
             for post in posts:
                 pinned = ", pinned" if post.pinned else ""
+                responses = "response" if post.response_count == 1 else "responses"
                 print(
                     f"{format_ts(post.published)}  {post.slug}  [{_state_of(post)}{pinned}]  "
-                    f"({post.response_count} responses)  {post.title}"
+                    f"({post.response_count} {responses})  {post.title}"
                 )
 
     asyncio.run(_with_blog(settings, run))
@@ -282,7 +395,8 @@ def _media(settings: Settings, args: argparse.Namespace) -> None:
         media = MediaStore(settings, blog.store)
         if args.media_command == "prune":
             count, freed = await media.prune()
-            print(f"pruned {count} unused image(s), {freed:,} bytes freed")
+            images = "image" if count == 1 else "images"
+            print(f"pruned {count} unused {images}, {freed:,} bytes freed")
             return
         entries = await media.list_entries()
         if not entries:
@@ -397,7 +511,9 @@ def _comments(settings: Settings, args: argparse.Namespace) -> None:
         if not rows and since is None:
             print("no comments waiting" if pending else "no comments yet")
         for row in rows:
-            who = f"@{row['username']}@{row['domain']}" if row["actor"] else row["author_name"]
+            who = row["author_name"]
+            if row["actor"]:  # an actor without a username is named by its id, never "@@host"
+                who = actor_handle(row["username"], row["domain"]) or actor_address(row["actor"])
             print(
                 f"{row['id']:>6}  {row['status']:<9} {row['visibility']:<9} {row['published_at']}"
                 f"  {row['slug']}  {who}: {excerpt(row['content_html'], 80)}"
@@ -523,6 +639,19 @@ def _database_failure(database: Path | None, error: BaseException) -> str | None
     return None
 
 
+def _check(settings: Settings, peer: str | None) -> int:
+    from fediblog.check import run_checks
+
+    if peer is not None and (
+        urlsplit(peer).scheme not in ("http", "https") or not urlsplit(peer).hostname
+    ):
+        raise UsageError(f"--peer must be an http(s) URL, not {peer!r}")
+    results = asyncio.run(run_checks(settings, peer=peer))
+    for result in results:
+        print(result.line)
+    return 1 if any(result.status == "FAIL" for result in results) else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     database: Path | None = args.database if args.command == "demo" else None
@@ -530,11 +659,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             _demo(args)
             return 0
-        settings = load_settings()
-        database = settings.database
         if args.command == "init":
-            _init(settings)
-        elif args.command == "serve":
+            _init(args)
+            return 0
+        settings = _load(args)
+        database = settings.database
+        if args.command not in _NO_DATABASE_NEEDED:
+            _require_blog(settings, args.data)
+        if args.command == "serve":
             _serve(settings, args.host, args.port)
         elif args.command == "post":
             _post(settings, args)
@@ -556,6 +688,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _blocks(settings, args)
         elif args.command in ("backup", "restore"):
             _backup(settings, args)
+        elif args.command == "check":
+            return _check(settings, args.peer)
     except ConfigError as error:
         print(f"fediblog: configuration error: {error}", file=sys.stderr)
         return 2

@@ -1,13 +1,19 @@
-"""Settings: one frozen object built from ``FEDIBLOG_*`` variables and fediblog.toml.
+"""Settings: one frozen object built from ``FEDIBLOG_*`` variables and fediblog.toml,
+and where the blog lives.
 
-Nothing here runs at import time. ``load_settings()`` reads the optional TOML file
-(``FEDIBLOG_CONFIG``, default ./fediblog.toml), then lets the environment override it,
-validates everything and raises ``ConfigError`` with one readable line on the first
-problem.
+Nothing here runs at import time. ``find_blog()`` names the blog's folder and its
+fediblog.toml: the folder given with ``--data DIR``, else the folder of the file
+``FEDIBLOG_CONFIG`` names, else the current folder. ``load_settings()`` reads that
+optional TOML file, then lets the environment override it, validates everything and
+raises ``ConfigError`` with one readable line on the first problem. Relative paths in
+the TOML file, and the default paths, are relative to the blog's folder; relative paths
+in the environment are relative to the current folder, as a shell user expects.
+``write_config()`` writes the fediblog.toml `fediblog init` makes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -79,6 +85,10 @@ class Settings:
     media_dir: Path = Path("data/media")
     avatar: str = ""
     header: str = ""
+    # What operators see (web/health.py): one log line per request when access_log is
+    # on; /metrics for loopback clients, or for anyone sending this bearer token.
+    access_log: bool = False
+    metrics_token: str = setting(default="", repr=False)
 
     # ---- derived values -------------------------------------------------------
 
@@ -134,7 +144,95 @@ def _env_name(field_name: str) -> str:
     return "FEDIBLOG_" + field_name.upper()
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+CONFIG_NAME = "fediblog.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where a blog lives: its folder, which holds ``data/`` (the database, the media)
+    and ``keys/`` unless its settings say otherwise, and its fediblog.toml (which may
+    not exist)."""
+
+    folder: Path
+    config: Path
+
+
+def find_blog(data: Path | None = None, environ: Mapping[str, str] | None = None) -> Location:
+    """``--data DIR``, else the folder of ``FEDIBLOG_CONFIG``'s file, else the current one."""
+    env = os.environ if environ is None else environ
+    if data is not None:
+        folder = _short(data.expanduser())
+        return Location(folder, folder / CONFIG_NAME)
+    if named := env.get("FEDIBLOG_CONFIG", ""):
+        config = Path(named).expanduser()
+        return Location(_short(config.parent), _short(config.parent) / config.name)
+    return Location(Path("."), Path(CONFIG_NAME))
+
+
+def _short(folder: Path) -> Path:
+    """``.`` for the current folder: paths in messages stay as short as a user types them
+    there (``chmod 600 keys/blog.pem``)."""
+    try:
+        return Path(".") if folder.resolve() == Path.cwd().resolve() else folder
+    except OSError:  # the current folder was removed under us
+        return folder
+
+
+class NoBaseUrl(ConfigError):
+    """No base URL is set anywhere, and the local default is not allowed."""
+
+
+_DEFAULT_PATHS = {f.name: f.default for f in fields(Settings) if isinstance(f.default, Path)}
+_CONFIG_HEADER = """\
+# fediblog's settings; README.md ("Configuration") lists them all. Relative paths are
+# relative to this file's folder. base_url and handle are in every id the fediverse
+# keeps of this blog: do not change them once the blog has followers.
+"""
+
+
+def write_config(config: Path, values: Mapping[str, str]) -> bool:
+    """Write a new fediblog.toml holding ``values`` (mode 0600: it may come to hold the
+    webhook's secret). False if the file is there and already says the same; a
+    ConfigError, and nothing written, if it says something else."""
+    folder = config.parent
+    existing = _read_toml(config, folder) if config.exists() else None
+    if existing is not None:
+        for key, value in values.items():
+            had = existing.get(key)
+            same = had is not None and _same(key, str(had), value)
+            if not same:
+                says = f"says {key} = {had!r}" if had is not None else f"has no {key}"
+                raise ConfigError(
+                    f"{config} already exists and {says}, not {value!r}: it is kept as it"
+                    " is (edit it by hand, or choose another folder with --data DIR)"
+                )
+        return False
+    lines = [f"{key} = {_toml_string(value)}" for key, value in values.items()]
+    text = _CONFIG_HEADER + "\n".join(lines) + "\n"
+    if tomllib.loads(text) != dict(values):  # never write a file we would misread
+        raise ConfigError(f"cannot write these settings to {config}")
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as error:
+        raise ConfigError(f"cannot write {config}: {error.strerror or error}") from None
+    return True
+
+
+def _same(key: str, had: str, wanted: str) -> bool:
+    if key == "base_url":  # as _validate normalizes it
+        return had.strip().rstrip("/").lower() == wanted.strip().rstrip("/").lower()
+    return had.strip() == wanted.strip()
+
+
+def _toml_string(value: str) -> str:
+    """A TOML basic string: JSON's escapes are TOML's, except that TOML wants DEL escaped."""
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _read_toml(path: Path, folder: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as handle:
             data = tomllib.load(handle)
@@ -145,18 +243,36 @@ def _read_toml(path: Path) -> dict[str, Any]:
     unknown = set(data) - {f.name for f in fields(Settings)}
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}")
+    for name in _DEFAULT_PATHS:
+        if isinstance(data.get(name), str):  # relative to the file, wherever we run from
+            data[name] = folder / Path(data[name]).expanduser()
     return data
 
 
-def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-    """Build validated settings: defaults < fediblog.toml < environment < overrides."""
+def load_settings(
+    environ: Mapping[str, str] | None = None, *, data: Path | None = None, **overrides: Any
+) -> Settings:
+    """Build validated settings: defaults < fediblog.toml < environment < overrides.
+    ``data`` is the ``--data`` folder (see ``find_blog``)."""
     env = os.environ if environ is None else environ
-    raw: dict[str, Any] = _read_toml(Path(env.get("FEDIBLOG_CONFIG", "fediblog.toml")))
+    where = find_blog(data, env)
+    raw: dict[str, Any] = _read_toml(where.config, where.folder)
     for field in fields(Settings):
         name = _env_name(field.name)
         if name in env:
             raw[field.name] = env[name]
     raw.update({key: value for key, value in overrides.items() if value is not None})
+    if "base_url" not in raw and not _to_bool("FEDIBLOG_ALLOW_HTTP", raw.get("allow_http", False)):
+        # Not "is http": nobody chose http, nobody chose anything yet.
+        found = "has no base_url" if where.config.is_file() else "does not exist"
+        raise NoBaseUrl(
+            f"the blog's address is not set ({where.config} {found} and FEDIBLOG_BASE_URL"
+            " is not set): run `fediblog init --base-url https://YOUR.DOMAIN`, which writes"
+            " it to fediblog.toml (for a local try, FEDIBLOG_ALLOW_HTTP=1 uses"
+            f" {DEFAULT_BASE_URL})"
+        )
+    for name, default in _DEFAULT_PATHS.items():
+        raw.setdefault(name, where.folder / default)
     return _validate(raw)
 
 
@@ -210,6 +326,10 @@ def _validate(raw: Mapping[str, Any]) -> Settings:
     if not settings.title:
         raise ConfigError("FEDIBLOG_TITLE must not be empty")
     _check_notify(settings)
+    if settings.metrics_token and len(settings.metrics_token) < MIN_NOTIFY_SECRET:
+        raise ConfigError(
+            f"FEDIBLOG_METRICS_TOKEN must be at least {MIN_NOTIFY_SECRET} characters long"
+        )
     return replace(settings, base_url=base.lower() if base.isascii() else base)
 
 

@@ -44,6 +44,7 @@ from fediblog.errors import (
 )
 from fediblog.followers import queue_answer
 from fediblog.httpsig import parse_signature, verify_signature
+from fediblog.metrics import InboxStats
 from fediblog.models import InboxItem, InboxJob, JsonObject, utcnow
 from fediblog.remote import parse_json
 from fediblog.store import Store
@@ -65,6 +66,17 @@ Handler = Callable[[JsonObject], Awaitable[None]]
 
 class Overloaded(FediblogError):
     """Too many activities are waiting to be stored: answer 503, the sender retries."""
+
+
+class Sender:
+    """Who an inbox POST says it comes from, filled in as ``receive`` learns it: the
+    refusal log names the signer's keyId and the activity's actor when they are known."""
+
+    __slots__ = ("actor", "key_id")
+
+    def __init__(self) -> None:
+        self.key_id: str | None = None
+        self.actor: str | None = None
 
 
 class BatchWriter:
@@ -158,6 +170,7 @@ class Inbox:
         self._urls = Urls.of(settings)
         self._on_queued = on_queued
         self._blocked: frozenset[str] = frozenset()
+        self.stats = InboxStats()  # the POSTs answered, and the last refusals (metrics.py)
         self.worker = Worker(
             "inbox",
             TableQueue(store.claim_inbox, store.record_inbox),
@@ -195,12 +208,18 @@ class Inbox:
         return any(".".join(labels[i:]) in self._blocked for i in range(1, len(labels) - 1))
 
     async def receive(
-        self, method: str, target: str, headers: Mapping[str, str], body: bytes
+        self,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        sender: Sender | None = None,
     ) -> None:
         """Verify and durably store one inbound activity (or drop it silently).
 
         Raises SignatureError (401), ActivityError (400), Overloaded or FetchBusy
-        (503: too many signing keys are being fetched).
+        (503: too many signing keys are being fetched). ``sender`` learns the keyId
+        and the actor as they are read, for the refusal log.
         """
         signed = parse_signature(
             method,
@@ -211,12 +230,16 @@ class Inbox:
             now=utcnow(),
             scheme=self._settings.scheme,
         )
+        if sender is not None:
+            sender.key_id = signed.key_id
         try:
             payload = body.decode("utf-8")  # decoded once: checked here, stored below
         except UnicodeDecodeError:
             raise ActivityError("the body is not UTF-8") from None
         activity = _parse_activity(body)
         actor = activity["actor"]
+        if sender is not None:
+            sender.actor = actor
         if self.is_blocked(actor) or self.is_blocked(signed.key_id):
             return  # 202 and nothing stored: a blocked server learns nothing
         if activity["type"] == "Delete" and id_of(activity.get("object")) == actor:

@@ -37,6 +37,20 @@ def parse_ts(text: str) -> datetime:
     return moment.astimezone(UTC)
 
 
+def actor_handle(username: str, domain: str) -> str | None:
+    """``@user@host`` for a remote actor; None for one without ``preferredUsername``,
+    which has no handle: we never make one up (the id's host may not answer WebFinger)."""
+    return f"@{username}@{domain}" if username else None
+
+
+def actor_address(ap_id: str) -> str:
+    """How an actor with no handle (and no name) is named: its id's host and path."""
+    _, _, rest = ap_id.partition("://")
+    host, slash, path = rest.partition("/")
+    address = host.rsplit("@", 1)[-1] + (slash + path.split("?")[0].split("#")[0]).rstrip("/")
+    return address if len(address) <= 100 else address[:99] + "…"
+
+
 @dataclass(frozen=True, slots=True)
 class PostDraft:
     """A post as the author wrote it, before it has an id."""
@@ -88,6 +102,26 @@ class Author:
     handle: str | None = None  # "@user@host", host taken from the actor id
     profile_url: str | None = None
     avatar_url: str | None = None
+
+    @classmethod
+    def remote(
+        cls,
+        *,
+        ap_id: str,
+        username: str,
+        domain: str,
+        name: str | None,
+        url: str | None,
+        avatar_url: str | None,
+    ) -> Author:
+        """A remote actor: its name, else its username, else its id's host and path; a
+        handle only if it has a username."""
+        return cls(
+            name=name or username or actor_address(ap_id),
+            handle=actor_handle(username, domain),
+            profile_url=url or ap_id,
+            avatar_url=avatar_url,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +285,8 @@ class Mentioned:
 
     @property
     def handle(self) -> str:
-        return f"@{self.username}@{self.domain}"
+        """``@user@host``, or the id's host and path for an actor without a username."""
+        return actor_handle(self.username, self.domain) or actor_address(self.ap_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,12 @@ to poison. Every outbound request of fediblog, GETs (``remote``) and deliveries
 (``delivery``) alike, goes through ``GuardedTransport``. ``allow_loopback`` is for
 tests and benchmarks on 127.0.0.1 only; it is never on by default.
 
+Certificates are verified against the machine's trust store (``truststore``, as pip
+does: the ca-certificates bundle on Debian, the Keychain on macOS, the Windows store)
+and against ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when they are set, with OpenSSL's
+meaning (a PEM bundle; a directory of hashed certificates). A company or self-hosted CA
+is trusted by installing it in the system's store or by naming it there.
+
 It also keeps httpcore's pool from losing connections to cancellation
 (encode/httpcore#1093, open in httpcore 1.0.9): a request cancelled while it waits in
 the pool, just as the pool hands it a new connection, leaves that connection
@@ -23,10 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -34,8 +41,9 @@ from typing import Any
 import anyio
 import httpcore
 import httpx
+import truststore
 
-from fediblog.errors import BlockedAddress
+from fediblog.errors import BlockedAddress, ConfigError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -69,6 +77,46 @@ def _time_left(timeout: float | None, expired: type[Exception]) -> float | None:
     if left <= 0:
         raise expired("the request's deadline passed")
     return left if timeout is None else min(timeout, left)
+
+
+def trusted_context(environ: Mapping[str, str] | None = None) -> ssl.SSLContext:
+    """A client TLS context trusting the system's store and SSL_CERT_FILE / SSL_CERT_DIR.
+
+    The variables are loaded here too, not only left to OpenSSL's defaults: then they
+    also count where truststore asks the platform's verifier (macOS, Windows), and a
+    path that does not exist stops the start-up with its name rather than leaving every
+    fetch to fail later with CERTIFICATE_VERIFY_FAILED.
+    """
+    env = os.environ if environ is None else environ
+    context = truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cafile, capath = env.get("SSL_CERT_FILE") or None, env.get("SSL_CERT_DIR") or None
+    for name, value, exists in (
+        ("SSL_CERT_FILE", cafile, os.path.isfile),
+        ("SSL_CERT_DIR", capath, os.path.isdir),
+    ):
+        # OpenSSL reads SSL_CERT_DIR as a list of folders, ':'-separated on POSIX.
+        missing = [p for p in (value or "").split(os.pathsep) if p and not exists(p)]
+        if missing:
+            raise ConfigError(f"{name}: {missing[0]} does not exist")
+    if cafile or capath:
+        try:
+            context.load_verify_locations(cafile=cafile, capath=capath)
+        except ssl.SSLError as error:
+            raise ConfigError(
+                f"SSL_CERT_FILE {cafile} holds no usable certificate: {error}"
+            ) from error
+    return context
+
+
+def untrusted_certificate(error: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate failure behind ``error`` (a failed fetch, through httpx's and
+    httpcore's wrappers), if a certificate we do not trust is why it failed."""
+    seen: BaseException | None = error
+    for _ in range(8):  # a cause chain is short; a cycle must not hang us
+        if seen is None or isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def address_allowed(ip: IPAddress, *, allow_loopback: bool = False) -> bool:
@@ -171,7 +219,19 @@ class _DeadlineStream(httpcore.AsyncNetworkStream):
         timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
     ) -> httpcore.AsyncNetworkStream:
         left = _time_left(timeout, httpcore.ConnectTimeout)
-        return _DeadlineStream(await self._inner.start_tls(ssl_context, server_hostname, left))
+        try:
+            stream = await self._inner.start_tls(ssl_context, server_hostname, left)
+        except httpcore.ConnectError as error:
+            cause = error.__cause__
+            if not isinstance(cause, ssl.SSLCertVerificationError):
+                raise
+            # OpenSSL's own words name neither the host nor the way out.
+            raise httpcore.ConnectError(
+                f"the TLS certificate of {server_hostname} is not trusted"
+                f" ({cause.verify_message}): its CA is in neither the system's trust"
+                " store nor SSL_CERT_FILE / SSL_CERT_DIR"
+            ) from cause
+        return _DeadlineStream(stream)
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
@@ -210,12 +270,13 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
         allow_loopback: bool,
         resolve: Resolver = resolve_host,
         max_connections: int = 100,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(trust_env=False)
         # httpx 0.28 takes no network backend (encode/httpx#3749 is still open), so the
         # pool it just built is swapped for one with the guard; its defaults are kept.
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
+            ssl_context=ssl_context or trusted_context(),
             max_connections=max_connections,
             max_keepalive_connections=20,
             keepalive_expiry=5.0,

@@ -23,6 +23,7 @@ from pathlib import Path
 from fediblog.config import Settings
 from fediblog.errors import ConfigError, StorageError
 from fediblog.keys import KEY_NAMES, load_key
+from fediblog.netguard import trusted_context
 from fediblog.store import Store
 
 LOCK_WAIT = 5.0  # seconds to wait for another process's write transaction at start
@@ -32,6 +33,7 @@ def check_before_serving(settings: Settings) -> None:
     """Raise ConfigError or StorageError, with one line, if the blog cannot be served."""
     check_keys(settings.keys_dir)
     check_database(settings.database)
+    trusted_context()  # SSL_CERT_FILE / SSL_CERT_DIR naming nothing: one line, not a traceback
 
 
 def check_keys(keys_dir: Path) -> None:

@@ -17,6 +17,7 @@ from html.parser import HTMLParser
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import ada_url
 import nh3
 from markdown_it import MarkdownIt
 from markdown_it.renderer import RendererHTML
@@ -135,9 +136,16 @@ def local_images(source: str) -> list[tuple[str, str]]:
     neither a URL nor a path on this blog: those are imported into the media store."""
     found: dict[str, str] = {}
     for src, _ in markdown_images(source):
-        parts = urlsplit(src)
-        if src and not parts.scheme and not parts.netloc and not src.startswith(("/", "#")):
-            found.setdefault(src, unquote(parts.path))
+        # As a browser reads it: "\\host/x.png" and "/\host/x.png" are on another host.
+        url = browser_url(src)
+        if (
+            src
+            and url is not None
+            and url.host == _HERE_HOST
+            and not ada_url.check_url(src)
+            and not src.lstrip().startswith(("/", "\\", "#", "?"))
+        ):
+            found.setdefault(src, unquote(urlsplit(src).path))
     return list(found.items())
 
 
@@ -259,11 +267,79 @@ def emoji_html(shortcode: str, url: str) -> str:
     )
 
 
+# ---- URLs as browsers read them ------------------------------------------------------
+
+# Every URL check that stands between a page and a reader's browser parses as browsers
+# do (the WHATWG URL standard, by ada, the parser Node.js uses), never with urllib:
+# "https://evil.example\@bank.example/" is evil.example to a browser and bank.example to
+# urlsplit; "https:/\evil.example/" and "//evil.example" leave the page's site.
+# A relative reference is resolved against a base on a host no link can name (.invalid,
+# RFC 6761): if it resolves elsewhere, it leaves the blog.
+_HERE_HOST = "here.invalid"
+_HERE = f"https://{_HERE_HOST}/"
+
+
+def browser_url(ref: str) -> ada_url.URL | None:
+    """``ref`` as a browser resolves it on one of this blog's pages (relative to the
+    blog's host, here.invalid standing in for it), or None if a browser could not."""
+    try:
+        return ada_url.URL(ref, base=_HERE)
+    except ValueError:
+        return None
+
+
+def web_url(ref: str) -> str | None:
+    """``ref`` as a browser would request it, when it is an absolute http(s) URL with a
+    host and no user name or password (which only serve to disguise the host); else None."""
+    try:
+        url = ada_url.URL(ref.strip())
+    except ValueError:
+        return None
+    if url.protocol not in ("https:", "http:") or not url.hostname:
+        return None
+    if url.username or url.password:
+        return None
+    return str(url.href)
+
+
+def blog_path(ref: str) -> str | None:
+    """``ref`` as the path (with query and fragment) a browser requests from this blog
+    when it starts with "/" and stays here; None when it is not such a path, such as
+    ``//evil.example/x.png``, ``/\\evil.example/x.png`` or ``/\t/evil.example``."""
+    ref = ref.strip()
+    url = browser_url(ref)
+    if not ref.startswith("/") or url is None or ada_url.check_url(ref):
+        return None
+    if url.host != _HERE_HOST or url.username or url.password:
+        return None
+    return f"{url.pathname}{url.search}{url.hash}"
+
+
+def link_host(href: str) -> str | None:
+    """The host a link to ``href`` on one of our pages opens, as a browser resolves it
+    (lower case, IDN in punycode); "" when it stays on this blog; None when it opens no
+    host at all (no URL, ``mailto:``, ``javascript:``)."""
+    url = browser_url(href)
+    if url is None or url.protocol not in ("https:", "http:"):
+        return None
+    host = str(url.hostname)
+    return "" if host == _HERE_HOST else host
+
+
+def _idna_host(name: str) -> str:
+    """A host named in text as a browser would look it up (UTS 46, as ada does)."""
+    try:
+        found = ada_url.idna_to_ascii(name.lower())
+    except (ValueError, UnicodeError):
+        found = b""
+    return found.decode("ascii", "replace") if found else name.lower()
+
+
 # A host named in a link's text: any script (so a homoglyph is still a host), and the
 # dots IDNA reads as "." ("bank。example" is bank.example to a browser).
 _HOST_WORD = re.compile(r"(?:[^\W_]|-)+(?:\.(?:[^\W_]|-)+)*\.[^\W\d_]{2,}")
 _IDNA_DOTS = str.maketrans("\u3002\uff0e\uff61", "...")
-_AUTHORITY_END = re.compile(r"[/?#]")
+_AUTHORITY_END = re.compile(r"[/\\?#]")
 
 
 def ascii_host(host: str) -> str:
@@ -284,7 +360,7 @@ def _shown_hosts(text: str) -> set[str]:
         for part in authority.split("@"):
             name = part.split(":", 1)[0].strip(".,;!?()[]<>\"'")
             if _HOST_WORD.fullmatch(name):
-                hosts.add(ascii_host(name).removeprefix("www."))
+                hosts.add(_idna_host(name).rstrip(".").removeprefix("www."))
     return hosts
 
 
@@ -296,14 +372,16 @@ class _TextRewriter(HTMLParser):
       link's title, can never become an element (ATTACKS.md 32).
     * A link whose text names another host than its target (anywhere in its text,
       homoglyphs and ``user@host`` included) gets the real host shown after it, in
-      punycode (ATTACKS.md 33).
+      punycode (ATTACKS.md 33), the host a browser opens (``link_host``), so that
+      backslashes, tabs, user names and percent-escapes cannot hide it.
     """
 
     def __init__(self, emoji: Mapping[str, str]) -> None:
         super().__init__(convert_charrefs=True)
         self._emoji = emoji
         self._out: list[str] = []
-        self._link_host: str | None = None  # the host of the <a> we are inside
+        self._in_link = False
+        self._link_host: str | None = None  # of the <a> we are in (link_host)
         self._link_text: list[str] = []
 
     def rewrite(self, fragment: str) -> str:
@@ -313,8 +391,9 @@ class _TextRewriter(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag == "a":
-            href = dict(attrs).get("href") or ""
-            self._link_host = (urlsplit(href).hostname or "").lower()
+            href = dict(attrs).get("href")
+            self._in_link = True
+            self._link_host = link_host(href) if href else None
             self._link_text = []
         self._out.append(self._tag(tag, attrs, "/>" if tag == "br" else ">"))
 
@@ -323,16 +402,18 @@ class _TextRewriter(HTMLParser):
 
     def handle_endtag(self, tag: str) -> None:
         self._out.append(f"</{tag}>")
-        if tag == "a" and self._link_host is not None:
-            real = ascii_host(self._link_host)
+        if tag == "a" and self._in_link:
+            real = (self._link_host or "").rstrip(".").removeprefix("www.")
             shown = _shown_hosts("".join(self._link_text))
-            if any(other != real.removeprefix("www.") for other in shown):
-                host = html.escape(real or "no link")
+            if any(other != real for other in shown):
+                host = html.escape(
+                    "no link" if self._link_host is None else self._link_host or "this blog"
+                )
                 self._out.append(f' <span class="link-host">[{host}]</span>')
-            self._link_host = None
+            self._in_link = False
 
     def handle_data(self, data: str) -> None:
-        if self._link_host is not None:
+        if self._in_link:
             self._link_text.append(data)
         pieces = _SHORTCODE.split(data)
         for index, piece in enumerate(pieces):

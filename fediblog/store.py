@@ -478,10 +478,12 @@ def _media(row: sqlite3.Row) -> MediaImage:
 
 def _comment(row: sqlite3.Row) -> Comment:
     if row["actor_ap_id"] is not None:
-        author = Author(
-            name=row["actor_name"] or row["username"],
-            handle=f"@{row['username']}@{row['domain']}",
-            profile_url=row["actor_url"] or row["actor_ap_id"],
+        author = Author.remote(
+            ap_id=row["actor_ap_id"],
+            username=row["username"],
+            domain=row["domain"],
+            name=row["actor_name"],
+            url=row["actor_url"],
             avatar_url=row["icon_url"],
         )
     elif row["by_author"]:
@@ -565,7 +567,12 @@ class Store:
             raise StorageError(f"no database at {path}: run `fediblog init` first")
         connections: list[aiosqlite.Connection] = []
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if _identity(path) is None:
+                # It holds commenters' emails: mode 0600 from its first byte (SQLite gives
+                # the -wal and -shm files the database's mode), in a folder 0700 if new.
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                with contextlib.suppress(FileExistsError):  # another process was first
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             for _ in range(2):
                 connection = await aiosqlite.connect(path, isolation_level=None)
                 connections.append(connection)
@@ -2287,3 +2294,74 @@ class Store:
                     "UPDATE comments SET content_html = ? WHERE id = ?",
                     [(html_text, comment_id) for comment_id, html_text in changed],
                 )
+
+    # ---- health, metrics, the archive and neighbours -----------------------
+
+    # health and metrics (web/health.py)
+
+    async def probe_write(self, now: datetime) -> None:
+        """One small real write (/healthz): a read-only, full, locked or replaced
+        database raises StorageUnavailable, as it would for the next activity."""
+        async with self._transaction(shown=False) as db:
+            await db.execute(
+                "INSERT INTO meta (key, value) VALUES ('health_probe', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (format_ts(now),),
+            )
+
+    async def get_queue_stats(self) -> sqlite3.Row:
+        """For /metrics, each on an index: ``inbox_queued`` and ``deliveries_queued``
+        (rows waiting), ``oldest_waiting`` (when the oldest activity not yet tried
+        arrived), ``last_received`` and ``last_processed`` (the activity processed
+        last: when it arrived, when it was done)."""
+        row = await self._fetchone(
+            "SELECT (SELECT count(*) FROM inbox WHERE status = 'queued') AS inbox_queued,"
+            " (SELECT count(*) FROM deliveries WHERE status = 'queued') AS deliveries_queued,"
+            " (SELECT received_at FROM inbox WHERE status = 'queued' AND attempts = 0"
+            "  ORDER BY id LIMIT 1) AS oldest_waiting,"
+            " l.received_at AS last_received, l.processed_at AS last_processed"
+            " FROM (SELECT 1) LEFT JOIN (SELECT received_at, processed_at FROM inbox"
+            "  WHERE status != 'queued' ORDER BY processed_at DESC LIMIT 1) l"
+        )
+        assert row is not None  # one row, always
+        return row
+
+    # archive and neighbours: months are UTC calendar months, as published_at is stored
+    # (format_ts), so a month is a text prefix and a range on the posts_live index.
+
+    async def list_archive_months(self) -> list[tuple[int, int, int]]:
+        """(year, month, published posts) of every month with a post, newest first."""
+        rows = await self._fetchall(
+            "SELECT substr(p.published_at, 1, 7) AS month, count(*) AS n FROM posts p"
+            f" WHERE {_LIVE_POST} GROUP BY month ORDER BY month DESC"
+        )
+        return [(int(row["month"][:4]), int(row["month"][5:7]), row["n"]) for row in rows]
+
+    async def list_posts_in_month(self, year: int, month: int) -> list[Post]:
+        """The published posts of one UTC month, newest first."""
+        following = (year + 1, 1) if month == 12 else (year, month + 1)
+        rows = await self._fetchall(
+            f"SELECT {_POST_COLUMNS} FROM posts p WHERE {_LIVE_POST}"
+            " AND p.published_at >= ? AND p.published_at < ?"
+            " ORDER BY p.published_at DESC, p.id DESC",
+            (f"{year:04d}-{month:02d}", "{:04d}-{:02d}".format(*following)),
+        )
+        return [_post(row) for row in rows]
+
+    async def get_post_neighbours(self, post: Post) -> tuple[Post | None, Post | None]:
+        """The published posts just before and just after ``post`` (older, newer), in
+        the index's order: by publication moment, then by id for posts of one moment."""
+        moment = format_ts(post.published)
+        older = await self._fetchone(
+            f"SELECT {_POST_COLUMNS} FROM posts p WHERE {_LIVE_POST}"
+            " AND (p.published_at < ? OR (p.published_at = ? AND p.id < ?))"
+            " ORDER BY p.published_at DESC, p.id DESC LIMIT 1",
+            (moment, moment, post.id),
+        )
+        newer = await self._fetchone(
+            f"SELECT {_POST_COLUMNS} FROM posts p WHERE {_LIVE_POST}"
+            " AND (p.published_at > ? OR (p.published_at = ? AND p.id > ?))"
+            " ORDER BY p.published_at, p.id LIMIT 1",
+            (moment, moment, post.id),
+        )
+        return (_post(older) if older else None, _post(newer) if newer else None)

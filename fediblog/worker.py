@@ -216,6 +216,9 @@ class Worker(Generic[J]):
         self.clock = clock
         self._wake = asyncio.Event()
         self._trouble = ThrottledLog(log)
+        # Outcomes recorded since start, by status ("failed" when the attempts ran out
+        # counts as "gave_up"): /metrics reads them.
+        self.outcomes: dict[str, int] = {}
 
     def wake(self) -> None:
         """Something was queued in this process: run now, not at the next poll."""
@@ -286,11 +289,15 @@ class Worker(Generic[J]):
         for wait in (0.1, 0.5, 1, 2, 5):
             try:
                 await self._queue.record(results)
-                return
+                break
             except StorageUnavailable as error:
                 self._trouble.error("record", f"{self.name}: recording outcomes: {error}")
                 await asyncio.sleep(wait)
-        await self._queue.record(results)
+        else:
+            await self._queue.record(results)
+        for _, outcome in results:
+            status = "gave_up" if outcome.gave_up else outcome.status
+            self.outcomes[status] = self.outcomes.get(status, 0) + 1
 
     def _outcome(self, job: J, task: asyncio.Task[Outcome]) -> Outcome:
         error = task.exception()

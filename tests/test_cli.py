@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
+import sqlite3
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from fediblog.cli import main
 from tests.helpers import run
+
+BASE = "https://blog.example"
+AP_ACCEPT = "application/activity+json"
 
 
 def write(path: Path, text: str) -> Path:
@@ -169,3 +178,309 @@ def test_output_cut_short_by_a_pipe_is_no_traceback(blog_dir: Path) -> None:
     _, errors = process.communicate(timeout=30)
     assert "Traceback" not in errors
     assert errors == ""
+
+
+# ---- finding the blog ----------------------------------------------------------------
+
+NEEDS_A_BLOG = [
+    ("post", "list"),
+    ("post", "new", "hello.md"),
+    ("comments", "--pending"),
+    ("comments", "approve", "1"),
+    ("followers",),
+    ("media",),
+    ("deliveries",),
+    ("inbox",),
+    ("feeds",),
+    ("blocks",),
+    ("block", "spam.example"),
+    ("backup", "saved"),
+    ("serve", "--port", "1"),
+]
+
+
+@pytest.mark.parametrize("base_url", ["set", "unset"])
+@pytest.mark.parametrize("args", NEEDS_A_BLOG, ids=" ".join)
+def test_a_folder_without_a_blog_is_one_line_and_nothing_is_created(
+    blog_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: tuple[str, ...],
+    base_url: str,
+) -> None:
+    if base_url == "unset":  # the first thing a newcomer types, in a new folder
+        monkeypatch.delenv("FEDIBLOG_BASE_URL")
+    write(blog_dir / "hello.md", "---\ntitle: Hello\n---\nHi.\n")
+
+    code, out, err = run(capsys, *args)
+
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1
+    assert err.startswith(
+        "fediblog: configuration error: no blog in the current folder"
+        " (no database data/fediblog.db): run `fediblog init` first"
+    )
+    assert "--base-url https://YOUR.DOMAIN" in err
+    assert "--data DIR" in err
+    assert sorted(p.name for p in blog_dir.iterdir()) == ["hello.md"]
+
+
+def test_a_missing_data_folder_is_named_with_the_init_that_makes_it(
+    tmp_path: Path, blog_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no such blog"
+
+    code, _, err = run(capsys, "--data", str(missing), "post", "list")
+
+    assert code == 2
+    assert f"no blog in '{missing}'" in err
+    assert f"`fediblog --data '{missing}' init --base-url https://YOUR.DOMAIN`" in err
+    assert not missing.exists()
+
+
+def test_init_writes_fediblog_toml_so_nothing_needs_exporting(
+    blog_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FEDIBLOG_BASE_URL")
+    code, out, _ = run(
+        capsys, "init", "--base-url", "https://blog.example", "--handle", "notes", "--title", "N"
+    )
+
+    assert code == 0
+    assert out.splitlines()[0] == "created fediblog.toml"
+    assert "the blog is @notes@blog.example at https://blog.example" in out
+    config = blog_dir / "fediblog.toml"
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert 'base_url = "https://blog.example"\nhandle = "notes"\ntitle = "N"\n' in (
+        config.read_text()
+    )
+    write(blog_dir / "a.md", "---\ntitle: First\n---\nHello.\n")
+    assert run(capsys, "post", "new", "a.md")[1] == "published https://blog.example/posts/first\n"
+
+    # Again with the same values: nothing changes; with another address: refused.
+    before = config.read_bytes()
+    code, out, _ = run(capsys, "init", "--base-url", "https://blog.example/")
+    assert code == 0
+    assert "created fediblog.toml" not in out
+    code, _, err = run(capsys, "init", "--base-url", "https://other.example", "--handle", "x")
+    assert code == 2
+    assert "fediblog.toml already exists and says base_url = 'https://blog.example'" in err
+    assert config.read_bytes() == before
+    assert "first" in run(capsys, "post", "list")[1]
+
+
+def test_init_refuses_options_the_environment_would_overrule(
+    blog_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "init", "--base-url", "https://elsewhere.example")
+
+    assert code == 2
+    assert "FEDIBLOG_BASE_URL is set to 'https://blog.example', which would win" in err
+    assert list(blog_dir.iterdir()) == []
+
+
+def test_init_checks_every_value_before_writing_anything(
+    blog_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FEDIBLOG_BASE_URL")
+
+    code, _, err = run(capsys, "init", "--base-url", "https://ok.example", "--handle", "a b")
+
+    assert code == 2
+    assert "FEDIBLOG_HANDLE may use only" in err
+    assert list(blog_dir.iterdir()) == []
+
+
+def test_init_without_an_address_says_how_to_give_one(
+    blog_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FEDIBLOG_BASE_URL")
+
+    code, _, err = run(capsys, "init")
+
+    assert code == 2
+    assert err.startswith("fediblog: configuration error: the blog's address is not set")
+    assert "is http" not in err
+    assert "`fediblog init --base-url https://YOUR.DOMAIN`" in err
+    assert list(blog_dir.iterdir()) == []
+
+
+def test_a_blog_whose_address_was_never_saved_says_so(
+    blog_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`export FEDIBLOG_BASE_URL=…; fediblog init`, then a new shell without the export."""
+    assert run(capsys, "init")[0] == 0
+    monkeypatch.delenv("FEDIBLOG_BASE_URL")
+
+    code, _, err = run(capsys, "post", "list")
+
+    assert code == 2
+    assert "the blog's address is not set (fediblog.toml does not exist" in err
+
+
+def test_data_flag_finds_the_blog_from_any_folder(
+    tmp_path: Path,
+    blog_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("FEDIBLOG_BASE_URL")
+    home = tmp_path / "srv" / "blog"
+    code, _, _ = run(capsys, "--data", str(home), "init", "--base-url", "https://d.example")
+    assert code == 0
+    assert sorted(p.name for p in home.iterdir()) == ["data", "fediblog.toml", "keys"]
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    assert stat.S_IMODE((home / "data").stat().st_mode) == 0o700
+
+    elsewhere = tmp_path / "writing"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    write(elsewhere / "p.md", "---\ntitle: From here\n---\nx\n")  # relative to where we are
+    code, out, _ = run(capsys, "--data", str(home), "post", "new", "p.md")
+    assert (code, out) == (0, "published https://d.example/posts/from-here\n")
+    monkeypatch.setenv("FEDIBLOG_CONFIG", str(home / "fediblog.toml"))
+    assert "from-here" in run(capsys, "post", "list")[1]
+    assert list(elsewhere.iterdir()) == [elsewhere / "p.md"]
+
+
+# ---- files that hold commenters' emails --------------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def usual_umask() -> Iterator[None]:
+    """The usual umask, under which a file made without care is 0644."""
+    before = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+@pytest.mark.usefixtures("usual_umask")
+def test_database_and_its_log_files_and_backups_are_private(
+    blog_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(capsys, "init")[0] == 0
+    data = blog_dir / "data"
+    assert mode(data) == 0o700
+    assert mode(data / "fediblog.db") == 0o600
+
+    # While a connection is open, SQLite's -wal and -shm files are there too.
+    holder = sqlite3.connect(data / "fediblog.db")
+    try:
+        holder.execute("CREATE TABLE IF NOT EXISTS probe (x)")
+        holder.commit()
+        for suffix in ("-wal", "-shm"):
+            assert mode(data / f"fediblog.db{suffix}") == 0o600
+        assert run(capsys, "backup", "saved")[0] == 0
+    finally:
+        holder.close()
+    saved = blog_dir / "saved"
+    assert mode(saved) == 0o700
+    assert {p.name: mode(p) for p in saved.rglob("*") if p.is_file()} == {
+        "fediblog.db": 0o600,
+        "manifest.json": 0o600,
+        "blog.pem": 0o600,
+        "instance.pem": 0o600,
+    }
+
+    shutil.rmtree(data)  # a new machine: restore makes the data folder
+    shutil.rmtree(blog_dir / "keys")
+    assert run(capsys, "restore", "saved")[0] == 0
+    assert (mode(data), mode(data / "fediblog.db")) == (0o700, 0o600)
+
+
+@pytest.mark.usefixtures("usual_umask")
+def test_any_new_database_is_private(blog_dir: Path) -> None:
+    from fediblog.config import load_settings
+    from fediblog.store import Store
+
+    settings = load_settings(database=Path("demo") / "demo.db")
+
+    async def make() -> None:
+        store = await Store.open(settings.database)
+        await store.close()
+
+    asyncio.run(make())
+    assert (mode(blog_dir / "demo"), mode(blog_dir / "demo" / "demo.db")) == (0o700, 0o600)
+
+
+# ---- spellings the README uses -------------------------------------------------------------
+
+
+def held_comment(settings_dir: Path) -> None:
+    """A post with one published and one held comment, in the blog at ``settings_dir``."""
+    from fediblog.config import load_settings
+    from tests.helpers import publish, remote_actor, remote_comment, running
+
+    async def seed() -> None:
+        async with running(load_settings()) as app:
+            services = app.state.services
+            post = await publish(services, "Held")
+            ann = await remote_actor(services, "ann", "ann.example")
+            await remote_comment(services, post, ann, "Shown at once")
+            await remote_comment(services, post, ann, "Waiting for you", status="pending")
+
+    asyncio.run(seed())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("comments", "--pending"),
+        ("comments", "list", "--pending"),
+        ("comments", "--pending", "--since", "1w"),
+        ("comments", "list", "--since", "1w", "--pending"),
+    ],
+    ids=" ".join,
+)
+def test_comments_pending_works_with_or_without_list(
+    blog_dir: Path, capsys: pytest.CaptureFixture[str], args: tuple[str, ...]
+) -> None:
+    run(capsys, "init")
+    held_comment(blog_dir)
+
+    code, out, err = run(capsys, *args)
+
+    assert (code, err) == (0, "")
+    assert len(out.splitlines()) == 1
+    assert "pending" in out
+    assert "Waiting for you" in out
+    assert len(run(capsys, "comments")[1].splitlines()) == 2
+
+
+def test_post_delete_help_and_readme_say_what_the_server_answers(
+    blog_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fediblog.config import load_settings
+    from tests.helpers import running
+
+    run(capsys, "init")
+    write(blog_dir / "a.md", "---\ntitle: Gone\n---\nx\n")
+    run(capsys, "post", "new", "a.md")
+    code, out, _ = run(capsys, "post", "delete", "gone")
+    assert code == 0
+    object_id = out.split("(", 1)[1].split()[0]
+    assert object_id.startswith("https://blog.example/p/")
+
+    async def answers() -> tuple[int, int]:
+        async with running(load_settings()) as app:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
+                page = await client.get("/posts/gone")
+                activity = await client.get(
+                    object_id.removeprefix(BASE), headers={"Accept": AP_ACCEPT}
+                )
+                return page.status_code, activity.status_code
+
+    assert asyncio.run(answers()) == (404, 410)
+    with pytest.raises(SystemExit):
+        main(["post", "--help"])
+    assert "its page then answers 404, its id /p/UID 410" in capsys.readouterr().out
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "Deletes a post. Its page then answers 404, and its id (`/p/UID`) answers 410" in readme

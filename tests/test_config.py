@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import stat
 from pathlib import Path
 
 import pytest
 
-from fediblog.config import load_settings
+from fediblog.config import Location, NoBaseUrl, find_blog, load_settings, write_config
 from fediblog.errors import ConfigError
 
 
@@ -14,15 +16,112 @@ def env(tmp_path: Path, **values: str) -> dict[str, str]:
     return {"FEDIBLOG_CONFIG": str(tmp_path / "fediblog.toml"), **values}
 
 
-def test_defaults_need_https_or_an_explicit_local_switch(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="FEDIBLOG_ALLOW_HTTP"):
+def test_no_base_url_says_it_is_not_set_and_how_to_set_it(tmp_path: Path) -> None:
+    with pytest.raises(NoBaseUrl) as caught:
         load_settings(env(tmp_path))
+    message = str(caught.value)
+    assert "is http" not in message  # nobody chose http: nobody chose anything
+    assert f"the blog's address is not set ({tmp_path / 'fediblog.toml'} does not exist" in message
+    assert "`fediblog init --base-url https://YOUR.DOMAIN`" in message
+    assert "FEDIBLOG_ALLOW_HTTP=1" in message
+    assert "\n" not in message
+
+    (tmp_path / "fediblog.toml").write_text('title = "Mine"\n')
+    with pytest.raises(NoBaseUrl, match=re.escape("fediblog.toml has no base_url")):
+        load_settings(env(tmp_path))
+
+
+def test_the_local_default_needs_the_explicit_switch(tmp_path: Path) -> None:
     local = load_settings(env(tmp_path, FEDIBLOG_ALLOW_HTTP="1"))
     assert local.base_url == "http://127.0.0.1:8000"
     assert local.acct == "blog@127.0.0.1:8000"  # the port is part of the host
     assert local.handle == "blog"
-    assert local.database == Path("data/fediblog.db")
-    assert local.keys_dir == Path("keys")
+    # The default paths are in the blog's folder: FEDIBLOG_CONFIG's.
+    assert local.database == tmp_path / "data" / "fediblog.db"
+    assert local.keys_dir == tmp_path / "keys"
+    assert local.media_dir == tmp_path / "data" / "media"
+
+
+def test_an_http_base_url_someone_set_is_refused_as_http(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="FEDIBLOG_BASE_URL is http: the fediverse needs https"):
+        load_settings(env(tmp_path, FEDIBLOG_BASE_URL="http://blog.example"))
+
+
+def test_without_data_or_config_the_blog_is_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fediblog.toml").write_text('base_url = "https://here.example"\n')
+    settings = load_settings({})
+    assert settings.base_url == "https://here.example"
+    assert settings.database == Path("data/fediblog.db")  # as short as the user would type
+    assert settings.keys_dir == Path("keys")
+    assert find_blog(None, {}) == Location(Path("."), Path("fediblog.toml"))
+
+
+def test_data_folder_holds_the_toml_and_its_relative_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blog = tmp_path / "blog"
+    blog.mkdir()
+    (blog / "fediblog.toml").write_text(
+        'base_url = "https://data.example"\ndatabase = "db/blog.db"\n'
+        f'keys_dir = "{tmp_path / "elsewhere"}"\n'
+    )
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # where we run from does not matter
+
+    settings = load_settings({}, data=blog)
+
+    assert settings.base_url == "https://data.example"
+    assert settings.database == blog / "db" / "blog.db"  # relative to the toml's folder
+    assert settings.keys_dir == tmp_path / "elsewhere"  # absolute: as written
+    assert settings.media_dir == blog / "data" / "media"  # a default: in the blog's folder
+    # --data wins over FEDIBLOG_CONFIG; the environment's paths are the shell's (cwd).
+    other = env(tmp_path, FEDIBLOG_DATABASE="mine.db")
+    assert load_settings(other, data=blog).database == Path("mine.db")
+    assert load_settings(other, data=blog).base_url == "https://data.example"
+
+
+def test_config_file_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "fediblog.toml").write_text('base_url = "https://c.example"\nmedia_dir = "m"\n')
+    settings = load_settings({"FEDIBLOG_CONFIG": str(folder / "fediblog.toml")})
+    assert settings.media_dir == folder / "m"
+    assert settings.database == folder / "data" / "fediblog.db"
+
+
+def test_write_config_writes_a_private_file_that_reads_back(tmp_path: Path) -> None:
+    config = tmp_path / "new" / "fediblog.toml"
+    tricky = 'A "quoted" \\ title\twith\x7fcontrol \u2603'
+    values = {"base_url": "https://w.example", "handle": "blog", "title": tricky}
+
+    assert write_config(config, values) is True
+
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert stat.S_IMODE(config.parent.stat().st_mode) == 0o700
+    settings = load_settings({}, data=config.parent)
+    assert (settings.base_url, settings.handle, settings.title) == (
+        "https://w.example",
+        "blog",
+        tricky,
+    )
+    assert "do not change them" in config.read_text()
+
+
+def test_write_config_keeps_the_same_file_and_refuses_a_different_one(tmp_path: Path) -> None:
+    config = tmp_path / "fediblog.toml"
+    write_config(config, {"base_url": "https://w.example", "handle": "blog"})
+    before = config.read_bytes()
+
+    assert write_config(config, {"base_url": "https://W.example/"}) is False  # the same URL
+    with pytest.raises(ConfigError, match=re.escape("says base_url = 'https://w.example', not")):
+        write_config(config, {"base_url": "https://other.example"})
+    with pytest.raises(ConfigError, match="has no title"):
+        write_config(config, {"title": "New"})
+    assert config.read_bytes() == before
 
 
 def test_environment_sets_everything(tmp_path: Path) -> None:

@@ -50,9 +50,11 @@ def post_address(page: BeautifulSoup) -> str:
     return str(field["value"])
 
 
-def assert_message_page(response: httpx.Response, ctx: Services, post: Post, title: str) -> None:
-    """A 400 page with a readable reason that still shows the address to paste."""
-    assert response.status_code == 400
+def assert_message_page(
+    response: httpx.Response, ctx: Services, post: Post, title: str, status: int = 400
+) -> None:
+    """An error page with a readable reason that still shows the address to paste."""
+    assert response.status_code == status
     assert response.headers["content-type"].startswith("text/html")
     page = soup(response.text)
     assert page.h1 is not None
@@ -116,7 +118,7 @@ async def test_the_post_page_offers_both_ways_and_the_address_to_paste(
     assert local is not None
     assert local["action"] == f"/posts/{post.slug}/comment"
     names = {field["name"] for field in local.find_all(["input", "textarea"])}
-    assert names == {"name", "email", "website", "homepage", "comment"}
+    assert names == {"name", "email", "website", "homepage", "comment", "remember"}
 
 
 @pytest.mark.parametrize(
@@ -158,7 +160,7 @@ async def test_malformed_address_is_400_and_shows_the_post_address(
         "//their.server/authorize_interaction?uri={uri}",
     ],
 )
-async def test_server_without_usable_template_is_400_and_shows_the_post_address(
+async def test_server_without_usable_template_is_502_and_shows_the_post_address(
     web: httpx.AsyncClient, ctx: Services, fediverse: Fediverse, template: str
 ) -> None:
     post = await publish(ctx, "No template")
@@ -167,11 +169,11 @@ async def test_server_without_usable_template_is_400_and_shows_the_post_address(
 
     response = await interact(web, post, "@me@their.server")
 
-    assert_message_page(response, ctx, post, "Your server offers no remote interaction")
+    assert_message_page(response, ctx, post, "Your server offers no remote interaction", 502)
     assert "javascript" not in response.headers.get("location", "")
 
 
-async def test_webfinger_failures_are_400_and_show_the_post_address(
+async def test_webfinger_failures_say_which_step_failed_and_show_the_post_address(
     web: httpx.AsyncClient, ctx: Services, fediverse: Fediverse
 ) -> None:
     post = await publish(ctx, "Lookup fails")
@@ -184,10 +186,15 @@ async def test_webfinger_failures_are_400_and_show_the_post_address(
     elsewhere["links"][1]["href"] = "https://other.server/users/me"
     fediverse.add_webfinger(off_host, elsewhere)
 
-    for acct in ("@nobody@their.server", "@me@their.server", "@me@split.server"):
+    for acct, status, title in (
+        ("@nobody@their.server", 404, "No such account"),
+        ("@me@their.server", 502, "Your server's answer could not be used"),
+        ("@me@split.server", 502, "Your server's answer could not be used"),
+    ):
         response = await interact(web, post, acct)
-        assert_message_page(response, ctx, post, "Your server could not be found")
-        assert f"Looking up {acct} failed" in response.text
+        assert_message_page(response, ctx, post, title, status)
+        assert acct in response.text
+        assert "WebFinger" not in response.text  # a sentence, not the error's own text
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "169.254.169.254", "10.0.0.1", "0.0.0.0"])  # noqa: S104
@@ -198,7 +205,7 @@ async def test_webfinger_to_a_private_address_is_refused_before_connecting(
 
     response = await interact(web, post, f"@me@{host}")
 
-    assert_message_page(response, ctx, post, "Your server could not be found")
+    assert_message_page(response, ctx, post, "That server cannot be asked")
     assert fediverse.requests == []
 
 
@@ -211,7 +218,7 @@ async def test_lookups_are_rate_limited_per_address(
 
     response = await interact(web, post, "@nobody@their.server")
 
-    assert statuses == [400] * 10
+    assert statuses == [404] * 10
     assert response.status_code == 429
     assert "Slow down" in response.text
     assert post_address(soup(response.text)) == ctx.blog.object_id(post.uid)
@@ -323,12 +330,12 @@ async def test_local_comment_without_website_shows_the_name_unlinked(
 @pytest.mark.parametrize(
     ("field", "value", "reason"),
     [
-        ("name", "   ", "your name"),
-        ("email", "not-an-email", "an email address"),
-        ("email", "", "an email address"),
-        ("website", "javascript:alert(1)", "a website starting with https://"),
-        ("website", "ftp://files.example/", "a website starting with https://"),
-        ("comment", "  \n ", "a comment"),
+        ("name", "   ", "Please give your name"),
+        ("email", "not-an-email", "This email address looks incomplete"),
+        ("email", "", "Please give your email address"),
+        ("website", "javascript:alert(1)", "Please give a website starting with https://"),
+        ("website", "ftp://files.example/", "Please give a website starting with https://"),
+        ("comment", "  \n ", "Please write your comment"),
     ],
 )
 async def test_local_form_problems_are_400_and_store_nothing(
@@ -343,7 +350,7 @@ async def test_local_form_problems_are_400_and_store_nothing(
     assert response.status_code == 400
     page = soup(response.text)
     assert page.h1 is not None
-    assert page.h1.get_text() == "Almost"
+    assert page.h1.get_text() == "Your comment was not sent yet"
     assert reason in page.get_text()
     assert post_address(page) == ctx.blog.object_id(post.uid)
     assert await ctx.store.list_comments_for_review(pending_only=False) == []

@@ -262,12 +262,12 @@ def test_prune_deletes_the_images_no_post_uses_and_keeps_the_others(
     orphan_bytes = (blog_dir / "data" / "media" / orphan).stat().st_size
     code, out, _ = run(capsys, "media", "prune")
     assert code == 0
-    assert out.strip() == f"pruned 1 unused image(s), {orphan_bytes:,} bytes freed"
+    assert out.strip() == f"pruned 1 unused image, {orphan_bytes:,} bytes freed"
     after = media_files(blog_dir)
     assert len(after) == 4
     assert orphan not in after
     assert "(unused)" not in run(capsys, "media", "list")[1]
-    assert run(capsys, "media", "prune")[1].strip() == "pruned 0 unused image(s), 0 bytes freed"
+    assert run(capsys, "media", "prune")[1].strip() == "pruned 0 unused images, 0 bytes freed"
 
 
 @pytest.mark.anyio

@@ -19,11 +19,12 @@ LAYERS: dict[str, int] = {
     "__init__": 0, "errors": 0, "models": 0,
     "config": 1, "keys": 1, "render": 1, "httpsig": 1, "netguard": 1, "worker": 1,
     "activitystreams": 2,
-    "store": 2,
+    "store": 2, "metrics": 2,
     "remote": 3, "delivery": 3, "comments": 3, "notify": 3, "media": 3,
     "actors": 4, "proxy": 4,
     "blog": 5, "inbox": 5, "crawl": 5, "followers": 4, "moderation": 3, "answers": 6,
     "demo": 6, "responses": 6, "preflight": 6, "backup": 6, "schedule": 6,
+    "check": 6,
     "web": 7,
     "app": 8, "server": 8, "cli": 9, "__main__": 10,
 }  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,11 +30,12 @@ from fediblog.activitystreams import (
     build_create,
     build_featured,
     build_instance_actor,
+    build_instance_outbox,
     build_post_object,
     build_tombstone,
 )
 from fediblog.errors import ActivityError, FediblogError, SignatureError
-from fediblog.inbox import Overloaded
+from fediblog.inbox import Overloaded, Sender
 from fediblog.media import MediaStore
 from fediblog.remote import is_activitypub_type
 from fediblog.web.cache import CachedPage
@@ -99,6 +101,13 @@ async def instance_actor(request: Request) -> Response:
         return build_instance_actor(ctx.settings, ctx.instance_public_pem)
 
     return await ap_cached(request, "ap:instance", render)
+
+
+async def instance_outbox(request: Request) -> Response:
+    async def render(ctx: Services) -> Any:
+        return build_instance_outbox(ctx.settings)
+
+    return await ap_cached(request, "ap:instance-outbox", render)
 
 
 def _page(request: Request) -> int | None:
@@ -256,15 +265,21 @@ class ClientGone(Exception):
     """The sender hung up before its body was complete: nothing to answer."""
 
 
-async def _read_body(headers: dict[str, str], receive: Receive) -> bytes | tuple[int, str]:
-    """The body, or (status, reason): at most MAX_BODY bytes after gzip (ATTACKS.md 25-26)."""
-    too_big = (413, f"the body is larger than {MAX_BODY} bytes")
+Answer = tuple[int, str, str, Headers]  # status, kind (the metric's label), reason, headers
+
+
+async def _read_body(
+    headers: dict[str, str], receive: Receive
+) -> bytes | tuple[int, str, str]:
+    """The body, or (status, kind, reason): at most MAX_BODY bytes after gzip
+    (ATTACKS.md 25-26)."""
+    too_big = (413, "too_large", f"the body is larger than {MAX_BODY} bytes")
     declared = headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
         return too_big
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("identity", "gzip"):
-        return 415, f"content encoding {encoding!r} is not supported"
+        return 415, "content_encoding", f"content encoding {encoding!r} is not supported"
     inflate = zlib.decompressobj(wbits=31) if encoding == "gzip" else None
     chunks: list[bytes] = []
     size = 0
@@ -286,44 +301,57 @@ async def _read_body(headers: dict[str, str], receive: Receive) -> bytes | tuple
             if not message.get("more_body", False):
                 break
     except zlib.error:
-        return 400, "the gzip body is corrupt"
+        return 400, "gzip", "the gzip body is corrupt"
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _answer(ctx: Services, scope: Scope, receive: Receive) -> tuple[int, str, Headers]:
-    """(status, reason, extra headers) for one inbox POST; never raises."""
+async def _answer(ctx: Services, scope: Scope, receive: Receive, sender: Sender) -> Answer:
+    """(status, kind, reason, extra headers) for one inbox POST; never raises."""
     headers: dict[str, str] = {}
     for raw_name, raw_value in scope["headers"]:
         name = raw_name.decode("latin-1").lower()
         value = raw_value.decode("latin-1").strip(" \t")
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
     if scope["path_params"].get("handle", ctx.settings.handle) != ctx.settings.handle:
-        return 404, "no such inbox", []
+        return 404, "no_inbox", "no such inbox", []
     content_type = headers.get("content-type", "")
     if not is_activitypub_type(content_type) and not content_type.lower().startswith(
         "application/ld+json"
     ):
-        return 415, "send application/activity+json", []
+        return 415, "content_type", "send application/activity+json", []
     body = await _read_body(headers, receive)
     if isinstance(body, tuple):
-        return body[0], body[1], []
+        return *body, []
     target = scope["raw_path"].decode("latin-1")
     if scope.get("query_string"):
         target += "?" + scope["query_string"].decode("latin-1")
     try:
-        await ctx.inbox.receive("POST", target, headers, body)
+        await ctx.inbox.receive("POST", target, headers, body, sender)
     except SignatureError as error:
-        return 401, str(error), []
+        return 401, "signature", str(error), []
     except ActivityError as error:
-        return 400, str(error), []
+        return 400, "activity", str(error), []
     except Overloaded as error:
-        return 503, str(error), [(b"retry-after", b"10")]
+        return 503, "overloaded", str(error), [(b"retry-after", b"10")]
     except FediblogError as error:
-        return 503, f"temporary trouble: {error}", [(b"retry-after", b"30")]
+        return 503, "unavailable", f"temporary trouble: {error}", [(b"retry-after", b"30")]
     except Exception:  # a bug must not become a 500 that loses the activity
         log.exception("the inbox failed on a %d-byte activity", len(body))
-        return 503, "temporary trouble, retry later", [(b"retry-after", b"60")]
-    return 202, "", []
+        return 503, "internal", "temporary trouble, retry later", [(b"retry-after", b"60")]
+    return 202, "accepted", "", []
+
+
+_KEY_ID = re.compile(rb'keyid="([^"]{1,500})"', re.IGNORECASE)
+
+
+def _claimed_key_id(scope: Scope) -> str | None:
+    """The keyId a refused request names, read only when parsing its signature failed."""
+    for name, value in scope["headers"]:
+        if name.lower() in (b"signature", b"signature-input"):
+            found = _KEY_ID.search(value)
+            if found:
+                return found.group(1).decode("latin-1")
+    return None
 
 
 class InboxEndpoint:
@@ -334,10 +362,22 @@ class InboxEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx: Services = scope["app"].state.services
+        sender = Sender()
         try:
-            status, reason, extra = await _answer(ctx, scope, receive)
+            status, kind, reason, extra = await _answer(ctx, scope, receive, sender)
         except ClientGone:
             return
+        if status == 202:
+            ctx.inbox.stats.accepted += 1
+        else:  # counted, kept for the admin desk, and logged within a budget
+            ctx.inbox.stats.refuse(
+                status,
+                kind,
+                reason,
+                path=scope["path"],
+                key_id=sender.key_id or _claimed_key_id(scope),
+                actor=sender.actor,
+            )
         text = f"{status}: {reason}\n".encode() if status != 202 else b""
         head = [(b"content-length", str(len(text)).encode()), *extra]
         await send(
@@ -359,6 +399,7 @@ routes = [
     Route("/users/{handle}/inbox", inbox, methods=["POST"]),
     Route("/users/{handle}", actor),
     Route("/actor", instance_actor),
+    Route("/actor/outbox", instance_outbox),
     Route("/users/{handle}/outbox", outbox),
     Route("/users/{handle}/followers", followers),
     Route("/users/{handle}/following", following),

@@ -1,4 +1,5 @@
-"""The reader's HTML pages: index, posts with their responses, tags, about, 404.
+"""The reader's HTML pages: index, posts with their responses, tags, the monthly
+archive, about, and the styled pages that answer a reader's 4xx.
 
 Every page is rendered from one or two queries, then cached per database version
 (see ``web.cache``); a hot post page is a dictionary lookup.
@@ -8,10 +9,14 @@ A post's responses come ``FEDIBLOG_RESPONSES_PER_PAGE`` top-level threads a page
 response has an anchor by its database id (``#comment-ID``, the same on any page),
 a permalink ``/posts/SLUG/comments/ID`` that redirects to the page and anchor that
 show it now, and a Reply page ``/posts/SLUG/reply/ID`` with the forms aimed at it.
+
+The archive (``/archive``: months with their counts; ``/archive/YYYY/MM``: that month's
+posts) counts UTC calendar months, as publication moments are stored.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -25,6 +30,7 @@ from fediblog.models import Author, Post, Thread
 from fediblog.render import excerpt
 from fediblog.web.activitypub import post_document, wants_activitypub
 from fediblog.web.cache import CachedPage, respond
+from fediblog.web.commenter import CommentForm, personal, remembered
 from fediblog.web.deps import Services, services
 from fediblog.web.pages import cached
 
@@ -34,7 +40,7 @@ HTML = "text/html; charset=utf-8"
 def page_number(request: Request) -> int:
     raw = request.query_params.get("page", "1")
     if not raw.isdigit() or not 1 <= int(raw) <= 100_000:
-        raise HTTPException(400, "page must be a whole number from 1")
+        raise HTTPException(400, "the page must be a whole number from 1, as in ?page=2")
     return int(raw)
 
 
@@ -54,7 +60,9 @@ async def _post_list(ctx: Services, page: int, tag: str | None, heading: str) ->
     posts = await ctx.store.list_posts(
         limit=per_page, offset=(page - 1) * per_page, tag=tag, pinned_first=tag is None
     )
-    return html_page(ctx, "index.html", posts=posts, page=page, pages=pages, heading=heading)
+    return html_page(
+        ctx, "index.html", posts=posts, page=page, pages=pages, heading=heading, archive=None
+    )
 
 
 async def index(request: Request) -> Response:
@@ -94,6 +102,12 @@ async def post_page(request: Request) -> Response:
     if wants_activitypub(request):  # the same URL, for servers: the post's object
         found = await ctx.store.get_post_by_slug(slug)
         if found is None:
+            # An old slug moves for servers as for browsers: the same redirect.
+            new_slug = await ctx.store.get_current_slug(slug)
+            if new_slug is not None:
+                return RedirectResponse(
+                    responses_url(new_slug, 1), status_code=301, headers={"Vary": "Accept"}
+                )
             raise HTTPException(404)
         return post_document(ctx, found)
     number = responses_page_number(request)
@@ -101,7 +115,10 @@ async def post_page(request: Request) -> Response:
     # One entry per page of responses: the only query parameter the HTML depends on.
     version = await ctx.store.version()
     key = f"post:{slug}:{number}"
-    page = ctx.pages.get(key, version, max_stale=ctx.store.version_max_age)
+    # A reader whose details the comment form remembers gets a page of their own,
+    # never taken from nor put into the shared page cache (web/commenter.py).
+    reader = remembered(request)
+    page = None if reader else ctx.pages.get(key, version, ctx.store.version_max_age)
     if page is None:
         post = await ctx.store.get_post_by_slug(slug)
         if post is None:
@@ -109,9 +126,11 @@ async def post_page(request: Request) -> Response:
             if new_slug is not None:
                 return RedirectResponse(responses_url(new_slug, number), status_code=301)
             raise HTTPException(404)
-        rendered = await _post_with_responses(ctx, post, number)
+        rendered = await _post_with_responses(ctx, post, number, reader)
         if rendered is None:
             raise HTTPException(404)  # past the last page: never cached
+        if reader:
+            return personal(rendered)
         page = ctx.pages.put(key, version, rendered)
     return respond(request, page)
 
@@ -119,7 +138,9 @@ async def post_page(request: Request) -> Response:
 def responses_page_number(request: Request) -> int:
     raw = request.query_params.get("responses", "1")
     if not raw.isdigit() or not 1 <= int(raw) <= 1_000_000:
-        raise HTTPException(400, "responses must be a whole number from 1")
+        raise HTTPException(
+            400, "the page of responses must be a whole number from 1, as in ?responses=2"
+        )
     return int(raw)
 
 
@@ -128,7 +149,9 @@ def responses_url(slug: str, number: int) -> str:
     return f"/posts/{slug}" + (f"?responses={number}" if number > 1 else "")
 
 
-async def _post_with_responses(ctx: Services, post: Post, number: int) -> CachedPage | None:
+async def _post_with_responses(
+    ctx: Services, post: Post, number: int, reader: CommentForm | None = None
+) -> CachedPage | None:
     """The post and one page of its responses, or None past the last page.
 
     The heading counts every response (``post.response_count`` counts as
@@ -144,6 +167,7 @@ async def _post_with_responses(ctx: Services, post: Post, number: int) -> Cached
     threads = build_threads(found.comments)
     number_responses(threads, found.first_number)
     reactions = await ctx.store.list_reactions(post.id)
+    older, newer = await ctx.store.get_post_neighbours(post)
     return html_page(
         ctx,
         "post.html",
@@ -158,6 +182,9 @@ async def _post_with_responses(ctx: Services, post: Post, number: int) -> Cached
         responses_pages=max(1, -(-found.threads // per_page)),
         likes=[reactor(r) for r in reactions if r["type"] == "Like"],
         boosts=[reactor(r) for r in reactions if r["type"] == "Announce"],
+        older=older,
+        newer=newer,
+        reader=reader,
     )
 
 
@@ -187,6 +214,7 @@ async def reply_page(request: Request) -> Response:
     "Reply from your server" (and the address to paste) with its own ActivityPub id."""
     slug = request.path_params["slug"]
     comment_id: int = request.path_params["comment_id"]
+    reader = remembered(request)
 
     async def render(ctx: Services) -> CachedPage | None:
         post = await ctx.store.get_post_by_slug(slug)
@@ -203,8 +231,14 @@ async def reply_page(request: Request) -> Response:
             thread=Thread(comment),
             url=ctx.blog.post_url(post),
             object_id=ctx.blog.object_id(post.uid),
+            reader=reader,
         )
 
+    if reader:  # this reader's details in the form: a page of their own (post_page)
+        page = await render(services(request))
+        if page is None:
+            raise HTTPException(404)
+        return personal(page)
     return await cached(request, f"reply:{slug}:{comment_id}", render)
 
 
@@ -231,6 +265,8 @@ async def preview(request: Request) -> Response:
         responses_pages=1,
         likes=[],
         boosts=[],
+        older=None,
+        newer=None,
     )
     headers = {"Cache-Control": "private, no-store", "X-Robots-Tag": "noindex, nofollow"}
     return Response(body, media_type=HTML, headers=headers)
@@ -238,18 +274,107 @@ async def preview(request: Request) -> Response:
 
 def reactor(row: Any) -> Author:
     """Who liked or boosted, shown like a comment's author: host from the actor id."""
-    return Author(
-        name=row["name"] or row["username"],
-        handle=f"@{row['username']}@{row['domain']}",
-        profile_url=row["url"] or row["ap_id"],
+    return Author.remote(
+        ap_id=row["ap_id"],
+        username=row["username"],
+        domain=row["domain"],
+        name=row["name"],
+        url=row["url"],
         avatar_url=row["icon_url"],
     )
+
+
+async def archive(request: Request) -> Response:
+    async def render(ctx: Services) -> CachedPage:
+        months = await ctx.store.list_archive_months()
+        return html_page(ctx, "archive.html", months=[Month(*m) for m in months])
+
+    return await cached(request, "archive", render)
+
+
+MONTH_NAMES = (
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Month:
+    """One month of the archive (UTC), as its pages name and link it."""
+
+    year: int
+    month: int
+    count: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{MONTH_NAMES[self.month - 1]} {self.year}"
+
+    @property
+    def path(self) -> str:
+        return f"/archive/{self.year:04d}/{self.month:02d}"
+
+
+async def archive_month(request: Request) -> Response:
+    """One month's posts. Only the canonical spelling (``2026/03``) is a page: other
+    spellings are 404, so random URLs fill neither the cache nor the crawlers' index."""
+    year_text, month_text = request.path_params["year"], request.path_params["month"]
+    if not (len(year_text) == 4 and year_text.isdigit() and len(month_text) == 2):
+        raise HTTPException(404)
+    if not (month_text.isdigit() and 1 <= int(month_text) <= 12):
+        raise HTTPException(404)
+    month = Month(int(year_text), int(month_text))
+
+    async def render(ctx: Services) -> CachedPage | None:
+        posts = await ctx.store.list_posts_in_month(month.year, month.month)
+        if not posts:
+            return None
+        return html_page(
+            ctx,
+            "index.html",
+            posts=posts,
+            page=1,
+            pages=1,
+            heading=f"Posts from {month.name}",
+            archive=month,
+        )
+
+    return await cached(request, f"archive:{month.path}", render)
 
 
 async def not_found(request: Request, exc: Exception) -> Response:
     ctx = services(request)
     body = ctx.templates.get_template("404.html").render(site=ctx.settings, message=None)
     return Response(body, status_code=404, media_type=HTML)
+
+
+# What a reader is told for each refusal of a page or form; the detail says why.
+ERROR_TITLES = {
+    400: "This address is not quite right",
+    405: "Not something this page does",
+    413: "That is too much to send",
+    415: "That could not be read",
+    429: "Slow down",
+}
+
+
+async def error_page(request: Request, exc: HTTPException) -> Response:
+    """A reader's 4xx as a page of the blog, with the reason as a sentence (the plain
+    ``400: reason`` text stays for the routes servers call)."""
+    if exc.status_code == 404:
+        return await not_found(request, exc)
+    ctx = services(request)
+    detail = exc.detail.strip().rstrip(".") or "the blog cannot answer this request"
+    if exc.status_code == 405:  # starlette's own detail ("Method Not Allowed") says less
+        allowed = (exc.headers or {}).get("Allow", "GET")
+        detail = f"this address answers {allowed}, not {request.method}"
+    body = ctx.templates.get_template("message.html").render(
+        site=ctx.settings,
+        title=ERROR_TITLES.get(exc.status_code, "This request cannot be answered"),
+        text=detail[0].upper() + detail[1:] + ".",
+        post=None,
+    )
+    return Response(body, status_code=exc.status_code, media_type=HTML, headers=exc.headers)
 
 
 routes = [
@@ -259,6 +384,8 @@ routes = [
     Route("/posts/{slug}/reply/{comment_id:int}", reply_page),
     Route("/tags", tags),
     Route("/tags/{tag}", tag_page),
+    Route("/archive", archive),
+    Route("/archive/{year}/{month}", archive_month),
     Route("/about", about),
     Route("/preview/{token}", preview),
 ]

@@ -11,9 +11,10 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from fediblog import __version__
-from fediblog.web.deps import services
+from fediblog.web.deps import Services, services
 
 JRD = "application/jrd+json; charset=utf-8"
+HTML = "text/html; charset=utf-8"
 NODEINFO_21 = "http://nodeinfo.diaspora.software/ns/schema/2.1"
 NODEINFO_20 = "http://nodeinfo.diaspora.software/ns/schema/2.0"
 CORS = {"Access-Control-Allow-Origin": "*"}
@@ -130,13 +131,76 @@ async def nodeinfo(request: Request) -> Response:
 
 
 async def authorize_interaction(request: Request) -> Response:
-    """The OStatus subscribe template: this blog has no local accounts to act from, so
-    only its own objects lead anywhere (to their page)."""
+    """The OStatus subscribe template, as WebFinger advertises it. The blog has no local
+    accounts to follow or answer from, so only its own posts lead anywhere (to their
+    page); anything else gets a page that says so, never a 404."""
     ctx = services(request)
-    uri = request.query_params.get("uri", "")
-    if uri.startswith(ctx.urls.base + "/"):
-        return RedirectResponse(uri, status_code=302)
-    return _error(404, "this blog has no local accounts; follow it from your own server")
+    uri = request.query_params.get("uri", "").strip()
+    if not uri:
+        return _page(
+            ctx,
+            400,
+            "Nothing to open",
+            "This address opens a post of this blog from its link: add ?uri= and the link.",
+        )
+    target = await _own_page(ctx, uri)
+    if target is not None:
+        return RedirectResponse(target, status_code=302)
+    follow = f"To follow this blog, search for @{ctx.settings.acct} on your own server."
+    if _is_own(ctx, uri):
+        return _page(
+            ctx, 200, "Not a post", f"There is no post of this blog at {uri[:200]}. {follow}"
+        )
+    scheme = urlsplit(uri).scheme.lower()
+    if scheme not in ("http", "https", "acct") and not uri.startswith("@"):
+        return _page(ctx, 400, "Not an address", f"“{uri[:200]}” is not a link. {follow}")
+    return _page(
+        ctx,
+        200,
+        "Nothing to do here",
+        f"This blog has no accounts of its own, so it cannot follow or answer {uri[:200]}"
+        f" from here. {follow}",
+    )
+
+
+def _is_own(ctx: Services, uri: str) -> bool:
+    ours, theirs = urlsplit(ctx.urls.base), urlsplit(uri)
+    return (theirs.scheme.lower(), theirs.netloc.lower()) == (ours.scheme, ours.netloc.lower())
+
+
+async def _own_page(ctx: Services, uri: str) -> str | None:
+    """Where a link to this blog opens: a post's page (from its id, its page or an old
+    slug), an author's answer, or the front page for the blog's account; else None."""
+    settings = ctx.settings
+    acct = uri.lower().removeprefix("acct:").removeprefix("@")
+    if acct == settings.acct.lower():
+        return ctx.urls.base + "/"
+    if not _is_own(ctx, uri):
+        return None
+    path = urlsplit(uri).path.rstrip("/")
+    if path in ("", f"/users/{settings.handle}"):
+        return ctx.urls.base + "/"
+    parts = path.split("/")
+    if len(parts) >= 3 and parts[1] == "p":
+        post = await ctx.store.get_post_by_uid(parts[2])
+        if post is None:
+            return None
+        # An answer's id leads to its place on the page (its own route redirects there).
+        return uri if len(parts) == 5 and parts[3] == "answers" else ctx.blog.post_url(post)
+    if len(parts) >= 3 and parts[1] == "posts":
+        if await ctx.store.get_post_by_slug(parts[2]) is not None:
+            return uri
+        moved = await ctx.store.get_current_slug(parts[2])
+        return ctx.urls.post_url(moved) if moved is not None else None
+    return None
+
+
+def _page(ctx: Services, status: int, title: str, text: str) -> Response:
+    body = ctx.templates.get_template("message.html").render(
+        site=ctx.settings, title=title, text=text, post=None
+    )
+    headers = {"X-Robots-Tag": "noindex", "Cache-Control": "no-store"}
+    return Response(body, status_code=status, media_type=HTML, headers=headers)
 
 
 routes = [

@@ -1,0 +1,283 @@
+"""What operators see over HTTP: ``/healthz``, ``/metrics`` and the optional access log.
+
+``/healthz`` is public and says nothing secret: 200 when a small write to the database
+commits and every background task (``app.state.tasks``) still runs, else 503 with a
+short reason. It echoes the scheme and host the request arrived with as the app saw
+them, after the proxy headers, and, for a request signed with one of this blog's own
+keys, whether that signature verifies here as an inbound one would: ``fediblog check``
+(check.py) uses both to test the reverse proxy from outside.
+
+``/metrics`` is the Prometheus text format (metrics.py), for a client on this machine
+that reached the server directly, or for anyone sending ``FEDIBLOG_METRICS_TOKEN`` as a
+bearer token; everyone else gets the 404 of a page that does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fediblog.errors import SignatureError, StorageError
+from fediblog.httpsig import parse_signature, verify_signature
+from fediblog.metrics import Family, exposition
+from fediblog.models import parse_ts, utcnow
+from fediblog.web.deps import Services, services
+
+PROBE_TIMEOUT = 5.0  # a database that takes longer to commit one row is not healthy
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Set by a proxy: a request carrying one came from elsewhere, whatever its address.
+FORWARDING_HEADERS = (b"x-forwarded-for", b"x-forwarded-host", b"forwarded", b"x-real-ip")
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+def _tasks(request: Request) -> Sequence[asyncio.Task[None]]:
+    found: Sequence[asyncio.Task[None]] = getattr(request.app.state, "tasks", ())
+    return found
+
+
+async def healthz(request: Request) -> Response:
+    ctx = services(request)
+    problems: list[str] = []
+    workers = {}
+    for task in _tasks(request):
+        workers[task.get_name()] = "stopped" if task.done() else "running"
+        if task.done():
+            problems.append(f"the {task.get_name()} task has stopped")
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            await ctx.store.probe_write(utcnow())
+        database = "writable"
+    except TimeoutError:
+        database = "slow"
+        problems.append(f"the database did not commit within {PROBE_TIMEOUT:g} s")
+    except StorageError:  # its text may name paths: the operator's logs have it
+        database = "not writable"
+        problems.append("the database is not writable")
+    body: dict[str, object] = {
+        "status": "unavailable" if problems else "ok",
+        "reason": "; ".join(problems) if problems else None,
+        "database": database,
+        "workers": workers,
+        # As the app saw the request: what inbound signatures are checked against.
+        "request": {"scheme": request.url.scheme, "host": request.headers.get("host", "")},
+        "expected": {"scheme": ctx.settings.scheme, "host": ctx.settings.host},
+    }
+    if "signature" in request.headers or "signature-input" in request.headers:
+        body["signature"] = _own_signature(request, ctx)
+    return Response(
+        json.dumps(body, indent=1),
+        status_code=503 if problems else 200,
+        media_type="application/json",
+        headers=NO_STORE,
+    )
+
+
+def _own_signature(request: Request, ctx: Services) -> str:
+    """Verify a signature made with one of this blog's keys, as the inbox would (the
+    configured host and scheme, the raw request target); other signers are not
+    looked up, so nobody can make the health check fetch anything."""
+    target = request.scope["raw_path"].decode("latin-1")
+    if request.scope.get("query_string"):
+        target += "?" + request.scope["query_string"].decode("latin-1")
+    ours = {ctx.urls.key_id: ctx.blog_public_pem, ctx.urls.instance_key_id: ctx.instance_public_pem}
+    try:
+        signed = parse_signature(
+            request.method,
+            target,
+            request.headers,
+            b"",
+            expected_host=ctx.settings.host,
+            now=utcnow(),
+            scheme=ctx.settings.scheme,
+        )
+        if signed.key_id not in ours:
+            return "not checked: not signed with this blog's keys"
+        verify_signature(signed, ours[signed.key_id])
+    except SignatureError as error:
+        return f"refused: {error}"
+    return "verified"
+
+
+# ---- /metrics -------------------------------------------------------------------------
+
+
+def _is_local(scope: Scope) -> bool:
+    """A client on this machine that reached the server directly: a loopback address
+    (after the proxy headers uvicorn trusts), no forwarding header at all, and a Host
+    that names a loopback address. A proxy that forwards public requests without
+    X-Forwarded-For still sends the public Host, which fails the last test."""
+    client = scope.get("client")
+    if not client or not _is_loopback(client[0]):
+        return False
+    host = b""
+    for name, value in scope["headers"]:
+        if name in FORWARDING_HEADERS:
+            return False
+        if name == b"host":
+            host = value
+    hostname = host.decode("latin-1").rsplit(":", 1)[0] if host.count(b":") <= 1 else ""
+    if host.startswith(b"["):  # [::1]:8000
+        hostname = host.decode("latin-1")[1:].split("]", 1)[0]
+    return hostname == "localhost" or _is_loopback(hostname)
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _has_token(request: Request, token: str) -> bool:
+    given = request.headers.get("authorization", "")
+    scheme, _, value = given.partition(" ")
+    return (
+        bool(token)
+        and scheme.lower() == "bearer"
+        and hmac.compare_digest(value.strip().encode(), token.encode())
+    )
+
+
+async def metrics(request: Request) -> Response:
+    ctx = services(request)
+    if not (_is_local(request.scope) or _has_token(request, ctx.settings.metrics_token)):
+        raise HTTPException(404)
+    return Response(
+        exposition(await collect(ctx, utcnow())), media_type=METRICS_TYPE, headers=NO_STORE
+    )
+
+
+DELIVERY_OUTCOMES = {"done": "sent", "retry": "retry", "failed": "failed", "gave_up": "dead"}
+
+
+async def collect(ctx: Services, now: datetime) -> list[Family]:
+    """Every family /metrics shows: the counters since start and the queues now."""
+    stats = ctx.inbox.stats
+    queues = await ctx.store.get_queue_stats()
+    oldest = queues["oldest_waiting"]
+    last_lag = (
+        (parse_ts(queues["last_processed"]) - parse_ts(queues["last_received"])).total_seconds()
+        if queues["last_processed"]
+        else 0.0
+    )
+    delivered = ctx.deliverer.worker.outcomes
+    processed = ctx.inbox.worker.outcomes
+    return [
+        Family(
+            "fediblog_inbox_accepted_total",
+            "counter",
+            "Inbox POSTs accepted (202) since the server started.",
+            (({}, stats.accepted),),
+        ),
+        Family(
+            "fediblog_inbox_refused_total",
+            "counter",
+            "Inbox POSTs refused since the server started, by status and reason.",
+            tuple(
+                ({"status": str(status), "reason": kind}, count)
+                for (status, kind), count in sorted(stats.refused.items())
+            ),
+        ),
+        Family(
+            "fediblog_inbox_processed_total",
+            "counter",
+            "Stored activities processed since the server started, by outcome.",
+            tuple(({"outcome": k}, processed.get(k, 0)) for k in ("done", "retry", "failed")),
+        ),
+        Family(
+            "fediblog_deliveries_total",
+            "counter",
+            "Delivery attempts since the server started, by outcome (dead: gave up).",
+            tuple(
+                ({"outcome": label}, delivered.get(status, 0))
+                for status, label in DELIVERY_OUTCOMES.items()
+            ),
+        ),
+        Family(
+            "fediblog_queue_depth",
+            "gauge",
+            "Rows waiting in a queue (inbox: activities to process; deliveries: to send).",
+            (
+                ({"queue": "inbox"}, queues["inbox_queued"]),
+                ({"queue": "deliveries"}, queues["deliveries_queued"]),
+            ),
+        ),
+        Family(
+            "fediblog_inbox_lag_seconds",
+            "gauge",
+            "How long the oldest activity not yet processed has waited since it was accepted.",
+            (({}, max(0.0, (now - parse_ts(oldest)).total_seconds()) if oldest else 0.0),),
+        ),
+        Family(
+            "fediblog_inbox_last_lag_seconds",
+            "gauge",
+            "Accepted to processed, for the activity processed last.",
+            (({}, max(0.0, last_lag)),),
+        ),
+    ]
+
+
+# ---- the access log ------------------------------------------------------------------
+
+access_log = logging.getLogger("fediblog.access")
+
+
+class AccessLog:
+    """One line per request (FEDIBLOG_ACCESS_LOG): client, request line (path without
+    the query, which may carry tokens), status, milliseconds. Not installed when off,
+    so it costs nothing then."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        if not access_log.handlers and not logging.getLogger().handlers:
+            # uvicorn configures only its own loggers; without this the lines go nowhere.
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            access_log.addHandler(handler)
+        access_log.setLevel(logging.INFO)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            client = scope.get("client")
+            access_log.info(
+                '%s "%s %s HTTP/%s" %d %.1fms',
+                client[0] if client else "-",
+                scope["method"],
+                json.dumps(scope["path"])[1:-1],  # escaped: no forged lines
+                scope.get("http_version", "1.1"),
+                status,
+                (time.perf_counter() - started) * 1000,
+            )
+
+
+routes = [
+    Route("/healthz", healthz, methods=["GET", "HEAD"]),
+    Route("/metrics", metrics),
+]

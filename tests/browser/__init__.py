@@ -1,0 +1,1 @@
+"""Browser tests (README.md): a package, so that ``scope="package"`` fixtures end with them."""
