@@ -183,6 +183,7 @@ class NoBaseUrl(ConfigError):
 
 
 _DEFAULT_PATHS = {f.name: f.default for f in fields(Settings) if isinstance(f.default, Path)}
+_IMAGE_FILES = ("avatar", "header")  # local image files, named by path in the settings
 _CONFIG_HEADER = """\
 # fediblog's settings; README.md ("Configuration") lists them all. Relative paths are
 # relative to this file's folder. base_url and handle are in every id the fediverse
@@ -246,6 +247,9 @@ def _read_toml(path: Path, folder: Path) -> dict[str, Any]:
     for name in _DEFAULT_PATHS:
         if isinstance(data.get(name), str):  # relative to the file, wherever we run from
             data[name] = folder / Path(data[name]).expanduser()
+    for name in _IMAGE_FILES:  # files too, though kept as text ("" means none)
+        if isinstance(data.get(name), str) and data[name].strip():
+            data[name] = str(folder / Path(data[name].strip()).expanduser())
     return data
 
 

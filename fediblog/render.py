@@ -312,6 +312,10 @@ def blog_path(ref: str) -> str | None:
         return None
     if url.host != _HERE_HOST or url.username or url.password:
         return None
+    # Dot-segments can leave "//evil.example/x.png" ("/..//evil.example/x.png"): a
+    # path that a browser, put back in a page, would read as another host.
+    if url.pathname.startswith("//"):
+        return None
     return f"{url.pathname}{url.search}{url.hash}"
 
 
@@ -356,12 +360,27 @@ def _shown_hosts(text: str) -> set[str]:
     both sides of an '@' (``https://bank.example@evil.example/``), "www." aside."""
     hosts: set[str] = set()
     for word in text.translate(_IDNA_DOTS).split():
+        explicit = "://" in word
         authority = _AUTHORITY_END.split(word.split("://", 1)[-1], maxsplit=1)[0]
         for part in authority.split("@"):
             name = part.split(":", 1)[0].strip(".,;!?()[]<>\"'")
             if _HOST_WORD.fullmatch(name):
                 hosts.add(_idna_host(name).rstrip(".").removeprefix("www."))
+            elif explicit and (host := _url_host(part.strip(".,;!?()<>\"'"))):
+                # What only a URL's syntax makes a host: an IP address ("https://127.0.0.1/",
+                # "https://[::1]/") or percent-escapes ("https://bank%2eexample/").
+                hosts.add(host.rstrip(".").removeprefix("www."))
     return hosts
+
+
+def _url_host(authority: str) -> str | None:
+    """The host a browser reads in ``https://AUTHORITY/``, if it has a dot or is an
+    IPv6 address; None if a browser could not read it."""
+    try:
+        host = str(ada_url.URL(f"https://{authority}/").hostname)
+    except ValueError:
+        return None
+    return host if "." in host or host.startswith("[") else None
 
 
 class _TextRewriter(HTMLParser):

@@ -16,8 +16,6 @@ import atexit
 import functools
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from tests.processes import stop
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a checkout holds that a build or a user needs: the sources, not the caches.
@@ -120,12 +120,6 @@ def check_run(
     return result.stdout
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextmanager
 def serving(
     command: str, port: int, cwd: Path, env: Mapping[str, str], timeout: float = 60
@@ -153,11 +147,6 @@ def serving(
                 time.sleep(0.1)
         yield base
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server, timeout=20)
     assert server.returncode == 0, f"{command!r} exited {server.returncode}:\n{log.read_text()}"
     log.unlink()

@@ -13,8 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -34,13 +32,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.processes import free_port, stop
+
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-encoding", "content-length"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def blog_env(folder: Path, base_url: str, **extra: str) -> dict[str, str]:
@@ -101,12 +95,7 @@ def blog_server(folder: Path, base_url: str) -> Iterator[int]:
                 time.sleep(0.1)
         yield port
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
         if server.stderr:
             server.stderr.close()
 

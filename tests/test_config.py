@@ -93,6 +93,28 @@ def test_config_file_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     assert settings.database == folder / "data" / "fediblog.db"
 
 
+def test_avatar_and_header_files_are_relative_to_the_toml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blog = tmp_path / "blog"
+    blog.mkdir()
+    (blog / "fediblog.toml").write_text(
+        'base_url = "https://a.example"\navatar = "me.png"\n'
+        f'header = "{tmp_path / "art" / "header.png"}"\n'
+    )
+    monkeypatch.chdir(tmp_path)  # `fediblog --data blog serve` from another folder
+
+    settings = load_settings({}, data=blog)
+
+    assert settings.avatar == str(blog / "me.png")
+    assert settings.header == str(tmp_path / "art" / "header.png")  # absolute: as written
+    # From the environment, a path is the shell's, as for the database.
+    mine = load_settings({"FEDIBLOG_AVATAR": "mine.png"}, data=blog)
+    assert mine.avatar == "mine.png"
+    (tmp_path / "fediblog.toml").write_text('base_url = "https://b.example"\navatar = ""\n')
+    assert load_settings({}, data=tmp_path).avatar == ""  # none set: none
+
+
 def test_write_config_writes_a_private_file_that_reads_back(tmp_path: Path) -> None:
     config = tmp_path / "new" / "fediblog.toml"
     tricky = 'A "quoted" \\ title\twith\x7fcontrol \u2603'

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,12 +11,7 @@ from pathlib import Path
 import httpx
 
 from tests.helpers import comment_tree, soup
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.processes import free_port, stop
 
 
 def test_demo_serves_posts_with_threaded_responses(tmp_path: Path) -> None:
@@ -60,12 +53,7 @@ def test_demo_serves_posts_with_threaded_responses(tmp_path: Path) -> None:
         assert (tmp_path / "data" / "demo.db").exists()
         assert "jane@jane.example" not in httpx.get(base + "/posts/hello-fediverse", timeout=5).text
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
         if server.stdout:
             server.stdout.close()
     assert server.returncode == 0

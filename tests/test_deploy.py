@@ -24,7 +24,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from fediblog.cli import _parser
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -69,12 +69,6 @@ def tool(name: str) -> str:
     if os.environ.get("FEDIBLOG_SKIP_DEPLOY_CHECKS") == "1":
         pytest.skip(message)
     pytest.fail(message + "; set FEDIBLOG_SKIP_DEPLOY_CHECKS=1 to skip this check")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_for(url: str, process: subprocess.Popen[bytes], log: Path) -> None:

@@ -61,8 +61,8 @@ from fediblog.delivery import MAX_ATTEMPTS, Deliverer
 from fediblog.keys import ensure_keys, load_key
 from fediblog.models import parse_ts, utcnow
 from fediblog.web.deps import Services
-from tests.bench.common import free_port
 from tests.helpers import publish, running
+from tests.processes import free_port
 
 JsonObject = dict[str, Any]
 T = TypeVar("T")

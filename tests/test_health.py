@@ -7,6 +7,7 @@ own GETs); the Prometheus text is read back with prometheus_client's own parser.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from fediblog.httpsig import sign_request
 from fediblog.keys import load_key
 from fediblog.metrics import InboxStats, LogBudget
 from fediblog.models import utcnow
+from fediblog.web import health
 from fediblog.web.deps import Services
 from tests.conftest import BASE_URL, deliver, make_settings
 from tests.fediverse import Fediverse, signed_headers
@@ -167,6 +169,28 @@ async def test_healthz_is_503_when_the_database_cannot_be_written(
     assert found == {**found, "status": "unavailable", "database": "not writable"}
     assert found["reason"] == "the database is not writable"
     assert str(settings.database.parent) not in response.text  # public: no paths
+
+
+async def test_a_flood_of_healthz_shares_one_write(
+    client: httpx.AsyncClient, app: Starlette, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /healthz is public: each request must not take the write lock the inbox needs.
+    store = app.state.services.store
+    writes: list[object] = []
+    probe = store.probe_write
+
+    async def counted(now: object) -> None:
+        writes.append(now)
+        await probe(now)
+
+    monkeypatch.setattr(store, "probe_write", counted)
+    answers = await asyncio.gather(*(client.get("/healthz") for _ in range(30)))
+    answers.append(await client.get("/healthz"))  # later, within the second
+    assert {answer.json()["database"] for answer in answers} == {"writable"}
+    assert len(writes) == 1
+    monkeypatch.setattr(health, "PROBE_FRESH", 0.0)  # once the answer is stale: probe again
+    assert (await client.get("/healthz")).json()["database"] == "writable"
+    assert len(writes) == 2
 
 
 def _signed_get(settings: Settings, url: str, key_name: str, key_id: str) -> dict[str, str]:

@@ -109,6 +109,24 @@ def test_the_text_side_reads_hosts_as_a_browser_would() -> None:
     assert [h.get_text() for h in hosts] == ["[evil.example]"]
 
 
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("https://127.0.0.1/", "127.0.0.1"),  # an IP address is a host too
+        ("https://[::1]/admin", "[::1]"),
+        ("https://bank%2eexample/login", "bank.example"),  # browsers decode the escape
+        ("https://BANK.example/", "bank.example"),
+    ],
+)
+def test_hosts_only_a_url_can_name_are_read_from_the_text(text: str, shown: str) -> None:
+    assert str(ada_url.URL(text).hostname) == shown  # what a browser reads in the text
+    anchor = f'<a href="https://evil.example/">{html.escape(text)}</a>'
+    hosts = soup(sanitize_remote_html(anchor)).select("span.link-host")
+    assert [h.get_text() for h in hosts] == ["[evil.example]"]
+    honest = f'<a href="{html.escape(text)}">{html.escape(text)}</a>'
+    assert soup(sanitize_remote_html(honest)).select("span.link-host") == []
+
+
 @pytest.mark.anyio
 async def test_a_backslash_link_in_a_reply_shows_its_host_on_the_page(
     web: httpx.AsyncClient, ctx: Services, fediverse: Fediverse
@@ -142,6 +160,10 @@ async def test_a_backslash_link_in_a_reply_shows_its_host_on_the_page(
         "\\\\evil.example/x.png",
         "/\t/evil.example/x.png",
         "/\n/evil.example/x.png",
+        "/..//evil.example/x.png",  # dot-segments that leave "//evil.example/…"
+        "/.//evil.example/x.png",
+        "/a/..//evil.example/x.png",
+        "/%2e%2e//evil.example/x.png",
         "https://user@evil.example/x.png",  # a user name only hides the host
         " javascript:alert(1)",
         "java\tscript:alert(1)",

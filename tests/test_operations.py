@@ -20,7 +20,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import sqlite3
 import stat
 import subprocess
@@ -39,16 +38,11 @@ from fediblog.config import Settings, load_settings
 from fediblog.errors import ConfigError
 from fediblog.store import Store
 from tests.helpers import comment_tree, publish, remote_actor, remote_comment, run, running, soup
+from tests.processes import free_port
 
 BASE_URL = "https://blog.example"
 PR_CAPBSET_DROP = 24
 CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def blog_env(folder: Path) -> dict[str, str]:

@@ -19,11 +19,11 @@ from tests.install_kit import (
     INSTALL_TIMEOUT,
     check_run,
     clean_env,
-    free_port,
     offline,
     serving,
     wheelhouse,
 )
+from tests.processes import free_port
 
 
 def test_the_wheel_runs_help_and_the_demo_from_a_fresh_venv(tmp_path: Path) -> None:

@@ -348,6 +348,23 @@ async def test_a_form_posted_from_another_site_is_refused(
     assert await ctx.store.list_comments_for_review(pending_only=False) == []
 
 
+async def test_a_form_from_the_blogs_own_address_passes_a_proxy_that_rewrites_host(
+    web: httpx.AsyncClient, ctx: Services
+) -> None:
+    # An older browser (Origin, no Sec-Fetch-Site) behind a proxy that sends Host:
+    # 127.0.0.1:8000: the form came from the blog's public address, so it is ours.
+    post = await publish(ctx, "Behind a proxy")
+
+    response = await web.post(
+        f"http://127.0.0.1:8000/posts/{post.slug}/comment",
+        data=DANA,
+        headers={"Origin": BASE_URL},
+    )
+
+    assert response.status_code == 303
+    assert len(await ctx.store.list_comments_for_review(pending_only=False)) == 1
+
+
 # ---- "Reply from your server": a sentence for each failure ---------------------------------
 
 

@@ -27,11 +27,11 @@ from tests.install_kit import (
     ROOT,
     check_run,
     clean_env,
-    free_port,
     offline,
     serving,
     source_copy,
 )
+from tests.processes import free_port
 
 SHELL = {"sh", "bash", "shell", "console"}
 NOT_SHELL = {"markdown", "json", "python", "text"}

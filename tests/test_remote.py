@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import socket
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -207,8 +208,11 @@ async def test_three_redirects_on_the_same_host_are_followed() -> None:
 
 @pytest.mark.anyio
 async def test_errors_are_fetch_errors_not_httpx_errors() -> None:
-    async with serve() as server:
-        closed_port_url = server.url("/gone")
+    # A port bound but never listening refuses connections, and no other process (a
+    # test server elsewhere on the machine) can take it meanwhile.
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port_url = f"http://127.0.0.1:{closed.getsockname()[1]}/gone"
     async with serve() as server, open_fetcher() as fetcher:
         server.routes["/text"] = response(body=b"not json")
         server.routes["/gz"] = response(
@@ -222,6 +226,7 @@ async def test_errors_are_fetch_errors_not_httpx_errors() -> None:
             await fetcher.fetch_document(server.url("/gz"))
         with pytest.raises(FetchError, match="failed"):
             await fetcher.fetch_document(closed_port_url)
+    closed.close()
 
 
 # ---- origin and identity (ATTACKS 4-6) ------------------------------------------------

@@ -24,14 +24,10 @@ import httpx
 import pytest
 
 from fediblog.config import Settings
+from tests import processes
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -80,13 +76,7 @@ def start(folder: Path, **timeouts: int) -> Served:
 
 
 def stop(served: Served) -> None:
-    if served.process.poll() is None:
-        served.process.send_signal(signal.SIGINT)
-        try:
-            served.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            served.process.kill()
-            served.process.wait()
+    processes.stop(served.process)
 
 
 def closed_after(sock: socket.socket, limit: float) -> tuple[float, bytes]:

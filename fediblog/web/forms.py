@@ -192,7 +192,7 @@ def _lookup_failed(error: FetchError, handle: str, host: str) -> tuple[int, str,
 async def comment(request: Request) -> Response:
     ctx = services(request)
     post = await _post(ctx, request)
-    if _from_another_site(request):
+    if _from_another_site(request, ctx.settings.base_url):
         return _message(
             ctx,
             post,
@@ -313,15 +313,18 @@ def _problems(
     return errors
 
 
-def _from_another_site(request: Request) -> bool:
+def _from_another_site(request: Request, base_url: str) -> bool:
     """True when the browser says the form was sent from a page of another site (its
-    Sec-Fetch-Site, or else its Origin against our Host). A request without either is
-    not a browser's cross-site one: bots are the honeypot's and the rate limit's."""
+    Sec-Fetch-Site, or else its Origin against the blog's public address or the Host
+    it was sent to: a proxy need not pass Host). A request without either is not a
+    browser's cross-site one: bots are the honeypot's and the rate limit's."""
     site = request.headers.get("sec-fetch-site")
     if site is not None:
         return site not in ("same-origin", "none")
     origin = request.headers.get("origin")
     if origin is None:
+        return False
+    if origin.rstrip("/").lower() == base_url.lower():
         return False
     return urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower()
 

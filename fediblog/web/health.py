@@ -37,6 +37,7 @@ from fediblog.models import parse_ts, utcnow
 from fediblog.web.deps import Services, services
 
 PROBE_TIMEOUT = 5.0  # a database that takes longer to commit one row is not healthy
+PROBE_FRESH = 1.0  # seconds one probe's answer serves every /healthz request
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Set by a proxy: a request carrying one came from elsewhere, whatever its address.
 FORWARDING_HEADERS = (b"x-forwarded-for", b"x-forwarded-host", b"forwarded", b"x-real-ip")
@@ -48,6 +49,43 @@ def _tasks(request: Request) -> Sequence[asyncio.Task[None]]:
     return found
 
 
+class WriteProbe:
+    """The database's answer to one small write, shared: /healthz is public, so
+    concurrent requests wait for the same probe, and its answer serves every request
+    for PROBE_FRESH seconds; a flood of /healthz costs one write a second, not one a
+    request, on the write lock the inbox's group commit needs."""
+
+    def __init__(self) -> None:
+        self._probe: asyncio.Task[str] | None = None
+        self._started = 0.0
+
+    async def state(self, ctx: Services) -> str:
+        """"writable", "slow" or "not writable"."""
+        now = time.monotonic()
+        if self._probe is None or (self._probe.done() and now - self._started >= PROBE_FRESH):
+            self._probe = asyncio.create_task(self._run(ctx), name="healthz-probe")
+            self._started = now
+        return await asyncio.shield(self._probe)  # a client that leaves stops no probe
+
+    @staticmethod
+    async def _run(ctx: Services) -> str:
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                await ctx.store.probe_write(utcnow())
+        except TimeoutError:
+            return "slow"
+        except StorageError:
+            return "not writable"
+        return "writable"
+
+
+def _write_probe(request: Request) -> WriteProbe:
+    probe: WriteProbe | None = getattr(request.app.state, "write_probe", None)
+    if probe is None:
+        probe = request.app.state.write_probe = WriteProbe()
+    return probe
+
+
 async def healthz(request: Request) -> Response:
     ctx = services(request)
     problems: list[str] = []
@@ -56,15 +94,10 @@ async def healthz(request: Request) -> Response:
         workers[task.get_name()] = "stopped" if task.done() else "running"
         if task.done():
             problems.append(f"the {task.get_name()} task has stopped")
-    try:
-        async with asyncio.timeout(PROBE_TIMEOUT):
-            await ctx.store.probe_write(utcnow())
-        database = "writable"
-    except TimeoutError:
-        database = "slow"
+    database = await _write_probe(request).state(ctx)
+    if database == "slow":
         problems.append(f"the database did not commit within {PROBE_TIMEOUT:g} s")
-    except StorageError:  # its text may name paths: the operator's logs have it
-        database = "not writable"
+    elif database != "writable":  # the error's text may name paths: the logs have it
         problems.append("the database is not writable")
     body: dict[str, object] = {
         "status": "unavailable" if problems else "ok",

@@ -41,8 +41,9 @@ import httpx
 
 from fediblog.models import utcnow
 from fediblog.store import Store
-from tests.bench.common import bench_settings, free_port, rss_mb, running_server, server_env
+from tests.bench.common import bench_settings, rss_mb, running_server, server_env
 from tests.bench.sysstat import CpuWindow, wait_for_quiet
+from tests.processes import free_port
 
 # ---- the receiver (a separate process: python -m tests.bench.bench_delivery --receiver) ----
 

@@ -63,8 +63,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fediblog.config import Settings
 from fediblog.models import format_ts, utcnow
 from tests.bench import bench_delivery, bench_inbox
-from tests.bench.common import bench_settings, free_port, server_env
+from tests.bench.common import bench_settings, server_env
 from tests.bench.sysstat import wait_for_quiet
+from tests.processes import free_port
 
 INBOX_LEASE = 60.0  # fediblog/inbox.py: Worker(lease=timedelta(minutes=1))
 DELIVERY_LEASE = 30.0  # fediblog/delivery.py: lease = timeout (20 s) + 10 s

@@ -45,8 +45,9 @@ from fediblog.blog import Blog, parse_post
 from fediblog.httpsig import sign_request
 from fediblog.models import utcnow
 from fediblog.store import Store
-from tests.bench.common import bench_settings, free_port, rss_mb, running_server
+from tests.bench.common import bench_settings, rss_mb, running_server
 from tests.bench.sysstat import CpuWindow, wait_for_quiet
+from tests.processes import free_port
 
 LUA = Path(__file__).with_name("inbox.lua")
 ACTORS = 100

@@ -30,7 +30,8 @@ import httpx
 from fediblog.blog import Blog
 from fediblog.demo import seed_demo
 from fediblog.store import Store
-from tests.bench.common import bench_settings, free_port, rss_mb, running_server
+from tests.bench.common import bench_settings, rss_mb, running_server
+from tests.processes import free_port
 
 AP = "application/activity+json"
 LINK = re.compile(r'href="(/[^"#]*)"')

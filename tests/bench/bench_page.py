@@ -20,7 +20,8 @@ import httpx
 from fediblog.blog import Blog, parse_post
 from fediblog.models import utcnow
 from fediblog.store import Store
-from tests.bench.common import bench_settings, free_port, rss_mb, running_server, wrk
+from tests.bench.common import bench_settings, rss_mb, running_server, wrk
+from tests.processes import free_port
 
 
 async def seed(folder: Path, port: int, comments: int) -> str:

@@ -6,7 +6,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,12 +16,6 @@ import httpx
 
 from fediblog.config import Settings, load_settings
 from fediblog.keys import ensure_keys
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def bench_settings(folder: Path, port: int, **extra: object) -> Settings:

@@ -1,0 +1,26 @@
+"""Real servers in subprocesses for tests: a free port on loopback, and a clean stop."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def stop(process: subprocess.Popen[bytes] | subprocess.Popen[str], timeout: float = 15) -> None:
+    """Ask a server to stop as Ctrl-C would (SIGINT: a graceful shutdown); kill it if
+    it has not stopped within ``timeout`` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
