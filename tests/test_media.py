@@ -94,6 +94,7 @@ async def test_local_images_are_served_resized_without_exif_with_srcset_and_alt(
         async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as web:
             page = soup((await web.get("/posts/photos")).text)
             cat, walk = page.select("article img[srcset]")
+            assert page.select_one("img.cover")["alt"] == "The sofa, from above"
             assert cat["alt"] == "A cat on a red sofa"
             assert walk["alt"] == "A map of the walk"
             # The EXIF orientation is applied: the 2000x1500 photo is portrait now.
