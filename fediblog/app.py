@@ -30,6 +30,7 @@ from fediblog.blog import Blog
 from fediblog.config import Settings
 from fediblog.crawl import Crawler
 from fediblog.delivery import USER_AGENT, Deliverer
+from fediblog.desk import Desk
 from fediblog.errors import StorageError
 from fediblog.httpsig import sign_request
 from fediblog.inbox import BatchWriter, Inbox
@@ -42,7 +43,7 @@ from fediblog.remote import Fetcher, FetchPolicy, build_transport
 from fediblog.responses import Responses
 from fediblog.schedule import Scheduler
 from fediblog.store import Store
-from fediblog.web import activitypub, feeds, forms, health, html, wellknown
+from fediblog.web import activitypub, admin, feeds, forms, health, html, wellknown
 from fediblog.web import media as media_routes
 from fediblog.web import proxy as proxy_routes
 from fediblog.web.cache import PageCache
@@ -181,6 +182,7 @@ def create_app(
             logging.getLogger("fediblog.proxy").exception("proxying stored images failed")
         responses = Responses(settings, store, actors, fetcher, media_proxy)
         inbox.add_handlers(responses.handlers())
+        inbox.sharing = responses  # a batch of replies becomes comments in one commit
         # Each saved reply is crawled for the replies that never reached the inbox.
         crawler = Crawler(settings, store, fetcher, responses, is_blocked=inbox.is_blocked)
         responses.reply_listeners.append(crawler.schedule)
@@ -231,6 +233,7 @@ def create_app(
                 crawler=crawler,
                 notifier=notifier,
                 proxy=media_proxy,
+                desk=Desk(settings, store),
             )
             yield
         finally:
@@ -257,11 +260,16 @@ def create_app(
             *health.routes,
             *proxy_routes.routes,
             *media_routes.routes,
+            *admin.routes,
             Mount("/static", StaticFiles(directory=static_dir), name="static"),
         ],
         exception_handlers={HTTPException: http_error, StorageError: storage_error},
         lifespan=lifespan,
     )
+    # Every request under /admin passes the desk's guard: a session, the CSRF token,
+    # no-store and the admin CSP (web/admin/guard.py). Added first: it runs inside
+    # SecurityHeaders, which then keeps the admin CSP.
+    app.add_middleware(admin.Guard)
     app.add_middleware(SecurityHeaders)
     if settings.access_log:
         app.add_middleware(health.AccessLog)

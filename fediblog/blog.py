@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -40,7 +41,14 @@ from fediblog.config import Settings
 from fediblog.errors import FediblogError, PostError, PostNotFound
 from fediblog.media import MediaStore
 from fediblog.models import JsonObject, OutgoingActivity, Post, PostDraft, PostState, utcnow
-from fediblog.render import blog_path, markdown_to_html, normalize_tag, slugify, web_url
+from fediblog.render import (
+    blog_path,
+    images_without_alt,
+    markdown_to_html,
+    normalize_tag,
+    slugify,
+    web_url,
+)
 from fediblog.store import Store
 
 FRONT_MATTER_KEYS = (
@@ -83,7 +91,12 @@ def parse_post(text: str, *, source: str = "post") -> PostDraft:
     except yaml.YAMLError as error:
         first_line = str(error).splitlines()[0] if str(error) else "invalid YAML"
         raise PostError(f"{source}: the front matter is not valid YAML ({first_line})") from None
-    meta: dict[str, Any] = dict(document.metadata)
+    return draft_from_fields(dict(document.metadata), document.content, source=source)
+
+
+def draft_from_fields(meta: Mapping[str, Any], body_md: str, *, source: str = "post") -> PostDraft:
+    """A validated draft from front matter fields (a post file's, or the desk's editor
+    form's: the same keys) and its Markdown body; PostError with one readable line."""
     unknown = sorted(set(meta) - set(FRONT_MATTER_KEYS))
     if unknown:
         raise PostError(
@@ -137,7 +150,7 @@ def parse_post(text: str, *, source: str = "post") -> PostDraft:
     return PostDraft(
         title=title,
         slug=slug,
-        body_md=document.content.strip() + "\n",
+        body_md=body_md.strip() + "\n",
         summary=summary,
         tags=_parse_tags(meta.get("tags"), source),
         image=image,
@@ -204,6 +217,15 @@ def _parse_published(value: object, source: str) -> datetime | None:
     return moment
 
 
+def missing_alt(draft: PostDraft) -> list[str]:
+    """A line for each image of the post without alt text (the cover's too): it is
+    published all the same, but the author should hear of it (CLI and desk alike)."""
+    lines = [f"the image {src} has no alt text" for src in images_without_alt(draft.body_md)]
+    if draft.image and not draft.image_alt:
+        lines.append("the cover image has no alt text (image_alt)")
+    return lines
+
+
 def _outgoing(activity: JsonObject) -> OutgoingActivity:
     return OutgoingActivity(
         ap_id=activity["id"],
@@ -238,6 +260,26 @@ class Blog:
             draft.body_md, post_file.parent
         )
         return replace(draft, media=tuple(found.items()))
+
+    async def with_stored_images(self, draft: PostDraft, previous: Post | None = None) -> PostDraft:
+        """The draft with the images it shows from the media store (the desk's editor has
+        no folder to import from): ``/media/`` paths, and, when editing ``previous``, the
+        local paths its post file named, as imported then."""
+        found = await MediaStore(self.settings, self.store).known_images(draft.body_md, previous)
+        return replace(draft, media=tuple(found.items()))
+
+    def render_draft(self, draft: PostDraft, previous: Post | None = None) -> Post:
+        """The post as its page would show it, stored nowhere: the desk's preview, through
+        the same Markdown pipeline as ``publish`` and ``edit``."""
+        published = draft.published or (previous.published if previous else utcnow())
+        post = _as_post(
+            draft,
+            uid=previous.uid if previous else "preview",
+            body_html=markdown_to_html(draft.body_md, dict(draft.media)),
+            published=published,
+            updated=None,
+        )
+        return replace(post, state=previous.state if previous else "draft")
 
     async def publish(self, draft: PostDraft) -> Post:
         published = draft.published or utcnow()

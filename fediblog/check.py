@@ -17,14 +17,14 @@ Each check gives one ``Result`` (ok, FAIL or skip, and one line of detail):
 * ``clock``: the skew between this machine's clock and a peer's Date header
   (``peer``), since signatures older or newer than an hour are refused.
 
-The admin desk can run ``run_checks`` as the CLI does.
+The admin desk runs the same checks (``iter_checks``, under a total deadline).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -40,7 +40,7 @@ from fediblog.activitystreams import Urls
 from fediblog.config import Settings
 from fediblog.errors import FediblogError
 from fediblog.httpsig import sign_request
-from fediblog.keys import KeyPair, load_key
+from fediblog.keys import KeyPair, fingerprint, load_key
 from fediblog.models import utcnow
 from fediblog.netguard import trusted_context
 
@@ -87,6 +87,20 @@ async def run_checks(
 ) -> list[Result]:
     """Every check, in order, each request allowed ``wait`` seconds; never raises for
     what it finds (that is a FAIL line)."""
+    found = iter_checks(settings, peer=peer, context=context, wait=wait, clock=clock)
+    return [result async for result in found]
+
+
+async def iter_checks(
+    settings: Settings,
+    *,
+    peer: str | None = None,
+    context: ssl.SSLContext | None = None,
+    wait: float = 10.0,
+    clock: Callable[[], datetime] = utcnow,
+) -> AsyncIterator[Result]:
+    """``run_checks``, one result at a time as each check ends: a caller with a total
+    deadline (the desk) keeps the lines it has when the deadline comes."""
     context = context or trusted_context()  # what the blog trusts when it fetches
     keys: dict[str, KeyPair] = {}
     key_problem = ""
@@ -101,7 +115,7 @@ async def run_checks(
         headers={"User-Agent": USER_AGENT},
     ) as client:
         blog = _Blog(settings, Urls.of(settings), client, keys)
-        results = [await _tls(settings, context, wait, clock)]
+        yield await _tls(settings, context, wait, clock)
         steps: list[tuple[str, Callable[[_Blog], Awaitable[str]]]] = [
             ("health", _health),
             ("proxy", _proxy),
@@ -113,16 +127,13 @@ async def run_checks(
         ]
         for name, step in steps:
             if key_problem and name in ("actor", "signed-get"):
-                results.append(Result(name, "FAIL", f"cannot read the keys: {key_problem}"))
+                yield Result(name, "FAIL", f"cannot read the keys: {key_problem}")
                 continue
-            results.append(await _run(name, step(blog)))
+            yield await _run(name, step(blog))
         if peer is None:
-            results.append(
-                Result("clock", "skip", "no peer to compare with (--peer https://a.server)")
-            )
+            yield Result("clock", "skip", "no peer to compare with (--peer https://a.server)")
         else:
-            results.append(await _run("clock", _clock(client, peer, clock)))
-    return results
+            yield await _run("clock", _clock(client, peer, clock))
 
 
 async def _run(name: str, step: Awaitable[str]) -> Result:
@@ -279,7 +290,10 @@ async def _actor(blog: _Blog) -> str:
         key.get("publicKeyPem"), blog.keys["blog"].public_pem
     ):
         raise Failed("the actor's public key is not the blog's key in FEDIBLOG_KEYS_DIR")
-    return f"{blog.urls.actor} (inbox {actor.get('inbox')}) carries this blog's key"
+    return (
+        f"{blog.urls.actor} (inbox {actor.get('inbox')}) carries this blog's key,"
+        f" {fingerprint(blog.keys['blog'].public_pem)}"
+    )
 
 
 def _signed(blog: _Blog, url: str) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """The ``fediblog`` command: init, serve, demo, post, media, followers, deliveries, inbox,
-comments, feeds, reply, block, backup, restore and check.
+comments, feeds, reply, block, backup, restore, admin and check.
 
 Every failure a user can cause ends as one line on stderr and a non-zero exit:
 2 for a wrong setting or usage, 1 for a command that could not be done. A database
@@ -20,7 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from fediblog.blog import Blog, read_post_file
+from fediblog.blog import Blog, missing_alt, read_post_file
 from fediblog.config import (
     NoBaseUrl,
     Settings,
@@ -29,7 +29,7 @@ from fediblog.config import (
     write_config,
 )
 from fediblog.errors import ConfigError, FediblogError, StorageError
-from fediblog.keys import ensure_keys
+from fediblog.keys import ensure_keys, fingerprint, load_key
 from fediblog.models import Post, PostDraft, actor_address, actor_handle, format_ts, utcnow
 from fediblog.store import Store
 
@@ -103,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
     for action in ("approve", "reject"):
         sub = follower_commands.add_parser(action, help=f"{action} a pending follow request")
         sub.add_argument("actor", help="the follower's actor URL, as `pending` shows it")
+    remove = follower_commands.add_parser(
+        "remove", help="remove a follower (its server is sent a Reject of its Follow)"
+    )
+    remove.add_argument("actor", help="the follower's actor URL, as `list` shows it")
 
     comments = commands.add_parser("comments", help="list, approve, reject or delete comments")
     comment_commands = comments.add_subparsers(dest="comments_command", metavar="ACTION")
@@ -163,6 +167,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     deliveries.add_argument("--sent", action="store_true", help="also list sent ones")
     deliveries.add_argument("--limit", type=int, default=50, help="rows to show (50)")
+    delivery_commands = deliveries.add_subparsers(dest="deliveries_command", metavar="ACTION")
+    delivery_commands.add_parser(
+        "hosts", help="per host: waiting, failing, failed and dead deliveries, last error"
+    )
+    retry = delivery_commands.add_parser(
+        "retry",
+        help="make failing, failed and dead deliveries due now, attempts reset",
+        description="Queues the failing, failed and dead deliveries (to HOST, or the one"
+        " numbered --id, or all of them) again, due now, with a new round of attempts.",
+    )
+    retry.add_argument("host", nargs="?", help="only those to this host (host[:port])")
+    retry.add_argument("--id", type=int, help="only this delivery (the number the list shows)")
 
     inbox = commands.add_parser(
         "inbox", help="the inbox queue: activities waiting to retry or failed, with reasons"
@@ -192,6 +208,16 @@ def _parser() -> argparse.ArgumentParser:
         "--peer", metavar="URL", help="a server whose Date header to compare clocks with"
     )
 
+    admin = commands.add_parser("admin", help="the web admin at /admin: password, sessions")
+    admin_commands = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+    password = admin_commands.add_parser(
+        "password", help="set the author's password, asked twice (signs out everywhere)"
+    )
+    password.add_argument(
+        "--stdin", action="store_true", help="read it from standard input (one line), for scripts"
+    )
+    admin_commands.add_parser("sessions", help="list the browsers signed in")
+    admin_commands.add_parser("signout-all", help="sign out every browser")
     return parser
 
 
@@ -271,6 +297,7 @@ def _init(args: argparse.Namespace) -> None:
     if not any(path.suffix == ".pem" for path in created):
         print(f"keys present in {settings.keys_dir} (kept as they are)")
     print(f"the blog is @{settings.acct} at {settings.base_url}")
+    print(f"its key: {fingerprint(load_key(settings.keys_dir, 'blog').public_pem)}")
 
 
 def _serve(settings: Settings, host: str, port: int) -> None:
@@ -378,13 +405,9 @@ def _state_of(post: Post) -> str:
 async def _read_post_with_images(blog: Blog, path: Path) -> PostDraft:
     """A post file with its local images imported; a warning line (stderr) for each image
     without alt text, which the post is published with all the same."""
-    from fediblog.render import images_without_alt
-
     draft = await blog.import_images(read_post_file(path), path)
-    for src in images_without_alt(draft.body_md):
-        print(f"fediblog: warning: {path}: the image {src} has no alt text", file=sys.stderr)
-    if draft.image and not draft.image_alt:
-        print(f"fediblog: warning: {path}: the cover image has no image_alt", file=sys.stderr)
+    for line in missing_alt(draft):
+        print(f"fediblog: warning: {path}: {line}", file=sys.stderr)
     return draft
 
 
@@ -413,9 +436,9 @@ def _followers(settings: Settings, args: argparse.Namespace) -> None:
     async def run(blog: Blog) -> None:
         store = blog.store
         action = args.followers_command or "list"
-        if action in ("approve", "reject"):
+        if action in ("approve", "reject", "remove"):
             await getattr(followers, action)(settings, store, args.actor)
-            verb = "approved" if action == "approve" else "rejected"
+            verb = {"approve": "approved", "reject": "rejected", "remove": "removed"}[action]
             print(f"{verb} {args.actor}; the answer is queued for delivery")
             return
         status = "pending" if action == "pending" else "accepted"
@@ -429,7 +452,26 @@ def _followers(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _deliveries(settings: Settings, args: argparse.Namespace) -> None:
+    from fediblog.delivery import list_delivery_hosts, retry_deliveries
+
     async def run(blog: Blog) -> None:
+        if args.deliveries_command == "retry":
+            count = await retry_deliveries(blog.store, host=args.host, delivery_id=args.id)
+            which = f" to {args.host}" if args.host else ""
+            which += f" numbered {args.id}" if args.id is not None else ""
+            print(f"{count} deliveries{which} due now; the server sends them within a second")
+            return
+        if args.deliveries_command == "hosts":
+            hosts = await list_delivery_hosts(blog.store)
+            if not hosts:
+                print("no deliveries waiting or failing")
+            for host in hosts:
+                error = f"  ({host.last_error})" if host.last_error else ""
+                print(
+                    f"{host.host}  waiting={host.waiting} failing={host.failing}"
+                    f" failed={host.failed} dead={host.dead}{error}"
+                )
+            return
         counts = await blog.store.count_deliveries()
         summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("queued", "sent", "failed", "dead"))
         print(f"deliveries: {summary}")
@@ -440,7 +482,8 @@ def _deliveries(settings: Settings, args: argparse.Namespace) -> None:
             when = row["next_attempt_at"] if row["status"] == "queued" else row["finished_at"]
             error = f"  ({row['last_error']})" if row["last_error"] else ""
             print(
-                f"{row['status']:<6} {row['type']:<7} attempts={row['attempts']:<2} {when}"
+                f"{row['id']:>6} {row['status']:<6} {row['type']:<7}"
+                f" attempts={row['attempts']:<2} {when}"
                 f"  {row['inbox']}{error}"
             )
 
@@ -596,13 +639,52 @@ def _blocks(settings: Settings, args: argparse.Namespace) -> None:
             for target, kind in found:
                 print(f"{kind:<6}  {target}")
         elif args.command == "block":
-            target, kind = moderation.block_target(args.target)
-            added = await blog.store.save_block(target, kind)
+            target, kind, added = await moderation.block(
+                blog.store, args.target, own_host=settings.host
+            )
             print(f"blocked {kind} {target}" if added else f"{target} was already blocked")
-        elif not await blog.store.delete_block(moderation.block_target(args.target)[0]):
-            raise moderation.ModerationError(f"{args.target} is not blocked")
         else:
+            await moderation.unblock(blog.store, args.target)
             print(f"unblocked {args.target}")
+
+    asyncio.run(_with_blog(settings, run))
+
+
+def _admin(settings: Settings, args: argparse.Namespace) -> None:
+    from fediblog.desk import Desk, PasswordRejected, check_password
+
+    password = ""
+    if args.admin_command == "password":
+        if args.stdin:  # the whole line but its end: spaces may be part of a password
+            password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+        else:
+            import getpass
+
+            password = getpass.getpass("New password for the web admin: ")
+            check_password(password)  # before asking again
+            if getpass.getpass("The same again: ") != password:
+                raise PasswordRejected("the two passwords differ; nothing was changed")
+
+    async def run(blog: Blog) -> None:
+        desk = Desk(settings, blog.store)
+        if args.admin_command == "password":
+            ended = await desk.set_password(password)
+            print(
+                f"password set: sign in at {settings.url('/admin')} as {desk.account}"
+                f" ({ended} session(s) signed out)"
+            )
+        elif args.admin_command == "signout-all":
+            print(f"signed out everywhere ({await desk.sign_out_everywhere()} session(s) ended)")
+        else:
+            sessions = await desk.list_sessions()
+            if not sessions:
+                print("nobody is signed in")
+            for session in sessions:
+                print(
+                    f"{format_ts(session.created)}  last seen {format_ts(session.last_seen)}"
+                    f"  ends by {format_ts(session.ends())}  {session.ip or '-'}"
+                    f"  {session.user_agent or '-'}"
+                )
 
     asyncio.run(_with_blog(settings, run))
 
@@ -690,6 +772,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _backup(settings, args)
         elif args.command == "check":
             return _check(settings, args.peer)
+        elif args.command == "admin":
+            _admin(settings, args)
     except ConfigError as error:
         print(f"fediblog: configuration error: {error}", file=sys.stderr)
         return 2

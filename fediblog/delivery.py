@@ -11,16 +11,21 @@ Each row moves through explicit states:
     queued --other 4xx except 401/408/429--> failed (final: the server refuses it)
     queued --5xx, 401/408/429, network error--> queued again after a back-off
     queued --after 16 attempts--> dead
+    failed, dead, queued after an error --retry--> queued, due now, attempts 0
 
 ``deliver_once()`` runs one pass (tests call it; nothing sleeps); ``run()`` loops
 over it, woken by ``wake()`` after a publish in this process and polling once a
 second for rows another process (the CLI) queued. Every attempt is signed afresh.
+
+``list_delivery_hosts`` and ``retry_deliveries`` are what the author sees and does, the
+same for ``fediblog deliveries hosts|retry`` and the desk's Health page.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 
@@ -29,7 +34,7 @@ import httpx
 from fediblog.errors import FediblogError
 from fediblog.httpsig import sign_request
 from fediblog.keys import KeyPair
-from fediblog.models import DeliveryJob, utcnow
+from fediblog.models import DeliveryJob, parse_ts, utcnow
 from fediblog.netguard import deadline
 from fediblog.store import Store
 from fediblog.worker import Outcome, RetryPolicy, TableQueue, Worker, describe
@@ -147,3 +152,57 @@ def _retry_after(response: httpx.Response, now: datetime) -> timedelta | None:
         return parsedate_to_datetime(value) - now
     except (TypeError, ValueError):
         return None
+
+
+# ---- what the author sees and does: the CLI's `deliveries` and the desk's Health --------
+
+
+@dataclass(frozen=True, slots=True)
+class HostDeliveries:
+    """The deliveries to one host not sent yet, by state (see ``Store.list_delivery_hosts``)."""
+
+    host: str
+    waiting: int
+    failing: int
+    failed: int
+    dead: int
+    next_attempt: datetime | None
+    last_error: str | None
+
+    @property
+    def retryable(self) -> int:
+        return self.failing + self.failed + self.dead
+
+
+async def list_delivery_hosts(store: Store, limit: int = 100) -> list[HostDeliveries]:
+    """Per host, its deliveries not sent: the troubled hosts first."""
+    return [
+        HostDeliveries(
+            host=row["host"],
+            waiting=row["waiting"],
+            failing=row["failing"],
+            failed=row["failed"],
+            dead=row["dead"],
+            next_attempt=parse_ts(row["next_attempt_at"]) if row["next_attempt_at"] else None,
+            last_error=row["last_error"],
+        )
+        for row in await store.list_delivery_hosts(limit)
+    ]
+
+
+async def retry_deliveries(
+    store: Store,
+    *,
+    host: str | None = None,
+    delivery_id: int | None = None,
+    now: datetime | None = None,
+) -> int:
+    """Make the failing, failed and dead deliveries (to ``host``, or the one numbered
+    ``delivery_id``, or all) due now, with a new round of attempts; returns how many.
+
+    The server's worker sends them at its next pass (``Deliverer.wake`` in the server
+    itself; within a second when another process, the CLI, queued them).
+    """
+    return await store.save_deliveries_due(
+        now or utcnow(), host=host.strip() if host else None, delivery_id=delivery_id
+    )

@@ -22,9 +22,10 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any
+from types import TracebackType
+from typing import Any, Protocol
 
 from fediblog.activitystreams import (
     ACTOR_TYPES,
@@ -62,6 +63,33 @@ from fediblog.worker import (
 log = logging.getLogger("fediblog.inbox")
 
 Handler = Callable[[JsonObject], Awaitable[None]]
+
+
+class SharedWork(Protocol):
+    """What handlers prepared for activities to share one transaction: entered around
+    it by the task that runs it; leaving it without an error means it committed."""
+
+    @property
+    def ready(self) -> Sequence[bool]:
+        """Which of the activities may join: their handlers now need no network."""
+        ...
+
+    async def __aenter__(self) -> object: ...
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None: ...
+
+
+class Sharing(Protocol):
+    """Handlers whose activities may be acted on many to a transaction (responses.py)."""
+
+    def shareable(self, activity: JsonObject) -> bool: ...
+
+    async def prepare_shared(self, activities: Sequence[JsonObject]) -> SharedWork: ...
 
 
 class Overloaded(FediblogError):
@@ -175,12 +203,15 @@ class Inbox:
             "inbox",
             TableQueue(store.claim_inbox, store.record_inbox),
             self._process,
-            # Small batches: after a crash, at most this many are processed twice (the
-            # handlers are idempotent) and wait out the lease before they are retried.
-            batch=50,
+            run_batch=self._process_batch,
+            # A batch's replies commit together (an interrupted one is rolled back and
+            # claimed again after the lease); a commit every 200 replies, not every one,
+            # and a short hold of the write lock, which accepting activities also needs.
+            batch=200,
             record_every=50,
             lease=timedelta(minutes=1),
         )
+        self.sharing: Sharing | None = None  # set by the app: responses.Responses
         # Every handler registered for a type runs; each ignores what is not its concern
         # (an Undo may undo a Follow here, or a Like in ``responses``).
         self.handlers: dict[str, list[Handler]] = {
@@ -304,22 +335,110 @@ class Inbox:
         behind it; one that may pass later (its sender's server is down, the database
         is locked) is retried with back-off.
         """
-        activity: JsonObject = json.loads(job.payload)
-        activity["actor"] = id_of(activity.get("actor"))  # verified on receipt
+        activity = _stored_activity(job)
+        if activity is None:
+            return Outcome.failed("internal error: the stored activity is not a JSON object")
         try:
             for handler in self.handlers.get(activity["type"], ()):
                 await handler(activity)
         except Exception as error:
-            transient = is_transient(error)
-            if isinstance(error, ActivityError | FetchError):
-                reason = str(error)
-            elif transient:
-                reason = describe(error)
-            else:
-                log.exception("handling %s %s failed", activity["type"], activity.get("id"))
-                reason = f"internal error: {describe(error)}"
-            return RETRY.after_error(job, reason, self.worker.clock(), transient=transient)
+            return self._failed(job, activity, error)
         return Outcome.done()  # an activity we have no use for is simply done
+
+    def _failed(self, job: InboxJob, activity: JsonObject, error: Exception) -> Outcome:
+        transient = is_transient(error)
+        if isinstance(error, ActivityError | FetchError):
+            reason = str(error)
+        elif transient:
+            reason = describe(error)
+        else:
+            log.exception(
+                "handling %s %s failed", activity["type"], activity.get("id"), exc_info=error
+            )
+            reason = f"internal error: {describe(error)}"
+        return RETRY.after_error(job, reason, self.worker.clock(), transient=transient)
+
+    async def _process_batch(self, jobs: list[InboxJob]) -> list[Outcome]:
+        """Act on a claimed batch, in claim order. A run of activities that ``sharing``
+        can act on without the network (replies, once their senders are known) shares
+        one transaction: one commit and a few reads for all of them, not a few each.
+        Every other activity runs alone, as ``_process`` runs it."""
+        sharing = self.sharing
+        parsed = [_stored_activity(job) for job in jobs]
+        activities = [activity or {} for activity in parsed]
+        outcomes: list[Outcome] = []
+        start = 0
+        while start < len(jobs):
+            end = start
+            while (
+                sharing is not None
+                and end < len(jobs)
+                and parsed[end] is not None
+                and sharing.shareable(activities[end])
+            ):
+                end += 1
+            if sharing is None or end == start:
+                outcomes.append(await self._process(jobs[start]))
+                start += 1
+                continue
+            try:
+                work = await sharing.prepare_shared(activities[start:end])
+            except Exception as error:  # e.g. a busy database: each tries alone
+                log.info("preparing %d activities failed: %s", end - start, describe(error))
+                outcomes.extend([await self._process(job) for job in jobs[start:end]])
+                start = end
+                continue
+            ready = list(work.ready)
+            index = start
+            while index < end:
+                stop = index
+                while stop < end and ready[stop - start]:
+                    stop += 1
+                if stop == index:
+                    outcomes.append(await self._process(jobs[index]))
+                    index += 1
+                    continue
+                outcomes.extend(await self._shared(jobs[index:stop], activities[index:stop], work))
+                index = stop
+            start = end
+        return outcomes
+
+    async def _shared(
+        self, jobs: list[InboxJob], activities: list[JsonObject], work: SharedWork
+    ) -> list[Outcome]:
+        """Act on these activities in one transaction. One that fails before it wrote
+        anything fails alone and the others commit; one that fails after it wrote (or
+        with an error that may pass) rolls the transaction back: those before it are
+        done again together, it runs alone (its own outcome, as ``_process`` gives it),
+        and those after it go on together."""
+        if not jobs:
+            return []
+        outcomes: list[Outcome] = []
+        culprit: int | None = None
+        try:
+            async with work, self._store.shared_transaction() as transaction:
+                for index, (job, activity) in enumerate(zip(jobs, activities, strict=True)):
+                    before = transaction.writes
+                    try:
+                        for handler in self.handlers.get(activity["type"], ()):
+                            await handler(activity)
+                    except Exception as error:
+                        if transaction.writes != before or is_transient(error):
+                            culprit = index
+                            raise
+                        outcomes.append(self._failed(job, activity, error))
+                        continue
+                    outcomes.append(Outcome.done())
+        except Exception as error:
+            if culprit is None:  # the commit failed: each tries alone, and says why
+                log.info("a shared transaction failed: %s", describe(error))
+                return [await self._process(job) for job in jobs]
+            return [
+                *await self._shared(jobs[:culprit], activities[:culprit], work),
+                await self._process(jobs[culprit]),
+                *await self._shared(jobs[culprit + 1 :], activities[culprit + 1 :], work),
+            ]
+        return outcomes
 
     # ---- handlers -----------------------------------------------------------------
 
@@ -352,7 +471,19 @@ class Inbox:
             if id_of(inner.get("actor")) != actor:
                 return  # undoing someone else's activity (ATTACKS.md 12)
             if inner.get("type") == "Follow" and id_of(inner.get("object")) == self._urls.actor:
-                await self._store.delete_follower(actor)
+                # The embedded id may differ from the Follow's (Misskey renders its Undo
+                # with another id), so it ends the follow, unless it is the Follow the
+                # author removed, undone late, after a new Follow (followers.remove).
+                follower = await self._store.get_follower(actor)
+                old = inner.get("id")
+                stale = (
+                    isinstance(old, str)
+                    and follower is not None
+                    and old != follower.follow_id
+                    and await self._store.is_removed_follow(old, actor)
+                )
+                if not stale:
+                    await self._store.delete_follower(actor)
         elif isinstance(inner, str):
             follower = await self._store.get_follower(actor)
             if follower is not None and follower.follow_id == inner:
@@ -373,6 +504,17 @@ class Inbox:
             updated = parse_actor(obj, allow_http=self._settings.allow_http)
             await self._actors.save(updated)
             self._actors.forget(actor)
+
+
+def _stored_activity(job: InboxJob) -> JsonObject | None:
+    try:
+        activity: Any = json.loads(job.payload)
+    except ValueError:
+        return None  # checked on receipt: only a damaged database holds such a row
+    if not isinstance(activity, dict):
+        return None
+    activity["actor"] = id_of(activity.get("actor"))  # verified on receipt
+    return activity
 
 
 def _parse_activity(body: bytes) -> JsonObject:

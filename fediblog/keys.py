@@ -9,7 +9,9 @@ refetches it) would otherwise reject everything we send.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,16 @@ GITIGNORE = "*\n!README.md\n!.gitignore\n"
 class KeyPair:
     private_key: rsa.RSAPrivateKey
     public_pem: str
+
+
+def fingerprint(public_pem: str) -> str:
+    """``SHA256:`` and the unpadded base64 of the SHA-256 of the public key's DER (the
+    SubjectPublicKeyInfo), as OpenSSH shows keys: what to compare with what a follower's
+    server has cached."""
+    der = serialization.load_pem_public_key(public_pem.encode()).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "SHA256:" + base64.b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
 
 
 def _write_private(path: Path, key: rsa.RSAPrivateKey) -> None:

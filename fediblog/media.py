@@ -29,6 +29,7 @@ import tempfile
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -36,8 +37,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from fediblog.activitystreams import Urls, build_actor, build_actor_update
 from fediblog.config import Settings
 from fediblog.errors import FediblogError
-from fediblog.models import MEDIA_TYPES, MediaImage, OutgoingActivity, utcnow
-from fediblog.render import local_images
+from fediblog.models import MEDIA_TYPES, MediaImage, OutgoingActivity, Post, utcnow
+from fediblog.render import local_images, markdown_images, markdown_to_html
 from fediblog.store import Store
 
 MAX_FILE_BYTES = 20_000_000
@@ -78,14 +79,27 @@ def prepare_image(path: Path) -> Prepared:
         size = path.stat().st_size
     except OSError as cause:
         raise MediaError(f"image {path}: cannot read it ({cause.strerror or cause})") from None
-    if size > MAX_FILE_BYTES:
-        raise MediaError(
-            f"image {path}: {size / 1_000_000:.1f} MB is more than {MAX_FILE_BYTES // 1_000_000} MB"
-        )
+    _check_size(size, path)
     try:
         raw = path.read_bytes()
     except OSError as cause:
         raise MediaError(f"image {path}: cannot read it ({cause.strerror or cause})") from None
+    return prepare_image_bytes(raw, path)
+
+
+def _check_size(size: int, path: Path) -> None:
+    if size > MAX_FILE_BYTES:
+        raise MediaError(
+            f"image {path}: {size / 1_000_000:.1f} MB is more than {MAX_FILE_BYTES // 1_000_000} MB"
+        )
+
+
+def prepare_image_bytes(raw: bytes, path: Path) -> Prepared:
+    """``prepare_image`` for an image already in memory (an upload to the desk);
+    ``path`` is its name as given, for messages and its suffix."""
+    _check_size(len(raw), path)
+    if not raw:
+        raise MediaError(f"image {path}: the file is empty")
     head = raw[:512].lstrip().lower()
     if path.suffix.lower() in (".svg", ".svgz") or head.startswith((b"<svg", b"<?xml")):
         raise MediaError(
@@ -242,6 +256,35 @@ class MediaStore:
     async def import_file(self, path: Path) -> MediaImage:
         return await self.save(await asyncio.to_thread(prepare_image, path))
 
+    async def import_bytes(self, raw: bytes, name: str) -> MediaImage:
+        """An uploaded image (the desk's editor): checked and stored as a file would be."""
+        return await self.save(await asyncio.to_thread(prepare_image_bytes, raw, Path(name)))
+
+    async def known_images(
+        self, body_md: str, previous: Post | None = None
+    ) -> dict[str, MediaImage]:
+        """The images of a post's Markdown already in the store, keyed by src as written:
+        each ``/media/`` path the store holds, and, for an edit of ``previous``, each
+        local path its post file named, as imported then (read back from its HTML: the
+        same Markdown rendered without the store puts the local paths where the stored
+        ones are)."""
+        wanted = {src for src, _ in markdown_images(body_md)}
+        found: dict[str, MediaImage] = {}
+        pairs: list[tuple[str, str]] = [(src, src) for src in wanted]
+        if previous is not None:
+            written = _img_sources(markdown_to_html(previous.body_md))
+            shown = _img_sources(previous.body_html)
+            if len(written) == len(shown):
+                pairs += [(w, s) for w, s in zip(written, shown, strict=True) if w in wanted]
+        for src, stored in pairs:
+            named = MEDIA_FILE.fullmatch(stored.removeprefix("/media/"))
+            if src in found or not stored.startswith("/media/") or named is None:
+                continue
+            image = await self.store.get_media(named.group(1))
+            if image is not None:
+                found[src] = image
+        return found
+
     async def import_post_images(self, body_md: str, base_dir: Path) -> dict[str, MediaImage]:
         """Every local image of a post's Markdown, keyed by its src as written. All are
         checked before any is written: one bad image stores nothing."""
@@ -323,6 +366,23 @@ class MediaStore:
             ),
         )
         return True
+
+
+class _ImgSources(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.found: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.found.append(dict(attrs).get("src") or "")
+
+
+def _img_sources(html: str) -> list[str]:
+    reader = _ImgSources()
+    reader.feed(html)
+    reader.close()
+    return reader.found
 
 
 def media_url(settings: Settings, image: MediaImage, width: int | None = None) -> str:

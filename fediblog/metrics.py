@@ -19,13 +19,14 @@ process-wide registry to the hot path.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from fediblog.models import utcnow
+from fediblog.models import parse_ts, utcnow
 
 log = logging.getLogger("fediblog.inbox")
 
@@ -132,6 +133,31 @@ class InboxStats:
             groups[key] = (count + 1, refusal.at)
         rows = [(s, k, r, n, at) for (s, k, r), (n, at) in groups.items()]
         return sorted(rows, key=lambda row: (-row[3], row[0], row[2]))
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """The queues now, from ``Store.get_queue_stats``: for /metrics and the desk."""
+
+    inbox_queued: int  # activities accepted, not processed yet
+    deliveries_queued: int  # deliveries waiting or waiting to try again
+    lag: float  # seconds the oldest activity not yet tried has waited (0: none waits)
+    last_lag: float  # accepted to processed, in seconds, for the activity processed last
+
+
+def backlog(queues: sqlite3.Row, now: datetime) -> Backlog:
+    oldest, received, processed = (
+        queues["oldest_waiting"],
+        queues["last_received"],
+        queues["last_processed"],
+    )
+    last_lag = (parse_ts(processed) - parse_ts(received)).total_seconds() if processed else 0.0
+    return Backlog(
+        inbox_queued=queues["inbox_queued"],
+        deliveries_queued=queues["deliveries_queued"],
+        lag=max(0.0, (now - parse_ts(oldest)).total_seconds()) if oldest else 0.0,
+        last_lag=max(0.0, last_lag),
+    )
 
 
 # ---- the Prometheus text format ----------------------------------------------------------

@@ -11,12 +11,15 @@ import re
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
+from fediblog.activitystreams import host_of
 from fediblog.errors import FediblogError
 from fediblog.models import utcnow
 from fediblog.render import plain_to_html
 from fediblog.store import Store
 
 _DOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9-]+(\.[a-z0-9-]+)+(:\d{1,5})?$")
+# Why a comment from the blog's own form is held (comments.held_reason, the desk's queue).
+HELD_LOCAL = "left through the blog's comment form: every one waits for approval"
 
 
 class ModerationError(FediblogError):
@@ -37,6 +40,51 @@ def block_target(text: str) -> tuple[str, str]:
     if not _DOMAIN.match(domain):
         raise ModerationError(f"{text!r} is neither an actor URL nor a domain")
     return domain, "domain"
+
+
+def _check_not_own(target: str, kind: str, own_host: str) -> None:
+    """Refuse a block of the blog's own server or one of its actors: it would hide
+    nothing of anyone else's and could only confuse what the inbox drops. A subdomain
+    or a parent domain may be someone else's server, and is allowed. Hosts compare as
+    host[:port], as a block matches them (another port is another server)."""
+    host = urlsplit(target).netloc if kind == "actor" else target
+    if host.lower() == own_host.lower():
+        what = "an account of this blog" if kind == "actor" else "this blog's own server"
+        raise ModerationError(f"{target} is {what}: there is nothing to block there")
+
+
+async def block(store: Store, text: str, *, own_host: str) -> tuple[str, str, bool]:
+    """Block an actor URL or a domain (not the blog's own host ``own_host``):
+    (target, kind, whether it is new)."""
+    target, kind = block_target(text)
+    _check_not_own(target, kind, own_host)
+    return target, kind, await store.save_block(target, kind)
+
+
+async def unblock(store: Store, text: str) -> str:
+    """Lift the block on an actor URL or a domain; the target, or ModerationError."""
+    target = block_target(text)[0]
+    if not await store.delete_block(target):
+        raise ModerationError(f"{text} is not blocked")
+    return target
+
+
+async def block_author_of(
+    store: Store, comment_id: int, *, own_host: str, whole_domain: bool = False
+) -> tuple[str, str, bool]:
+    """Block the fediverse account that wrote a comment, or its whole server."""
+    row = await store.get_comment_row(comment_id)
+    if row is None:
+        raise ModerationError(f"no comment has the id {comment_id}")
+    if row["by_author"]:
+        raise ModerationError(f"comment {comment_id} is your own answer: there is no one to block")
+    if row["actor"] is None:
+        raise ModerationError(
+            f"comment {comment_id} came from the blog's own form: there is no account to block"
+        )
+    # host[:port], as the actors table and the inbox's check name a server
+    target = host_of(row["actor"]) if whole_domain else row["actor"]
+    return await block(store, target, own_host=own_host)
 
 
 async def set_status(store: Store, comment_id: int, status: str) -> None:
@@ -88,6 +136,7 @@ async def hold_local_comment(
         author_url=website,
         author_email=email,
         status="pending",
+        held_reason=HELD_LOCAL,
     )
     if on_saved is not None:
         await on_saved(comment_id)

@@ -25,9 +25,13 @@ author always takes its host from the actor id, never from a claimed name [34].
 
 from __future__ import annotations
 
+import asyncio
 import html
-from collections.abc import Awaitable, Callable, Mapping
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextvars import ContextVar, Token
 from datetime import datetime
+from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -41,7 +45,7 @@ from fediblog.activitystreams import (
     plain_text,
     require_http_url,
 )
-from fediblog.actors import ActorDirectory
+from fediblog.actors import ACTOR_MAX_AGE, ActorDirectory
 from fediblog.config import Settings
 from fediblog.errors import ActivityError, FetchError
 from fediblog.inbox import Handler
@@ -51,11 +55,20 @@ from fediblog.remote import Fetcher
 from fediblog.render import html_to_text, sanitize_remote_html
 from fediblog.store import Store
 
+log = logging.getLogger("fediblog.responses")
+
 # A tuple, not a set: a JSON ``type`` may be a list, and ``[...] in a_set`` raises TypeError.
 NOTE_TYPES = ("Note", "Article", "Page", "Question")
 MAX_CONTENT = 50_000
 MAX_ATTACHMENTS = 8
 MAX_EMOJI = 50
+# Why a reply is held (comments.held_reason), as the author's desk shows it.
+HELD_ALL = "every response waits for approval (FEDIBLOG_MODERATION=all)"
+HELD_FIRST = "first response from this account (FEDIBLOG_MODERATION=first)"
+
+
+def held_for_keyword(keyword: str) -> str:
+    return f"contains the held keyword “{keyword}” (FEDIBLOG_HOLD_KEYWORDS)"
 
 
 class Responses:
@@ -102,19 +115,22 @@ class Responses:
         self, obj: JsonObject, actor: str, *, crawled: bool = False
     ) -> int | None:
         note_id = self._check_note(obj, actor)
-        if await self._store.is_tombstoned(note_id, actor):
+        shared = _shared_replies()
+        if await self._is_tombstoned(shared, note_id, actor):
             raise ActivityError("that object was deleted")
-        if await self._store.get_comment_by_ap_id(note_id) is not None:
+        if await self._place(shared, note_id) is not None:
             return None  # already here (the same reply, delivered twice)
         target = await self._find_target(obj.get("inReplyTo"))
         if target is None:
             return None  # not a reply to us: nothing to do
         post_id, parent_id = target
-        author = await self._actors.get_actor(actor)
-        row = await self._store.get_actor_row(author.ap_id)
-        assert row is not None  # get_actor saved it
-        await self._proxy.register([author.icon_url] if author.icon_url else [], "avatar")
+        actor_id, icon_url = await self._author(shared, actor)
+        if icon_url and (shared is None or icon_url not in shared.avatars):
+            await self._proxy.register([icon_url], "avatar")
+            if shared is not None:
+                shared.avatars.add(icon_url)
         content, summary, sensitive = await self._render(obj)
+        held = await self._hold_reason(actor_id, content, summary)
         now = utcnow()
         comment_id = await self._store.save_comment(
             post_id=post_id,
@@ -127,10 +143,15 @@ class Responses:
             source="fediverse",
             ap_id=note_id,
             url=_html_url(obj, self._settings.allow_http) or note_id,
-            actor_id=row["id"],
+            actor_id=actor_id,
             visibility=_visibility(obj),
-            status=await self._initial_status(row["id"], content, summary),
+            status="pending" if held is not None else "published",
+            held_reason=held,
         )
+        if shared is not None:
+            shared.places[note_id] = (comment_id, post_id)
+            shared.saved.append((comment_id, crawled))  # told once it is committed
+            return comment_id
         for listener in self.reply_listeners:
             await listener(comment_id, crawled)
         return comment_id
@@ -151,12 +172,95 @@ class Responses:
         parent = id_of(in_reply_to)
         if parent is None:
             return None
-        post_id = await self.find_post_id(parent)
+        shared = _shared_replies()
+        if shared is not None and parent in shared.posts:
+            post_id = shared.posts[parent]
+        else:
+            post_id = await self.find_post_id(parent)
+            if shared is not None:
+                shared.posts[parent] = post_id
         if post_id is not None:
             return post_id, None
         # A reply under a deleted reply still belongs in that thread, under its placeholder.
-        comment = await self._store.get_comment_by_ap_id(parent)
-        return (comment["post_id"], comment["id"]) if comment is not None else None
+        place = await self._place(shared, parent)
+        return (place[1], place[0]) if place is not None else None
+
+    # ---- replies that share one transaction (inbox.py) --------------------------------
+
+    def shareable(self, activity: JsonObject) -> bool:
+        """Whether this activity's handlers here may join a shared transaction once its
+        actor is known: a Create of an embedded note (a Create naming its object by id
+        fetches it, so it runs alone)."""
+        obj = activity.get("object")
+        return (
+            activity.get("type") == "Create"
+            and isinstance(obj, dict)
+            and obj.get("type") in NOTE_TYPES
+        )
+
+    async def prepare_shared(self, activities: Sequence[JsonObject]) -> SharedReplies:
+        """Before a shared transaction, outside it: know each sender (fetching a new or
+        stale one now, so that nothing in the transaction waits on the network)."""
+        actors = list(dict.fromkeys(a["actor"] for a in activities if self.shareable(a)))
+        rows = await self._store.get_live_actor_rows(actors)
+        now = utcnow()
+        authors: dict[str, tuple[int, str | None]] = {}
+        for actor in actors:
+            row = rows.get(actor)
+            # As ActorDirectory.get_actor: a cached profile is used while it is fresh.
+            if (
+                row is not None
+                and row["inbox"]
+                and now - parse_ts(row["fetched_at"]) < ACTOR_MAX_AGE
+            ):
+                authors[actor] = (row["id"], row["icon_url"])
+                continue
+            try:
+                author = await self._actors.get_actor(actor)
+                row = await self._store.get_actor_row(author.ap_id)
+            except Exception as error:  # run alone, it fails there with its own outcome
+                log.debug("sender %s not ready for a shared transaction: %s", actor, error)
+                continue
+            if row is not None:
+                authors[actor] = (row["id"], author.icon_url)
+        notes: list[str] = []
+        for activity in activities:
+            obj = activity.get("object")
+            if isinstance(obj, dict):
+                notes.extend(ref for ref in (id_of(obj), id_of(obj.get("inReplyTo"))) if ref)
+        ready = [self.shareable(a) and a["actor"] in authors for a in activities]
+        return SharedReplies(self, ready, authors, notes)
+
+    async def _is_tombstoned(self, shared: SharedReplies | None, note_id: str, actor: str) -> bool:
+        if shared is None or not await shared.loaded(self._store, note_id):
+            return await self._store.is_tombstoned(note_id, actor)
+        if note_id not in shared.tombstones:
+            return False
+        return shared.tombstones[note_id] in (None, actor)  # as Store.is_tombstoned
+
+    async def _place(self, shared: SharedReplies | None, ap_id: str) -> tuple[int, int] | None:
+        """(comment id, post id) of the comment with this id, if it is here."""
+        if shared is not None and await shared.loaded(self._store, ap_id):
+            return shared.places.get(ap_id)
+        row = await self._store.get_comment_by_ap_id(ap_id)
+        place = (int(row["id"]), int(row["post_id"])) if row is not None else None
+        if shared is not None:
+            shared.places[ap_id] = place
+        return place
+
+    async def _author(self, shared: SharedReplies | None, actor: str) -> tuple[int, str | None]:
+        """The sender's local id and avatar, fetching the actor if new or stale."""
+        if shared is not None and actor in shared.authors:
+            return shared.authors[actor]
+        author = await self._actors.get_actor(actor)
+        row = await self._store.get_actor_row(author.ap_id)
+        assert row is not None  # get_actor saved it
+        return int(row["id"]), author.icon_url
+
+    async def tell_listeners(self, saved: Sequence[tuple[int, bool]]) -> None:
+        for comment_id, crawled in saved:
+            for listener in self.reply_listeners:
+                await listener(comment_id, crawled)
 
     async def find_post_id(self, ref: str) -> int | None:
         """One of our live posts by its id (``/p/uid``) or its page (``/posts/slug``).
@@ -190,20 +294,23 @@ class Responses:
             summary = "Sensitive content"  # marked sensitive without a warning: still collapse
         return content, summary, sensitive
 
-    def _has_keyword(self, content: str, summary: str | None) -> bool:
+    def _keyword_in(self, content: str, summary: str | None) -> str | None:
         # The content warning is shown too: a keyword there holds the reply as well.
         text = f"{summary or ''} {html_to_text(content)}".lower()
-        return any(keyword in text for keyword in self._settings.keywords)
+        return next((keyword for keyword in self._settings.keywords if keyword in text), None)
 
-    async def _initial_status(self, actor_id: int, content: str, summary: str | None) -> str:
+    async def _hold_reason(self, actor_id: int, content: str, summary: str | None) -> str | None:
+        """Why a new reply waits for approval, in words for the author (the desk's queue
+        shows it), or None: it is published at once."""
+        keyword = self._keyword_in(content, summary)
+        if keyword is not None:
+            return held_for_keyword(keyword)
         mode = self._settings.moderation
-        if self._has_keyword(content, summary):
-            return "pending"
         if mode == "all":
-            return "pending"
+            return HELD_ALL
         if mode == "first" and await self._store.count_published_by_actor(actor_id) == 0:
-            return "pending"
-        return "published"
+            return HELD_FIRST
+        return None
 
     async def _fetch_from_origin(self, object_id: str) -> JsonObject | None:
         try:
@@ -264,9 +371,13 @@ class Responses:
             sensitive=sensitive,
             updated=min(updated, utcnow()),
         )
-        if comment["status"] == "published" and self._has_keyword(content, summary):
-            # An edit must not slip a held keyword past the filter.
-            await self._store.set_comment_status(comment["id"], "pending")
+        keyword = self._keyword_in(content, summary)
+        if comment["status"] in ("published", "pending") and keyword is not None:
+            # An edit must not slip a held keyword past the filter, and one still held
+            # (for another reason) now says the reason that matters most.
+            await self._store.set_comment_held(
+                comment["id"], held_for_keyword(keyword) + " (added by an edit)"
+            )
 
     async def handle_delete(self, activity: JsonObject) -> None:
         actor = activity["actor"]
@@ -340,6 +451,77 @@ class Responses:
         elif isinstance(inner, str):
             for kind in ("Like", "Announce"):
                 await self._store.delete_reaction(actor=actor, kind=kind, ap_id=inner, post_id=None)
+
+
+class SharedReplies:
+    """Replies acted on in one shared transaction (inbox.py): their senders, known
+    beforehand; what they look up, read in one query each at the first need; the
+    replies saved, told to the listeners only once committed. Entered (``async with``)
+    around each transaction, by the task that runs it."""
+
+    def __init__(
+        self,
+        responses: Responses,
+        ready: list[bool],
+        authors: dict[str, tuple[int, str | None]],
+        notes: list[str],
+    ) -> None:
+        self.ready = ready  # which activities may join: their handlers need no network
+        self.authors = authors  # actor -> (local id, avatar URL)
+        self.task: asyncio.Task[object] | None = None
+        self._responses = responses
+        self._notes = notes  # object ids and inReplyTo targets of these activities
+        self._token: Token[SharedReplies | None] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.tombstones: dict[str, str | None] = {}  # ap_id -> who deleted it
+        self.places: dict[str, tuple[int, int] | None] = {}  # ap_id -> (comment, post)
+        self.posts: dict[str, int | None] = {}  # inReplyTo -> our post's id
+        self.avatars: set[str] = set()  # registered with the proxy in this transaction
+        self.saved: list[tuple[int, bool]] = []
+        self._known: set[str] | None = None
+
+    async def loaded(self, store: Store, ap_id: str) -> bool:
+        """Whether ``tombstones`` and ``places`` answer for ``ap_id``; the first call
+        reads them for every id of these activities (in the transaction: it sees what
+        the activities before wrote)."""
+        if self._known is None:
+            self._known = set(self._notes)
+            self.tombstones = await store.get_tombstone_actors(self._notes)
+            places = await store.get_comment_places(self._notes)
+            for note in self._notes:
+                self.places.setdefault(note, places.get(note))
+        return ap_id in self._known
+
+    async def __aenter__(self) -> SharedReplies:
+        self._reset()  # what activities run alone in between did is read afresh
+        self.task = asyncio.current_task()
+        self._token = _current.set(self)
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._token is not None:
+            _current.reset(self._token)
+        self.task, self._token = None, None
+        saved, self.saved = self.saved, []
+        if kind is None:
+            await self._responses.tell_listeners(saved)
+
+
+_current: ContextVar[SharedReplies | None] = ContextVar("fediblog_shared_replies", default=None)
+
+
+def _shared_replies() -> SharedReplies | None:
+    """The shared transaction this task is running replies in, if any (a task it
+    started is not part of it)."""
+    shared = _current.get()
+    return shared if shared is not None and shared.task is asyncio.current_task() else None
 
 
 def _fetched_author(document: JsonObject, what: str) -> str:

@@ -7,6 +7,8 @@ This module owns the listening socket, uvicorn's settings, and the client deadli
   ``HeadDeadlineProtocol`` (its httptools protocol plus one timer) adds it;
 * a request body must arrive within ``body`` seconds of its head, or the request
   is answered 408 and the connection closed (``BodyDeadline``, around the whole app);
+  a signed-in author's request to the desk gets ``upload`` seconds (an image from a
+  phone), which the desk's guard asks for once it has seen the session;
 * an idle keep-alive connection is closed after ``keep_alive`` seconds (uvicorn's);
 * on SIGTERM or SIGINT, requests get ``shutdown`` seconds to finish, then the
   process ends: the systemd unit's TimeoutStopSec must be longer.
@@ -27,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from fediblog.errors import ConfigError, FediblogError
+from fediblog.web.admin.guard import UPLOAD_DEADLINE
 
 log = logging.getLogger("fediblog.server")
 
@@ -39,6 +42,7 @@ class Timeouts:
 
     header: int = 10
     body: int = 30
+    upload: int = 300  # a body to the desk, from a signed-in author (web/admin/guard.py)
     keep_alive: int = 5
     shutdown: int = 10
 
@@ -116,19 +120,30 @@ class BodyDeadline:
     The app then reads an ``http.disconnect`` (as if the client had gone), whatever it
     answers is dropped, and the client gets 408 with ``connection: close``. Reads after
     the body (waiting for a disconnect while streaming) are not limited.
+
+    The app may give a request the longer ``upload`` deadline, from the same head, by
+    calling the scope's ``UPLOAD_DEADLINE`` entry before it reads the body.
     """
 
-    def __init__(self, app: ASGIApp, timeout: float) -> None:
+    def __init__(self, app: ASGIApp, timeout: float, upload: float = 0) -> None:
         self.app = app
         self.timeout = timeout
+        self.upload = max(upload, timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
+        head = loop.time()
+        deadline = head + self.timeout
         body_done = timed_out = started = False
+
+        def allow_upload() -> None:
+            nonlocal deadline
+            deadline = head + self.upload
+
+        scope[UPLOAD_DEADLINE] = allow_upload
 
         async def receive_in_time() -> Message:
             nonlocal body_done, timed_out
@@ -215,7 +230,7 @@ def serve(app: ASGIApp, host: str, port: int, timeouts: Timeouts | None = None) 
     timeouts = timeouts or Timeouts()
     sock = _bind(host, port)
     config = uvicorn.Config(
-        BodyDeadline(app, timeouts.body),
+        BodyDeadline(app, timeouts.body, timeouts.upload),
         http=_protocol_class(timeouts.header),
         ws="none",
         lifespan="on",

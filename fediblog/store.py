@@ -17,9 +17,10 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -344,6 +345,48 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX proxy_media_lru ON proxy_media(used_at) WHERE status = 'cached';
     INSERT OR IGNORE INTO meta (key, value) VALUES ('proxy_secret', lower(hex(randomblob(32))));
     """,
+    # The author's desk (web/admin): its account and sign-in sessions.
+    """
+    -- The one author account of the web admin (desk.py): its argon2id hash, never the
+    -- password itself.
+    CREATE TABLE desk_account (
+        id             INTEGER PRIMARY KEY CHECK (id = 1),
+        password_hash  TEXT NOT NULL,
+        changed_at     TEXT NOT NULL
+    );
+    -- Signed-in browsers. key is the SHA-256 of the cookie's random session id, so a
+    -- copy of the database signs nobody in; expires_at is the absolute end.
+    CREATE TABLE desk_sessions (
+        key            TEXT PRIMARY KEY,
+        created_at     TEXT NOT NULL,
+        last_seen_at   TEXT NOT NULL,
+        expires_at     TEXT NOT NULL,
+        ip             TEXT NOT NULL DEFAULT '',
+        user_agent     TEXT NOT NULL DEFAULT ''
+    ) WITHOUT ROWID;
+    """,
+    # Why a response was held, for the desk's queue.
+    """
+    -- Why a response waits for approval, in words for the author (the desk's queue):
+    -- set when it is held (responses.py, moderation.py); NULL for one held before.
+    ALTER TABLE comments ADD COLUMN held_reason TEXT;
+    """,
+    # admin: retry skips rows being sent
+    """
+    -- Until when a claimed delivery is being sent (the claim's lease; NULL once its
+    -- outcome is recorded): a leased row looks like a failing one, and retrying it
+    -- would have it sent twice.
+    ALTER TABLE deliveries ADD COLUMN leased_until TEXT;
+    """,
+    # admin: the addresses the author signed in from (the global sign-in limit spares them)
+    """
+    -- An IPv4 address or an IPv6 /64 and the last successful sign-in from it (desk.py);
+    -- forgotten after KNOWN_FOR.
+    CREATE TABLE desk_addresses (
+        address       TEXT PRIMARY KEY,
+        signed_in_at  TEXT NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 _TAG_SEPARATOR = "\x1f"
@@ -416,7 +459,8 @@ _RECORD_DELIVERY = """
         attempts = attempts - (:status = 'release'),
         next_attempt_at = coalesce(:retry_at, next_attempt_at),
         last_error = CASE :status WHEN 'release' THEN last_error ELSE :error END,
-        finished_at = CASE WHEN :status IN ('done', 'failed') THEN :now END
+        finished_at = CASE WHEN :status IN ('done', 'failed') THEN :now END,
+        leased_until = NULL
     WHERE id = :id
 """
 
@@ -533,6 +577,19 @@ _PRAGMAS = (
 _writing: ContextVar[bool] = ContextVar("fediblog_store_writing", default=False)
 
 
+@dataclass(slots=True)
+class SharedTransaction:
+    """One write transaction that many writes join (``Store.shared_transaction``)."""
+
+    task: asyncio.Task[Any] | None
+    writes: int = 0  # writes that joined it: a failure after none left it intact
+    shown: bool = False
+    broken: bool = False  # a write that joined it failed: it must not commit
+
+
+_shared: ContextVar[SharedTransaction | None] = ContextVar("fediblog_store_shared", default=None)
+
+
 def _unavailable(path: Path, error: sqlite3.Error) -> StorageUnavailable:
     return StorageUnavailable(f"the database {path} cannot be used now: {error}")
 
@@ -642,6 +699,17 @@ class Store:
         does a database file removed or replaced under the running server: a commit
         into an unlinked file would be lost at the next restart.
         """
+        shared = _shared.get()
+        if shared is not None and shared.task is asyncio.current_task():
+            # Inside shared_transaction (its own task only): joins it, commits with it.
+            shared.writes += 1
+            try:
+                yield self._db
+            except BaseException:
+                shared.broken = True  # even if the caller swallows it: no half a write
+                raise
+            shared.shown = shared.shown or shown
+            return
         async with self._lock:
             token = _writing.set(True)
             try:
@@ -968,13 +1036,16 @@ class Store:
         sensitive: bool = False,
         visibility: Visibility = "public",
         status: str = "published",
+        held_reason: str | None = None,  # why it is "pending", for the desk's queue
     ) -> int:
         async with self._transaction() as db:
-            cursor = await db.execute(
+            # One trip to aiosqlite's thread (execute and the id), not two: a batch of
+            # replies costs about one trip each (inbox.py's shared transactions).
+            row = await db.execute_insert(
                 "INSERT INTO comments (post_id, parent_id, ap_id, url, actor_id, author_name,"
                 " author_url, author_email, content_html, summary, sensitive, visibility, status,"
-                " source, published_at, received_at) VALUES"
-                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " source, published_at, received_at, held_reason) VALUES"
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     post_id,
                     parent_id,
@@ -992,12 +1063,11 @@ class Store:
                     source,
                     format_ts(published),
                     format_ts(received),
+                    held_reason if status == "pending" else None,
                 ),
             )
-            comment_id = cursor.lastrowid
-            await cursor.close()
-        assert comment_id is not None
-        return comment_id
+        assert row is not None
+        return int(row[0])
 
     async def list_visible_comments(self, post_id: int) -> list[Comment]:
         """Every comment a reader may see under a post, oldest first, in one query."""
@@ -1072,9 +1142,10 @@ class Store:
         """
         async with self._transaction(shown=False) as db:
             rows = await db.execute_fetchall(
-                "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?"
+                "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?1,"
+                " leased_until = ?1"  # being sent: Retry leaves it alone (save_deliveries_due)
                 " WHERE id IN (SELECT id FROM deliveries WHERE status = 'queued'"
-                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?)"
+                " AND next_attempt_at <= ?2 ORDER BY next_attempt_at, id LIMIT ?3)"
                 " RETURNING id, inbox, attempts, activity_id",
                 (format_ts(lease_until), format_ts(now), limit),
             )
@@ -2295,6 +2366,104 @@ class Store:
                     [(html_text, comment_id) for comment_id, html_text in changed],
                 )
 
+    # ---- the author's desk: account and sessions ---------------------------
+    # The author's account and sign-in sessions (desk.py). Bookkeeping no page shows:
+    # a sign-in must not throw away the cached public pages.
+
+    async def get_desk_password_hash(self) -> str | None:
+        row = await self._fetchone("SELECT password_hash FROM desk_account WHERE id = 1")
+        return str(row["password_hash"]) if row else None
+
+    async def save_desk_password(
+        self, password_hash: str, when: datetime, *, sign_out: bool = True
+    ) -> int:
+        """Store the account's hash; with ``sign_out``, end every session in the same
+        transaction (a new password signs out everywhere). Returns the sessions ended."""
+        async with self._transaction(shown=False) as db:
+            await db.execute(
+                "INSERT INTO desk_account (id, password_hash, changed_at) VALUES (1, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET password_hash = excluded.password_hash,"
+                " changed_at = excluded.changed_at",
+                (password_hash, format_ts(when)),
+            )
+            if not sign_out:
+                return 0
+            cursor = await db.execute("DELETE FROM desk_sessions")
+            return cursor.rowcount
+
+    async def save_desk_session(
+        self, key: str, *, created: datetime, expires: datetime, ip: str, user_agent: str
+    ) -> None:
+        async with self._transaction(shown=False) as db:
+            await db.execute(
+                "INSERT INTO desk_sessions (key, created_at, last_seen_at, expires_at, ip,"
+                " user_agent) VALUES (?, ?, ?, ?, ?, ?)",
+                (key, format_ts(created), format_ts(created), format_ts(expires), ip, user_agent),
+            )
+
+    async def get_desk_session(self, key: str) -> sqlite3.Row | None:
+        return await self._fetchone("SELECT * FROM desk_sessions WHERE key = ?", (key,))
+
+    async def list_desk_sessions(self) -> list[sqlite3.Row]:
+        return await self._fetchall("SELECT * FROM desk_sessions ORDER BY last_seen_at DESC")
+
+    async def mark_desk_session_seen(self, key: str, when: datetime) -> None:
+        async with self._transaction(shown=False) as db:
+            await db.execute(
+                "UPDATE desk_sessions SET last_seen_at = ? WHERE key = ?", (format_ts(when), key)
+            )
+
+    async def delete_desk_session(self, key: str) -> bool:
+        async with self._transaction(shown=False) as db:
+            cursor = await db.execute("DELETE FROM desk_sessions WHERE key = ?", (key,))
+            return cursor.rowcount > 0
+
+    async def delete_desk_sessions(
+        self, *, expired_at: datetime | None = None, idle_since: datetime | None = None
+    ) -> int:
+        """End every session, or with the two moments only those past their absolute
+        end or not seen since ``idle_since``. Returns how many ended."""
+        async with self._transaction(shown=False) as db:
+            if expired_at is None or idle_since is None:
+                cursor = await db.execute("DELETE FROM desk_sessions")
+            else:
+                cursor = await db.execute(
+                    "DELETE FROM desk_sessions WHERE expires_at <= ? OR last_seen_at <= ?",
+                    (format_ts(expired_at), format_ts(idle_since)),
+                )
+            return cursor.rowcount
+
+    async def save_desk_address(
+        self, address: str, when: datetime, forget_before: datetime
+    ) -> None:
+        """Note a successful sign-in from ``address`` (an IPv4 address or IPv6 /64), and
+        forget the addresses not signed in from since ``forget_before``."""
+        async with self._transaction(shown=False) as db:
+            await db.execute(
+                "INSERT INTO desk_addresses (address, signed_in_at) VALUES (?, ?)"
+                " ON CONFLICT (address) DO UPDATE SET signed_in_at = excluded.signed_in_at",
+                (address, format_ts(when)),
+            )
+            await db.execute(
+                "DELETE FROM desk_addresses WHERE signed_in_at < ?", (format_ts(forget_before),)
+            )
+
+    async def get_desk_address_signed_in(self, address: str) -> datetime | None:
+        """The last successful sign-in from ``address``, if it is remembered."""
+        row = await self._fetchone(
+            "SELECT signed_in_at FROM desk_addresses WHERE address = ?", (address,)
+        )
+        return parse_ts(row["signed_in_at"]) if row else None
+
+    async def count_held_comments(self) -> int:
+        """Responses waiting for the author's approval (the desk's dashboard): those the
+        queue lists (list_held_responses), so not those under a deleted post."""
+        row = await self._fetchone(
+            "SELECT count(*) FROM comments c JOIN posts p ON p.id = c.post_id"
+            " WHERE c.status = 'pending' AND p.deleted_at IS NULL"
+        )
+        return int(row[0]) if row else 0
+
     # ---- health, metrics, the archive and neighbours -----------------------
 
     # health and metrics (web/health.py)
@@ -2365,3 +2534,249 @@ class Store:
             (moment, moment, post.id),
         )
         return (_post(older) if older else None, _post(newer) if newer else None)
+
+    # ---- the author's desk: write -------------------------------------------
+
+    async def count_follower_inboxes(self) -> tuple[int, int]:
+        """(accepted followers, the distinct inboxes a post's activity is queued for:
+        what ``_publish`` queues, one delivery per server's shared inbox)."""
+        row = await self._fetchone(
+            "SELECT count(*) AS followers, count(DISTINCT coalesce(shared_inbox, inbox))"
+            " AS inboxes FROM followers WHERE status = 'accepted'"
+        )
+        return (int(row["followers"]), int(row["inboxes"])) if row else (0, 0)
+
+    # ---- the author's desk: responses and followers ---------------------------
+
+    # A response as the author's desk shows it: the comment with its post, why it is
+    # held, and whether a block hides it (then no reader sees it, whatever its status).
+    _DESK_SELECT = (
+        f"SELECT {_COMMENT_COLUMNS}, p.uid AS post_uid, p.slug AS post_slug,"
+        f" p.title AS post_title, c.held_reason, NOT ({_NOT_BLOCKED}) AS blocked"
+        " FROM comments c JOIN posts p ON p.id = c.post_id"
+        " LEFT JOIN actors a ON a.id = c.actor_id WHERE p.deleted_at IS NULL"
+    )
+
+    @classmethod
+    def _desk_response(cls, row: sqlite3.Row) -> tuple[ResponseEntry, str | None, bool]:
+        return cls._entry(row), row["held_reason"], bool(row["blocked"])
+
+    async def list_held_responses(
+        self, limit: int = 200
+    ) -> list[tuple[ResponseEntry, str | None, bool]]:
+        """The responses waiting for approval, (entry, why held, blocked), oldest first."""
+        rows = await self._fetchall(
+            self._DESK_SELECT + " AND c.status = 'pending' ORDER BY c.id LIMIT ?", (limit,)
+        )
+        return [self._desk_response(row) for row in rows]
+
+    async def list_recent_responses(
+        self, limit: int = 50
+    ) -> list[tuple[ResponseEntry, str | None, bool]]:
+        """The newest responses whatever their status (deleted and the author's own
+        answers left out), newest first."""
+        rows = await self._fetchall(
+            self._DESK_SELECT + " AND c.status != 'deleted' AND c.by_author = 0"
+            " ORDER BY c.id DESC LIMIT ?",
+            (limit,),
+        )
+        return [self._desk_response(row) for row in rows]
+
+    async def list_responses_for_author(
+        self, post_id: int
+    ) -> list[tuple[ResponseEntry, str | None, bool]]:
+        """Every response under a post, held, rejected, private and blocked ones too,
+        oldest first (``comments.build_threads`` nests them)."""
+        rows = await self._fetchall(
+            self._DESK_SELECT + " AND c.post_id = ? ORDER BY c.published_at, c.id", (post_id,)
+        )
+        return [self._desk_response(row) for row in rows]
+
+    async def get_desk_response(
+        self, comment_id: int
+    ) -> tuple[ResponseEntry, str | None, bool] | None:
+        """One response as the desk shows it; None if there is none, or its post was
+        deleted (nothing under a deleted post can be acted on)."""
+        row = await self._fetchone(self._DESK_SELECT + " AND c.id = ?", (comment_id,))
+        return self._desk_response(row) if row else None
+
+    async def set_comment_held(self, comment_id: int, reason: str) -> bool:
+        """Hold a published response again (an edit brought a held keyword), saying why."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE comments SET status = 'pending', held_reason = ? WHERE id = ?",
+                (reason, comment_id),
+            )
+            return cursor.rowcount > 0
+
+    async def delete_removed_follower(self, actor: str, follow_id: str, when: datetime) -> None:
+        """Remove a follower (the author's "remove") and keep its Follow's id as a
+        tombstone: an Undo of that Follow arriving late, after a new Follow, is then
+        known for what it is (is_removed_follow) and does not end the new follow."""
+        async with self._transaction() as db:
+            await db.execute(
+                "DELETE FROM followers WHERE actor_id = (SELECT id FROM actors WHERE ap_id = ?)",
+                (actor,),
+            )
+            if follow_id:
+                await db.execute(
+                    "INSERT OR IGNORE INTO tombstones (ap_id, actor_ap_id, former_type,"
+                    " deleted_at) VALUES (?, ?, 'Follow', ?)",
+                    (follow_id, actor, format_ts(when)),
+                )
+
+    async def is_removed_follow(self, follow_id: str, actor: str) -> bool:
+        """Whether ``follow_id`` is ``actor``'s Follow the author removed."""
+        row = await self._fetchone(
+            "SELECT 1 FROM tombstones WHERE ap_id = ? AND actor_ap_id = ?"
+            " AND former_type = 'Follow'",
+            (follow_id, actor),
+        )
+        return row is not None
+
+    async def count_followers_by_domain(self) -> list[tuple[str, int]]:
+        """Accepted followers per server, the largest first."""
+        rows = await self._fetchall(
+            "SELECT a.domain, count(*) AS n FROM followers f JOIN actors a ON a.id = f.actor_id"
+            " WHERE f.status = 'accepted' GROUP BY a.domain ORDER BY n DESC, a.domain"
+        )
+        return [(row["domain"], int(row["n"])) for row in rows]
+
+    async def list_followers_for_desk(
+        self, *, status: str, limit: int, offset: int = 0
+    ) -> list[tuple[Follower, str, str, str]]:
+        """Followers (or requests) with their username, domain and name; oldest first."""
+        rows = await self._fetchall(
+            "SELECT a.ap_id AS actor, f.inbox, f.shared_inbox, f.follow_ap_id, f.status,"
+            " f.created_at, a.username, a.domain, a.name"
+            " FROM followers f JOIN actors a ON a.id = f.actor_id"
+            " WHERE f.status = ? ORDER BY f.id LIMIT ? OFFSET ?",
+            (status, limit, offset),
+        )
+        return [
+            (self._follower(row), row["username"] or "", row["domain"] or "", row["name"] or "")
+            for row in rows
+        ]
+
+    # ---- the author's desk: health ----------------------------------------------
+
+    # A delivery's host, as the page groups them: the inbox URL between "://" and the
+    # next "/" (host[:port]), lower-cased; the same expression picks a host's rows to retry.
+    _INBOX_HOST = (
+        "lower(substr(inbox, instr(inbox, '://') + 3,"
+        " instr(substr(inbox, instr(inbox, '://') + 3) || '/', '/') - 1))"
+    )
+    # Retryable: failed or dead, or queued again after an error (not one merely waiting,
+    # nor one claimed for its first attempt: attempts > 0 but no error yet).
+    _RETRYABLE = (
+        "(status IN ('failed', 'dead')"
+        " OR (status = 'queued' AND attempts > 0 AND last_error IS NOT NULL))"
+    )
+
+    async def list_delivery_hosts(self, limit: int = 100) -> list[sqlite3.Row]:
+        """Per host, the deliveries not sent: ``waiting`` (queued, not failed yet),
+        ``failing`` (queued again after an error), ``failed``, ``dead``; the earliest
+        ``next_attempt_at`` of its queued ones and its newest ``last_error``. Hosts with
+        problems first, the most troubled first."""
+        return await self._fetchall(
+            "WITH d AS (SELECT id, status, attempts, next_attempt_at, last_error,"
+            f" {self._INBOX_HOST} AS host, {self._RETRYABLE} AS bad FROM deliveries"
+            " WHERE status IN ('queued', 'failed', 'dead'))"
+            " SELECT host,"
+            " sum(status = 'queued' AND NOT bad) AS waiting,"
+            " sum(status = 'queued' AND bad) AS failing,"
+            " sum(status = 'failed') AS failed, sum(status = 'dead') AS dead,"
+            " min(CASE WHEN status = 'queued' THEN next_attempt_at END) AS next_attempt_at,"
+            " (SELECT e.last_error FROM d AS e WHERE e.host = d.host"
+            "  AND e.last_error IS NOT NULL ORDER BY e.id DESC LIMIT 1) AS last_error"
+            " FROM d GROUP BY host ORDER BY sum(bad) > 0 DESC, sum(bad) DESC, host LIMIT ?",
+            (limit,),
+        )
+
+    async def save_deliveries_due(
+        self, now: datetime, *, host: str | None = None, delivery_id: int | None = None
+    ) -> int:
+        """Queue the retryable deliveries (of ``host``, or the one ``delivery_id``, or
+        all) again, due ``now``, with their attempts back to 0 (a full new round of
+        retries); their last error stays until the next attempt replaces it. One being
+        sent right now (claimed, its lease running) is left alone: made due, the next
+        pass would send it a second time."""
+        async with self._transaction(shown=False) as db:
+            cursor = await db.execute(
+                "UPDATE deliveries SET status = 'queued', attempts = 0, next_attempt_at = ?1,"
+                f" finished_at = NULL, leased_until = NULL WHERE {self._RETRYABLE}"
+                " AND (leased_until IS NULL OR leased_until <= ?1)"
+                f" AND (?2 IS NULL OR {self._INBOX_HOST} = lower(?2))"
+                " AND (?3 IS NULL OR id = ?3)",
+                (format_ts(now), host, delivery_id),
+            )
+            return cursor.rowcount
+
+    # ---- replies processed in batches (inbox.py) --------------------------------
+    # The inbox turns a claimed batch of replies into comments in one transaction, and
+    # reads what they need in a few queries, not a few per reply (inbox.py, responses.py).
+
+    @asynccontextmanager
+    async def shared_transaction(self) -> AsyncIterator[SharedTransaction]:
+        """One write transaction that every write of this task joins until the block
+        ends (then all of it commits, or none of it). Reads in it see its writes.
+
+        A write that fails inside marks it broken: it then rolls back even if the caller
+        went on. ``writes`` counts the writes that joined, so a caller can tell that a
+        failure came before any of its own writes (the transaction is still whole).
+        """
+        state = SharedTransaction(asyncio.current_task())
+        async with self._transaction(shown=False):
+            token = _shared.set(state)
+            try:
+                yield state
+                if state.broken:
+                    raise StorageError("a write in the shared transaction failed")
+            finally:
+                _shared.reset(token)
+                state.task = None  # a task it started must not join it later
+        if state.shown:
+            self._writes += 1
+
+    async def get_live_actor_rows(self, ap_ids: Sequence[str]) -> dict[str, sqlite3.Row]:
+        """``get_actor_row`` for many actors at once, by ap_id."""
+        found: dict[str, sqlite3.Row] = {}
+        for chunk in _chunks(ap_ids):
+            rows = await self._fetchall(
+                f"SELECT * FROM actors WHERE ap_id IN ({_marks(chunk)}) AND deleted_at IS NULL",
+                chunk,
+            )
+            found.update((row["ap_id"], row) for row in rows)
+        return found
+
+    async def get_tombstone_actors(self, ap_ids: Sequence[str]) -> dict[str, str | None]:
+        """Which of these ids were deleted, and by whom (``is_tombstoned`` for many)."""
+        found: dict[str, str | None] = {}
+        for chunk in _chunks(ap_ids):
+            rows = await self._fetchall(
+                f"SELECT ap_id, actor_ap_id FROM tombstones WHERE ap_id IN ({_marks(chunk)})",
+                chunk,
+            )
+            found.update((row["ap_id"], row["actor_ap_id"]) for row in rows)
+        return found
+
+    async def get_comment_places(self, ap_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """(comment id, post id) of the comments among these ids."""
+        found: dict[str, tuple[int, int]] = {}
+        for chunk in _chunks(ap_ids):
+            rows = await self._fetchall(
+                f"SELECT ap_id, id, post_id FROM comments WHERE ap_id IN ({_marks(chunk)})",
+                chunk,
+            )
+            found.update((row["ap_id"], (row["id"], row["post_id"])) for row in rows)
+        return found
+
+
+def _chunks(values: Sequence[str], size: int = 500) -> Iterator[list[str]]:
+    unique = list(dict.fromkeys(values))
+    for start in range(0, len(unique), size):
+        yield unique[start : start + size]
+
+
+def _marks(values: Sequence[object]) -> str:
+    return ", ".join("?" * len(values))

@@ -7,7 +7,8 @@ A queue is rows in the database (inbox activities to act on, deliveries to send)
   and leasing each row until ``now + lease``: a process that dies mid-job leaves the
   row to be claimed again once the lease ends, and the attempt is already counted;
 * **run** does one job, at most ``concurrency`` at once, each in its own task, so a
-  slow job never holds up another;
+  slow job never holds up another; or, given ``run_batch``, every job the pass holds
+  at once, in claim order (the inbox acts on many activities in one commit);
 * **record** writes each outcome as soon as it is known (outcomes that finish
   together share one commit): done, retry at a time, or failed with a reason.
 
@@ -198,6 +199,7 @@ class Worker(Generic[J]):
         queue: Queue[J],
         run: Callable[[J], Awaitable[Outcome]],
         *,
+        run_batch: Callable[[list[J]], Awaitable[list[Outcome]]] | None = None,
         concurrency: int = 1,
         batch: int = 200,
         lease: timedelta = timedelta(minutes=1),
@@ -208,6 +210,7 @@ class Worker(Generic[J]):
         self.name = name
         self._queue = queue
         self._run = run
+        self._run_batch = run_batch
         self._concurrency = concurrency
         self._batch = max(batch, concurrency)
         self._lease = lease
@@ -231,7 +234,7 @@ class Worker(Generic[J]):
         this pass: a job that hangs until its timeout delays nothing queued after it.
         """
         backlog: deque[J] = deque()
-        running: dict[asyncio.Task[Outcome], J] = {}
+        running: dict[asyncio.Task[list[Outcome]], list[J]] = {}
         held: set[int] = set()  # claimed by this pass: never run twice, even past a lease
         results: list[tuple[J, Outcome]] = []
         claimed = 0
@@ -257,8 +260,11 @@ class Worker(Generic[J]):
                     backlog.extend(jobs)
                     exhausted = not jobs
                 while backlog and len(running) < self._concurrency:
-                    job = backlog.popleft()
-                    running[asyncio.ensure_future(self._run(job))] = job
+                    group = [backlog.popleft()]
+                    if self._run_batch is not None:
+                        group.extend(backlog)
+                        backlog.clear()
+                    running[asyncio.ensure_future(self._run_group(group))] = group
                 if not running:
                     break
                 if woken is None:
@@ -272,8 +278,7 @@ class Worker(Generic[J]):
                     woken.cancel()  # a waiter that timed out must not pile up
                     woken = None
                 for task in [t for t in running if t in finished]:
-                    job = running.pop(task)
-                    results.append((job, self._outcome(job, task)))
+                    results.extend(self._outcomes(running.pop(task), task))
                 if results and (len(results) >= self._record_every or not (running or backlog)):
                     await self._record(results)
                     results = []
@@ -299,27 +304,39 @@ class Worker(Generic[J]):
             status = "gave_up" if outcome.gave_up else outcome.status
             self.outcomes[status] = self.outcomes.get(status, 0) + 1
 
-    def _outcome(self, job: J, task: asyncio.Task[Outcome]) -> Outcome:
+    async def _run_group(self, jobs: list[J]) -> list[Outcome]:
+        if self._run_batch is None:
+            return [await self._run(jobs[0])]
+        outcomes = await self._run_batch(jobs)
+        if len(outcomes) != len(jobs):
+            raise RuntimeError(f"{len(jobs)} jobs gave {len(outcomes)} outcomes")
+        return outcomes
+
+    def _outcomes(
+        self, jobs: list[J], task: asyncio.Task[list[Outcome]]
+    ) -> list[tuple[J, Outcome]]:
         error = task.exception()
         if error is None:
-            return task.result()
+            return list(zip(jobs, task.result(), strict=True))
         # A job function returns its outcomes; what escapes it is a fault of ours or
-        # of the machine. Transient faults come back later; a bug fails this job alone.
+        # of the machine. Transient faults come back later; a bug fails these jobs (one,
+        # or a batch whose function failed as a whole).
         transient = is_transient(error)
         if transient:
             self._trouble.error(type(error).__name__, f"{self.name}: {describe(error)}")
         else:
-            log.error("%s: job %d failed", self.name, job.id, exc_info=error)
+            log.error("%s: job %d failed", self.name, jobs[0].id, exc_info=error)
         retry_at = self.clock() + timedelta(seconds=30)
-        return (
+        outcome = (
             Outcome.retry(retry_at, describe(error))
             if transient
             else Outcome.failed(f"internal error: {describe(error)}")
         )
+        return [(job, outcome) for job in jobs]
 
     async def _stop(
         self,
-        running: dict[asyncio.Task[Outcome], J],
+        running: dict[asyncio.Task[list[Outcome]], list[J]],
         backlog: deque[J],
         results: list[tuple[J, Outcome]],
     ) -> None:
@@ -330,11 +347,12 @@ class Worker(Generic[J]):
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
         now = self.clock()
-        for task, job in running.items():
+        for task, jobs in running.items():
             if task.cancelled():
-                results.append((job, Outcome.retry(now, "interrupted (the worker stopped)")))
+                stopped = Outcome.retry(now, "interrupted (the worker stopped)")
+                results.extend((job, stopped) for job in jobs)
             else:
-                results.append((job, self._outcome(job, task)))
+                results.extend(self._outcomes(jobs, task))
         # Claimed but never started: due now, and the attempt given back.
         results.extend((job, Outcome.release(now)) for job in backlog)
         try:

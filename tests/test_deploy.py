@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from fediblog.cli import _parser
+from fediblog.server import Timeouts
 from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -214,9 +215,9 @@ def nginx_in_front(tmp_path: Path, echo: int) -> Iterator[tuple[int, int]]:
     site = replace_once(site, "listen [::]:80;", "")
     site = replace_once(site, "listen 443 ssl http2;", f"listen 127.0.0.1:{https_port} ssl http2;")
     site = replace_once(site, "listen [::]:443 ssl http2;", "")
-    site = replace_once(
-        site, "proxy_pass http://127.0.0.1:8000;", f"proxy_pass http://127.0.0.1:{echo};"
-    )
+    # Two locations pass to the blog: / and /admin/ (the desk, with larger bodies).
+    assert site.count("proxy_pass http://127.0.0.1:8000;") == 2
+    site = site.replace("proxy_pass http://127.0.0.1:8000;", f"proxy_pass http://127.0.0.1:{echo};")
     main = nginx_prefix(tmp_path, site)
     process = subprocess.Popen(
         [nginx, "-p", str(tmp_path), "-c", str(main), "-g", "daemon off;"],
@@ -263,6 +264,23 @@ def test_nginx_refuses_bodies_over_1_mb_and_passes_smaller(
     assert small.status_code == 200
     assert small.json()["body"] == 900_000
     assert big.status_code == 413
+
+
+def test_nginx_takes_larger_bodies_under_admin_only(nginx_in_front: tuple[int, int]) -> None:
+    """The desk's image uploads: up to 24 MB under /admin/, 1 MB everywhere else."""
+    _, https_port = nginx_in_front
+    base = f"https://127.0.0.1:{https_port}"
+    host = {"Host": DOMAIN}
+    with httpx.Client(verify=tls_client(), trust_env=False, timeout=30) as client:
+        upload = client.post(f"{base}/admin/write/new", headers=host, content=b"x" * 5_000_000)
+        too_big = client.post(f"{base}/admin/write/new", headers=host, content=b"x" * 26_000_000)
+        elsewhere = client.post(f"{base}/adminx", headers=host, content=b"x" * 1_100_000)
+    assert upload.status_code == 200
+    assert upload.json()["body"] == 5_000_000
+    headers = {name.lower(): value for name, value in upload.json()["headers"].items()}
+    assert headers["x-forwarded-proto"] == "https"  # the settings shared by both locations
+    assert too_big.status_code == 413
+    assert elsewhere.status_code == 413
 
 
 def test_nginx_sends_http_to_https_but_serves_acme_challenges(
@@ -327,6 +345,23 @@ def test_caddyfile_proxies_everything_to_the_blog_with_a_body_cap(tmp_path: Path
     assert server["read_header_timeout"] == 10_000_000_000  # nanoseconds
 
 
+def test_caddy_gives_a_desk_upload_as_long_as_the_blog_does(tmp_path: Path) -> None:
+    """Caddy streams bodies through: its deadline for a whole body must not cut an image
+    upload to the desk that fediblog itself would wait for (its upload deadline);
+    fediblog still cuts any other body at FEDIBLOG_BODY_TIMEOUT."""
+    result = subprocess.run(
+        [tool("caddy"), "adapt", "--adapter", "caddyfile", "--config", str(DEPLOY / "Caddyfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=caddy_env(tmp_path),
+        check=True,
+    )
+    server = json.loads(result.stdout)["apps"]["http"]["servers"]["srv0"]
+    assert server["read_timeout"] >= Timeouts().upload * 1_000_000_000  # nanoseconds
+    assert Timeouts().upload > Timeouts().body
+
+
 @pytest.fixture
 def caddy_in_front(tmp_path: Path, echo: int) -> Iterator[tuple[int, int]]:
     """deploy/Caddyfile serving on loopback (http, https) in front of the echo server,
@@ -368,6 +403,18 @@ def via_caddy(https_port: int, method: str, path: str, body: bytes = b"") -> htt
             content=body or None,
             extensions={"sni_hostname": DOMAIN},  # Caddy picks the certificate by name
         )
+
+
+def test_caddy_takes_larger_bodies_under_admin_only(caddy_in_front: tuple[int, int]) -> None:
+    """The desk's image uploads: up to 24 MiB under /admin/, 1 MiB everywhere else."""
+    _, https_port = caddy_in_front
+    upload = via_caddy(https_port, "POST", "/admin/write/new", b"x" * 5_000_000)
+    too_big = via_caddy(https_port, "POST", "/admin/write/new", b"x" * 26_000_000)
+    elsewhere = via_caddy(https_port, "POST", "/adminx", b"x" * 1_100_000)
+    assert upload.status_code == 200
+    assert upload.json()["body"] == 5_000_000
+    assert too_big.status_code == 413
+    assert elsewhere.status_code == 413
 
 
 def test_caddy_passes_host_and_https_to_the_blog(caddy_in_front: tuple[int, int]) -> None:

@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
     "remote": 3, "delivery": 3, "comments": 3, "notify": 3, "media": 3,
     "actors": 4, "proxy": 4,
     "blog": 5, "inbox": 5, "crawl": 5, "followers": 4, "moderation": 3, "answers": 6,
-    "demo": 6, "responses": 6, "preflight": 6, "backup": 6, "schedule": 6,
+    "demo": 6, "responses": 6, "preflight": 6, "backup": 6, "schedule": 6, "desk": 6,
     "check": 6,
     "web": 7,
     "app": 8, "server": 8, "cli": 9, "__main__": 10,

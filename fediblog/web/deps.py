@@ -13,6 +13,7 @@ from fediblog.blog import Blog
 from fediblog.config import Settings
 from fediblog.crawl import Crawler
 from fediblog.delivery import Deliverer
+from fediblog.desk import Desk
 from fediblog.inbox import Inbox
 from fediblog.notify import Notifier
 from fediblog.proxy import MediaProxy
@@ -41,6 +42,7 @@ class Services:
     crawler: Crawler
     notifier: Notifier
     proxy: MediaProxy
+    desk: Desk  # the author's account and sessions (web/admin)
 
 
 def services(request: Request) -> Services:

@@ -32,8 +32,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fediblog.errors import SignatureError, StorageError
 from fediblog.httpsig import parse_signature, verify_signature
-from fediblog.metrics import Family, exposition
-from fediblog.models import parse_ts, utcnow
+from fediblog.metrics import Family, backlog, exposition
+from fediblog.models import utcnow
 from fediblog.web.deps import Services, services
 
 PROBE_TIMEOUT = 5.0  # a database that takes longer to commit one row is not healthy
@@ -86,14 +86,15 @@ def _write_probe(request: Request) -> WriteProbe:
     return probe
 
 
+def task_states(request: Request) -> dict[str, str]:
+    """Each background task's name: "running", or "stopped" (then /healthz says 503)."""
+    return {task.get_name(): "stopped" if task.done() else "running" for task in _tasks(request)}
+
+
 async def healthz(request: Request) -> Response:
     ctx = services(request)
-    problems: list[str] = []
-    workers = {}
-    for task in _tasks(request):
-        workers[task.get_name()] = "stopped" if task.done() else "running"
-        if task.done():
-            problems.append(f"the {task.get_name()} task has stopped")
+    workers = task_states(request)
+    problems = [f"the {name} task has stopped" for name, up in workers.items() if up != "running"]
     database = await _write_probe(request).state(ctx)
     if database == "slow":
         problems.append(f"the database did not commit within {PROBE_TIMEOUT:g} s")
@@ -199,13 +200,7 @@ DELIVERY_OUTCOMES = {"done": "sent", "retry": "retry", "failed": "failed", "gave
 async def collect(ctx: Services, now: datetime) -> list[Family]:
     """Every family /metrics shows: the counters since start and the queues now."""
     stats = ctx.inbox.stats
-    queues = await ctx.store.get_queue_stats()
-    oldest = queues["oldest_waiting"]
-    last_lag = (
-        (parse_ts(queues["last_processed"]) - parse_ts(queues["last_received"])).total_seconds()
-        if queues["last_processed"]
-        else 0.0
-    )
+    queues = backlog(await ctx.store.get_queue_stats(), now)
     delivered = ctx.deliverer.worker.outcomes
     processed = ctx.inbox.worker.outcomes
     return [
@@ -244,21 +239,21 @@ async def collect(ctx: Services, now: datetime) -> list[Family]:
             "gauge",
             "Rows waiting in a queue (inbox: activities to process; deliveries: to send).",
             (
-                ({"queue": "inbox"}, queues["inbox_queued"]),
-                ({"queue": "deliveries"}, queues["deliveries_queued"]),
+                ({"queue": "inbox"}, queues.inbox_queued),
+                ({"queue": "deliveries"}, queues.deliveries_queued),
             ),
         ),
         Family(
             "fediblog_inbox_lag_seconds",
             "gauge",
             "How long the oldest activity not yet processed has waited since it was accepted.",
-            (({}, max(0.0, (now - parse_ts(oldest)).total_seconds()) if oldest else 0.0),),
+            (({}, queues.lag),),
         ),
         Family(
             "fediblog_inbox_last_lag_seconds",
             "gauge",
             "Accepted to processed, for the activity processed last.",
-            (({}, max(0.0, last_lag)),),
+            (({}, queues.last_lag),),
         ),
     ]
 

@@ -33,6 +33,7 @@ from fediblog.web.cache import CachedPage, respond
 from fediblog.web.commenter import CommentForm, personal, remembered
 from fediblog.web.deps import Services, services
 from fediblog.web.pages import cached
+from fediblog.web.paths import row_id
 
 HTML = "text/html; charset=utf-8"
 
@@ -380,8 +381,8 @@ async def error_page(request: Request, exc: HTTPException) -> Response:
 routes = [
     Route("/", index),
     Route("/posts/{slug}", post_page),
-    Route("/posts/{slug}/comments/{comment_id:int}", comment_permalink),
-    Route("/posts/{slug}/reply/{comment_id:int}", reply_page),
+    Route(f"/posts/{{slug}}/comments/{row_id('comment_id')}", comment_permalink),
+    Route(f"/posts/{{slug}}/reply/{row_id('comment_id')}", reply_page),
     Route("/tags", tags),
     Route("/tags/{tag}", tag_page),
     Route("/archive", archive),
