@@ -29,7 +29,7 @@ from fediblog.actors import ActorDirectory
 from fediblog.blog import Blog
 from fediblog.config import Settings
 from fediblog.crawl import Crawler
-from fediblog.delivery import USER_AGENT, Deliverer
+from fediblog.delivery import PER_HOST, USER_AGENT, Deliverer
 from fediblog.desk import Desk
 from fediblog.errors import StorageError
 from fediblog.httpsig import sign_request
@@ -140,16 +140,16 @@ def create_app(
         )
         store = await Store.open(settings.database)
 
-        def http_client() -> httpx.AsyncClient:
+        def http_client(max_per_host: int | None = None) -> httpx.AsyncClient:
             return httpx.AsyncClient(
-                transport=transport or build_transport(policy),
+                transport=transport or build_transport(policy, max_per_host=max_per_host),
                 headers={"User-Agent": USER_AGENT},
                 follow_redirects=False,
             )
 
         # Two connection pools: GETs (key and actor fetches, which strangers can point at
         # a tarpit) never take the connections that deliveries need, nor the reverse.
-        fetch_client, delivery_client = http_client(), http_client()
+        fetch_client, delivery_client = http_client(), http_client(PER_HOST)
 
         def sign_get(method: str, url: str) -> dict[str, str]:
             return sign_request(

@@ -30,12 +30,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import select
 import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -202,6 +204,7 @@ class _DeadlineStream(httpcore.AsyncNetworkStream):
 
     def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
         self._inner = inner
+        self._socket: socket.socket | None = inner.get_extra_info("socket")
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
         return await self._inner.read(max_bytes, _time_left(timeout, httpcore.ReadTimeout))
@@ -234,7 +237,26 @@ class _DeadlineStream(httpcore.AsyncNetworkStream):
         return _DeadlineStream(stream)
 
     def get_extra_info(self, info: str) -> Any:
+        # httpcore's pool asks each idle connection whether it is readable (closed by
+        # the server) every time it places or releases a request; anyio rebuilds its
+        # table of socket attributes for each such question. A stream's socket never
+        # changes, so it is looked up once, in __init__.
+        if info == "is_readable":
+            return _readable(self._socket)
+        if info == "socket":
+            return self._socket
         return self._inner.get_extra_info(info)
+
+
+def _readable(sock: socket.socket | None) -> bool:
+    """Whether reading would not block: data, or the peer closed (httpcore's meaning)."""
+    if sock is None or sock.fileno() < 0:
+        return True
+    if not hasattr(select, "poll"):  # Windows
+        return bool(select.select([sock], [], [], 0)[0])
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class _SlotStream(httpx.AsyncByteStream):
@@ -257,11 +279,24 @@ class _SlotStream(httpx.AsyncByteStream):
                 release()
 
 
+@dataclass
+class _HostSlots:
+    """The requests one origin may have at once, and how many hold or wait for one."""
+
+    slots: asyncio.Semaphore
+    users: int = 0
+
+
 class GuardedTransport(httpx.AsyncHTTPTransport):
     """httpx's own transport, with its connection pool connecting through GuardedBackend.
 
-    At most ``max_connections`` requests are in the pool at once; the others wait for a
-    slot here, for as long as the request's pool timeout (see the module docstring).
+    At most ``max_connections`` requests are in the pool at once, and with
+    ``max_per_host`` at most that many to one origin (scheme, host, port); the others
+    wait for a slot here, for as long as the request's pool timeout (see the module
+    docstring). The per-origin cap is politeness, and it keeps httpcore's pool small
+    when many requests go to one server: the pool looks at every connection it holds
+    each time it places or gives back a request, so 64 connections to one origin cost
+    more CPU per request than 8 of them kept alive and taken in turn.
     """
 
     def __init__(
@@ -270,6 +305,7 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
         allow_loopback: bool,
         resolve: Resolver = resolve_host,
         max_connections: int = 100,
+        max_per_host: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(trust_env=False)
@@ -283,26 +319,65 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
             network_backend=GuardedBackend(allow_loopback=allow_loopback, resolve=resolve),
         )
         self._slots = asyncio.Semaphore(max_connections)
+        self._per_host = max_per_host
+        self._hosts: dict[tuple[bytes, bytes, int | None], _HostSlots] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        await self._take_slot(request)
+        host = await self._take_host(request) if self._per_host else None
+        try:
+            await _take(self._slots, request)
+        except BaseException:
+            self._give_host(host)
+            raise
+
+        def release() -> None:
+            self._slots.release()
+            self._give_host(host)
+
         try:
             response = await super().handle_async_request(request)
         except BaseException:
-            self._slots.release()
+            release()
             raise
         assert isinstance(response.stream, httpx.AsyncByteStream)
-        response.stream = _SlotStream(response.stream, self._slots.release)
+        response.stream = _SlotStream(response.stream, release)
         return response
 
-    async def _take_slot(self, request: httpx.Request) -> None:
-        if not self._slots.locked():
-            await self._slots.acquire()  # free: taken without waiting
-            return
-        timeout = request.extensions.get("timeout", {}).get("pool")
+    async def _take_host(self, request: httpx.Request) -> tuple[bytes, bytes, int | None]:
+        assert self._per_host is not None
+        url = request.url
+        key = (url.raw_scheme, url.raw_host, url.port)
+        host = self._hosts.get(key)
+        if host is None:
+            host = self._hosts[key] = _HostSlots(asyncio.Semaphore(self._per_host))
+        host.users += 1
         try:
-            # Cancelling this wait is harmless: the request holds nothing in the pool yet.
-            with anyio.fail_after(_time_left(timeout, httpx.PoolTimeout)):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise httpx.PoolTimeout("no connection became free in time") from None
+            await _take(host.slots, request)
+        except BaseException:
+            self._give_host(key, taken=False)
+            raise
+        return key
+
+    def _give_host(self, key: tuple[bytes, bytes, int | None] | None, taken: bool = True) -> None:
+        """Give an origin's slot back; forget the origin once nobody holds or wants one."""
+        if key is None or (host := self._hosts.get(key)) is None:
+            return
+        if taken:
+            host.slots.release()
+        host.users -= 1
+        if host.users == 0:
+            del self._hosts[key]
+
+
+async def _take(slots: asyncio.Semaphore, request: httpx.Request) -> None:
+    """Take a slot, waiting at most the request's pool timeout (and its deadline)."""
+    if not slots.locked():
+        await slots.acquire()  # free: taken without waiting
+        return
+    timeout = request.extensions.get("timeout", {}).get("pool")
+    try:
+        # Cancelling this wait is harmless: the request holds nothing in the pool yet.
+        with anyio.fail_after(_time_left(timeout, httpx.PoolTimeout)):
+            await slots.acquire()
+    except TimeoutError:
+        raise httpx.PoolTimeout("no connection became free in time") from None

@@ -85,11 +85,15 @@ class FetchPolicy:
     max_redirects: int = 3
 
 
-def build_transport(policy: FetchPolicy) -> httpx.AsyncBaseTransport:
+def build_transport(
+    policy: FetchPolicy, *, max_per_host: int | None = None
+) -> httpx.AsyncBaseTransport:
     """A transport for one of fediblog's AsyncClients (GETs and deliveries each have
     their own, so neither can take all of the other's connections): checks addresses
-    at connect time."""
-    return GuardedTransport(allow_loopback=policy.allow_private_addresses)
+    at connect time; ``max_per_host`` caps the requests to one server at once."""
+    return GuardedTransport(
+        allow_loopback=policy.allow_private_addresses, max_per_host=max_per_host
+    )
 
 
 # ---- what a response must look like ------------------------------------------------

@@ -2712,6 +2712,77 @@ class Store:
             )
             return cursor.rowcount
 
+    # ---- seeding for the benchmarks (tests/bench) --------------------------------
+    # tests/bench fills a blog with tens of thousands of comments or followers in a few
+    # seconds: one transaction and one executemany per table, not one commit per row.
+
+    async def save_seed_comments(
+        self,
+        post_id: int,
+        comments: Sequence[tuple[int | None, int | None, str, str, datetime]],
+    ) -> int:
+        """Published fediverse comments under a post, in one transaction. Each is
+        ``(parent, actor_id, ap_id, content_html, published)``, ``parent`` being the index
+        of an earlier comment of the same call (a thread) or None. Returns the first id;
+        the others follow it in order."""
+        for index, (parent, *_) in enumerate(comments):
+            if parent is not None and not 0 <= parent < index:
+                raise ValueError(f"comment {index}: parent {parent} is not an earlier one")
+        now = format_ts(utcnow())
+        async with self._transaction() as db:
+            # Explicit ids (after the largest one) so that parents can be named by index.
+            rows = await db.execute_fetchall("SELECT coalesce(max(id), 0) FROM comments")
+            first = int(next(iter(rows))[0]) + 1
+            await db.executemany(
+                "INSERT INTO comments (id, post_id, parent_id, ap_id, url, actor_id,"
+                " content_html, status, source, published_at, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'published', 'fediverse', ?, ?)",
+                [
+                    (
+                        first + index,
+                        post_id,
+                        None if parent is None else first + parent,
+                        ap_id,
+                        ap_id,
+                        actor_id,
+                        content_html,
+                        format_ts(published),
+                        now,
+                    )
+                    for index, (parent, actor_id, ap_id, content_html, published) in enumerate(
+                        comments
+                    )
+                ],
+            )
+        return first
+
+    async def save_seed_followers(
+        self, followers: Sequence[tuple[str, str, str, str, str | None]]
+    ) -> None:
+        """Remote actors and their accepted follows, in one transaction. Each is
+        ``(ap_id, username, domain, inbox, shared_inbox)``; an actor already known is
+        left as it is."""
+        now = format_ts(utcnow())
+        async with self._transaction() as db:
+            await db.executemany(
+                "INSERT INTO actors (ap_id, username, domain, name, url, inbox, shared_inbox,"
+                " key_id, fetched_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (ap_id) DO NOTHING",
+                [
+                    (ap_id, user, domain, user, ap_id, inbox, shared, ap_id + "#main-key", now)
+                    for ap_id, user, domain, inbox, shared in followers
+                ],
+            )
+            await db.executemany(
+                "INSERT INTO followers (actor_id, follow_ap_id, inbox, shared_inbox, status,"
+                " created_at) SELECT id, ?, ?, ?, 'accepted', ? FROM actors WHERE ap_id = ?"
+                " ON CONFLICT (actor_id) DO NOTHING",
+                [
+                    (ap_id + "#follows/1", inbox, shared, now, ap_id)
+                    for ap_id, _, _, inbox, shared in followers
+                ],
+            )
+
     # ---- replies processed in batches (inbox.py) --------------------------------
     # The inbox turns a claimed batch of replies into comments in one transaction, and
     # reads what they need in a few queries, not a few per reply (inbox.py, responses.py).

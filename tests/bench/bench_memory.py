@@ -13,7 +13,8 @@ Three measurements, each of a fresh server process (one uvicorn worker):
    home page (posts, tags, about, feeds, pagination), each post's ActivityPub object,
    the actor, outbox, followers, WebFinger, host-meta and NodeInfo; then 2 s idle.
 
-RSS is VmRSS from /proc (what `ps` and the container see).
+RSS is VmRSS from /proc (what `ps` and the container see), added up over the server
+and any process it started.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ import re
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from fediblog.blog import Blog
 from fediblog.demo import seed_demo
 from fediblog.store import Store
-from tests.bench.common import bench_settings, rss_mb, running_server
+from tests.bench.common import bench_settings, running_server, tree_rss_mb
 from tests.processes import free_port
 
 AP = "application/activity+json"
@@ -43,6 +45,12 @@ async def seed(settings: object) -> None:
         await seed_demo(Blog(settings, store), store)  # type: ignore[arg-type]
     finally:
         await store.close()
+
+
+async def create(settings: object) -> None:
+    """An empty blog: its database, migrated (`fediblog serve` needs one)."""
+    store = await Store.open(settings.database)  # type: ignore[attr-defined]
+    await store.close()
 
 
 def crawl(base: str, limit: int) -> tuple[int, int]:
@@ -80,36 +88,49 @@ def crawl(base: str, limit: int) -> tuple[int, int]:
     return len(seen), size
 
 
-def measure(demo: bool, limit: int) -> tuple[float, float | None, int]:
+def measure_one(demo: bool, limit: int) -> tuple[float, float | None, int]:
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         folder, port = Path(tmp), free_port()
         settings = bench_settings(folder, port)
-        if demo:
-            asyncio.run(seed(settings))
+        asyncio.run(seed(settings) if demo else create(settings))
         with running_server(settings, port) as server:
             time.sleep(2.0)  # start-up settles; the probe GET /about has been served
-            idle = rss_mb(server.pid)
+            idle = tree_rss_mb(server.pid)
             if not demo:
                 return idle, None, 0
             pages, size = crawl(f"http://127.0.0.1:{port}", limit)
             time.sleep(2.0)
-            after = rss_mb(server.pid)
+            after = tree_rss_mb(server.pid)
             print(f"served {pages} pages and documents once ({size:,} bytes)")
             return idle, after, pages
+
+
+def measure(*, pages: int = 300) -> dict[str, Any]:
+    """``empty_idle_mb``, ``demo_idle_mb``, ``demo_after_mb``, and ``idle_rss_mb``: the
+    worst of the three (the target's figure)."""
+    empty, _, _ = measure_one(False, pages)
+    demo_idle, demo_after, served = measure_one(True, pages)
+    assert demo_after is not None
+    return {
+        "empty_idle_mb": empty,
+        "demo_idle_mb": demo_idle,
+        "demo_after_mb": demo_after,
+        "pages_served": served,
+        "idle_rss_mb": max(empty, demo_idle, demo_after),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pages", type=int, default=300, help="crawl at most this many pages")
     args = parser.parse_args()
-    empty, _, _ = measure(False, args.pages)
-    demo_idle, demo_after, pages = measure(True, args.pages)
-    assert demo_after is not None
-    worst = max(empty, demo_idle, demo_after)
+    figures = measure(pages=args.pages)
+    worst = figures["idle_rss_mb"]
     print(
-        f"RESULT memory empty_idle={empty:.1f} MB demo_idle={demo_idle:.1f} MB "
-        f"demo_after_serving_{pages}_pages={demo_after:.1f} MB target=80 MB "
-        f"{'MET' if worst <= 80 else 'NOT MET'}"
+        f"RESULT memory empty_idle={figures['empty_idle_mb']:.1f} MB "
+        f"demo_idle={figures['demo_idle_mb']:.1f} MB "
+        f"demo_after_serving_{figures['pages_served']}_pages={figures['demo_after_mb']:.1f} MB "
+        f"target=80 MB {'MET' if worst <= 80 else 'NOT MET'}"
     )
 
 

@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: a blog in a temp folder, a server process, wrk."""
+"""Shared pieces of the benchmarks: a blog in a temp folder, a server process, wrk,
+and the memory of a server and its helper processes."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from fediblog.config import Settings, load_settings
 from fediblog.keys import ensure_keys
+from tests.bench.sysstat import process_tree
 
 
 def bench_settings(folder: Path, port: int, **extra: object) -> Settings:
@@ -78,19 +82,96 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def peak_rss_mb(pid: int) -> float:
+    """The most memory the process ever held resident (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of the process and its descendants, added up (shared pages count twice)."""
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            total += rss_mb(member)
+        except (OSError, RuntimeError):
+            continue  # ended meanwhile
+    return total
+
+
+class RssSampler:
+    """The largest tree RSS seen while the block runs, sampled every ``interval`` s."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError, RuntimeError):
+                self.peak = max(self.peak, tree_rss_mb(self.pid))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass(frozen=True, slots=True)
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    output: str
+
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def parse_wrk(output: str) -> WrkResult:
+    """Requests/s and the latency percentiles of wrk's ``--latency`` output."""
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    if errors:
+        raise RuntimeError(f"{errors.group(1)} error responses:\n{output}")
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    total = re.search(r"(\d+) requests in", output)
+    if not rate or not total:
+        raise RuntimeError(output)
+
+    def percentile(p: int) -> float:
+        match = re.search(rf"^\s*{p}%\s+([\d.]+)(us|ms|s|m)\s*$", output, re.MULTILINE)
+        return float(match.group(1)) * _UNITS_MS[match.group(2)] if match else float("nan")
+
+    return WrkResult(
+        float(rate.group(1)), percentile(50), percentile(99), int(total.group(1)), output
+    )
+
+
+def wrk_run(
+    url: str, *, seconds: float = 10, connections: int = 32, headers: dict[str, str] | None = None
+) -> WrkResult:
+    """One wrk run (one thread) against url: rate and latency; any 4xx/5xx is an error."""
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
+    for name, value in (headers or {}).items():
+        command += ["-H", f"{name}: {value}"]
+    output = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+    return parse_wrk(output)
+
+
 def wrk(
     url: str, *, seconds: int = 10, connections: int = 32, headers: dict[str, str] | None = None
 ) -> float:
     """Requests per second that wrk (one thread) reached against url."""
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
-    for name, value in (headers or {}).items():
-        command += ["-H", f"{name}: {value}"]
-    output = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    if errors:
-        raise RuntimeError(f"{errors.group(1)} error responses:\n{output}")
-    match = re.search(r"Requests/sec:\s+([\d.]+)", output)
-    if not match:
-        raise RuntimeError(output)
-    print(output)
-    return float(match.group(1))
+    result = wrk_run(url, seconds=seconds, connections=connections, headers=headers)
+    print(result.output)
+    return result.rps
