@@ -715,9 +715,6 @@ class Store:
             try:
                 try:
                     await self._db.execute("BEGIN IMMEDIATE")
-                except sqlite3.OperationalError as error:
-                    raise _unavailable(self._path, error) from error
-                try:
                     yield self._db
                     if _identity(self._path) != self._identity:
                         raise StorageUnavailable(
@@ -726,9 +723,13 @@ class Store:
                         )
                     await self._db.execute("COMMIT")
                 except BaseException as error:
-                    if self._db.in_transaction:
-                        with contextlib.suppress(sqlite3.Error):
-                            await self._db.execute("ROLLBACK")
+                    # Always, and never on in_transaction: a BEGIN cancelled while it
+                    # waited (a /healthz deadline, a shutdown) still runs on aiosqlite's
+                    # thread, after which in_transaction turns true with nobody to end
+                    # it, and every later write would fail. The thread runs in order,
+                    # so this ROLLBACK comes after that BEGIN; with none open it fails.
+                    with contextlib.suppress(sqlite3.Error):
+                        await self._db.execute("ROLLBACK")
                     if isinstance(error, sqlite3.OperationalError):
                         raise _unavailable(self._path, error) from error
                     raise

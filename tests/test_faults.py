@@ -377,6 +377,25 @@ async def test_a_read_never_sees_a_write_that_rolls_back(services: Services) -> 
     assert await store.get_post_by_slug("ghost") is None
 
 
+async def test_a_write_cancelled_while_it_begins_leaves_no_transaction_open(
+    services: Services,
+) -> None:
+    # A write cancelled at any moment (a /healthz probe's deadline, a worker stopped at
+    # shutdown), even while its BEGIN waits on the database's thread, must leave the
+    # writer connection outside any transaction: else every later write fails with
+    # "cannot start a transaction within a transaction" until a restart.
+    store = services.store
+    for ticks in range(12):  # cancelled after 0, 1, … turns of the event loop
+        write = asyncio.ensure_future(store.probe_write(utcnow()))
+        for _ in range(ticks):
+            await asyncio.sleep(0)
+        write.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await write
+        await store.probe_write(utcnow())  # the next write works
+        assert not store._db.in_transaction, f"left open when cancelled after {ticks} ticks"
+
+
 # ---- 7. the database vanishes, or fills up, under a running server ------------------------
 
 
