@@ -181,6 +181,9 @@ async def test_the_reply_page_aims_both_forms_at_the_response(
 
     page = await page_of(web, f"/posts/{post.slug}/reply/{remote}")
 
+    [heading] = page.find_all("h1")  # one heading says what the page is (axe)
+    assert heading.get_text(" ", strip=True).startswith("Reply to ")
+    assert heading.find("a")["href"] == f"/posts/{post.slug}"
     assert "from afar" in page.select_one("#responses .e-content").get_text()
     interact = page.find("form", class_="interact")
     assert isinstance(interact, Tag)
