@@ -152,19 +152,13 @@ class Thread:
     comment: Comment
     children: list[Thread] = field(default_factory=list)
     number: int | None = None  # its place among the post's responses; None for a placeholder
+    # Shown on an earlier page of responses: here only to hold its replies that this page
+    # continues with (comments.py).
+    continued: bool = False
 
     @property
     def deleted(self) -> bool:
         return self.comment.status == "deleted"
-
-
-@dataclass(frozen=True, slots=True)
-class ThreadPage:
-    """One page of a post's responses: whole threads, and where they stand among all."""
-
-    comments: tuple[Comment, ...]  # every visible comment of this page's threads
-    first_number: int  # the number of this page's first response (1 on the first page)
-    threads: int  # how many threads the post has in all (deleted ones with no reply left out)
 
 
 @dataclass(frozen=True, slots=True)

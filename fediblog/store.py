@@ -48,7 +48,6 @@ from fediblog.models import (
     PostState,
     ResponseEntry,
     ScheduleJob,
-    ThreadPage,
     Visibility,
     format_ts,
     parse_ts,
@@ -1856,84 +1855,6 @@ class Store:
 
     # ---- notifications and response feeds --------------------------------
 
-    # Every thread under a post, as ``comments.build_threads`` shows them: a visible
-    # comment starts a thread unless its parent is visible and older (a smaller id, so no
-    # cycle); the others hang under their parent. A thread of deleted placeholders only is
-    # not shown, so neither counted nor paged. ``ranked`` numbers the threads oldest first
-    # and says how many responses come before each: one page needs no other page's rows.
-    _THREADS = f"""
-        WITH RECURSIVE
-        tree(id, root, root_published, counted) AS (
-            SELECT c.id, c.id, c.published_at, c.status = 'published' FROM comments c
-            WHERE c.post_id = ?1 AND {_VISIBLE}
-              AND NOT (coalesce(c.parent_id < c.id, 0) AND c.parent_id IN
-                       (SELECT c.id FROM comments c WHERE c.post_id = ?1 AND {_VISIBLE}))
-            UNION ALL
-            SELECT c.id, t.root, t.root_published, c.status = 'published'
-            FROM tree t JOIN comments c ON c.parent_id = t.id
-            WHERE c.id > t.id AND c.post_id = ?1 AND {_VISIBLE}
-        ),
-        threads(root, published_at, responses) AS (
-            SELECT root, root_published, sum(counted) FROM tree
-            GROUP BY root HAVING sum(counted) > 0
-        ),
-        ranked(root, position, before, total) AS (
-            SELECT root, row_number() OVER oldest_first,
-                   coalesce(sum(responses) OVER (oldest_first ROWS BETWEEN UNBOUNDED PRECEDING
-                                                 AND 1 PRECEDING), 0),
-                   count(*) OVER ()
-            FROM threads WINDOW oldest_first AS (ORDER BY published_at, root)
-        )
-    """
-
-    async def get_thread_page(self, post_id: int, *, page: int, per_page: int) -> ThreadPage | None:
-        """Threads ``per_page`` at a time, oldest first, each whole; None past the last page.
-
-        One statement (one snapshot): the page's threads, then every visible comment in
-        them, walked down the thread index; the other pages' comments are only counted.
-        """
-        rows = await self._fetchall(
-            self._THREADS
-            + """,
-            page(root, before, total) AS (
-                SELECT root, before, total FROM ranked
-                WHERE position > ?2 ORDER BY position LIMIT ?3
-            ),
-            shown(id) AS (
-                SELECT root FROM page
-                UNION ALL
-                SELECT c.id FROM shown s JOIN comments c ON c.parent_id = s.id
-                WHERE c.id > s.id AND c.post_id = ?1 AND """
-            + _VISIBLE
-            + f"""
-            )
-            SELECT {_COMMENT_COLUMNS},
-                   (SELECT min(before) FROM page) AS page_before,
-                   (SELECT max(total) FROM page) AS page_total
-            FROM shown JOIN comments c ON c.id = shown.id
-            LEFT JOIN actors a ON a.id = c.actor_id
-            ORDER BY c.published_at, c.id
-            """,
-            (post_id, (page - 1) * per_page, per_page),
-        )
-        if not rows:
-            return ThreadPage((), 1, 0) if page == 1 else None
-        return ThreadPage(
-            comments=tuple(_comment(row) for row in rows),
-            first_number=int(rows[0]["page_before"]) + 1,
-            threads=int(rows[0]["page_total"]),
-        )
-
-    async def get_thread_position(self, post_id: int, comment_id: int) -> int | None:
-        """Where the thread that shows ``comment_id`` stands among the post's threads
-        (1 for the oldest), or None if no reader sees that comment under that post."""
-        row = await self._fetchone(
-            self._THREADS
-            + " SELECT position FROM ranked WHERE root = (SELECT root FROM tree WHERE id = ?2)",
-            (post_id, comment_id),
-        )
-        return int(row[0]) if row else None
-
     async def get_visible_response(self, post_id: int, comment_id: int) -> Comment | None:
         """A published response a reader sees under this post (to reply to), or None."""
         row = await self._fetchone(
@@ -2842,6 +2763,73 @@ class Store:
             )
             found.update((row["ap_id"], (row["id"], row["post_id"])) for row in rows)
         return found
+
+    # ---- responses paged by count ----
+    # A post's visible comments in page order (comments.py: threads depth first, oldest
+    # first at every level, replies below max_depth flattened into their parent's level),
+    # walked lazily: the first page of 50,000 comments reads about a page of rows. The
+    # walk is SQLite's recursive CTE with an ORDER BY, a queue that always yields the
+    # smallest ``path`` next: a path is the list it sits in followed by its own key
+    # (published_at, then the id on 12 digits: fixed width, so text order is page order).
+    # A reply flattened into its parent's level never sorts before that parent (its
+    # moment is at least the parent's), so the queue yields every level in order.
+    _PARENT_VISIBLE = _VISIBLE.replace("c.", "p.")  # the same rule, for the parent row p
+    _WALK = f"""
+        WITH RECURSIVE
+        roots(id, moment) AS (
+            SELECT c.id, c.published_at FROM comments c
+            WHERE c.post_id = ?1 AND {_VISIBLE}
+              AND NOT EXISTS (SELECT 1 FROM comments p WHERE p.id = c.parent_id
+                              AND p.id < c.id AND p.post_id = ?1 AND {_PARENT_VISIBLE})
+            ORDER BY c.published_at, c.id LIMIT ?2
+        ),
+        walk(id, depth, list, path, moment) AS (
+            SELECT id, 1, '', moment || printf('%012d', id), moment FROM roots
+            UNION ALL
+            SELECT c.id, min(w.depth + 1, ?3),
+                   iif(w.depth < ?3, w.path, w.list),
+                   iif(w.depth < ?3, w.path, w.list)
+                     || iif(w.depth < ?3, c.published_at, max(c.published_at, w.moment))
+                     || printf('%012d', c.id),
+                   iif(w.depth < ?3, c.published_at, max(c.published_at, w.moment))
+            FROM walk w JOIN comments c ON c.parent_id = w.id
+            WHERE c.id > w.id AND c.post_id = ?1 AND {_VISIBLE}
+            ORDER BY 4 LIMIT ?2
+        )
+        SELECT w.id, w.list, w.path, c.status = 'deleted' AS deleted
+        FROM walk w JOIN comments c ON c.id = w.id
+    """
+
+    async def list_response_walk(
+        self, post_id: int, limit: int, *, max_depth: int
+    ) -> list[tuple[int, str, str, bool]]:
+        """The first ``limit`` visible comments under a post in page order, deleted
+        placeholders included: ``(id, list, path, deleted)``, where a comment's replies
+        shown under it have its ``path`` as their ``list`` ('' for the top level)."""
+        rows = await self._fetchall(self._WALK, (post_id, limit, max_depth))
+        return [(row[0], row[1], row[2], bool(row[3])) for row in rows]
+
+    async def list_comments_by_ids(self, ids: Sequence[int]) -> dict[int, Comment]:
+        """These comments, by id, as a page shows them (ids from ``list_response_walk``)."""
+        found: dict[int, Comment] = {}
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            rows = await self._fetchall(
+                f"SELECT {_COMMENT_COLUMNS} FROM comments c LEFT JOIN actors a"
+                f" ON a.id = c.actor_id WHERE c.id IN ({_marks(chunk)})",
+                chunk,
+            )
+            found.update((row["id"], _comment(row)) for row in rows)
+        return found
+
+    async def is_visible_comment(self, post_id: int, comment_id: int) -> bool:
+        """Whether a reader may see this comment (or its placeholder) under this post."""
+        row = await self._fetchone(
+            f"SELECT 1 FROM comments c WHERE c.id = ? AND c.post_id = ? AND {_VISIBLE}",
+            (comment_id, post_id),
+        )
+        return row is not None
 
 
 def _chunks(values: Sequence[str], size: int = 500) -> Iterator[list[str]]:

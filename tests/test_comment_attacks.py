@@ -776,6 +776,11 @@ async def test_attack_28_cycle_in_stored_parents_cannot_hang_rendering(
     page = await page_of(web, post)
 
     shown = contents(page)
+    for number in (2, 3, 4):  # 100 responses a page (FEDIBLOG_RESPONSES_PER_PAGE)
+        later = await web.get(f"/posts/{post.slug}?responses={number}")
+        assert later.status_code == 200
+        shown += contents(soup(later.text))
+        assert nesting_depth(soup(later.text)) <= MAX_DEPTH
     assert len(shown) == 304
     assert {"First of the loop", "Second", "Third", "Its own parent"} <= set(shown)
     assert nesting_depth(page) <= MAX_DEPTH

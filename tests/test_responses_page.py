@@ -21,7 +21,9 @@ from bs4 import BeautifulSoup, Tag
 from starlette.applications import Starlette
 
 import fediblog.store
+from fediblog.answers import list_in_page_order
 from fediblog.blog import parse_post
+from fediblog.comments import MAX_DEPTH
 from fediblog.models import Post
 from fediblog.web.deps import Services
 from tests.conftest import BASE_URL, make_settings
@@ -337,66 +339,85 @@ async def many_threads(ctx: Services) -> tuple[Post, list[int], dict[int, list[i
     return post, tops, replies
 
 
-async def test_responses_are_paged_by_thread_and_numbered_across_pages(
+async def test_responses_are_paged_by_count_and_numbered_across_pages(
     paged_web: httpx.AsyncClient, paged_ctx: Services
 ) -> None:
-    post, tops, replies = await many_threads(paged_ctx)
+    post, _, replies = await many_threads(paged_ctx)
     total = THREADS - 1 + 2 * len(replies)  # thread 50's first response was deleted
-    pages = -(-THREADS // PER_PAGE)
+    pages = -(-total // PER_PAGE)
+    in_order = [c.id for c in await list_in_page_order(paged_ctx.store, post.id)]
 
     first = await page_of(paged_web, f"/posts/{post.slug}")
 
     assert heading_count(first) == total
-    assert len(first.select("ol.comment-list > li")) == PER_PAGE
     newest = first.select_one("#responses a[rel=last]")
     assert newest is not None
     assert newest["href"] == f"/posts/{post.slug}?responses={pages}#responses"
     assert first.select_one("#responses a[rel=prev]") is None
-    assert "Responses page 1 of 13" in first.get_text()
+    assert f"Responses page 1 of {pages}" in first.get_text()
 
     shown: list[int] = []
     for number in range(1, pages + 1):
         path = f"/posts/{post.slug}" + (f"?responses={number}" if number > 1 else "")
         page = await page_of(paged_web, path)
         assert heading_count(page) == total  # the heading is always the total
-        threads = page.select("ol.comment-list > li")
-        assert [li["id"] for li in threads] == [
-            f"comment-{top}" for top in tops[(number - 1) * PER_PAGE : number * PER_PAGE]
-        ]  # whole threads, oldest first
-        shown += numbers(page)
-    assert shown == list(range(1, total + 1))
+        on_page = numbers(page)
+        # PER_PAGE responses a page, numbered on from the pages before, in page order.
+        last = min(number * PER_PAGE, total)
+        assert on_page == list(range((number - 1) * PER_PAGE + 1, last + 1))
+        shown += [int(str(li["id"]).removeprefix("comment-")) for li in responses_of(page)]
+    assert shown == in_order
 
     last = await page_of(paged_web, f"/posts/{post.slug}?responses={pages}")
     assert last.select_one("#responses a[rel=next]") is None
     assert last.select_one("#responses a[rel=first]")["href"] == f"/posts/{post.slug}#responses"
-    assert len(last.select("ol.comment-list > li")) == THREADS - (pages - 1) * PER_PAGE
     assert (await paged_web.get(f"/posts/{post.slug}?responses={pages + 1}")).status_code == 404
     for junk in ("0", "-1", "abc", "1.5"):
         assert (await paged_web.get(f"/posts/{post.slug}?responses={junk}")).status_code == 400
+
+
+def responses_of(page: BeautifulSoup) -> list[Tag]:
+    """The numbered responses of a page, in page order (no placeholder, no continuation)."""
+    return [
+        li
+        for li in page.select("#responses li.comment")
+        if li.select_one(":scope > .comment-body a.comment-number")
+    ]
 
 
 async def test_a_permalink_redirects_to_the_page_that_holds_it(
     paged_web: httpx.AsyncClient, paged_ctx: Services
 ) -> None:
     post, tops, replies = await many_threads(paged_ctx)
-    nested = replies[140][1]  # thread 140: page 7 of 20 threads a page
+    in_order = [c.id for c in await list_in_page_order(paged_ctx.store, post.id)]
+    nested = replies[140][1]
+    expected = in_order.index(nested) // PER_PAGE + 1
+    assert expected > 1
 
     response = await paged_web.get(f"/posts/{post.slug}/comments/{nested}")
 
     assert response.status_code == 302
-    assert response.headers["location"] == f"/posts/{post.slug}?responses=7#comment-{nested}"
+    assert response.headers["location"] == (
+        f"/posts/{post.slug}?responses={expected}#comment-{nested}"
+    )
     page = await page_of(paged_web, response.headers["location"].split("#")[0])
     assert page.find(id=f"comment-{nested}") is not None
     first = await paged_web.get(f"/posts/{post.slug}/comments/{tops[0]}")
     assert first.headers["location"] == f"/posts/{post.slug}#comment-{tops[0]}"
+    # A placeholder is on the page of the first response under it.
+    under = in_order.index(replies[50][0]) // PER_PAGE + 1
     placeholder = await paged_web.get(f"/posts/{post.slug}/comments/{tops[49]}")
-    assert placeholder.headers["location"] == f"/posts/{post.slug}?responses=3#comment-{tops[49]}"
+    assert placeholder.headers["location"] == (
+        f"/posts/{post.slug}?responses={under}#comment-{tops[49]}"
+    )
+    held = await paged_web.get(f"/posts/{post.slug}?responses={under}")
+    assert soup(held.text).find(id=f"comment-{tops[49]}") is not None
 
 
 async def test_rendering_one_page_loads_only_that_page_s_comments(
     paged_web: httpx.AsyncClient, paged_ctx: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    post, _, replies = await many_threads(paged_ctx)
+    post, _, _ = await many_threads(paged_ctx)
     made: list[int] = []
     real = fediblog.store._comment
 
@@ -411,11 +432,11 @@ async def test_rendering_one_page_loads_only_that_page_s_comments(
     monkeypatch.setattr(fediblog.store, "_comment", counting)
     monkeypatch.setattr(paged_ctx.store, "list_visible_comments", everything)
 
-    page = await page_of(paged_web, f"/posts/{post.slug}?responses=3")  # threads 41-60
+    page = await page_of(paged_web, f"/posts/{post.slug}?responses=3")
 
-    on_page = PER_PAGE + 2 * len([n for n in replies if 40 < n <= 60])
-    assert len(made) == on_page == len(page.select("li.comment"))
-    assert numbers(page)[0] == 1 + 40 + 2 * 4  # 40 threads and 4 pairs of replies before
+    shown = page.select("#responses li.comment") + page.select("#responses li.continued")
+    assert len(made) == len(shown) <= PER_PAGE + MAX_DEPTH
+    assert numbers(page)[0] == 2 * PER_PAGE + 1
 
 
 async def test_each_page_is_cached_on_its_own(

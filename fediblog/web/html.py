@@ -4,11 +4,12 @@ archive, about, and the styled pages that answer a reader's 4xx.
 Every page is rendered from one or two queries, then cached per database version
 (see ``web.cache``); a hot post page is a dictionary lookup.
 
-A post's responses come ``FEDIBLOG_RESPONSES_PER_PAGE`` top-level threads a page
-(``?responses=N``), each thread whole, oldest first, numbered across pages. Each
-response has an anchor by its database id (``#comment-ID``, the same on any page),
-a permalink ``/posts/SLUG/comments/ID`` that redirects to the page and anchor that
-show it now, and a Reply page ``/posts/SLUG/reply/ID`` with the forms aimed at it.
+A post's responses come ``FEDIBLOG_RESPONSES_PER_PAGE`` responses a page
+(``?responses=N``), in page order and numbered across pages, whatever the threads'
+shape: a thread longer than what is left of a page goes on at the top of the next
+(comments.py). Each response has an anchor by its database id (``#comment-ID``), a
+permalink ``/posts/SLUG/comments/ID`` that redirects to the page and anchor that show
+it now, and a Reply page ``/posts/SLUG/reply/ID`` with the forms aimed at it.
 
 The archive (``/archive``: months with their counts; ``/archive/YYYY/MM``: that month's
 posts) counts UTC calendar months, as publication moments are stored.
@@ -24,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from fediblog.comments import build_threads, number_responses
+from fediblog.comments import find_page, load_page
 from fediblog.media import MediaStore
 from fediblog.models import Author, Post, Thread
 from fediblog.render import excerpt
@@ -160,13 +161,12 @@ async def _post_with_responses(
     continue from the pages before, so the last response of the last page carries it.
     """
     per_page = ctx.settings.responses_per_page
-    if (number - 1) * per_page >= max(post.response_count, 1):
-        return None  # each thread holds a response at least: past the end, no query
-    found = await ctx.store.get_thread_page(post.id, page=number, per_page=per_page)
+    pages = max(1, -(-post.response_count // per_page))
+    if number > pages:
+        return None  # past the end: no query
+    found = await load_page(ctx.store, post.id, number, per_page)
     if found is None:
         return None
-    threads = build_threads(found.comments)
-    number_responses(threads, found.first_number)
     reactions = await ctx.store.list_reactions(post.id)
     older, newer = await ctx.store.get_post_neighbours(post)
     return html_page(
@@ -177,10 +177,11 @@ async def _post_with_responses(
         url=ctx.blog.post_url(post),
         object_id=ctx.blog.object_id(post.uid),
         description=post.summary or excerpt(post.body_html, 200),
-        threads=threads,
+        threads=found.threads,
+        thread_continues=found.continues,
         response_count=post.response_count,
         responses_page=number,
-        responses_pages=max(1, -(-found.threads // per_page)),
+        responses_pages=pages,
         likes=[reactor(r) for r in reactions if r["type"] == "Like"],
         boosts=[reactor(r) for r in reactions if r["type"] == "Announce"],
         older=older,
@@ -191,7 +192,7 @@ async def _post_with_responses(
 
 async def comment_permalink(request: Request) -> Response:
     """A response's stable address: to the page and anchor that show it now (pages
-    move as threads come and go; the anchor, by database id, does not)."""
+    move as responses come and go; the anchor, by database id, does not)."""
     ctx = services(request)
     slug = request.path_params["slug"]
     comment_id: int = request.path_params["comment_id"]
@@ -201,10 +202,9 @@ async def comment_permalink(request: Request) -> Response:
         if new_slug is not None:
             return RedirectResponse(f"/posts/{new_slug}/comments/{comment_id}", status_code=301)
         raise HTTPException(404)
-    position = await ctx.store.get_thread_position(post_id, comment_id)
-    if position is None:
+    number = await find_page(ctx.store, post_id, comment_id, ctx.settings.responses_per_page)
+    if number is None:
         raise HTTPException(404)
-    number = (position - 1) // ctx.settings.responses_per_page + 1
     return RedirectResponse(
         f"{responses_url(slug, number)}#comment-{comment_id}", status_code=302
     )
@@ -261,6 +261,7 @@ async def preview(request: Request) -> Response:
         object_id=ctx.blog.object_id(post.uid),
         description=post.summary or excerpt(post.body_html, 200),
         threads=[],
+        thread_continues=None,
         response_count=0,
         responses_page=1,
         responses_pages=1,
