@@ -60,6 +60,7 @@ ACTIVITY_ACCEPT = f'application/activity+json, application/ld+json; profile="{AS
 JRD_ACCEPT = "application/jrd+json, application/json"
 MAX_JSON_DEPTH = 64
 MAX_ARRAY_ITEMS = 10_000
+_SHORT = 2 * MAX_ARRAY_ITEMS  # bytes: the shortest array over the cap, "[0,0,…]", is longer
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # GuardedTransport ends a fetch at its deadline by itself; this much later, a backstop
@@ -205,6 +206,10 @@ def parse_json(body: bytes) -> Any:
         raise BadDocument(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as error:
         raise BadDocument("body is not valid JSON") from error
+    if len(body) <= _SHORT and body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
+        # Too short for an array over the cap (each item takes 2 bytes), and too few
+        # brackets, strings' included, to nest deeper: nothing for the walk to find.
+        return value
     if type(value) is dict or type(value) is list:
         stack: list[tuple[Any, int]] = [(value, 1)]
         while stack:

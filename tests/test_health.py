@@ -296,8 +296,11 @@ async def test_the_access_log_writes_one_line_per_request_only_when_asked(
             async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
                 await http.get("/about?secret=1")
                 await http.get("/no/such%0Apage")  # decoded: a newline
+                # The inbox is answered before the middleware stack (app.py): logged too.
+                await http.post("/inbox", content=b"{}", headers={"Content-Type": "text/plain"})
     lines = [r.getMessage() for r in caplog.records if r.name == "fediblog.access"]
-    assert len(lines) == 2
+    assert len(lines) == 3
     assert lines[0].startswith('127.0.0.1 "GET /about HTTP/1.1" 200 ')
     assert "secret" not in lines[0]
     assert '"GET /no/such\\npage HTTP/1.1" 404 ' in lines[1]
+    assert lines[2].startswith('127.0.0.1 "POST /inbox HTTP/1.1" 415 ')

@@ -526,6 +526,26 @@ async def test_attack_27_deep_nesting(body: bytes) -> None:
             await fetcher.fetch_document(server.url("/a"))
 
 
+@pytest.mark.parametrize(
+    ("body", "refused"),
+    [
+        (b"[" * 64 + b"]" * 64, None),  # short, and exactly at the depth cap
+        (b"[" * 65 + b"]" * 65, "nested deeper"),
+        (b"[" + b",".join([b"0"] * 10_000) + b"]", None),  # 20,001 bytes, at the array cap
+        (b"[" + b",".join([b"0"] * 10_001) + b"]", "array longer"),  # the shortest over it
+        (b'{"a":[' + b",".join([b"[]"] * 30) + b"]}", None),  # 32 brackets: no walk needed
+    ],
+    ids=["depth-64", "depth-65", "items-10000", "items-10001", "short-and-flat"],
+)
+def test_attack_27_the_caps_hold_at_their_edges(body: bytes, refused: str | None) -> None:
+    # Short bodies with few brackets skip the walk: the caps must hold right at its edge.
+    if refused is None:
+        parse_json(body)
+    else:
+        with pytest.raises(BadDocument, match=refused):
+            parse_json(body)
+
+
 def test_attack_27_brackets_inside_strings_do_not_count() -> None:
     text = json.dumps({"content": "[{" * 5000 + '\\"]', "tag": [[[]]]}).encode()
     assert parse_json(text)["tag"] == [[[]]]

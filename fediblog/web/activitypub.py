@@ -12,6 +12,7 @@ import logging
 import re
 import zlib
 from collections.abc import Awaitable, Callable
+from functools import lru_cache
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -268,9 +269,7 @@ class ClientGone(Exception):
 Answer = tuple[int, str, str, Headers]  # status, kind (the metric's label), reason, headers
 
 
-async def _read_body(
-    headers: dict[str, str], receive: Receive
-) -> bytes | tuple[int, str, str]:
+async def _read_body(headers: dict[str, str], receive: Receive) -> bytes | tuple[int, str, str]:
     """The body, or (status, kind, reason): at most MAX_BODY bytes after gzip
     (ATTACKS.md 25-26)."""
     too_big = (413, "too_large", f"the body is larger than {MAX_BODY} bytes")
@@ -314,10 +313,7 @@ async def _answer(ctx: Services, scope: Scope, receive: Receive, sender: Sender)
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
     if scope["path_params"].get("handle", ctx.settings.handle) != ctx.settings.handle:
         return 404, "no_inbox", "no such inbox", []
-    content_type = headers.get("content-type", "")
-    if not is_activitypub_type(content_type) and not content_type.lower().startswith(
-        "application/ld+json"
-    ):
+    if not _is_activity_type(headers.get("content-type", "")):
         return 415, "content_type", "send application/activity+json", []
     body = await _read_body(headers, receive)
     if isinstance(body, tuple):
@@ -341,6 +337,20 @@ async def _answer(ctx: Services, scope: Scope, receive: Receive, sender: Sender)
     return 202, "accepted", "", []
 
 
+@lru_cache(maxsize=64)  # senders use a handful of spellings: parse each once
+def _cached_activity_type(content_type: str) -> bool:
+    return is_activitypub_type(content_type) or content_type.lower().startswith(
+        "application/ld+json"
+    )
+
+
+def _is_activity_type(content_type: str) -> bool:
+    """application/activity+json, or application/ld+json with or without its profile."""
+    if len(content_type) > 120:  # no long hostile value stays in the cache
+        return _cached_activity_type.__wrapped__(content_type)
+    return _cached_activity_type(content_type)
+
+
 _KEY_ID = re.compile(rb'keyid="([^"]{1,500})"', re.IGNORECASE)
 
 
@@ -357,8 +367,14 @@ def _claimed_key_id(scope: Scope) -> str | None:
 class InboxEndpoint:
     """Personal and shared inbox alike: 202 once stored; 4xx with a reason; never 500.
 
-    An object, not a function: starlette routes it as a raw ASGI app.
+    An object, not a function: starlette routes it as a raw ASGI app, and the app
+    (app.py) calls it before its middleware and router for every POST to an inbox
+    path (``inbox_path_params``), with ``headers`` (the security headers that
+    middleware would have added) put on every answer.
     """
+
+    def __init__(self, headers: Headers | None = None) -> None:
+        self.headers: Headers = list(headers or [])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx: Services = scope["app"].state.services
@@ -367,6 +383,10 @@ class InboxEndpoint:
             status, kind, reason, extra = await _answer(ctx, scope, receive, sender)
         except ClientGone:
             return
+        except Exception:  # a bug here must not become a 500 (nor reach the server's log bare)
+            log.exception("the inbox failed before it could read the activity")
+            status, kind, reason = 503, "internal", "temporary trouble, retry later"
+            extra = [(b"retry-after", b"60")]
         if status == 202:
             ctx.inbox.stats.accepted += 1
         else:  # counted, kept for the admin desk, and logged within a budget
@@ -379,7 +399,7 @@ class InboxEndpoint:
                 actor=sender.actor,
             )
         text = f"{status}: {reason}\n".encode() if status != 202 else b""
-        head = [(b"content-length", str(len(text)).encode()), *extra]
+        head = [(b"content-length", str(len(text)).encode()), *extra, *self.headers]
         await send(
             {
                 "type": "http.response.start",
@@ -393,8 +413,21 @@ class InboxEndpoint:
 inbox = InboxEndpoint()
 
 
+def inbox_path_params(path: str) -> dict[str, str] | None:
+    """The path parameters of an inbox path, as its route below would match them, or
+    None: ``/inbox`` and ``/users/{handle}/inbox`` (a handle is one path segment)."""
+    if path == "/inbox":
+        return {}
+    if path.startswith("/users/") and path.endswith("/inbox"):
+        handle = path[7:-6]
+        if handle and "/" not in handle:
+            return {"handle": handle}
+    return None
+
+
 routes = [
-    # First: the inbox is the busiest route, and a plain ASGI app (no Request wrapper).
+    # The app calls the inbox before the router for POSTs (app.py); these routes answer
+    # the other methods (405) and serve apps built without that shortcut.
     Route("/inbox", inbox, methods=["POST"]),
     Route("/users/{handle}/inbox", inbox, methods=["POST"]),
     Route("/users/{handle}", actor),
