@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import json
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
@@ -51,6 +52,7 @@ from fediblog.remote import parse_json
 from fediblog.store import Store
 from fediblog.worker import (
     Outcome,
+    Report,
     RetryPolicy,
     TableQueue,
     ThrottledLog,
@@ -67,11 +69,21 @@ Handler = Callable[[JsonObject], Awaitable[None]]
 
 class SharedWork(Protocol):
     """What handlers prepared for activities to share one transaction: entered around
-    it by the task that runs it; leaving it without an error means it committed."""
+    each transaction by the task that runs it; ``committed()`` once one committed."""
 
     @property
     def ready(self) -> Sequence[bool]:
         """Which of the activities may join: their handlers now need no network."""
+        ...
+
+    @property
+    def problems(self) -> Sequence[Exception | None]:
+        """For each activity that may not join, what its handlers would fail on (its
+        sender could not be fetched), or None: it runs alone."""
+        ...
+
+    async def committed(self) -> None:
+        """The last transaction committed: act on what it saved (tell listeners)."""
         ...
 
     async def __aenter__(self) -> object: ...
@@ -358,15 +370,15 @@ class Inbox:
             reason = f"internal error: {describe(error)}"
         return RETRY.after_error(job, reason, self.worker.clock(), transient=transient)
 
-    async def _process_batch(self, jobs: list[InboxJob]) -> list[Outcome]:
-        """Act on a claimed batch, in claim order. A run of activities that ``sharing``
-        can act on without the network (replies, once their senders are known) shares
-        one transaction: one commit and a few reads for all of them, not a few each.
-        Every other activity runs alone, as ``_process`` runs it."""
+    async def _process_batch(self, jobs: list[InboxJob], report: Report[InboxJob]) -> None:
+        """Act on a claimed batch, in claim order, reporting each outcome once final. A
+        run of activities that ``sharing`` can act on without the network (replies, once
+        their senders are known) shares one transaction: one commit and a few reads for
+        all of them, not a few each. Every other activity runs alone, as ``_process``
+        runs it."""
         sharing = self.sharing
         parsed = [_stored_activity(job) for job in jobs]
         activities = [activity or {} for activity in parsed]
-        outcomes: list[Outcome] = []
         start = 0
         while start < len(jobs):
             end = start
@@ -378,67 +390,118 @@ class Inbox:
             ):
                 end += 1
             if sharing is None or end == start:
-                outcomes.append(await self._process(jobs[start]))
+                report(jobs[start], await self._process(jobs[start]))
                 start += 1
                 continue
             try:
                 work = await sharing.prepare_shared(activities[start:end])
             except Exception as error:  # e.g. a busy database: each tries alone
                 log.info("preparing %d activities failed: %s", end - start, describe(error))
-                outcomes.extend([await self._process(job) for job in jobs[start:end]])
+                for job in jobs[start:end]:
+                    report(job, await self._process(job))
                 start = end
                 continue
-            ready = list(work.ready)
+            ready, problems = list(work.ready), list(work.problems)
             index = start
             while index < end:
                 stop = index
                 while stop < end and ready[stop - start]:
                     stop += 1
-                if stop == index:
-                    outcomes.append(await self._process(jobs[index]))
-                    index += 1
+                if stop > index:
+                    await self._shared(jobs[index:stop], activities[index:stop], work, report)
+                    index = stop
                     continue
-                outcomes.extend(await self._shared(jobs[index:stop], activities[index:stop], work))
-                index = stop
+                problem = problems[index - start]
+                if problem is not None:
+                    # Its sender could not be fetched just now: alone, it would fetch
+                    # again and fail the same way (a dead host: one more wait per reply).
+                    report(jobs[index], self._failed(jobs[index], activities[index], problem))
+                else:
+                    report(jobs[index], await self._process(jobs[index]))
+                index += 1
             start = end
-        return outcomes
 
     async def _shared(
-        self, jobs: list[InboxJob], activities: list[JsonObject], work: SharedWork
-    ) -> list[Outcome]:
-        """Act on these activities in one transaction. One that fails before it wrote
-        anything fails alone and the others commit; one that fails after it wrote (or
-        with an error that may pass) rolls the transaction back: those before it are
+        self,
+        jobs: list[InboxJob],
+        activities: list[JsonObject],
+        work: SharedWork,
+        report: Report[InboxJob],
+    ) -> None:
+        """Act on these activities in shared transactions. One that fails before it
+        wrote anything fails alone and the others commit; one that fails after it wrote
+        (or with an error that may pass) rolls the transaction back: those before it are
         done again together, it runs alone (its own outcome, as ``_process`` gives it),
-        and those after it go on together."""
-        if not jobs:
-            return []
-        outcomes: list[Outcome] = []
-        culprit: int | None = None
-        try:
-            async with work, self._store.shared_transaction() as transaction:
-                for index, (job, activity) in enumerate(zip(jobs, activities, strict=True)):
-                    before = transaction.writes
-                    try:
-                        for handler in self.handlers.get(activity["type"], ()):
-                            await handler(activity)
-                    except Exception as error:
-                        if transaction.writes != before or is_transient(error):
-                            culprit = index
-                            raise
-                        outcomes.append(self._failed(job, activity, error))
-                        continue
-                    outcomes.append(Outcome.done())
-        except Exception as error:
-            if culprit is None:  # the commit failed: each tries alone, and says why
+        and those after it go on together. A loop, not recursion: 200 poison replies
+        are 200 rounds, not 200 frames."""
+        todo: deque[tuple[int, int, bool]] = deque([(0, len(jobs), False)])  # lo, hi, alone
+        while todo:
+            lo, hi, alone = todo.popleft()
+            if alone:
+                for job in jobs[lo:hi]:
+                    report(job, await self._process(job))
+                continue
+            if lo == hi:
+                continue
+            try:
+                culprit = await self._together(jobs[lo:hi], activities[lo:hi], work, report)
+            except Exception as error:  # the commit failed: each tries alone, and says why
                 log.info("a shared transaction failed: %s", describe(error))
-                return [await self._process(job) for job in jobs]
-            return [
-                *await self._shared(jobs[:culprit], activities[:culprit], work),
-                await self._process(jobs[culprit]),
-                *await self._shared(jobs[culprit + 1 :], activities[culprit + 1 :], work),
-            ]
-        return outcomes
+                todo.appendleft((lo, hi, True))
+                continue
+            if culprit is not None:
+                at = lo + culprit
+                todo.extendleft([(at + 1, hi, False), (at, at + 1, True), (lo, at, False)])
+
+    async def _together(
+        self,
+        jobs: list[InboxJob],
+        activities: list[JsonObject],
+        work: SharedWork,
+        report: Report[InboxJob],
+    ) -> int | None:
+        """One shared transaction. Committed: the listeners are told, every outcome is
+        reported, and None returned; rolled back by an activity that failed after it
+        wrote (or transiently): nothing is reported, and its index returned. A failed
+        commit raises.
+
+        Cancelled (shutdown) before the commit, it rolls back; from the commit on, it
+        finishes first: what committed is reported (the worker records it, rather than
+        re-running it as interrupted) and its listeners are told."""
+        committing = False
+
+        async def attempt() -> int | None:
+            nonlocal committing
+            outcomes: list[Outcome] = []
+            try:
+                async with work, self._store.shared_transaction() as transaction:
+                    for index, (job, activity) in enumerate(zip(jobs, activities, strict=True)):
+                        before = transaction.writes
+                        try:
+                            for handler in self.handlers.get(activity["type"], ()):
+                                await handler(activity)
+                        except Exception as error:
+                            if transaction.writes != before or is_transient(error):
+                                raise _Broken(index) from error  # rolls back
+                            outcomes.append(self._failed(job, activity, error))
+                            continue
+                        outcomes.append(Outcome.done())
+                    committing = True
+            except _Broken as broken:
+                return broken.index
+            await work.committed()
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                report(job, outcome)
+            return None
+
+        run = asyncio.ensure_future(attempt())
+        try:
+            return await asyncio.shield(run)
+        except asyncio.CancelledError:
+            if not committing:
+                run.cancel()
+            await asyncio.wait([run])
+            raise
 
     # ---- handlers -----------------------------------------------------------------
 
@@ -446,12 +509,19 @@ class Inbox:
         if id_of(activity.get("object")) != self._urls.actor:
             return  # following someone else: not ours to answer
         actor_id = activity["actor"]
+        follow_id = str(activity.get("id") or "")
+        known = await self._store.get_follower(actor_id)
+        again = known is not None and known.status == "accepted" and known.follow_id == follow_id
+        if follow_id and again:
+            # This Follow, acted on again (a batch cut off, a crash before recording):
+            # it is answered already; a second Accept would be queued for nothing.
+            return
         actor = await self._actors.get_actor(actor_id)
         local_id = await self._actors.save(actor)
         manual = self._settings.manually_approves_followers
         await self._store.save_follower(
             actor_id=local_id,
-            follow_id=str(activity.get("id") or ""),
+            follow_id=follow_id,
             inbox=actor.inbox,
             shared_inbox=actor.shared_inbox,
             status="pending" if manual else "accepted",
@@ -504,6 +574,14 @@ class Inbox:
             updated = parse_actor(obj, allow_http=self._settings.allow_http)
             await self._actors.save(updated)
             self._actors.forget(actor)
+
+
+class _Broken(Exception):
+    """An activity in a shared transaction failed after it wrote: roll back."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.index = index
 
 
 def _stored_activity(job: InboxJob) -> JsonObject | None:

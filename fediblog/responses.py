@@ -62,6 +62,7 @@ NOTE_TYPES = ("Note", "Article", "Page", "Question")
 MAX_CONTENT = 50_000
 MAX_ATTACHMENTS = 8
 MAX_EMOJI = 50
+FETCH_SENDERS = 8  # senders fetched at once before a shared transaction
 # Why a reply is held (comments.held_reason), as the author's desk shows it.
 HELD_ALL = "every response waits for approval (FEDIBLOG_MODERATION=all)"
 HELD_FIRST = "first response from this account (FEDIBLOG_MODERATION=first)"
@@ -152,8 +153,7 @@ class Responses:
             shared.places[note_id] = (comment_id, post_id)
             shared.saved.append((comment_id, crawled))  # told once it is committed
             return comment_id
-        for listener in self.reply_listeners:
-            await listener(comment_id, crawled)
+        await self.tell_listeners([(comment_id, crawled)])
         return comment_id
 
     def _check_note(self, obj: JsonObject, actor: str) -> str:
@@ -199,12 +199,15 @@ class Responses:
         )
 
     async def prepare_shared(self, activities: Sequence[JsonObject]) -> SharedReplies:
-        """Before a shared transaction, outside it: know each sender (fetching a new or
-        stale one now, so that nothing in the transaction waits on the network)."""
+        """Before a shared transaction, outside it: know each sender (fetching new or
+        stale ones now, a few at once, so that nothing in the transaction waits on the
+        network). A sender whose fetch fails gives that error as its activities'
+        outcome: each run alone would only fetch it again, and wait again."""
         actors = list(dict.fromkeys(a["actor"] for a in activities if self.shareable(a)))
         rows = await self._store.get_live_actor_rows(actors)
         now = utcnow()
         authors: dict[str, tuple[int, str | None]] = {}
+        stale: list[str] = []
         for actor in actors:
             row = rows.get(actor)
             # As ActorDirectory.get_actor: a cached profile is used while it is fresh.
@@ -214,22 +217,32 @@ class Responses:
                 and now - parse_ts(row["fetched_at"]) < ACTOR_MAX_AGE
             ):
                 authors[actor] = (row["id"], row["icon_url"])
-                continue
-            try:
-                author = await self._actors.get_actor(actor)
-                row = await self._store.get_actor_row(author.ap_id)
-            except Exception as error:  # run alone, it fails there with its own outcome
-                log.debug("sender %s not ready for a shared transaction: %s", actor, error)
-                continue
+            else:
+                stale.append(actor)
+        problems: dict[str, Exception] = {}
+        fetching = asyncio.Semaphore(FETCH_SENDERS)
+
+        async def fetch(actor: str) -> None:
+            async with fetching:
+                try:
+                    author = await self._actors.get_actor(actor)
+                    row = await self._store.get_actor_row(author.ap_id)
+                except Exception as error:  # its activities get this as their outcome
+                    log.debug("sender %s not ready for a shared transaction: %s", actor, error)
+                    problems[actor] = error
+                    return
             if row is not None:
                 authors[actor] = (row["id"], author.icon_url)
+
+        await asyncio.gather(*(fetch(actor) for actor in stale))
         notes: list[str] = []
         for activity in activities:
             obj = activity.get("object")
             if isinstance(obj, dict):
                 notes.extend(ref for ref in (id_of(obj), id_of(obj.get("inReplyTo"))) if ref)
         ready = [self.shareable(a) and a["actor"] in authors for a in activities]
-        return SharedReplies(self, ready, authors, notes)
+        why = [problems.get(a["actor"]) if self.shareable(a) else None for a in activities]
+        return SharedReplies(self, ready, why, authors, notes)
 
     async def _is_tombstoned(self, shared: SharedReplies | None, note_id: str, actor: str) -> bool:
         if shared is None or not await shared.loaded(self._store, note_id):
@@ -258,9 +271,15 @@ class Responses:
         return int(row["id"]), author.icon_url
 
     async def tell_listeners(self, saved: Sequence[tuple[int, bool]]) -> None:
+        """Tell every listener of these saved replies. A listener that fails is logged
+        and fails nothing else: the reply is saved, and the other listeners (and the
+        other replies' listeners) are still told."""
         for comment_id, crawled in saved:
             for listener in self.reply_listeners:
-                await listener(comment_id, crawled)
+                try:
+                    await listener(comment_id, crawled)
+                except Exception:
+                    log.exception("telling %r of comment %d failed", listener, comment_id)
 
     async def find_post_id(self, ref: str) -> int | None:
         """One of our live posts by its id (``/p/uid``) or its page (``/posts/slug``).
@@ -456,17 +475,20 @@ class Responses:
 class SharedReplies:
     """Replies acted on in one shared transaction (inbox.py): their senders, known
     beforehand; what they look up, read in one query each at the first need; the
-    replies saved, told to the listeners only once committed. Entered (``async with``)
-    around each transaction, by the task that runs it."""
+    replies saved, told to the listeners only once committed (``committed()``, called
+    by the inbox). Entered (``async with``) around each transaction, by the task that
+    runs it."""
 
     def __init__(
         self,
         responses: Responses,
         ready: list[bool],
+        problems: list[Exception | None],
         authors: dict[str, tuple[int, str | None]],
         notes: list[str],
     ) -> None:
         self.ready = ready  # which activities may join: their handlers need no network
+        self.problems = problems  # why one may not: its sender's fetch failed
         self.authors = authors  # actor -> (local id, avatar URL)
         self.task: asyncio.Task[object] | None = None
         self._responses = responses
@@ -509,9 +531,11 @@ class SharedReplies:
         if self._token is not None:
             _current.reset(self._token)
         self.task, self._token = None, None
+
+    async def committed(self) -> None:
+        """The transaction just left committed: tell the listeners what it saved."""
         saved, self.saved = self.saved, []
-        if kind is None:
-            await self._responses.tell_listeners(saved)
+        await self._responses.tell_listeners(saved)
 
 
 _current: ContextVar[SharedReplies | None] = ContextVar("fediblog_shared_replies", default=None)

@@ -571,9 +571,11 @@ _PRAGMAS = (
     "mmap_size = 268435456",
 )
 
-# Set while a task is inside a write transaction: its reads go to the writer connection
-# (they must see its own uncommitted rows); every other read goes to the reader.
-_writing: ContextVar[bool] = ContextVar("fediblog_store_writing", default=False)
+# The task inside a write transaction: its reads go to the writer connection (they must
+# see its own uncommitted rows); every other read goes to the reader. The task, not a
+# flag: a task started inside the transaction inherits the variable, and must not read
+# rows that may yet roll back.
+_writing: ContextVar[asyncio.Task[Any] | None] = ContextVar("fediblog_store_writing", default=None)
 
 
 @dataclass(slots=True)
@@ -710,7 +712,7 @@ class Store:
             shared.shown = shared.shown or shown
             return
         async with self._lock:
-            token = _writing.set(True)
+            token = _writing.set(asyncio.current_task())
             try:
                 try:
                     await self._db.execute("BEGIN IMMEDIATE")
@@ -740,7 +742,8 @@ class Store:
     # One trip to aiosqlite's thread per read (execute, fetch and close there): each
     # trip costs about 0.1 ms, three per query were most of a reply's processing.
     async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        db = self._db if _writing.get() else self._reader
+        writing = _writing.get()
+        db = self._db if writing is not None and writing is asyncio.current_task() else self._reader
         try:
             return list(await db.execute_fetchall(sql, params))
         except sqlite3.OperationalError as error:

@@ -8,7 +8,8 @@ A queue is rows in the database (inbox activities to act on, deliveries to send)
   row to be claimed again once the lease ends, and the attempt is already counted;
 * **run** does one job, at most ``concurrency`` at once, each in its own task, so a
   slow job never holds up another; or, given ``run_batch``, every job the pass holds
-  at once, in claim order (the inbox acts on many activities in one commit);
+  at once, in claim order (the inbox acts on many activities in one commit), the
+  function reporting each job's outcome as soon as it is final;
 * **record** writes each outcome as soon as it is known (outcomes that finish
   together share one commit): done, retry at a time, or failed with a reason.
 
@@ -17,8 +18,9 @@ queue alike: the network, a timeout, a busy or locked or full database, a remote
 5xx are transient; a refused, malformed or forbidden thing is permanent.
 ``run_once()`` drains what is due and returns (tests call it; nothing sleeps);
 ``run_forever()`` repeats it after every ``wake()`` and at least every ``poll``
-seconds. Cancelled (shutdown), a worker records the jobs it was running as
-attempted and due again now.
+seconds. Cancelled (shutdown), a worker records the outcomes already reported and
+the jobs still running as attempted and due again now: a batch cut off part-way
+runs again only what it had not finished.
 """
 
 from __future__ import annotations
@@ -89,6 +91,10 @@ class Job(Protocol):
 
 
 J = TypeVar("J", bound=Job)
+
+# Given to a batch function: call it with each job's outcome once that is final (for
+# work that commits, once committed), exactly once per job.
+Report = Callable[[J, Outcome], None]
 
 
 class Queue(Protocol[J]):
@@ -199,7 +205,7 @@ class Worker(Generic[J]):
         queue: Queue[J],
         run: Callable[[J], Awaitable[Outcome]],
         *,
-        run_batch: Callable[[list[J]], Awaitable[list[Outcome]]] | None = None,
+        run_batch: Callable[[list[J], Report[J]], Awaitable[None]] | None = None,
         concurrency: int = 1,
         batch: int = 200,
         lease: timedelta = timedelta(minutes=1),
@@ -234,12 +240,26 @@ class Worker(Generic[J]):
         this pass: a job that hangs until its timeout delays nothing queued after it.
         """
         backlog: deque[J] = deque()
-        running: dict[asyncio.Task[list[Outcome]], list[J]] = {}
+        # Each running task, with its jobs whose outcome it has not reported yet.
+        running: dict[asyncio.Task[None], dict[int, J]] = {}
         held: set[int] = set()  # claimed by this pass: never run twice, even past a lease
-        results: list[tuple[J, Outcome]] = []
+        results: list[tuple[J, Outcome]] = []  # reported, not yet recorded
+        full = asyncio.Event()  # enough results to record while the tasks run on
         claimed = 0
         exhausted = False
         woken: asyncio.Task[bool] | None = None
+        filled: asyncio.Task[bool] | None = None
+
+        def reporter(unreported: dict[int, J]) -> Report[J]:
+            def report(job: J, outcome: Outcome) -> None:
+                if unreported.pop(job.id, None) is None:
+                    raise RuntimeError(f"{self.name}: job {job.id} reported twice or not run")
+                results.append((job, outcome))
+                if len(results) >= self._record_every:
+                    full.set()
+
+            return report
+
         try:
             while True:
                 # Claiming costs a commit: claim when half the batch is free, not per job.
@@ -264,28 +284,42 @@ class Worker(Generic[J]):
                     if self._run_batch is not None:
                         group.extend(backlog)
                         backlog.clear()
-                    running[asyncio.ensure_future(self._run_group(group))] = group
+                    unreported = {job.id: job for job in group}
+                    task = asyncio.ensure_future(self._run_group(group, reporter(unreported)))
+                    running[task] = unreported
                 if not running:
                     break
                 if woken is None:
                     woken = asyncio.ensure_future(self._wake.wait())
+                if filled is None:
+                    filled = asyncio.ensure_future(full.wait())
                 finished, _ = await asyncio.wait(
-                    {*running, woken}, timeout=self._poll, return_when=asyncio.FIRST_COMPLETED
+                    {*running, woken, filled},
+                    timeout=self._poll,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
                 if woken in finished or not finished:
                     self._wake.clear()  # new work, or time to look for some
                     exhausted = False
                     woken.cancel()  # a waiter that timed out must not pile up
                     woken = None
+                if filled in finished:
+                    full.clear()
+                    filled = None
                 for task in [t for t in running if t in finished]:
                     results.extend(self._outcomes(running.pop(task), task))
                 if results and (len(results) >= self._record_every or not (running or backlog)):
-                    await self._record(results)
-                    results = []
+                    recording, results = results, []
+                    try:
+                        await self._record(recording)
+                    except BaseException:
+                        results[:0] = recording  # for _stop to try again
+                        raise
             return claimed
         finally:
-            if woken is not None:
-                woken.cancel()
+            for waiter in (woken, filled):
+                if waiter is not None:
+                    waiter.cancel()
             await self._stop(running, backlog, results)
 
     async def _record(self, results: list[tuple[J, Outcome]]) -> None:
@@ -304,28 +338,31 @@ class Worker(Generic[J]):
             status = "gave_up" if outcome.gave_up else outcome.status
             self.outcomes[status] = self.outcomes.get(status, 0) + 1
 
-    async def _run_group(self, jobs: list[J]) -> list[Outcome]:
+    async def _run_group(self, jobs: list[J], report: Report[J]) -> None:
         if self._run_batch is None:
-            return [await self._run(jobs[0])]
-        outcomes = await self._run_batch(jobs)
-        if len(outcomes) != len(jobs):
-            raise RuntimeError(f"{len(jobs)} jobs gave {len(outcomes)} outcomes")
-        return outcomes
+            report(jobs[0], await self._run(jobs[0]))
+        else:
+            await self._run_batch(jobs, report)
 
     def _outcomes(
-        self, jobs: list[J], task: asyncio.Task[list[Outcome]]
+        self, unreported: dict[int, J], task: asyncio.Task[None]
     ) -> list[tuple[J, Outcome]]:
+        """The outcomes of the jobs a finished task did not report."""
+        jobs = list(unreported.values())
         error = task.exception()
         if error is None:
-            return list(zip(jobs, task.result(), strict=True))
+            if not jobs:
+                return []
+            error = RuntimeError(f"no outcome was reported for {len(jobs)} jobs")
         # A job function returns its outcomes; what escapes it is a fault of ours or
         # of the machine. Transient faults come back later; a bug fails these jobs (one,
-        # or a batch whose function failed as a whole).
+        # or those a batch function had not finished when it failed).
         transient = is_transient(error)
         if transient:
             self._trouble.error(type(error).__name__, f"{self.name}: {describe(error)}")
         else:
-            log.error("%s: job %d failed", self.name, jobs[0].id, exc_info=error)
+            first = f"job {jobs[0].id}" if jobs else "a batch, after its last outcome,"
+            log.error("%s: %s failed", self.name, first, exc_info=error)
         retry_at = self.clock() + timedelta(seconds=30)
         outcome = (
             Outcome.retry(retry_at, describe(error))
@@ -336,23 +373,24 @@ class Worker(Generic[J]):
 
     async def _stop(
         self,
-        running: dict[asyncio.Task[list[Outcome]], list[J]],
+        running: dict[asyncio.Task[None], dict[int, J]],
         backlog: deque[J],
         results: list[tuple[J, Outcome]],
     ) -> None:
-        """Cancelled or failed mid-pass: what ran is recorded, the rest is due again."""
-        if not (running or backlog or results):
-            return
+        """Cancelled or failed mid-pass: what finished is recorded as it ended (a batch
+        reports what it finished, even as it is cut off), the rest is due again."""
         for task in running:
             task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
+        await asyncio.gather(*running, return_exceptions=True)  # reports land in results
+        if not (running or backlog or results):
+            return
         now = self.clock()
-        for task, jobs in running.items():
+        for task, unreported in running.items():
             if task.cancelled():
                 stopped = Outcome.retry(now, "interrupted (the worker stopped)")
-                results.extend((job, stopped) for job in jobs)
+                results.extend((job, stopped) for job in unreported.values())
             else:
-                results.extend(self._outcomes(jobs, task))
+                results.extend(self._outcomes(unreported, task))
         # Claimed but never started: due now, and the attempt given back.
         results.extend((job, Outcome.release(now)) for job in backlog)
         try:

@@ -377,6 +377,31 @@ async def test_a_read_never_sees_a_write_that_rolls_back(services: Services) -> 
     assert await store.get_post_by_slug("ghost") is None
 
 
+async def test_a_task_started_inside_a_transaction_reads_only_committed_rows(
+    services: Services,
+) -> None:
+    # A task created inside a transaction inherits its context: it must not take the
+    # transaction's reads (through the writer) for its own.
+    store = services.store
+    seen: list[object] = []
+
+    async def write_then_fail() -> None:
+        async with store._transaction() as db:
+            await db.execute(
+                "INSERT INTO posts (uid, slug, title, body_md, body_html, published_at)"
+                " VALUES ('u1', 'ghost', 'Ghost', '', '', '2026-01-01T00:00:00Z')"
+            )
+            seen.append(await store.get_post_by_slug("ghost"))  # its own write
+            seen.append(await asyncio.create_task(store.get_post_by_slug("ghost")))
+            raise RuntimeError("rolled back")
+
+    with pytest.raises(RuntimeError):
+        await write_then_fail()
+    assert seen[0] is not None
+    assert seen[1] is None
+    assert await store.get_post_by_slug("ghost") is None
+
+
 async def test_a_write_cancelled_while_it_begins_leaves_no_transaction_open(
     services: Services,
 ) -> None:

@@ -5,6 +5,8 @@ of committed replies, and a worker's batch function reports per job."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -13,7 +15,7 @@ import httpx
 import pytest
 
 from fediblog.web.deps import Services
-from fediblog.worker import Outcome, TableQueue, Worker
+from fediblog.worker import Outcome, Report, TableQueue, Worker
 from tests.conftest import deliver
 from tests.fediverse import Fediverse
 from tests.helpers import publish
@@ -189,20 +191,253 @@ async def test_a_worker_batch_function_gets_every_job_and_reports_each() -> None
     async def one(job: FakeJob) -> Outcome:
         raise AssertionError("the batch function runs them")
 
-    async def many(jobs: list[FakeJob]) -> list[Outcome]:
+    async def many(jobs: list[FakeJob], report: Report[FakeJob]) -> None:
         seen.append([job.id for job in jobs])
-        if len(seen) == 2:
-            raise RuntimeError("a bug in the batch function")
-        return [Outcome.failed("odd") if job.id % 2 else Outcome.done() for job in jobs]
+        for job in jobs:
+            if job.id == 5:
+                raise RuntimeError("a bug in the batch function")
+            report(job, Outcome.failed("odd") if job.id % 2 else Outcome.done())
 
     worker = Worker("test", TableQueue(claim, record), one, run_batch=many, batch=3)
     assert await worker.run_once() == 5
 
     assert seen == [[1, 2, 3], [4, 5]]
-    assert recorded == [
+    assert sorted(recorded) == [
         (1, "failed"),
         (2, "done"),
         (3, "failed"),
-        (4, "failed"),  # the function failed as a whole: each of its jobs says so
-        (5, "failed"),
+        (4, "done"),  # reported before the function failed: its outcome stands
+        (5, "failed"),  # not reported when it failed: it says so
     ]
+
+
+async def test_a_batch_cut_off_records_what_it_finished_and_requeues_the_rest() -> None:
+    recorded: dict[int, Outcome] = {}
+    pending = [FakeJob(n) for n in range(1, 6)]
+    third = asyncio.Event()
+
+    async def claim(now: datetime, lease_until: datetime, limit: int) -> list[FakeJob]:
+        taken, pending[:limit] = pending[:limit], []
+        return taken
+
+    async def record(results: Sequence[tuple[FakeJob, Outcome]]) -> None:
+        recorded.update((job.id, outcome) for job, outcome in results)
+
+    async def one(job: FakeJob) -> Outcome:
+        raise AssertionError("the batch function runs them")
+
+    async def many(jobs: list[FakeJob], report: Report[FakeJob]) -> None:
+        for job in jobs[:2]:
+            report(job, Outcome.done())
+        third.set()
+        await asyncio.Event().wait()  # the third hangs: the worker is stopped
+
+    worker = Worker("test", TableQueue(claim, record), one, run_batch=many, record_every=50)
+    run = asyncio.create_task(worker.run_once())
+    await third.wait()
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+
+    assert [recorded[n].status for n in (1, 2)] == ["done", "done"]
+    for n in (3, 4, 5):
+        assert recorded[n].status == "retry"
+        assert recorded[n].error == "interrupted (the worker stopped)"
+
+
+# ---- a batch cut off, and handlers acted on again --------------------------------------
+
+
+async def test_a_batch_cut_off_by_a_shutdown_reruns_only_what_it_had_not_finished(
+    web: httpx.AsyncClient, ctx: Services, fediverse: Fediverse
+) -> None:
+    post = await publish(ctx, "Cut off")
+    ann = fediverse.add("social.example", "ann")
+    target = ctx.blog.object_id(post.uid)
+    creates = [ann.create(ann.note(n, target, f"reply {n}")) for n in range(1, 11)]
+    like = {"id": ann.id + "/likes/1", "type": "Like", "actor": ann.id, "object": target}
+    arrived, gate = asyncio.Event(), asyncio.Event()
+    told: list[int] = []
+
+    async def hangs(activity: dict[str, Any]) -> None:
+        arrived.set()
+        await gate.wait()
+
+    async def listener(comment_id: int, crawled: bool) -> None:
+        told.append(comment_id)
+
+    ctx.inbox.add_handlers({"Like": hangs})
+    ctx.inbox.sharing.reply_listeners.append(listener)  # type: ignore[union-attr]
+    await queue(web, ctx, ann, *creates[:5], like, *creates[5:])
+
+    run = asyncio.create_task(ctx.inbox.process_once())
+    await arrived.wait()  # five replies committed; the Like hangs
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+
+    rows = await ctx.store._fetchall("SELECT status, error FROM inbox ORDER BY id")
+    assert [row["status"] for row in rows] == ["done"] * 5 + ["queued"] * 6
+    assert all("interrupted" in row["error"] for row in rows[5:])
+    assert len(told) == 5
+    gate.set()
+    assert await ctx.inbox.process_once() == 6  # only what had not finished
+    assert await ctx.store.count_inbox() == {"done": 11}
+    assert await ctx.store.count_comments() == 10
+    assert sorted(set(told)) == sorted(told)  # each reply told once
+    assert len(told) == 10
+
+
+async def test_a_shutdown_once_a_batch_committed_still_tells_and_records_it(
+    web: httpx.AsyncClient, ctx: Services, fediverse: Fediverse
+) -> None:
+    post = await publish(ctx, "Committed")
+    ann = fediverse.add("social.example", "ann")
+    target = ctx.blog.object_id(post.uid)
+    arrived, gate = asyncio.Event(), asyncio.Event()
+    told: list[int] = []
+
+    async def slow_listener(comment_id: int, crawled: bool) -> None:
+        told.append(comment_id)
+        arrived.set()
+        await gate.wait()
+
+    ctx.inbox.sharing.reply_listeners.append(slow_listener)  # type: ignore[union-attr]
+    await queue(web, ctx, ann, *(ann.create(ann.note(n, target, f"r{n}")) for n in range(1, 6)))
+
+    run = asyncio.create_task(ctx.inbox.process_once())
+    await arrived.wait()  # committed; its listeners are being told
+    run.cancel()
+    for _ in range(20):  # the cancellation reaches the batch while the listener waits
+        await asyncio.sleep(0)
+    gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+
+    assert await ctx.store.count_inbox() == {"done": 5}  # committed: recorded, not re-run
+    assert len(told) == 5  # crawls and notifications are not lost
+
+
+async def test_a_listener_that_fails_fails_neither_the_replies_nor_other_listeners(
+    web: httpx.AsyncClient, ctx: Services, fediverse: Fediverse, caplog: pytest.LogCaptureFixture
+) -> None:
+    post = await publish(ctx, "Listened")
+    ann = fediverse.add("social.example", "ann")
+    target = ctx.blog.object_id(post.uid)
+    told: list[int] = []
+
+    async def breaks(comment_id: int, crawled: bool) -> None:
+        raise RuntimeError("a listener's bug")
+
+    async def listener(comment_id: int, crawled: bool) -> None:
+        told.append(comment_id)
+
+    ctx.inbox.sharing.reply_listeners.extend([breaks, listener])  # type: ignore[union-attr]
+    await queue(web, ctx, ann, *(ann.create(ann.note(n, target, f"r{n}")) for n in range(1, 6)))
+
+    with caplog.at_level("INFO"):
+        assert await ctx.inbox.process_once() == 5
+
+    assert await ctx.store.count_inbox() == {"done": 5}
+    assert len(told) == 5  # every reply, to the listener after the broken one
+    assert "a listener's bug" in caplog.text  # logged, per comment
+    assert "shared transaction failed" not in caplog.text
+
+
+async def test_a_sender_that_cannot_be_fetched_is_asked_once_not_once_per_reply(
+    web: httpx.AsyncClient, ctx: Services, fediverse: Fediverse
+) -> None:
+    post = await publish(ctx, "Gone")
+    ann = fediverse.add("gone.example", "ann")
+    target = ctx.blog.object_id(post.uid)
+    await queue(web, ctx, ann, *(ann.create(ann.note(n, target, f"r{n}")) for n in range(1, 4)))
+    # Its key was known on receipt; its profile must be fetched, and is gone now.
+    await ctx.store._db.execute("UPDATE actors SET inbox = '' WHERE ap_id = ?", (ann.id,))
+    del fediverse.actors[ann.id]
+    asked = fediverse.asked(ann.id)
+
+    assert await ctx.inbox.process_once() == 3
+
+    assert fediverse.asked(ann.id) - asked == 1
+    assert await ctx.store.count_inbox() == {"failed": 3}
+    errors = {row["error"] for row in await ctx.store.list_inbox(problems_only=True)}
+    assert len(errors) == 1
+    assert "404" in errors.pop()
+
+
+async def test_new_senders_are_fetched_a_few_at_once(
+    web: httpx.AsyncClient, ctx: Services, fediverse: Fediverse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    post = await publish(ctx, "Crowd")
+    target = ctx.blog.object_id(post.uid)
+    senders = [fediverse.add(f"host{n}.example", "someone") for n in range(12)]
+    for sender in senders:
+        await queue(web, ctx, sender, sender.create(sender.note(1, target, "hi")))
+    await ctx.store._db.execute("UPDATE actors SET fetched_at = '2000-01-01T00:00:00Z'")
+    actors = ctx.inbox.sharing._actors  # type: ignore[union-attr]
+    fetch = actors.get_actor
+    now = {"fetching": 0, "most": 0}
+
+    async def counted(ap_id: str) -> Any:
+        now["fetching"] += 1
+        now["most"] = max(now["most"], now["fetching"])
+        try:
+            return await fetch(ap_id)
+        finally:
+            now["fetching"] -= 1
+
+    monkeypatch.setattr(actors, "get_actor", counted)
+    assert await ctx.inbox.process_once() == 12
+
+    assert now["most"] == 8  # in parallel, and never more than eight at once
+    assert await ctx.store.count_comments() == 12
+
+
+async def test_many_poison_replies_are_a_loop_not_a_recursion(
+    web: httpx.AsyncClient, ctx: Services, fediverse: Fediverse
+) -> None:
+    post = await publish(ctx, "Poison")
+    ann = fediverse.add("social.example", "ann")
+    target = ctx.blog.object_id(post.uid)
+    depths: set[int] = set()
+
+    async def breaks_after_writing(activity: dict[str, Any]) -> None:
+        frame, depth = sys._getframe(), 0
+        while frame is not None:
+            frame, depth = frame.f_back, depth + 1  # type: ignore[assignment]
+        depths.add(depth)
+        raise RuntimeError("a bug")
+
+    ctx.inbox.add_handlers({"Create": breaks_after_writing})
+    await queue(web, ctx, ann, *(ann.create(ann.note(n, target, f"r{n}")) for n in range(1, 31)))
+
+    assert await ctx.inbox.process_once() == 30
+
+    assert await ctx.store.count_inbox() == {"failed": 30}
+    assert len(depths) <= 2  # one depth in a shared transaction, one alone: no growth
+
+
+async def test_a_follow_acted_on_again_queues_no_second_accept(
+    web: httpx.AsyncClient, ctx: Services, fediverse: Fediverse
+) -> None:
+    ann = fediverse.add("social.example", "ann")
+    follow: dict[str, Any] = {
+        "@context": "https://www.w3.org/ns/activitystreams",
+        "id": f"{ann.id}/follows/1",
+        "type": "Follow",
+        "actor": ann.id,
+        "object": ctx.urls.actor,
+    }
+    await deliver(web, ctx, ann, follow)
+    assert [row["type"] for row in await ctx.store.list_deliveries(("queued",))] == ["Accept"]
+    assert await ctx.deliverer.deliver_once() == 1
+
+    await ctx.inbox.handle_follow(follow)  # a batch cut off ran it again
+
+    assert await ctx.store.list_deliveries(("queued",)) == []
+    follower = await ctx.store.get_follower(ann.id)
+    assert follower is not None
+    assert follower.status == "accepted"
+    # A new Follow (another id) from the same account is answered again.
+    await ctx.inbox.handle_follow({**follow, "id": f"{ann.id}/follows/2"})
+    assert [row["type"] for row in await ctx.store.list_deliveries(("queued",))] == ["Accept"]
