@@ -5,6 +5,9 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import time
+
+import httpx
 
 
 def free_port() -> int:
@@ -12,6 +15,20 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def wait_until_up(url: str, process: subprocess.Popen[bytes], what: str, limit: float = 30) -> None:
+    """Poll ``url`` until the server answers; a RuntimeError naming ``what`` if it exits
+    or stays silent for ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.1)
 
 
 def stop(process: subprocess.Popen[bytes] | subprocess.Popen[str], timeout: float = 15) -> None:

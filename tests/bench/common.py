@@ -6,20 +6,17 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from fediblog.config import Settings, load_settings
 from fediblog.keys import ensure_keys
 from tests.bench.sysstat import process_tree
+from tests.processes import stop, wait_until_up
 
 
 def bench_settings(folder: Path, port: int, **extra: object) -> Settings:
@@ -57,22 +54,10 @@ def running_server(settings: Settings, port: int, **env: str) -> Iterator[subpro
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/about", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("the server did not start") from None
-                time.sleep(0.1)
+        wait_until_up(f"http://127.0.0.1:{port}/about", process, "the server")
         yield process
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process, timeout=20)
 
 
 def rss_mb(pid: int) -> float:

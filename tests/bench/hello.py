@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tests.bench.common import wrk_run
-from tests.processes import free_port
+from tests.processes import free_port, stop, wait_until_up
 
 BODY = b"Hello, world!\n"
 GZIPPED = gzip.compress(BODY, mtime=0)
@@ -79,22 +77,10 @@ def running(port: int) -> Iterator[subprocess.Popen[bytes]]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("the hello-world server did not start") from None
-                time.sleep(0.1)
+        wait_until_up(f"http://127.0.0.1:{port}/", process, "the hello-world server")
         yield process
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process, timeout=20)
 
 
 def measure(*, seconds: float = 5.0, connections: int = 32) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, ViewportSize
@@ -47,6 +47,13 @@ CHROMIUM_ARGS = (
 )
 PHONE: ViewportSize = {"width": 390, "height": 844}
 DESKTOP: ViewportSize = {"width": 1280, "height": 800}
+# Each page is checked at both widths, in both colour schemes.
+VARIANTS: tuple[tuple[ViewportSize, Literal["light", "dark"]], ...] = (
+    (PHONE, "light"),
+    (PHONE, "dark"),
+    (DESKTOP, "light"),
+    (DESKTOP, "dark"),
+)
 # The ``new_context`` fixture: keyword arguments of Browser.new_context, base_url preset.
 NewContext = Callable[..., BrowserContext]
 FAILING_IMPACTS = ("serious", "critical")
@@ -59,6 +66,22 @@ document.addEventListener("securitypolicyviolation", (event) => {
   window.__cspViolations.push(event.violatedDirective + " blocked " + what);
 });
 """
+
+
+def run_fediblog(workdir: Path, env: dict[str, str], *args: str, stdin: str = "") -> str:
+    """``fediblog *args`` run in ``workdir`` as a user runs it; its output, or fail."""
+    done = subprocess.run(
+        [sys.executable, "-m", "fediblog", *args],
+        cwd=workdir,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, f"fediblog {' '.join(args)}: {done.stdout}{done.stderr}"
+    return done.stdout
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -107,17 +130,7 @@ class LiveServer:
 
     def cli(self, *args: str) -> str:
         """Run ``fediblog *args`` against this server's database; its output, or fail."""
-        done = subprocess.run(
-            [sys.executable, "-m", "fediblog", *args],
-            cwd=self.workdir,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert done.returncode == 0, f"fediblog {' '.join(args)}: {done.stdout}{done.stderr}"
-        return done.stdout
+        return run_fediblog(self.workdir, self.env, *args)
 
     def output(self) -> str:
         return self.log.read_text("utf-8", errors="replace")

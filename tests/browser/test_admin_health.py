@@ -12,27 +12,23 @@ problem on the page at phone and desktop widths, light and dark.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Literal
 
 import httpx
 import pytest
-from playwright.sync_api import Page, ViewportSize
+from playwright.sync_api import Page
 
 from tests.admin_kit import PASSWORD
 from tests.browser.kit import (
-    DESKTOP,
-    PHONE,
+    VARIANTS,
     LiveServer,
     NewContext,
     check_accessibility,
     clean_env,
     csp_violations,
     free_port,
+    run_fediblog,
 )
 from tests.test_federation_e2e import (
     FakeInstance,
@@ -43,27 +39,8 @@ from tests.test_federation_e2e import (
 )
 
 POST = "---\ntitle: Nobody home\n---\nThis one cannot reach the follower.\n"
-VARIANTS: tuple[tuple[ViewportSize, Literal["light", "dark"]], ...] = (
-    (PHONE, "light"),
-    (PHONE, "dark"),
-    (DESKTOP, "light"),
-    (DESKTOP, "dark"),
-)
 
 
-def fediblog(workdir: Path, env: dict[str, str], *args: str, stdin: str = "") -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "fediblog", *args],
-        cwd=workdir,
-        env=env,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, f"fediblog {' '.join(args)}: {done.stdout}{done.stderr}"
-    return done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +58,8 @@ def dead_follower(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Li
         FEDIBLOG_DATABASE=str(workdir / "data" / "blog.db"),
         FEDIBLOG_KEYS_DIR=str(workdir / "keys"),
     )
-    fediblog(workdir, env, "init")
-    fediblog(workdir, env, "admin", "password", "--stdin", stdin=PASSWORD + "\n")
+    run_fediblog(workdir, env, "init")
+    run_fediblog(workdir, env, "admin", "password", "--stdin", stdin=PASSWORD + "\n")
     server = LiveServer.start(workdir, ["serve", "--port", str(port)], port, env)
     try:
         fake = FakeInstance(
@@ -104,7 +81,7 @@ def dead_follower(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Li
         # The follower's server is gone: its port is closed from now on.
         post = workdir / "post.md"
         post.write_text(POST, encoding="utf-8")
-        fediblog(workdir, env, "post", "new", str(post))
+        run_fediblog(workdir, env, "post", "new", str(post))
         yield server, f"127.0.0.1:{fake_port}"
     finally:
         server.stop()

@@ -20,8 +20,6 @@ the followers page at phone and desktop widths, light and dark.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +41,7 @@ from tests.browser.kit import (
     check_accessibility,
     clean_env,
     free_port,
+    run_fediblog,
 )
 from tests.fediverse import public_pem, remote_key, signed_headers
 
@@ -157,17 +156,8 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
         FEDIBLOG_MODERATION="all",
         FEDIBLOG_MANUALLY_APPROVES_FOLLOWERS="1",
     )
-    init = subprocess.run(
-        [sys.executable, "-m", "fediblog", "init"],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert init.returncode == 0, init.stderr
-    password = subprocess.run(
-        [sys.executable, "-m", "fediblog", "admin", "password", "--stdin"],
-        cwd=workdir, env=env, input=PASSWORD + "\n", capture_output=True, text=True,
-        timeout=60, check=False,
-    )  # fmt: skip
-    assert password.returncode == 0, password.stderr
+    run_fediblog(workdir, env, "init")
+    run_fediblog(workdir, env, "admin", "password", "--stdin", stdin=PASSWORD + "\n")
     server = LiveServer.start(workdir, ["serve", "--port", str(port)], port, env)
     try:
         post = Path(workdir / "post.md")

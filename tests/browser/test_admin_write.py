@@ -12,45 +12,30 @@ light and dark, and the admin CSP refuses nothing on any of them.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
 
 import httpx
 import pytest
 from PIL import Image
-from playwright.sync_api import Page, ViewportSize, expect
+from playwright.sync_api import Page, expect
 
 from tests.admin_kit import PASSWORD
 from tests.browser.kit import (
     DESKTOP,
-    PHONE,
+    VARIANTS,
     LiveServer,
     NewContext,
     check_accessibility,
     clean_env,
     csp_violations,
     free_port,
+    run_fediblog,
 )
 
 ALT = "A teal square on a white page"
-VARIANTS: tuple[tuple[ViewportSize, Literal["light", "dark"]], ...] = (
-    (PHONE, "light"),
-    (PHONE, "dark"),
-    (DESKTOP, "light"),
-    (DESKTOP, "dark"),
-)
 
 
-def fediblog(workdir: Path, env: dict[str, str], *args: str, stdin: str = "") -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "fediblog", *args],
-        cwd=workdir, env=env, input=stdin, capture_output=True, text=True, timeout=60,
-        check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, f"fediblog {' '.join(args)}: {done.stdout}{done.stderr}"
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +51,8 @@ def blog(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         FEDIBLOG_KEYS_DIR=str(workdir / "keys"),
         FEDIBLOG_MEDIA_DIR=str(workdir / "media"),
     )
-    fediblog(workdir, env, "init")
-    fediblog(workdir, env, "admin", "password", "--stdin", stdin=PASSWORD + "\n")
+    run_fediblog(workdir, env, "init")
+    run_fediblog(workdir, env, "admin", "password", "--stdin", stdin=PASSWORD + "\n")
     server = LiveServer.start(workdir, ["serve", "--port", str(port)], port, env)
     try:
         yield server

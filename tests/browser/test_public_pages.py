@@ -9,14 +9,14 @@ conversation (responses 1 to 5; 3 is Carol's, under Bob's, under Alice's).
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 import pytest
-from playwright.sync_api import Page, Response, ViewportSize
+from playwright.sync_api import Page, Response
 
 from tests.browser.kit import (
-    DESKTOP,
     PHONE,
+    VARIANTS,
     AccessibilityError,
     KnownViolations,
     LiveServer,
@@ -44,12 +44,6 @@ PAGES = {
 FOLLOW = {"archive month": ("/archive", "main a[href^='/archive/']")}
 # Each page is loaded once, then seen at both widths in both colour schemes: resizing
 # and emulating prefers-color-scheme re-lay the page out without reloading it.
-VARIANTS: tuple[tuple[ViewportSize, Literal["light", "dark"]], ...] = (
-    (PHONE, "light"),
-    (PHONE, "dark"),
-    (DESKTOP, "light"),
-    (DESKTOP, "dark"),
-)
 
 # Violations reported to the engineer fixing the reader pages' accessibility
 # (templates, style.css): page -> rule ids. Each such case is xfail(strict=True): it
