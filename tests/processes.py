@@ -1,13 +1,47 @@
-"""Real servers in subprocesses for tests: a free port on loopback, and a clean stop."""
+"""Real processes for tests: the `fediblog` command as a user runs it, servers on a free
+port on loopback, and a clean stop."""
 
 from __future__ import annotations
 
 import signal
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import httpx
+
+
+def run_cli(
+    folder: Path,
+    env: dict[str, str],
+    *args: str,
+    stdin: str = "",
+    timeout: float = 60,
+    **options: Any,
+) -> subprocess.CompletedProcess[str]:
+    """`python -m fediblog ARGS` in ``folder`` with exactly ``env``, as a user runs it;
+    ``options`` go to subprocess.run (``preexec_fn``, say)."""
+    return subprocess.run(
+        [sys.executable, "-m", "fediblog", *args],
+        cwd=folder,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        **options,
+    )
+
+
+def run_fediblog(folder: Path, env: dict[str, str], *args: str, stdin: str = "") -> str:
+    """`python -m fediblog ARGS` that must succeed: its output."""
+    done = run_cli(folder, env, *args, stdin=stdin)
+    assert done.returncode == 0, f"fediblog {' '.join(args)}: {done.stdout}{done.stderr}"
+    return done.stdout
 
 
 def free_port() -> int:

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.processes import free_port, stop
+from tests.processes import free_port, run_cli, stop
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-encoding", "content-length"}
 
@@ -48,15 +48,7 @@ def blog_env(folder: Path, base_url: str, **extra: str) -> dict[str, str]:
 
 def fediblog(folder: Path, env: dict[str, str], *args: str) -> tuple[int, list[str], str]:
     """A fediblog command: (exit code, stdout lines, stderr)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "fediblog", *args],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_cli(folder, env, *args)
     return done.returncode, done.stdout.splitlines(), done.stderr
 
 

@@ -62,7 +62,7 @@ from fediblog.keys import ensure_keys, load_key
 from fediblog.models import parse_ts, utcnow
 from fediblog.web.deps import Services
 from tests.helpers import publish, running
-from tests.processes import free_port
+from tests.processes import free_port, run_fediblog
 
 JsonObject = dict[str, Any]
 T = TypeVar("T")
@@ -562,20 +562,6 @@ def blog_env(folder: Path, base_url: str) -> dict[str, str]:
     return env
 
 
-def fediblog_cli(env: dict[str, str], folder: Path, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "fediblog", *args],
-        env=env,
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 0, f"fediblog {' '.join(args)}: {result.stderr}"
-    return result.stdout
-
-
 @contextlib.contextmanager
 def blog_server(env: dict[str, str], folder: Path, port: int) -> Iterator[Path]:
     """`fediblog serve` on 127.0.0.1:port; yields its log file; SIGINT at the end."""
@@ -634,7 +620,7 @@ def test_end_to_end_over_real_sockets(tmp_path: Path) -> None:
     )
     follower = fake.add_account("asonix")
     env = blog_env(tmp_path, base)
-    fediblog_cli(env, tmp_path, "init")
+    run_fediblog(tmp_path, env, "init")
     started = datetime.now(UTC)
 
     with (
@@ -703,7 +689,7 @@ def test_end_to_end_over_real_sockets(tmp_path: Path) -> None:
         post_file = tmp_path / "hello.md"
         post_file.write_text(POST_FILE, encoding="utf-8")
         page_url = f"{base}/posts/hello-fediverse"
-        assert page_url in fediblog_cli(env, tmp_path, "post", "new", str(post_file))
+        assert page_url in run_fediblog(tmp_path, env, "post", "new", str(post_file))
         create = wait_for(lambda: fake.first("Create"), "the Create", context)
         assert_from_blog(create, actor_url)
         assert create.path == "/inbox"  # the follower's server offers a shared inbox
@@ -721,7 +707,7 @@ def test_end_to_end_over_real_sockets(tmp_path: Path) -> None:
 
         # Edit -> Update of the same object.
         post_file.write_text(EDITED_POST_FILE, encoding="utf-8")
-        fediblog_cli(env, tmp_path, "post", "edit", "hello-fediverse", str(post_file))
+        run_fediblog(tmp_path, env, "post", "edit", "hello-fediverse", str(post_file))
         update = wait_for(lambda: fake.first("Update"), "the Update", context)
         assert_from_blog(update, actor_url)
         assert update.activity["object"]["id"] == article["id"]
@@ -729,7 +715,7 @@ def test_end_to_end_over_real_sockets(tmp_path: Path) -> None:
         assert update.activity["object"]["updated"]
 
         # Delete -> Delete of the object, which then answers 410 with a Tombstone.
-        fediblog_cli(env, tmp_path, "post", "delete", "hello-fediverse")
+        run_fediblog(tmp_path, env, "post", "delete", "hello-fediverse")
         delete = wait_for(lambda: fake.first("Delete"), "the Delete", context)
         assert_from_blog(delete, actor_url)
         assert delete.activity["object"]["id"] == article["id"]

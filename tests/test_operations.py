@@ -23,7 +23,6 @@ import shutil
 import sqlite3
 import stat
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from fediblog.config import Settings, load_settings
 from fediblog.errors import ConfigError
 from fediblog.store import Store
 from tests.helpers import comment_tree, publish, remote_actor, remote_comment, run, running, soup
-from tests.processes import free_port
+from tests.processes import free_port, run_cli
 
 BASE_URL = "https://blog.example"
 PR_CAPBSET_DROP = 24
@@ -59,15 +58,8 @@ def cli(
     **env: str,
 ) -> tuple[int, str, str]:
     """`python -m fediblog ARGS` in ``folder``: (exit code, stdout, stderr)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "fediblog", *args],
-        cwd=folder,
-        env={**blog_env(folder), **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        preexec_fn=preexec_fn,
-        check=False,
+    result = run_cli(
+        folder, {**blog_env(folder), **env}, *args, timeout=timeout, preexec_fn=preexec_fn
     )
     return result.returncode, result.stdout, result.stderr
 

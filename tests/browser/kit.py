@@ -30,7 +30,7 @@ from typing import Any, Literal
 import httpx
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, ViewportSize
 
-from tests.processes import free_port, stop
+from tests.processes import free_port, run_fediblog, stop
 
 HERE = Path(__file__).resolve().parent
 AXE_JS = HERE / "node_modules" / "axe-core" / "axe.min.js"
@@ -66,22 +66,6 @@ document.addEventListener("securitypolicyviolation", (event) => {
   window.__cspViolations.push(event.violatedDirective + " blocked " + what);
 });
 """
-
-
-def run_fediblog(workdir: Path, env: dict[str, str], *args: str, stdin: str = "") -> str:
-    """``fediblog *args`` run in ``workdir`` as a user runs it; its output, or fail."""
-    done = subprocess.run(
-        [sys.executable, "-m", "fediblog", *args],
-        cwd=workdir,
-        env=env,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, f"fediblog {' '.join(args)}: {done.stdout}{done.stderr}"
-    return done.stdout
 
 
 def clean_env(**extra: str) -> dict[str, str]:
