@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from importlib.resources import files
@@ -47,7 +47,7 @@ from fediblog.web import activitypub, admin, feeds, forms, health, html, wellkno
 from fediblog.web import media as media_routes
 from fediblog.web import proxy as proxy_routes
 from fediblog.web.admin.guard import get_route_path
-from fediblog.web.cache import PageCache
+from fediblog.web.cache import Answer, PageCache
 from fediblog.web.deps import Services
 from fediblog.web.ratelimit import RateLimit
 from fediblog.web.templating import build_templates
@@ -66,6 +66,13 @@ SECURITY_HEADERS = [
 ]
 
 
+def with_security_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """A response's headers and the security headers it did not set itself (the media
+    proxy's stricter CSP stays)."""
+    own = {name.lower() for name, _ in headers}
+    return [*headers, *(header for header in SECURITY_HEADERS if header[0] not in own)]
+
+
 class SecurityHeaders:
     """Adds the same few headers to every response (plain ASGI: no per-request cost)."""
 
@@ -79,33 +86,94 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                # A response that set its own (the media proxy's stricter CSP) keeps it.
-                own = {name.lower() for name, _ in message.get("headers", [])}
-                extra = [header for header in SECURITY_HEADERS if header[0] not in own]
-                message["headers"] = [*message.get("headers", []), *extra]
+                message["headers"] = with_security_headers(message.get("headers", []))
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
 
 
+_CACHED_ANSWER = "fediblog.cached_answer"
+_fast_path_trouble = ThrottledLog(logging.getLogger("fediblog.web"))
+
+
+async def _send_cached_answer(scope: Scope, receive: Receive, send: Send) -> None:
+    """Send the answer ``App`` found in the page cache, as starlette's Response would."""
+    answer: Answer = scope.pop(_CACHED_ANSWER)
+    status, headers, body = answer
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": with_security_headers(headers),
+        }
+    )
+    await send({"type": "http.response.body", "body": body})  # uvicorn drops it for HEAD
+
+
 class App(Starlette):
-    """Starlette, with every POST to an inbox answered before the middleware and the
-    router: the busiest path, and the one strangers flood, skips two dozen route
-    matches and five wrappers it needs nothing from. The inbox endpoint adds the
-    security headers itself, never raises (so never a 500), and is not under /admin;
-    the access log, when on, still wraps it (``create_app``)."""
+    """Starlette, with the two busiest requests answered before the middleware and the
+    router, which they need nothing from (five wrappers, the route matches, a Response
+    built per request):
+
+    * every POST to an inbox: the one strangers flood. The inbox endpoint adds the
+      security headers itself, never raises (so never a 500), and is not under /admin;
+      the access log, when on, still wraps it (``create_app``).
+    * a GET or HEAD of a post page the page cache holds fresh for every reader
+      (``html.post_page_from_cache``): its ready bytes, with the security headers.
+      Anything else (not cached, stale, a query string, a remembered reader, a server
+      asking for the object, an error) goes the usual way, which answers it as before.
+      The access log, when installed as middleware, wraps these answers too.
+    """
 
     inbox: ASGIApp | None = None
+    cached_pages = True  # False: post pages through the middleware and router (tests compare)
+    _cached_page_sender: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.inbox is not None and scope["type"] == "http" and scope["method"] == "POST":
-            params = activitypub.inbox_path_params(get_route_path(scope))
-            if params is not None:
-                scope["app"] = self
-                scope["path_params"] = params
-                await self.inbox(scope, receive, send)
-                return
+        if scope["type"] == "http":
+            method = scope["method"]
+            if method == "POST" and self.inbox is not None:
+                params = activitypub.inbox_path_params(get_route_path(scope))
+                if params is not None:
+                    scope["app"] = self
+                    scope["path_params"] = params
+                    await self.inbox(scope, receive, send)
+                    return
+            elif (method == "GET" or method == "HEAD") and self.cached_pages:
+                slug = html.post_path_slug(get_route_path(scope))
+                if slug is not None and await self._answer_from_cache(scope, slug):
+                    await self._sender()(scope, receive, send)
+                    return
         await super().__call__(scope, receive, send)
+
+    async def _answer_from_cache(self, scope: Scope, slug: str) -> bool:
+        ctx: Services | None = getattr(self.state, "services", None)
+        if ctx is None:  # no lifespan (yet): the usual way says so
+            return False
+        try:
+            found = await html.post_page_from_cache(ctx, Request(scope), slug)
+        except StorageError:
+            return False  # the usual way answers it: a 503 the reader can act on
+        except Exception as error:
+            # The usual way runs it all again and answers for it (a 500 for a bug);
+            # said here too, or a fault of this path alone would pass unseen.
+            _fast_path_trouble.error("fast path", f"a cached page failed: {error!r}")
+            return False
+        if found is None:
+            return False
+        scope[_CACHED_ANSWER] = found
+        return True
+
+    def _sender(self) -> ASGIApp:
+        if self._cached_page_sender is None:
+            sender: ASGIApp = _send_cached_answer
+            # The access log observes every request, these too; the other middleware
+            # (errors, security headers, the admin guard) have nothing to add to them.
+            installed: list[object] = [middleware.cls for middleware in self.user_middleware]
+            if health.AccessLog in installed:
+                sender = health.AccessLog(sender)
+            self._cached_page_sender = sender
+        return self._cached_page_sender
 
 
 # Routes readers' browsers open or post to: their refusals are pages of the blog.

@@ -292,6 +292,31 @@ async def test_gzip_when_accepted(client: httpx.AsyncClient, services: Services)
     assert revisit.headers["etag"] == raw.headers["etag"]
 
 
+@pytest.mark.parametrize(
+    ("accept_encoding", "zipped"),
+    [
+        ("gzip", True),
+        ("br;q=1, gzip;q=0.5", True),
+        ("*", True),
+        ("*, gzip;q=0", False),  # named and refused: the wildcard does not bring it back
+        ("gzip;q=0.000", False),
+        ("gzip;q=0, *", False),
+        ("gzip; q=nonsense", False),
+        ("identity", False),
+        ("", False),
+    ],
+)
+async def test_gzip_only_when_the_client_takes_it(
+    client: httpx.AsyncClient, services: Services, accept_encoding: str, zipped: bool
+) -> None:
+    post = await publish(services, "Zipped", "word " * 500)
+
+    raw = await client.get(f"/posts/{post.slug}", headers={"Accept-Encoding": accept_encoding})
+
+    assert raw.status_code == 200
+    assert (raw.headers.get("content-encoding") == "gzip") is zipped
+
+
 async def test_security_headers(client: httpx.AsyncClient) -> None:
     response = await client.get("/")
     assert response.headers["x-content-type-options"] == "nosniff"

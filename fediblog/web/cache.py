@@ -7,6 +7,12 @@ so a busy post page costs a dictionary lookup, and a revisit costs a 304.
 Last-Modified is the moment these exact bytes were first rendered: a re-render
 that produces the same page keeps it, and any change at all (a held comment
 approved, a deletion) moves it, which timestamps in the data could not promise.
+
+Each page carries its answers ready to send (``Representation``: identity and gzip,
+the 200's headers and the 304's), built once when the page is stored, so serving it
+builds no header and formats no date. ``answer`` picks one for a request's headers;
+``respond`` (the routes) and the app's fast path for post pages (app.py) both use it,
+so the two give the same bytes.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import gzip
 import hashlib
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from email.utils import format_datetime, parsedate_to_datetime
 
@@ -25,6 +31,19 @@ from starlette.responses import Response
 from fediblog.models import utcnow
 
 GZIP_MIN_BYTES = 1_024
+
+RawHeaders = tuple[tuple[bytes, bytes], ...]
+Answer = tuple[int, RawHeaders, bytes]  # status, headers, body
+
+
+@dataclass(frozen=True, slots=True)
+class Representation:
+    """One encoding of a cached page as it goes on the wire."""
+
+    etag: str
+    body: bytes
+    headers: RawHeaders  # of the 200, in the order starlette's Response gave them
+    not_modified: RawHeaders  # of the 304: the same validators, no length, no type
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +55,42 @@ class CachedPage:
     media_type: str
     vary: str = "Accept-Encoding"
     cache_control: str = "public, no-cache"
+    identity: Representation = field(init=False, repr=False, compare=False)
+    gzip: Representation | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Built here, so ``replace`` (a new Last-Modified, PageCache.put) rebuilds them.
+        common = (
+            (b"last-modified", format_datetime(self.last_modified, usegmt=True).encode()),
+            (b"cache-control", self.cache_control.encode()),
+            (b"vary", self.vary.encode()),
+        )
+        content_type = self.media_type
+        if content_type.startswith("text/") and "charset=" not in content_type.lower():
+            content_type += "; charset=utf-8"
+
+        def representation(etag: str, body: bytes, coding: RawHeaders) -> Representation:
+            validators = ((b"etag", etag.encode()), *common)
+            return Representation(
+                etag,
+                body,
+                (
+                    *validators,
+                    *coding,
+                    (b"content-length", str(len(body)).encode()),
+                    (b"content-type", content_type.encode()),
+                ),
+                validators,
+            )
+
+        object.__setattr__(self, "identity", representation(self.etag, self.body, ()))
+        gzipped = None
+        if self.gzipped is not None:
+            # Another representation, so it carries its own ETag.
+            gzip_etag = self.etag[:-1] + '-gzip"'
+            coding = ((b"content-encoding", b"gzip"),)
+            gzipped = representation(gzip_etag, self.gzipped, coding)
+        object.__setattr__(self, "gzip", gzipped)
 
     @classmethod
     def build(
@@ -89,46 +144,55 @@ class PageCache:
 
 
 def _accepts_gzip(header: str) -> bool:
+    """Whether an Accept-Encoding header takes gzip (RFC 9110 12.5.3): named with a
+    weight above 0, or not named and ``*`` is; a weight of 0 refuses it."""
+    weights: dict[str, float] = {}
     for part in header.split(","):
-        coding, _, params = part.strip().partition(";")
-        if coding.strip().lower() in ("gzip", "*"):
-            quality = params.strip().lower().removeprefix("q=")
-            return not params or quality not in ("0", "0.0", "0.00", "0.000")
-    return False
+        coding, *params = (piece.strip() for piece in part.split(";"))
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value.strip())
+                except ValueError:
+                    weight = 0.0  # a weight we cannot read: not a yes
+        weights.setdefault(coding.lower(), weight)
+    return weights.get("gzip", weights.get("*", 0.0)) > 0
 
 
-def _not_modified(request: Request, page: CachedPage, etag: str) -> bool:
-    if_none_match = request.headers.get("if-none-match")
+def _not_modified(
+    page: CachedPage, etag: str, if_none_match: str | None, if_modified_since: str | None
+) -> bool:
     if if_none_match is not None:
         # Weak comparison (RFC 9110 13.1.2): a W/ prefix does not matter for GET.
         tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
         return "*" in tags or etag in tags
-    since = request.headers.get("if-modified-since")
-    if since is not None:
+    if if_modified_since is not None:
         try:
-            return page.last_modified <= parsedate_to_datetime(since)
+            return page.last_modified <= parsedate_to_datetime(if_modified_since)
         except (TypeError, ValueError):
             return False
     return False
 
 
-def respond(request: Request, page: CachedPage, status_code: int = 200) -> Response:
-    """Serve a cached page: 304 when the client has it, gzip when it takes it.
+def answer(request: Request, page: CachedPage) -> Answer:
+    """Status, headers and body of a cached page for this request: 304 when the client
+    has it, gzip when it takes it."""
+    headers = request.headers
+    chosen = page.identity
+    if page.gzip is not None and _accepts_gzip(headers.get("accept-encoding", "")):
+        chosen = page.gzip
+    if _not_modified(
+        page, chosen.etag, headers.get("if-none-match"), headers.get("if-modified-since")
+    ):
+        return 304, chosen.not_modified, b""
+    return 200, chosen.headers, chosen.body
 
-    The gzipped bytes are another representation, so they carry their own ETag.
-    """
-    body = page.body
-    headers = {
-        "ETag": page.etag,
-        "Last-Modified": format_datetime(page.last_modified, usegmt=True),
-        "Cache-Control": page.cache_control,
-        "Vary": page.vary,
-    }
-    if page.gzipped is not None and _accepts_gzip(request.headers.get("accept-encoding", "")):
-        body = page.gzipped
-        headers["Content-Encoding"] = "gzip"
-        headers["ETag"] = page.etag[:-1] + '-gzip"'
-    if status_code == 200 and _not_modified(request, page, headers["ETag"]):
-        headers.pop("Content-Encoding", None)
-        return Response(status_code=304, headers=headers)
-    return Response(body, status_code=status_code, headers=headers, media_type=page.media_type)
+
+def respond(request: Request, page: CachedPage) -> Response:
+    """Serve a cached page (``answer``) through starlette."""
+    status, headers, body = answer(request, page)
+    response = Response(body, status_code=status)
+    response.raw_headers = list(headers)  # its own list: a caller may still add headers
+    return response

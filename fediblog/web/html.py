@@ -30,7 +30,7 @@ from fediblog.media import MediaStore
 from fediblog.models import Author, Post, Thread
 from fediblog.render import excerpt
 from fediblog.web.activitypub import post_document, wants_activitypub
-from fediblog.web.cache import CachedPage, respond
+from fediblog.web.cache import Answer, CachedPage, answer, respond
 from fediblog.web.commenter import CommentForm, personal, remembered
 from fediblog.web.deps import Services, services
 from fediblog.web.pages import cached
@@ -116,11 +116,10 @@ async def post_page(request: Request) -> Response:
     # Cached pages answer before any query; only a miss asks whether the slug moved.
     # One entry per page of responses: the only query parameter the HTML depends on.
     version = await ctx.store.version()
-    key = f"post:{slug}:{number}"
-    # A reader whose details the comment form remembers gets a page of their own,
-    # never taken from nor put into the shared page cache (web/commenter.py).
-    reader = remembered(request)
-    page = None if reader else ctx.pages.get(key, version, ctx.store.version_max_age)
+    key = post_key(slug, number)
+    shared = shares_cached_page(request)
+    reader = None if shared else remembered(request)
+    page = ctx.pages.get(key, version, ctx.store.version_max_age) if shared else None
     if page is None:
         post = await ctx.store.get_post_by_slug(slug)
         if post is None:
@@ -131,10 +130,51 @@ async def post_page(request: Request) -> Response:
         rendered = await _post_with_responses(ctx, post, number, reader)
         if rendered is None:
             raise HTTPException(404)  # past the last page: never cached
-        if reader:
+        if not shared:
             return personal(rendered)
         page = ctx.pages.put(key, version, rendered)
     return respond(request, page)
+
+
+def shares_cached_page(request: Request) -> bool:
+    """Whether this reader of a post page gets the page every reader shares, from and
+    into the page cache: not one the comment form remembers (their page is their own,
+    web/commenter.py). The handler and the app's fast path (app.py) both ask here."""
+    return remembered(request) is None
+
+
+def post_key(slug: str, number: int) -> str:
+    """The page cache's key for a post's page of responses ``number``."""
+    return f"post:{slug}:{number}"
+
+
+def post_path_slug(path: str) -> str | None:
+    """The slug of a post page's path, as its route below would match it, or None."""
+    if path.startswith("/posts/"):
+        slug = path[7:]
+        if slug and "/" not in slug:
+            return slug
+    return None
+
+
+async def post_page_from_cache(ctx: Services, request: Request, slug: str) -> Answer | None:
+    """What ``post_page`` answers to this GET or HEAD of the post ``slug`` when that is
+    the page every reader shares, already in the page cache and fresh; None otherwise:
+    a query string, a server asking for the post's object, a reader the comment form
+    remembers, a page not cached, stale, or moved (an old slug): ``post_page`` answers.
+
+    The app (app.py) calls it before its middleware and router, which a hot post page
+    needs nothing from: a dictionary lookup then answers it.
+    """
+    if (
+        request.scope["query_string"]
+        or wants_activitypub(request)
+        or not shares_cached_page(request)
+    ):
+        return None
+    version = await ctx.store.version()
+    page = ctx.pages.get(post_key(slug, 1), version, ctx.store.version_max_age)
+    return None if page is None else answer(request, page)
 
 
 def responses_page_number(request: Request) -> int:
