@@ -606,10 +606,14 @@ def require_http_url(value: Any, what: str, *, allow_http: bool) -> str:
     if " " in value or not value.isprintable() or strip_invisible(value) != value:
         # A URL never holds these raw; in a page they would hide or reorder (ATTACKS.md 34).
         raise ActivityError(f"{what} has spaces, control or invisible characters in it")
-    scheme = urlsplit(value).scheme
+    try:
+        scheme = urlsplit(value).scheme
+        host = host_of(value)
+    except ValueError:  # urlsplit refuses some, e.g. an unclosed IPv6 host "https://[::1/x"
+        raise ActivityError(f"{what} is not a valid URL") from None
     if scheme != "https" and not (allow_http and scheme == "http"):
         raise ActivityError(f"{what} must be an https URL")
-    if not host_of(value):
+    if not host:
         raise ActivityError(f"{what} has no host")
     return value
 

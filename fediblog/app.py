@@ -1,17 +1,16 @@
 """The composition root: ``create_app(settings)`` wires every piece together.
 
-Nothing here runs at import time. The lifespan owns the long-lived resources:
-the database, the templates and the page cache; they are closed when the app stops.
+Nothing here runs at import time. The lifespan owns the long-lived resources: the
+blog's running parts (runtime.py builds them, as it does for ``fediblog worker``),
+the templates and the page cache; they are closed when the app stops.
 Nothing imports this module except the CLI and the tests.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import timedelta
 from importlib.resources import files
 from pathlib import Path
 
@@ -24,25 +23,13 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fediblog.activitystreams import Urls
-from fediblog.actors import ActorDirectory
 from fediblog.blog import Blog
 from fediblog.config import Settings
-from fediblog.crawl import Crawler
-from fediblog.delivery import PER_HOST, USER_AGENT, Deliverer
 from fediblog.desk import Desk
 from fediblog.errors import StorageError
-from fediblog.httpsig import sign_request
-from fediblog.inbox import BatchWriter, Inbox
-from fediblog.keys import load_key
 from fediblog.media import MediaStore
 from fediblog.models import utcnow
-from fediblog.notify import Notifier
-from fediblog.proxy import MediaProxy
-from fediblog.remote import Fetcher, FetchPolicy, build_transport
-from fediblog.responses import Responses
-from fediblog.schedule import Scheduler
-from fediblog.store import Store
+from fediblog.runtime import ROLES, Runtime
 from fediblog.web import activitypub, admin, feeds, forms, health, html, wellknown
 from fediblog.web import media as media_routes
 from fediblog.web import proxy as proxy_routes
@@ -51,7 +38,7 @@ from fediblog.web.cache import Answer, PageCache
 from fediblog.web.deps import Services
 from fediblog.web.ratelimit import RateLimit
 from fediblog.web.templating import build_templates
-from fediblog.worker import ThrottledLog, every
+from fediblog.worker import ThrottledLog
 
 # Pages carry no script at all; images are ours, the commenters' ones through the media
 # proxy (proxy.py), so no reader's browser contacts a commenter's server.
@@ -209,134 +196,58 @@ def create_app(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     run_workers: bool = True,
+    web_only: bool = False,
 ) -> Starlette:
-    """Build the ASGI app for these settings. Resources open in the lifespan.
+    """Build the ASGI app for these settings. Resources open in the lifespan (runtime.py).
 
     ``transport`` replaces the network for every outbound request (tests);
     ``run_workers=False`` leaves the inbox processor, the delivery worker and the
     crawler to the caller, who runs single passes (``process_once`` /
-    ``deliver_once`` / ``crawler.run_once``).
+    ``deliver_once`` / ``crawler.run_once``). ``web_only`` runs no background work
+    either, and expects ``fediblog worker`` processes to: /healthz checks their
+    heartbeats (``serve --web-only``).
     """
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        blog_key = load_key(settings.keys_dir, "blog")
-        instance_key = load_key(settings.keys_dir, "instance")
-        urls = Urls.of(settings)
-        policy = FetchPolicy(
-            allow_http=settings.allow_http,
-            allow_private_addresses=settings.allow_private_addresses,
-        )
-        store = await Store.open(settings.database)
-
-        def http_client(max_per_host: int | None = None) -> httpx.AsyncClient:
-            return httpx.AsyncClient(
-                transport=transport or build_transport(policy, max_per_host=max_per_host),
-                headers={"User-Agent": USER_AGENT},
-                follow_redirects=False,
-            )
-
-        # Two connection pools: GETs (key and actor fetches, which strangers can point at
-        # a tarpit) never take the connections that deliveries need, nor the reverse.
-        fetch_client, delivery_client = http_client(), http_client(PER_HOST)
-
-        def sign_get(method: str, url: str) -> dict[str, str]:
-            return sign_request(
-                method,
-                url,
-                body=None,
-                key_id=urls.instance_key_id,
-                private_key=instance_key.private_key,
-                now=utcnow(),
-            )
-
-        fetcher = Fetcher(fetch_client, policy, sign_get)
-        actors = ActorDirectory(store, fetcher, allow_http=settings.allow_http)
-        deliverer = Deliverer(store, delivery_client, blog_key, urls.key_id)
-        writer = BatchWriter(store)
-        inbox = Inbox(settings, store, actors, writer, on_queued=deliverer.wake)
-        # Remote images readers see are fetched by the blog (a pool of its own).
-        proxy_client = http_client()
-        media_proxy = await MediaProxy.open(
-            store,
-            proxy_client,
-            policy,
-            settings.database.parent / "proxy",
-            cache_bytes=settings.proxy_cache_mb * 1_000_000,
-            user_agent=USER_AGENT,
-        )
-        try:
-            await media_proxy.sweep()
-        except Exception:  # what remote servers sent must never keep the blog from starting
-            logging.getLogger("fediblog.proxy").exception("proxying stored images failed")
-        responses = Responses(settings, store, actors, fetcher, media_proxy)
-        inbox.add_handlers(responses.handlers())
-        inbox.sharing = responses  # a batch of replies becomes comments in one commit
-        # Each saved reply is crawled for the replies that never reached the inbox.
-        crawler = Crawler(settings, store, fetcher, responses, is_blocked=inbox.is_blocked)
-        responses.reply_listeners.append(crawler.schedule)
-        # The author hears of each new reply (a pool of its own: a slow webhook holds
-        # up no delivery); the local form tells it too (web/forms.py).
-        notify_client = http_client()
-        notifier = Notifier(settings, store, notify_client)
-        responses.reply_listeners.append(notifier.response_saved)
-        await inbox.load_blocks()
-        # FEDIBLOG_AVATAR and FEDIBLOG_HEADER into the media store; an Update of the
-        # actor is queued once when they changed (media.py).
-        await MediaStore(settings, store).sync_face(blog_key.public_pem)
-        tasks = [asyncio.create_task(writer.run(), name="inbox-writer")]
-        if run_workers:
-
-            async def prune() -> None:
-                await store.prune(utcnow() - timedelta(days=settings.retention_days))
-                await store.prune_notifications(utcnow() - timedelta(days=settings.retention_days))
-                await media_proxy.sweep()  # avatars changed by profile updates
-                await media_proxy.prune()
-
-            tasks.append(asyncio.create_task(inbox.run(), name="inbox-processor"))
-            tasks.append(asyncio.create_task(deliverer.run(), name="delivery"))
-            tasks.append(asyncio.create_task(crawler.run(), name="crawler"))
-            tasks.append(asyncio.create_task(every(3600, prune, "pruning"), name="retention"))
-            if notifier.enabled:
-                tasks.append(asyncio.create_task(notifier.run(), name="notify"))
-            # Scheduled posts go out at their time, even if scheduled while we were down.
-            scheduler = Scheduler(Blog(settings, store), on_published=deliverer.wake)
-            tasks.append(asyncio.create_task(scheduler.run(), name="schedule"))
-        try:
-            app.state.tasks = tasks  # /healthz says whether each still runs
+        async with Runtime.open(settings, transport=transport) as rt:
+            store = rt.store
+            try:
+                await rt.media_proxy.sweep()
+            except Exception:  # what remote servers sent must never keep the blog from starting
+                logging.getLogger("fediblog.proxy").exception("proxying stored images failed")
+            # FEDIBLOG_AVATAR and FEDIBLOG_HEADER into the media store; an Update of the
+            # actor is queued once when they changed (media.py).
+            await MediaStore(settings, store).sync_face(rt.blog_key.public_pem)
+            rt.start_writer()
+            if web_only:
+                rt.start_block_reload()  # the inbox role, elsewhere, rereads them too
+            elif run_workers:
+                rt.start_background()
+            app.state.tasks = rt.tasks  # /healthz says whether each still runs
+            # Roles this process leaves to worker processes: /healthz reads their heartbeats.
+            app.state.elsewhere = health.Elsewhere(ROLES if web_only else (), since=utcnow())
             app.state.services = Services(
                 settings=settings,
                 store=store,
                 blog=Blog(settings, store),
                 templates=build_templates(),
                 pages=PageCache(),
-                urls=urls,
-                inbox=inbox,
-                deliverer=deliverer,
-                blog_public_pem=blog_key.public_pem,
-                instance_public_pem=instance_key.public_pem,
+                urls=rt.urls,
+                inbox=rt.inbox,
+                deliverer=rt.deliverer,
+                blog_public_pem=rt.blog_key.public_pem,
+                instance_public_pem=rt.instance_key.public_pem,
                 created_at=await store.get_created_at(),
-                fetcher=fetcher,
+                fetcher=rt.fetcher,
                 interact_limit=RateLimit(limit=10, window=60),
                 comment_limit=RateLimit(limit=5, window=600),
-                crawler=crawler,
-                notifier=notifier,
-                proxy=media_proxy,
+                crawler=rt.crawler,
+                notifier=rt.notifier,
+                proxy=rt.media_proxy,
                 desk=Desk(settings, store),
             )
             yield
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await actors.aclose()
-            await media_proxy.aclose()
-            await proxy_client.aclose()
-            await fetcher.aclose()
-            await fetch_client.aclose()
-            await delivery_client.aclose()
-            await notify_client.aclose()
-            await store.close()
 
     static_dir = Path(str(files("fediblog") / "static"))
     app = App(

@@ -1,5 +1,5 @@
-"""The ``fediblog`` command: init, serve, demo, post, media, followers, deliveries, inbox,
-comments, feeds, reply, block, backup, restore, admin and check.
+"""The ``fediblog`` command: init, serve, worker, demo, post, media, followers, deliveries,
+inbox, comments, feeds, reply, block, backup, restore, admin and check.
 
 Every failure a user can cause ends as one line on stderr and a non-zero exit:
 2 for a wrong setting or usage, 1 for a command that could not be done. A database
@@ -64,6 +64,25 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the server")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (8000)")
+    serve.add_argument(
+        "--web-only",
+        action="store_true",
+        help="serve requests only: the background work runs in `fediblog worker` processes",
+    )
+
+    worker = commands.add_parser(
+        "worker",
+        help="run the background work (inbox, deliveries, crawls, schedule) in its own process",
+        description="Runs the background work against the blog's database until SIGTERM or"
+        " SIGINT, beside `fediblog serve --web-only`. Work another process queues wakes it"
+        " within a tenth of a second; what it had claimed when killed comes back to any"
+        " worker once its lease ends.",
+    )
+    worker.add_argument(
+        "--only",
+        metavar="ROLES",
+        help="comma-separated: inbox,delivery,crawl,schedule,notify,prune (default: all)",
+    )
 
     demo = commands.add_parser(
         "demo", help="run a local demo blog with posts and comments on http://127.0.0.1:8000"
@@ -300,7 +319,7 @@ def _init(args: argparse.Namespace) -> None:
     print(f"its key: {fingerprint(load_key(settings.keys_dir, 'blog').public_pem)}")
 
 
-def _serve(settings: Settings, host: str, port: int) -> None:
+def _serve(settings: Settings, host: str, port: int, *, web_only: bool = False) -> None:
     # Imported here: only `serve` and `demo` need uvicorn and the app.
     from fediblog.app import create_app
     from fediblog.preflight import check_before_serving
@@ -314,8 +333,46 @@ def _serve(settings: Settings, host: str, port: int) -> None:
         keep_alive=settings.keep_alive_timeout,
         shutdown=settings.shutdown_timeout,
     )
-    print(f"fediblog: serving @{settings.acct} on http://{host}:{port}", file=sys.stderr)
-    serve(create_app(settings), host, port, timeouts)
+    what = " (web only: background work is left to `fediblog worker`)" * web_only
+    print(f"fediblog: serving @{settings.acct} on http://{host}:{port}{what}", file=sys.stderr)
+    serve(create_app(settings, web_only=web_only), host, port, timeouts)
+
+
+def _worker(settings: Settings, only: str | None) -> None:
+    import logging
+
+    from fediblog.preflight import check_before_serving
+    from fediblog.runtime import ROLES, run_worker
+
+    roles: tuple[str, ...] = ROLES
+    if only is not None:
+        named = [part.strip().lower() for part in only.split(",") if part.strip()]
+        if not named:
+            raise UsageError(f"--only needs at least one of: {','.join(ROLES)}")
+        unknown = [name for name in named if name not in ROLES]
+        if unknown:
+            given = ", ".join(repr(name) for name in unknown)
+            raise UsageError(f"--only takes roles from {','.join(ROLES)}, not {given}")
+        roles = tuple(role for role in ROLES if role in named)
+    check_before_serving(settings)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(
+        f"fediblog: worker for @{settings.acct} running {', '.join(roles)}"
+        f" on {settings.database} (pid {os.getpid()})",
+        file=sys.stderr,
+        flush=True,
+    )
+    # On uvloop, as `serve` is (uvicorn picks it): the same event loop, the same costs.
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # not on this platform (pyproject.toml): asyncio's own loop
+        pass
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(run_worker(settings, roles))
+    print("fediblog: worker stopped", file=sys.stderr)
 
 
 def _check_face(settings: Settings) -> None:
@@ -749,7 +806,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command not in _NO_DATABASE_NEEDED:
             _require_blog(settings, args.data)
         if args.command == "serve":
-            _serve(settings, args.host, args.port)
+            _serve(settings, args.host, args.port, web_only=args.web_only)
+        elif args.command == "worker":
+            _worker(settings, args.only)
         elif args.command == "post":
             _post(settings, args)
         elif args.command == "followers":

@@ -234,6 +234,19 @@ class Crawler:
     def put_back(self, requests: list[tuple[int, str]]) -> None:
         self._scheduled[:0] = requests
 
+    async def queue_scheduled(self) -> int:
+        """Queue the crawls scheduled here since the last claim, in one commit; return
+        how many. For a process whose replies another process crawls (runtime.py): no
+        claim of this crawler's would ever take them."""
+        requests = self.take_scheduled()
+        if requests:
+            try:
+                await self.store.save_crawls(requests, self.worker.clock())
+            except BaseException:
+                self.put_back(requests)
+                raise
+        return len(requests)
+
     async def sweep(self) -> int:
         """Queue a crawl of recent comments that have none (lost in a crash)."""
         now = self.worker.clock()

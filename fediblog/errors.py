@@ -11,6 +11,7 @@ Callers catch at the level they care about:
     │   └── DuplicateSlug    the slug is taken
     ├── SignatureError       an inbound HTTP signature does not verify (HTTP 401)
     ├── ActivityError        an inbound activity is malformed or not allowed (HTTP 400)
+    ├── WorkerFailed         a task of `fediblog worker` ended (CLI: one line, exit 1)
     └── FetchError           a remote GET failed; the subclasses say why
         ├── BlockedAddress   scheme or address is not allowed (SSRF guard)
         ├── FetchTooLarge    the body passed the size cap (counted decompressed)
@@ -44,6 +45,11 @@ class StorageUnavailable(StorageError):
 
     Transient from a queue's point of view: the work stays queued and is retried.
     """
+
+
+class WorkerFailed(FediblogError):
+    """A background task of ``fediblog worker`` ended, which it never does on its own:
+    the process exits non-zero so that its supervisor restarts it."""
 
 
 class PostError(FediblogError):

@@ -206,6 +206,11 @@ class MediaProxy:
 
     async def register(self, urls: Iterable[str], kind: str = "image") -> None:
         """Let these remote URLs be served by the proxy (known ones stay as they are)."""
+        await self._store.save_proxied(self.rows(urls, kind))
+
+    def rows(self, urls: Iterable[str], kind: str = "image") -> list[tuple[str, str, str, str]]:
+        """What ``register`` stores for these URLs, without storing it: (key, url, host,
+        kind) each (``Store.save_proxied``); pure, so it may run outside a transaction."""
         rows = []
         for url in dict.fromkeys(urls):
             try:
@@ -214,10 +219,17 @@ class MediaProxy:
                 continue
             if host:
                 rows.append((proxy_key(self._secret, url), url, host, kind))
-        await self._store.save_proxied(rows)
+        return rows
 
     async def rewrite_html(self, fragment: str) -> str:
         """``fragment`` (HTML we sanitized) with every remote <img src> proxied."""
+        rewritten, found = self.rewrite(fragment)
+        await self.register(found)
+        return rewritten
+
+    def rewrite(self, fragment: str) -> tuple[str, list[str]]:
+        """``rewrite_html`` without registering: the rewritten fragment and the remote
+        URLs it now shows through the proxy (to ``register`` once it is stored)."""
         found: list[str] = []
 
         def local(match: re.Match[str]) -> str:
@@ -225,9 +237,7 @@ class MediaProxy:
             found.append(url)
             return match[1] + html.escape(self.local_url(url)) + match[3]
 
-        rewritten = _IMG_SRC.sub(local, fragment)
-        await self.register(found)
-        return rewritten
+        return _IMG_SRC.sub(local, fragment), found
 
     async def sweep(self) -> int:
         """Put what was stored before the proxy behind it: commenters' avatars (and any

@@ -21,6 +21,13 @@ The inbox has verified who sent each activity; this module decides what it may d
 
 Content goes through ``render.sanitize_remote_html``; the handle shown for an
 author always takes its host from the actor id, never from a claimed name [34].
+
+Replies the inbox acts on many to a transaction (``prepare_shared``) are *drafted*
+first, outside it: checked, sanitized, their images proxied (without the write),
+searched for held keywords. The transaction, which holds the write lock that accepting
+inbox POSTs also needs, then only looks up what its own writes may change (a reply
+delivered twice, a reply to one of the same batch, tombstones, first-time moderation)
+in one read, and keeps its rows for one executemany (``Store.save_comment_later``).
 """
 
 from __future__ import annotations
@@ -28,8 +35,10 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar, Token
+from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -63,6 +72,10 @@ MAX_CONTENT = 50_000
 MAX_ATTACHMENTS = 8
 MAX_EMOJI = 50
 FETCH_SENDERS = 8  # senders fetched at once before a shared transaction
+# Drafting a batch of replies is CPU only: the event loop gets a turn every PAUSE_AFTER
+# seconds of it (accepted POSTs wait meanwhile), not more often: under a flood, each
+# turn the processor gives away costs it a whole round of the requests then ready.
+PAUSE_AFTER = 0.025
 # Why a reply is held (comments.held_reason), as the author's desk shows it.
 HELD_ALL = "every response waits for approval (FEDIBLOG_MODERATION=all)"
 HELD_FIRST = "first response from this account (FEDIBLOG_MODERATION=first)"
@@ -110,51 +123,85 @@ class Responses:
             obj = await self._fetch_from_origin(obj)
         if not isinstance(obj, dict) or obj.get("type") not in NOTE_TYPES:
             return
-        await self._save_reply(obj, actor)
+        # In a shared transaction, its draft was made before it (prepare_shared).
+        draft = _drafted(activity) if _shared_replies() is not None else None
+        await self._save_reply(obj, actor, draft=draft)
 
     async def _save_reply(
-        self, obj: JsonObject, actor: str, *, crawled: bool = False
+        self, obj: JsonObject, actor: str, *, crawled: bool = False, draft: _Draft | None = None
     ) -> int | None:
-        note_id = self._check_note(obj, actor)
+        """Save this note as a comment if it answers us; ``draft`` is its ``_draft``
+        if one was made already (for ``obj`` and ``actor``)."""
         shared = _shared_replies()
+        if draft is None:
+            draft = self._draft(obj, actor)
+        note_id = draft.note_id
         if await self._is_tombstoned(shared, note_id, actor):
             raise ActivityError("that object was deleted")
         if await self._place(shared, note_id) is not None:
             return None  # already here (the same reply, delivered twice)
-        target = await self._find_target(obj.get("inReplyTo"))
+        target = await self._find_target(draft.in_reply_to)
         if target is None:
             return None  # not a reply to us: nothing to do
         post_id, parent_id = target
         actor_id, icon_url = await self._author(shared, actor)
+        if draft.problem is not None:
+            raise draft.problem  # its content cannot be shown: before anything is written
+        held = await self._hold_reason(shared, actor_id, draft.keyword)
+        proxied = draft.images
         if icon_url and (shared is None or icon_url not in shared.avatars):
-            await self._proxy.register([icon_url], "avatar")
+            proxied = [*self._proxy.rows([icon_url], "avatar"), *proxied]
             if shared is not None:
                 shared.avatars.add(icon_url)
-        content, summary, sensitive = await self._render(obj)
-        held = await self._hold_reason(actor_id, content, summary)
+        if proxied:
+            await self._store.save_proxied_later(proxied)
         now = utcnow()
-        comment_id = await self._store.save_comment(
+        comment_id = await self._store.save_comment_later(
             post_id=post_id,
             parent_id=parent_id,
-            content_html=content,
-            summary=summary,
-            sensitive=sensitive,
-            published=min(_moment(obj.get("published")) or now, now),
+            content_html=draft.content,
+            summary=draft.summary,
+            sensitive=draft.sensitive,
+            published=min(draft.published or now, now),
             received=now,
-            source="fediverse",
             ap_id=note_id,
-            url=_html_url(obj, self._settings.allow_http) or note_id,
+            url=draft.url,
             actor_id=actor_id,
-            visibility=_visibility(obj),
+            visibility=draft.visibility,
             status="pending" if held is not None else "published",
             held_reason=held,
         )
         if shared is not None:
             shared.places[note_id] = (comment_id, post_id)
+            if held is None:
+                shared.published.add(actor_id)
             shared.saved.append((comment_id, crawled))  # told once it is committed
             return comment_id
         await self.tell_listeners([(comment_id, crawled)])
         return comment_id
+
+    def _draft(self, obj: JsonObject, actor: str) -> _Draft:
+        """What saving this reply needs that is only CPU work (checks, sanitizing, the
+        proxy's rewrite, the keyword search): done before its transaction, not in it.
+        Raises what ``_check_note`` raises; a content that cannot be shown is kept as
+        ``problem``, raised where rendering used to be (after the duplicate checks)."""
+        note_id = self._check_note(obj, actor)
+        draft = _Draft(note_id, id_of(obj.get("inReplyTo")))
+        try:
+            content, summary, sensitive, images = self._render(obj)
+            url = _html_url(obj, self._settings.allow_http) or note_id
+            if not all(_is_unicode(text) for text in (content, summary or "", url, note_id)):
+                raise ActivityError("the reply is not valid Unicode")
+            draft.keyword = self._keyword_in(content, summary)
+        except Exception as error:  # this reply's outcome alone
+            draft.problem = error
+            return draft
+        draft.content, draft.summary, draft.sensitive = content, summary, sensitive
+        draft.images = self._proxy.rows(images)
+        draft.published = _moment(obj.get("published"))
+        draft.url = url
+        draft.visibility = _visibility(obj)
+        return draft
 
     def _check_note(self, obj: JsonObject, actor: str) -> str:
         note_id = require_http_url(obj.get("id"), "object id", allow_http=self._settings.allow_http)
@@ -186,6 +233,11 @@ class Responses:
         return (place[1], place[0]) if place is not None else None
 
     # ---- replies that share one transaction (inbox.py) --------------------------------
+
+    @property
+    def first_replies_held(self) -> bool:
+        """Whether a sender's first reply waits for approval (FEDIBLOG_MODERATION=first)."""
+        return self._settings.moderation == "first"
 
     def shareable(self, activity: JsonObject) -> bool:
         """Whether this activity's handlers here may join a shared transaction once its
@@ -242,7 +294,26 @@ class Responses:
                 notes.extend(ref for ref in (id_of(obj), id_of(obj.get("inReplyTo"))) if ref)
         ready = [self.shareable(a) and a["actor"] in authors for a in activities]
         why = [problems.get(a["actor"]) if self.shareable(a) else None for a in activities]
-        return SharedReplies(self, ready, why, authors, notes)
+        shared = SharedReplies(self, ready, why, authors, notes)
+        # The CPU work of every reply, here and not in the transaction, which holds the
+        # write lock that accepting inbox POSTs waits on (PAUSE_AFTER).
+        paused = time.monotonic()
+        for activity, joins in zip(activities, ready, strict=True):
+            if not joins:
+                continue
+            draft: _Draft | Exception
+            try:
+                draft = self._draft(activity["object"], activity["actor"])
+            except Exception as error:  # raised by its handler, for its outcome alone
+                draft = error
+            # On the activity itself: the inbox hands its handlers these same objects,
+            # in every transaction it tries them in (an activity run alone is parsed
+            # again from its stored payload, so it drafts again).
+            activity[_DRAFT] = draft
+            if time.monotonic() - paused >= PAUSE_AFTER:
+                await asyncio.sleep(0)
+                paused = time.monotonic()
+        return shared
 
     async def _is_tombstoned(self, shared: SharedReplies | None, note_id: str, actor: str) -> bool:
         if shared is None or not await shared.loaded(self._store, note_id):
@@ -297,38 +368,54 @@ class Responses:
             return await self._store.get_post_id(slug=unquote(path.removeprefix("/posts/")))
         return None
 
-    async def _render(self, obj: JsonObject) -> tuple[str, str | None, bool]:
+    def _render(self, obj: JsonObject) -> tuple[str, str | None, bool, list[str]]:
+        """Content, content warning and sensitivity as shown, and the remote images the
+        content shows through the proxy (to register when it is stored). CPU only."""
         raw = obj.get("content")
         raw = raw if isinstance(raw, str) else ""
         if len(raw) > MAX_CONTENT:
             raise ActivityError("the reply is too long")
+        if not _is_unicode(raw):
+            raise ActivityError("the reply is not valid Unicode")
         emoji = _emoji_map(obj.get("tag"), self._settings.allow_http)
         content = sanitize_remote_html(raw, emoji) + _attachments_html(
             obj.get("attachment"), self._settings.allow_http
         )
-        content = await self._proxy.rewrite_html(content)  # emoji and images: /proxy/…
+        content, images = self._proxy.rewrite(content)  # emoji and images: /proxy/…
         summary = plain_text(obj.get("summary"), 500) or None
         sensitive = bool(obj.get("sensitive")) or summary is not None
         if sensitive and summary is None:
             summary = "Sensitive content"  # marked sensitive without a warning: still collapse
-        return content, summary, sensitive
+        return content, summary, sensitive, images
 
     def _keyword_in(self, content: str, summary: str | None) -> str | None:
+        keywords = self._settings.keywords
+        if not keywords:
+            return None  # no text to extract (a second HTML parse) for nothing
         # The content warning is shown too: a keyword there holds the reply as well.
         text = f"{summary or ''} {html_to_text(content)}".lower()
-        return next((keyword for keyword in self._settings.keywords if keyword in text), None)
+        return next((keyword for keyword in keywords if keyword in text), None)
 
-    async def _hold_reason(self, actor_id: int, content: str, summary: str | None) -> str | None:
+    async def _hold_reason(
+        self, shared: SharedReplies | None, actor_id: int, keyword: str | None
+    ) -> str | None:
         """Why a new reply waits for approval, in words for the author (the desk's queue
         shows it), or None: it is published at once."""
-        keyword = self._keyword_in(content, summary)
         if keyword is not None:
             return held_for_keyword(keyword)
         mode = self._settings.moderation
         if mode == "all":
             return HELD_ALL
-        if mode == "first" and await self._store.count_published_by_actor(actor_id) == 0:
-            return HELD_FIRST
+        if mode == "first":
+            # Its first reply: it has no published comment (Store.has_published_comment,
+            # for a whole batch at once in a shared transaction: SharedReplies.published).
+            if shared is not None:
+                await shared.loaded(self._store, "")
+                first = actor_id not in shared.published
+            else:
+                first = not await self._store.has_published_comment(actor_id)
+            if first:
+                return HELD_FIRST
         return None
 
     async def _fetch_from_origin(self, object_id: str) -> JsonObject | None:
@@ -382,7 +469,8 @@ class Responses:
             published.replace(microsecond=0), parse_ts(comment["received_at"])
         ) != parse_ts(comment["published_at"]):
             return  # an edit never moves a reply in time
-        content, summary, sensitive = await self._render(obj)
+        content, summary, sensitive, images = self._render(obj)
+        await self._proxy.register(images)
         await self._store.save_comment_edit(
             comment["id"],
             content_html=content,
@@ -501,17 +589,22 @@ class SharedReplies:
         self.places: dict[str, tuple[int, int] | None] = {}  # ap_id -> (comment, post)
         self.posts: dict[str, int | None] = {}  # inReplyTo -> our post's id
         self.avatars: set[str] = set()  # registered with the proxy in this transaction
+        self.published: set[int] = set()  # senders with a published comment (moderation)
         self.saved: list[tuple[int, bool]] = []
         self._known: set[str] | None = None
 
     async def loaded(self, store: Store, ap_id: str) -> bool:
         """Whether ``tombstones`` and ``places`` answer for ``ap_id``; the first call
-        reads them for every id of these activities (in the transaction: it sees what
-        the activities before wrote)."""
+        reads them for every id of these activities, and ``published`` for their
+        senders, in one query (in the transaction: it sees what the activities before
+        wrote)."""
         if self._known is None:
             self._known = set(self._notes)
-            self.tombstones = await store.get_tombstone_actors(self._notes)
-            places = await store.get_comment_places(self._notes)
+            first = self._responses.first_replies_held
+            senders = [local for local, _ in self.authors.values()] if first else []
+            self.tombstones, places, self.published = await store.get_reply_context(
+                self._notes, senders
+            )
             for note in self._notes:
                 self.places.setdefault(note, places.get(note))
         return ap_id in self._known
@@ -538,6 +631,37 @@ class SharedReplies:
         await self._responses.tell_listeners(saved)
 
 
+@dataclass(slots=True)
+class _Draft:
+    """A reply's CPU work, done before its transaction (``Responses._draft``)."""
+
+    note_id: str
+    in_reply_to: str | None
+    problem: Exception | None = None  # its content cannot be shown: its outcome
+    content: str = ""
+    summary: str | None = None
+    sensitive: bool = False
+    images: list[tuple[str, str, str, str]] = field(default_factory=list)  # proxy rows
+    keyword: str | None = None  # a held keyword it contains
+    published: datetime | None = None
+    url: str = ""
+    visibility: Visibility = "public"
+
+
+# Where prepare_shared leaves a reply's draft (or what making it raised) on its Create.
+_DRAFT = "fediblog:draft"
+
+
+def _drafted(activity: JsonObject) -> _Draft | None:
+    """The draft prepare_shared left on this activity (None: none); raises what making
+    it raised, as the reply's own outcome. A sender's JSON may use the same key, but
+    never holds a _Draft or an exception."""
+    draft = activity.get(_DRAFT)
+    if isinstance(draft, Exception):
+        raise draft
+    return draft if isinstance(draft, _Draft) else None
+
+
 _current: ContextVar[SharedReplies | None] = ContextVar("fediblog_shared_replies", default=None)
 
 
@@ -556,6 +680,15 @@ def _fetched_author(document: JsonObject, what: str) -> str:
     if author is None or host_of(author) != host_of(str(document.get("id"))):
         raise ActivityError(f"the {what} object's author is on another host")
     return author
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether SQLite can store it: JSON may escape half a surrogate pair ("\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _moment(value: Any) -> datetime | None:

@@ -6,21 +6,24 @@ outside this module writes SQL.
 
 SQLite runs in WAL mode so readers never wait for the writer, with
 ``synchronous=FULL`` so that a commit that returned survives a power cut.
-``Store.version()`` changes whenever anything was committed, by this process or by
-another one (the CLI writing while the server runs), which is what page caches key on.
+``Store.version()`` changes whenever anything a page shows was committed, by this
+process or by another one (the CLI writing while the server runs, a worker process):
+page caches key on it. Bookkeeping no page shows (``shown=False``: queues, leases,
+heartbeats) moves it in no process, so a busy worker process leaves the pages cached.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -580,15 +583,51 @@ _writing: ContextVar[asyncio.Task[Any] | None] = ContextVar("fediblog_store_writ
 
 @dataclass(slots=True)
 class SharedTransaction:
-    """One write transaction that many writes join (``Store.shared_transaction``)."""
+    """One write transaction that many writes join (``Store.shared_transaction``).
+
+    Rows kept for later (``Store.save_comment_later``, ``save_proxied_later``) are
+    written, one executemany per statement, by whatever comes next on the writer
+    connection: a write that joins, a read in the transaction, or its commit. A kept row
+    that fails to write therefore fails *there*: in the handler of a later reply, or at
+    the commit, not in the reply that kept it. Either way the transaction is marked
+    broken and rolls back, and the inbox (``Inbox._shared``) redoes the run: the later
+    reply alone, the others together, until the commit fails and they run one per
+    transaction, where nothing is kept and the culprit fails on its own. Only a failure
+    of the database itself (locked, full, an I/O error: transient) is expected there,
+    since everything else a kept row could break on was settled before it was kept:
+    its content was checked (valid Unicode, sizes) when its reply was drafted, its
+    duplicates, parent and post were looked up in this transaction, its id is the next
+    rowid under our write lock (read again after every other write that joins:
+    ``next_comment_id``), and a proxied row that is known already is ignored.
+    """
 
     task: asyncio.Task[Any] | None
     writes: int = 0  # writes that joined it: a failure after none left it intact
     shown: bool = False
     broken: bool = False  # a write that joined it failed: it must not commit
+    # Rows kept for one executemany per statement, in the order they were kept.
+    later: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
+    # The id the next kept comment takes (0: read it first). Only save_comment_later
+    # chooses it; a write that joins may insert a comment, so it clears it.
+    next_comment_id: int = 0
 
 
 _shared: ContextVar[SharedTransaction | None] = ContextVar("fediblog_store_shared", default=None)
+
+
+async def _set_pragma(connection: aiosqlite.Connection, pragma: str) -> None:
+    # Two processes opening a new database at once (`serve --web-only` and `worker`)
+    # both switch it to WAL, and SQLite may answer the second "locked" at once, without
+    # the busy timeout: a switch that needs an exclusive lock while another connection
+    # reads. It is tried again for a few seconds, as the busy timeout would.
+    for attempt in range(100):
+        try:
+            await connection.execute(f"PRAGMA {pragma}")
+            return
+        except sqlite3.OperationalError as error:
+            if attempt == 99 or error.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                raise
+            await asyncio.sleep(0.05)
 
 
 def _unavailable(path: Path, error: sqlite3.Error) -> StorageUnavailable:
@@ -610,9 +649,11 @@ class Store:
         self._identity = _identity(path)
         self._lock = asyncio.Lock()  # one write transaction at a time on this connection
         self._writes = 0
-        self._data_version = 0
+        self._data_version: int | None = None  # PRAGMA data_version when last asked
+        self._shown_generation = 0  # _SHOWN_GENERATION as last read
         self._checked_at = 0.0
         self.version_max_age = 1.0  # seconds another process's commit may go unnoticed
+        self._peeker: sqlite3.Connection | None = None  # peek_data_version's, once asked
 
     @property
     def path(self) -> Path:
@@ -636,7 +677,7 @@ class Store:
                 connections.append(connection)
                 connection.row_factory = sqlite3.Row
                 for pragma in _PRAGMAS:
-                    await connection.execute(f"PRAGMA {pragma}")
+                    await _set_pragma(connection, pragma)
             db, reader = connections
             store = cls(db, reader, path)
             await store.migrate()
@@ -651,44 +692,83 @@ class Store:
         return store
 
     async def close(self) -> None:
+        if self._peeker is not None:
+            self._peeker.close()
         await self._reader.close()
         await self._db.close()
 
     async def migrate(self) -> int:
-        """Run the migrations this database has not seen; return the schema version."""
-        async with self._db.execute("PRAGMA user_version") as cursor:
-            row = await cursor.fetchone()
-        current = int(row[0]) if row else 0
+        """Run the migrations this database has not seen; return the schema version.
+
+        Each runs in a write transaction with its version bump, so a crash leaves either
+        the old schema or the new one; the version is read again once the write lock is
+        held, so two processes starting together (``serve --web-only`` and ``worker``)
+        never both run one (the second would fail on a column that already exists).
+        """
+        while True:
+            current = await self._user_version()
+            if current == len(MIGRATIONS):
+                return current
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if await self._user_version() == current:  # nobody ran it meanwhile
+                    # Statement by statement: executescript would commit first.
+                    for statement in _statements(MIGRATIONS[current]):
+                        await self._db.execute(statement)
+                    await self._db.execute(f"PRAGMA user_version = {current + 1}")
+                await self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("ROLLBACK")
+                raise
+
+    async def _user_version(self) -> int:
+        [[current]] = await self._db.execute_fetchall("PRAGMA user_version")
         if current > len(MIGRATIONS):
             raise StorageError(
                 f"the database is at schema {current}, newer than this fediblog knows"
                 f" ({len(MIGRATIONS)}): upgrade fediblog"
             )
-        for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
-            # executescript commits first; the version bump rides in the same script
-            # so a crash leaves either the old schema or the new one.
-            await self._db.executescript(
-                f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
-            )
-        return len(MIGRATIONS)
+        return int(current)
 
     # ---- change tracking --------------------------------------------------------
 
     async def version(self) -> tuple[int, int]:
-        """A value that changes after every commit, ours or another process's.
+        """A value that changes after every commit of something a page shows, ours or
+        another process's.
 
-        Our own writes count immediately; other processes' are noticed through
-        ``PRAGMA data_version`` at most ``version_max_age`` seconds late, so a hot
-        page costs no query per request. Asked on the writer connection, whose own
-        commits (inbox bookkeeping included) do not change it.
+        Our own writes count immediately. Another process's are noticed at most
+        ``version_max_age`` seconds late, so a hot page costs no query per request:
+        ``PRAGMA data_version`` on the writer connection (whose own commits do not
+        change it) says that some other connection committed, and only then is the
+        shown generation read, which only writes a page shows move (``_transaction``).
+        A worker process's bookkeeping (claims, leases, heartbeats) thus changes no
+        version: it commits many times a second, and the pages stay cached.
         """
         now = time.monotonic()
         if now - self._checked_at >= self.version_max_age:
-            async with self._db.execute("PRAGMA data_version") as cursor:
-                row = await cursor.fetchone()
-            self._data_version = int(row[0]) if row else 0
             self._checked_at = now
-        return (self._writes, self._data_version)
+            try:
+                [[data_version]] = await self._db.execute_fetchall("PRAGMA data_version")
+                if data_version != self._data_version:
+                    # On the reader: committed rows only, never a transaction in progress
+                    # on the writer connection, which might yet roll back.
+                    rows = await self._reader.execute_fetchall(
+                        "SELECT value FROM meta WHERE key = ?", (self._SHOWN_GENERATION,)
+                    )
+                    self._shown_generation = next((int(row[0]) for row in rows), 0)
+                    self._data_version = data_version
+            except sqlite3.OperationalError as error:
+                self._checked_at = 0.0  # ask again next time
+                raise _unavailable(self._path, error) from error
+        return (self._writes, self._shown_generation)
+
+    # Moved by every committed write a page shows (``shown``), from any process.
+    _SHOWN_GENERATION = "shown_generation"
+    _BUMP_SHOWN = (
+        "INSERT INTO meta (key, value) VALUES ('shown_generation', 1)"
+        " ON CONFLICT (key) DO UPDATE SET value = value + 1"
+    )
 
     @asynccontextmanager
     async def _transaction(self, *, shown: bool = True) -> AsyncIterator[aiosqlite.Connection]:
@@ -705,6 +785,9 @@ class Store:
             # Inside shared_transaction (its own task only): joins it, commits with it.
             shared.writes += 1
             try:
+                if shared.later:
+                    await self._write_later(shared)  # in the order they were asked
+                shared.next_comment_id = 0  # this write may take that rowid: read it again
                 yield self._db
             except BaseException:
                 shared.broken = True  # even if the caller swallows it: no half a write
@@ -717,6 +800,8 @@ class Store:
                 try:
                     await self._db.execute("BEGIN IMMEDIATE")
                     yield self._db
+                    if shown:  # other processes' page caches see it (``version``)
+                        await self._db.execute(self._BUMP_SHOWN)
                     if _identity(self._path) != self._identity:
                         raise StorageUnavailable(
                             f"the database file {self._path} was removed or replaced while"
@@ -744,6 +829,10 @@ class Store:
     async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         writing = _writing.get()
         db = self._db if writing is not None and writing is asyncio.current_task() else self._reader
+        if db is self._db:
+            shared = _shared.get()
+            if shared is not None and shared.later:
+                await self._write_later(shared)  # a read sees every write before it
         try:
             return list(await db.execute_fetchall(sql, params))
         except sqlite3.OperationalError as error:
@@ -1041,36 +1130,28 @@ class Store:
         status: str = "published",
         held_reason: str | None = None,  # why it is "pending", for the desk's queue
     ) -> int:
-        async with self._transaction() as db:
-            # One trip to aiosqlite's thread (execute and the id), not two: a batch of
-            # replies costs about one trip each (inbox.py's shared transactions).
-            row = await db.execute_insert(
-                "INSERT INTO comments (post_id, parent_id, ap_id, url, actor_id, author_name,"
-                " author_url, author_email, content_html, summary, sensitive, visibility, status,"
-                " source, published_at, received_at, held_reason) VALUES"
-                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    post_id,
-                    parent_id,
-                    ap_id,
-                    url,
-                    actor_id,
-                    author_name,
-                    author_url,
-                    author_email,
-                    content_html,
-                    summary,
-                    int(sensitive),
-                    visibility,
-                    status,
-                    source,
-                    format_ts(published),
-                    format_ts(received),
-                    held_reason if status == "pending" else None,
-                ),
-            )
-        assert row is not None
-        return int(row[0])
+        # Its INSERT and values are a reply's kept for later too (save_comment_later).
+        values = self._comment_row(
+            None,
+            post_id=post_id,
+            parent_id=parent_id,
+            content_html=content_html,
+            published=published,
+            received=received,
+            source=source,
+            ap_id=ap_id,
+            url=url,
+            actor_id=actor_id,
+            author_name=author_name,
+            author_url=author_url,
+            author_email=author_email,
+            summary=summary,
+            sensitive=sensitive,
+            visibility=visibility,
+            status=status,
+            held_reason=held_reason,
+        )
+        return await self._insert_comment(values)
 
     async def list_visible_comments(self, post_id: int) -> list[Comment]:
         """Every comment a reader may see under a post, oldest first, in one query."""
@@ -1420,13 +1501,6 @@ class Store:
             " WHERE c.id = ?",
             (comment_id,),
         )
-
-    async def count_published_by_actor(self, actor_id: int) -> int:
-        row = await self._fetchone(
-            "SELECT count(*) FROM comments WHERE actor_id = ? AND status = 'published'",
-            (actor_id,),
-        )
-        return int(row[0]) if row else 0
 
     async def save_comment_edit(
         self,
@@ -2209,13 +2283,9 @@ class Store:
     async def save_proxied(self, rows: Sequence[tuple[str, str, str, str]]) -> None:
         """Remember remote images behind the proxy: (key, url, host, kind); known ones stay."""
         if rows:
-            now = format_ts(utcnow())
             async with self._transaction(shown=False) as db:
-                await db.executemany(
-                    "INSERT OR IGNORE INTO proxy_media (key, url, host, kind, created_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    [(*row, now) for row in rows],
-                )
+                # Its INSERT and values are a reply's kept for later too (save_proxied_later).
+                await db.executemany(self._INSERT_PROXIED, self._proxied_rows(rows, utcnow()))
 
     async def get_proxied(self, key: str) -> sqlite3.Row | None:
         return await self._fetchone(
@@ -2710,7 +2780,9 @@ class Store:
 
     # ---- replies processed in batches (inbox.py) --------------------------------
     # The inbox turns a claimed batch of replies into comments in one transaction, and
-    # reads what they need in a few queries, not a few per reply (inbox.py, responses.py).
+    # reads what they need in a few queries, not a few per reply (inbox.py, responses.py):
+    # their senders here, before the transaction; the rest in it, at the end of the class
+    # ("rows kept for one executemany"), which also keeps the rows they write.
 
     @asynccontextmanager
     async def shared_transaction(self) -> AsyncIterator[SharedTransaction]:
@@ -2726,8 +2798,12 @@ class Store:
             token = _shared.set(state)
             try:
                 yield state
+                if state.later and not state.broken:
+                    await self._write_later(state)  # the rows kept for one executemany
                 if state.broken:
                     raise StorageError("a write in the shared transaction failed")
+                if state.shown:  # as _transaction does for a shown write
+                    await self._db.execute(self._BUMP_SHOWN)
             finally:
                 _shared.reset(token)
                 state.task = None  # a task it started must not join it later
@@ -2743,28 +2819,6 @@ class Store:
                 chunk,
             )
             found.update((row["ap_id"], row) for row in rows)
-        return found
-
-    async def get_tombstone_actors(self, ap_ids: Sequence[str]) -> dict[str, str | None]:
-        """Which of these ids were deleted, and by whom (``is_tombstoned`` for many)."""
-        found: dict[str, str | None] = {}
-        for chunk in _chunks(ap_ids):
-            rows = await self._fetchall(
-                f"SELECT ap_id, actor_ap_id FROM tombstones WHERE ap_id IN ({_marks(chunk)})",
-                chunk,
-            )
-            found.update((row["ap_id"], row["actor_ap_id"]) for row in rows)
-        return found
-
-    async def get_comment_places(self, ap_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
-        """(comment id, post id) of the comments among these ids."""
-        found: dict[str, tuple[int, int]] = {}
-        for chunk in _chunks(ap_ids):
-            rows = await self._fetchall(
-                f"SELECT ap_id, id, post_id FROM comments WHERE ap_id IN ({_marks(chunk)})",
-                chunk,
-            )
-            found.update((row["ap_id"], (row["id"], row["post_id"])) for row in rows)
         return found
 
     # ---- responses paged by count ----
@@ -2833,6 +2887,321 @@ class Store:
             (comment_id, post_id),
         )
         return row is not None
+
+    # ---- replies processed in batches: rows kept for one executemany ----
+    # The rest of "replies processed in batches" above. A shared transaction holds the one
+    # write lock that accepting inbox POSTs also need (BatchWriter), so the replies of a
+    # batch, drafted before it (responses.py), cost inside it one read for what they look
+    # up (get_reply_context) and one executemany per table for what they write, not a
+    # trip to aiosqlite's thread each. A row kept for later is written before the
+    # transaction's next other write or read and before its commit, so the order of
+    # writes holds (SharedTransaction says where a kept row that fails to write fails).
+
+    # One INSERT per table, for a row written at once and a row kept for later alike.
+    _INSERT_COMMENT = (
+        "INSERT INTO comments (id, post_id, parent_id, ap_id, url, actor_id, author_name,"
+        " author_url, author_email, content_html, summary, sensitive, visibility, status,"
+        " source, published_at, received_at, held_reason) VALUES"
+        " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
+    _INSERT_PROXIED = (
+        "INSERT OR IGNORE INTO proxy_media (key, url, host, kind, created_at)"
+        " VALUES (?, ?, ?, ?, ?)"
+    )
+    # The one rule for a sender's first reply (moderation "first"): the actor {} has no
+    # published comment yet.
+    _HAS_PUBLISHED = (
+        "EXISTS (SELECT 1 FROM comments c WHERE c.actor_id = {} AND c.status = 'published')"
+    )
+
+    @staticmethod
+    def _comment_row(
+        comment_id: int | None,
+        *,
+        post_id: int,
+        parent_id: int | None,
+        content_html: str,
+        published: datetime,
+        received: datetime,
+        source: CommentSource,
+        ap_id: str | None = None,
+        url: str | None = None,
+        actor_id: int | None = None,
+        author_name: str = "",
+        author_url: str | None = None,
+        author_email: str | None = None,
+        summary: str | None = None,
+        sensitive: bool = False,
+        visibility: Visibility = "public",
+        status: str = "published",
+        held_reason: str | None = None,
+    ) -> tuple[Any, ...]:
+        """The values of ``_INSERT_COMMENT`` (``comment_id`` None: SQLite chooses it)."""
+        return (
+            comment_id,
+            post_id,
+            parent_id,
+            ap_id,
+            url,
+            actor_id,
+            author_name,
+            author_url,
+            author_email,
+            content_html,
+            summary,
+            int(sensitive),
+            visibility,
+            status,
+            source,
+            format_ts(published),
+            format_ts(received),
+            held_reason if status == "pending" else None,  # only a held comment says why
+        )
+
+    @staticmethod
+    def _proxied_rows(
+        rows: Iterable[tuple[str, str, str, str]], now: datetime
+    ) -> list[tuple[str, str, str, str, str]]:
+        """The values of ``_INSERT_PROXIED`` for (key, url, host, kind) rows."""
+        created = format_ts(now)
+        return [(*row, created) for row in rows]
+
+    async def _insert_comment(self, values: tuple[Any, ...]) -> int:
+        async with self._transaction() as db:
+            # One trip to aiosqlite's thread (execute and the id), not two.
+            row = await db.execute_insert(self._INSERT_COMMENT, values)
+        assert row is not None
+        return int(row[0])
+
+    async def has_published_comment(self, actor_id: int) -> bool:
+        """Whether this actor has a published comment: if not, its next reply is its
+        first (moderation ``first``; ``get_reply_context`` asks it for a batch)."""
+        sql = f"SELECT {self._HAS_PUBLISHED.format('?')}"
+        row = await self._fetchone(sql, (actor_id,))
+        return bool(row and row[0])
+
+    @staticmethod
+    def _shared_here() -> SharedTransaction | None:
+        shared = _shared.get()
+        return shared if shared is not None and shared.task is asyncio.current_task() else None
+
+    async def save_comment_later(
+        self,
+        *,
+        post_id: int,
+        parent_id: int | None,
+        content_html: str,
+        published: datetime,
+        received: datetime,
+        ap_id: str,
+        url: str | None,
+        actor_id: int,
+        summary: str | None,
+        sensitive: bool,
+        visibility: Visibility,
+        status: str,
+        held_reason: str | None,
+    ) -> int:
+        """``save_comment`` for a reply from the fediverse; in a shared transaction the
+        row is kept for one executemany with the others, and its id returned now.
+
+        The only place a kept comment's id is chosen: the next rowid, as SQLite would
+        choose it (the write lock is ours), read once and counted on from there until a
+        write joins the transaction (which may insert a comment itself)."""
+        values = self._comment_row(
+            None,
+            post_id=post_id,
+            parent_id=parent_id,
+            content_html=content_html,
+            published=published,
+            received=received,
+            source="fediverse",
+            ap_id=ap_id,
+            url=url,
+            actor_id=actor_id,
+            summary=summary,
+            sensitive=sensitive,
+            visibility=visibility,
+            status=status,
+            held_reason=held_reason,
+        )
+        shared = self._shared_here()
+        if shared is None:
+            return await self._insert_comment(values)
+        if not shared.next_comment_id:
+            row = await self._fetchone("SELECT coalesce(max(id), 0) + 1 FROM comments")
+            shared.next_comment_id = int(row[0]) if row else 1
+        comment_id = shared.next_comment_id
+        shared.next_comment_id += 1
+        self._later(shared, self._INSERT_COMMENT, (comment_id, *values[1:]), shown=True)
+        return comment_id
+
+    async def save_proxied_later(self, rows: Sequence[tuple[str, str, str, str]]) -> None:
+        """``save_proxied``; in a shared transaction, kept for one executemany."""
+        shared = self._shared_here()
+        if shared is None:
+            await self.save_proxied(rows)
+            return
+        for row in self._proxied_rows(rows, utcnow()):
+            self._later(shared, self._INSERT_PROXIED, row, shown=False)
+
+    @staticmethod
+    def _later(shared: SharedTransaction, sql: str, row: tuple[Any, ...], *, shown: bool) -> None:
+        # One statement per table, each an insert that depends on no other table's
+        # rows kept with it: writing them statement by statement keeps every order that
+        # matters (a reply after the comment it answers).
+        shared.writes += 1  # a write of this transaction from now on, as any other
+        shared.shown = shared.shown or shown
+        shared.later.setdefault(sql, []).append(row)
+
+    async def _write_later(self, shared: SharedTransaction) -> None:
+        # The kept comments took the ids next_comment_id counted: it stays right until
+        # a write joins (Store._transaction clears it there).
+        later, shared.later = shared.later, {}
+        try:
+            for sql, rows in later.items():
+                await self._db.executemany(sql, rows)
+        except BaseException as error:
+            shared.broken = True  # rows it holds are lost: it must not commit
+            if isinstance(error, sqlite3.OperationalError):
+                raise _unavailable(self._path, error) from error
+            raise
+
+    async def get_reply_context(
+        self, ap_ids: Sequence[str], actor_ids: Sequence[int]
+    ) -> tuple[dict[str, str | None], dict[str, tuple[int, int]], set[int]]:
+        """For a batch of replies, in one read: which of these ids were deleted and by
+        whom (``is_tombstoned``), the (comment id, post id) of those already here, and
+        which of these actors have a published comment (``has_published_comment``)."""
+        rows = await self._fetchall(
+            "SELECT 't', ap_id, actor_ap_id, NULL FROM tombstones"
+            " WHERE ap_id IN (SELECT value FROM json_each(?1))"
+            " UNION ALL SELECT 'c', ap_id, id, post_id FROM comments"
+            " WHERE ap_id IN (SELECT value FROM json_each(?1))"
+            " UNION ALL SELECT 'a', NULL, j.value, NULL FROM json_each(?2) j"
+            f" WHERE {self._HAS_PUBLISHED.format('j.value')}",
+            (json.dumps(list(dict.fromkeys(ap_ids))), json.dumps(list(dict.fromkeys(actor_ids)))),
+        )
+        tombstones: dict[str, str | None] = {}
+        places: dict[str, tuple[int, int]] = {}
+        published: set[int] = set()
+        for kind, ap_id, first, second in rows:
+            if kind == "t":
+                tombstones[ap_id] = first
+            elif kind == "c":
+                places[ap_id] = (int(first), int(second))
+            else:
+                published.add(int(first))
+        return tombstones, places, published
+
+    # ---- RESERVED: background work in its own process (engineer D) ----
+
+    async def get_data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version`` on the writer connection: it changes when
+        another process (or connection) commits, never for this store's own commits,
+        and reads no table (runtime.py's watcher asks it up to 20 times a second, in
+        one trip to aiosqlite's thread)."""
+        try:
+            [[version]] = await self._db.execute_fetchall("PRAGMA data_version")
+        except sqlite3.OperationalError as error:
+            raise _unavailable(self._path, error) from error
+        return int(version)
+
+    def peek_data_version(self) -> int | None:
+        """``PRAGMA data_version`` on a connection of its own, asked right here on the
+        event loop's thread: about 7 us of CPU, where a trip to aiosqlite's thread
+        costs about 0.2 ms (a watcher asking 20 times a second would spend half a
+        percent of a core doing nothing). It changes with every commit, this store's
+        own included (``get_data_version`` then tells whose). Never waits: None when
+        the database is busy or unusable (ask again later)."""
+        try:
+            if self._peeker is None:
+                self._peeker = sqlite3.connect(self._path, timeout=0, isolation_level=None)
+            [[version]] = self._peeker.execute("PRAGMA data_version").fetchall()
+        except sqlite3.Error:
+            return None
+        return int(version)
+
+    # A worker process's heartbeat: one meta row per role, when it was last seen running,
+    # and one per process with its outcome counts since it started (/metrics adds them).
+    _HEARTBEAT_KEY = "worker_seen."
+    _COUNTS_KEY = "worker_counts."
+
+    async def save_worker_heartbeats(
+        self,
+        roles: Sequence[str],
+        now: datetime,
+        *,
+        process: str | None = None,
+        counts: Mapping[str, Mapping[str, int]] | None = None,
+    ) -> None:
+        """Record that ``roles`` ran at ``now`` and, for ``process``, its ``counts``
+        (worker name -> outcome -> jobs since the process started)."""
+        rows = [(self._HEARTBEAT_KEY + role, format_ts(now)) for role in roles]
+        if process is not None:
+            value = json.dumps({"at": format_ts(now), "counts": counts or {}})
+            rows.append((self._COUNTS_KEY + process, value))
+        async with self._transaction(shown=False) as db:
+            await db.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                rows,
+            )
+
+    async def delete_worker_heartbeats(
+        self, written: Mapping[str, datetime], *, process: str | None = None
+    ) -> None:
+        """A worker process stopped: forget its rows. ``written`` is the heartbeat it
+        wrote last for each role; a row holding another one is kept (another worker
+        process runs that role too)."""
+        async with self._transaction(shown=False) as db:
+            await db.executemany(
+                "DELETE FROM meta WHERE key = ? AND value = ?",
+                [(self._HEARTBEAT_KEY + role, format_ts(at)) for role, at in written.items()],
+            )
+            if process is not None:
+                await db.execute("DELETE FROM meta WHERE key = ?", (self._COUNTS_KEY + process,))
+
+    async def list_worker_heartbeats(self) -> dict[str, datetime]:
+        """Each role a worker process reported, and when it last did."""
+        return {
+            key: parse_ts(value) for key, value in (await self._meta_rows(self._HEARTBEAT_KEY))
+        }
+
+    async def get_worker_counts(self, since: datetime) -> dict[str, dict[str, int]]:
+        """The outcome counts of the worker processes heard from since ``since``,
+        added up: worker name -> outcome -> jobs."""
+        total: dict[str, dict[str, int]] = {}
+        for _, value in await self._meta_rows(self._COUNTS_KEY):
+            found = json.loads(value)
+            if parse_ts(found["at"]) < since:
+                continue  # a process killed long ago: its counts went with it
+            for name, outcomes in found["counts"].items():
+                mine = total.setdefault(name, {})
+                for outcome, count in outcomes.items():
+                    mine[outcome] = mine.get(outcome, 0) + int(count)
+        return total
+
+    async def _meta_rows(self, prefix: str) -> list[tuple[str, str]]:
+        """The meta rows whose key starts with ``prefix`` (which ends with '.'), on the
+        primary key's index; the prefix taken off."""
+        rows = await self._fetchall(
+            "SELECT key, value FROM meta WHERE key >= ? AND key < ?",
+            (prefix, prefix[:-1] + "/"),  # "/" sorts right after "."
+        )
+        return [(row["key"].removeprefix(prefix), row["value"]) for row in rows]
+
+
+def _statements(script: str) -> Iterator[str]:
+    """A migration's statements one by one (a trigger's body, a string or a comment
+    holding a ';' stays whole: ``sqlite3.complete_statement`` tells where each ends)."""
+    statement = ""
+    for piece in script.split(";"):
+        statement += piece + ";"
+        if sqlite3.complete_statement(statement):
+            if statement.strip().rstrip(";").strip():
+                yield statement
+            statement = ""
 
 
 def _chunks(values: Sequence[str], size: int = 500) -> Iterator[list[str]]:

@@ -230,7 +230,8 @@ class Worker(Generic[J]):
         self.outcomes: dict[str, int] = {}
 
     def wake(self) -> None:
-        """Something was queued in this process: run now, not at the next poll."""
+        """Something was queued: run now, not at the next poll. Called by this process
+        when it queues work, and by runtime.py's watcher when another process commits."""
         self._wake.set()
 
     async def run_once(self, max_jobs: int = 1_000_000) -> int:

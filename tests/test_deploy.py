@@ -445,30 +445,37 @@ def test_caddy_refuses_bodies_over_1_mib_with_413(caddy_in_front: tuple[int, int
 # ---- systemd ----------------------------------------------------------------------
 
 
-def unit_copy(tmp_path: Path) -> Path:
-    """The unit with its ExecStart pointing at a program that exists here."""
-    text = (DEPLOY / "fediblog.service").read_text()
+# The web server's unit, and the worker's beside it (deploy/README.md, "A separate worker").
+UNITS = ["fediblog.service", "fediblog-worker.service"]
+
+
+def unit_copy(tmp_path: Path, name: str = "fediblog.service") -> Path:
+    """The units with their ExecStart pointing at a program that exists here; the path
+    of ``name`` among them (the worker's unit names the server's: both are copied)."""
     exec_start = "/srv/fediblog/.venv/bin/fediblog"
-    assert exec_start in text
-    unit = tmp_path / "fediblog.service"
-    unit.write_text(text.replace(exec_start, shutil.which("true") or "/bin/true"))
-    return unit
+    for each in UNITS:
+        text = (DEPLOY / each).read_text()
+        assert exec_start in text
+        (tmp_path / each).write_text(text.replace(exec_start, shutil.which("true") or "/bin/true"))
+    return tmp_path / name
 
 
-def test_service_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", UNITS)
+def test_service_passes_systemd_analyze_verify(tmp_path: Path, name: str) -> None:
     analyze = tool("systemd-analyze")
     result = subprocess.run(
-        [analyze, "verify", str(unit_copy(tmp_path))],
+        [analyze, "verify", str(unit_copy(tmp_path, name))],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "fediblog.service" not in result.stderr, result.stderr  # no warning about it
+    assert name not in result.stderr, result.stderr  # no warning about it
 
 
-def test_service_exposure_score_stays_low(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", UNITS)
+def test_service_exposure_score_stays_low(tmp_path: Path, name: str) -> None:
     analyze = tool("systemd-analyze")
     result = subprocess.run(
         [
@@ -477,14 +484,16 @@ def test_service_exposure_score_stays_low(tmp_path: Path) -> None:
             "--offline=true",
             f"--threshold={int(MAX_EXPOSURE * 10)}",
             "--no-pager",
-            str(unit_copy(tmp_path)),
+            str(unit_copy(tmp_path, name)),
         ],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    score = re.search(r"Overall exposure level for fediblog\.service: ([\d.]+)", result.stdout)
+    score = re.search(
+        rf"Overall exposure level for {re.escape(name)}: ([\d.]+)", result.stdout
+    )
     assert score, result.stdout + result.stderr
     assert float(score.group(1)) <= MAX_EXPOSURE, result.stdout
     assert result.returncode == 0, result.stdout + result.stderr

@@ -2,14 +2,20 @@
 
 ``/healthz`` is public and says nothing secret: 200 when a small write to the database
 commits and every background task (``app.state.tasks``) still runs, else 503 with a
-short reason. It echoes the scheme and host the request arrived with as the app saw
+short reason. A web-only process (``serve --web-only``) runs no background task: it
+reads instead the heartbeats ``fediblog worker`` processes write (runtime.py), and a
+role no worker has reported for ``WORKER_SILENCE`` seconds counts as stopped.
+It echoes the scheme and host the request arrived with as the app saw
 them, after the proxy headers, and, for a request signed with one of this blog's own
 keys, whether that signature verifies here as an inbound one would: ``fediblog check``
 (check.py) uses both to test the reverse proxy from outside.
 
 ``/metrics`` is the Prometheus text format (metrics.py), for a client on this machine
 that reached the server directly, or for anyone sending ``FEDIBLOG_METRICS_TOKEN`` as a
-bearer token; everyone else gets the 404 of a page that does not exist.
+bearer token; everyone else gets the 404 of a page that does not exist. Its counts of
+activities processed and deliveries add those of the worker processes heard from in
+the last ``WORKER_SILENCE`` seconds (their heartbeats carry them): a web-only process
+counts none itself.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -33,7 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fediblog.errors import SignatureError, StorageError
 from fediblog.httpsig import parse_signature, verify_signature
 from fediblog.metrics import Family, backlog, exposition
-from fediblog.models import utcnow
+from fediblog.models import format_ts, utcnow
 from fediblog.web.deps import Services, services
 
 PROBE_TIMEOUT = 5.0  # a database that takes longer to commit one row is not healthy
@@ -91,10 +98,78 @@ def task_states(request: Request) -> dict[str, str]:
     return {task.get_name(): "stopped" if task.done() else "running" for task in _tasks(request)}
 
 
+# ---- roles left to worker processes (`serve --web-only` beside `fediblog worker`) -------
+
+WORKER_SILENCE = 60.0  # seconds without a heartbeat before a worker process's role is stopped
+
+
+@dataclass(frozen=True, slots=True)
+class Elsewhere:
+    """The background roles this process leaves to ``fediblog worker`` processes, and
+    when it started waiting for them: a role never seen counts as "starting" for the
+    first WORKER_SILENCE seconds, so a web process started first is not unhealthy."""
+
+    roles: tuple[str, ...]
+    since: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RoleSeen:
+    """One role a worker process should run, as its heartbeats show it."""
+
+    role: str
+    last_seen: datetime | None
+    state: str  # "running", "starting" or "stopped" (then /healthz says 503)
+
+    @property
+    def name(self) -> str:
+        return f"{self.role} (worker process)"
+
+    def problem(self, now: datetime) -> str | None:
+        if self.state != "stopped":
+            return None
+        if self.last_seen is None:  # never, or its worker stopped cleanly
+            return f"no worker process runs {self.role}"
+        silent = (now - self.last_seen).total_seconds()
+        return f"no worker process has run {self.role} for {silent:.0f} s"
+
+
+async def worker_roles(request: Request, now: datetime) -> list[RoleSeen]:
+    """The roles this process expects worker processes to run (none unless web-only)."""
+    elsewhere: Elsewhere | None = getattr(request.app.state, "elsewhere", None)
+    if elsewhere is None or not elsewhere.roles:
+        return []
+    # Read at most once per PROBE_FRESH seconds: /healthz is public.
+    cached: tuple[float, dict[str, datetime]] | None = getattr(
+        request.app.state, "heartbeats", None
+    )
+    if cached is None or time.monotonic() - cached[0] >= PROBE_FRESH:
+        beats = await services(request).store.list_worker_heartbeats()
+        request.app.state.heartbeats = cached = (time.monotonic(), beats)
+    waiting = (now - elsewhere.since).total_seconds() <= WORKER_SILENCE
+    found = []
+    for role in elsewhere.roles:
+        seen = cached[1].get(role)
+        if seen is not None and (now - seen).total_seconds() <= WORKER_SILENCE:
+            state = "running"
+        else:
+            state = "starting" if waiting else "stopped"
+        found.append(RoleSeen(role, seen, state))
+    return found
+
+
 async def healthz(request: Request) -> Response:
     ctx = services(request)
+    now = utcnow()
     workers = task_states(request)
     problems = [f"the {name} task has stopped" for name, up in workers.items() if up != "running"]
+    try:
+        roles = await worker_roles(request, now)
+    except StorageError:  # the error's text may name paths: the logs have it
+        roles = []
+        problems.append("the worker processes' heartbeats cannot be read")
+    workers.update((seen.name, seen.state) for seen in roles)
+    problems += [problem for seen in roles if (problem := seen.problem(now))]
     database = await _write_probe(request).state(ctx)
     if database == "slow":
         problems.append(f"the database did not commit within {PROBE_TIMEOUT:g} s")
@@ -105,6 +180,14 @@ async def healthz(request: Request) -> Response:
         "reason": "; ".join(problems) if problems else None,
         "database": database,
         "workers": workers,
+        # When a worker process last reported each role this one leaves to it.
+        "worker_processes": {
+            seen.role: {
+                "state": seen.state,
+                "last_seen": format_ts(seen.last_seen) if seen.last_seen else None,
+            }
+            for seen in roles
+        },
         # As the app saw the request: what inbound signatures are checked against.
         "request": {"scheme": request.url.scheme, "host": request.headers.get("host", "")},
         "expected": {"scheme": ctx.settings.scheme, "host": ctx.settings.host},
@@ -197,12 +280,23 @@ async def metrics(request: Request) -> Response:
 DELIVERY_OUTCOMES = {"done": "sent", "retry": "retry", "failed": "failed", "gave_up": "dead"}
 
 
+def _added(*counts: Mapping[str, int]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for each in counts:
+        for key, count in each.items():
+            total[key] = total.get(key, 0) + count
+    return total
+
+
 async def collect(ctx: Services, now: datetime) -> list[Family]:
     """Every family /metrics shows: the counters since start and the queues now."""
     stats = ctx.inbox.stats
     queues = backlog(await ctx.store.get_queue_stats(), now)
-    delivered = ctx.deliverer.worker.outcomes
-    processed = ctx.inbox.worker.outcomes
+    # This process's counts, and those of the worker processes heard from lately
+    # (`fediblog worker` writes them with its heartbeat): all of the blog's work.
+    elsewhere = await ctx.store.get_worker_counts(now - timedelta(seconds=WORKER_SILENCE))
+    delivered = _added(ctx.deliverer.worker.outcomes, elsewhere.get("delivery", {}))
+    processed = _added(ctx.inbox.worker.outcomes, elsewhere.get("inbox", {}))
     return [
         Family(
             "fediblog_inbox_accepted_total",
@@ -222,13 +316,15 @@ async def collect(ctx: Services, now: datetime) -> list[Family]:
         Family(
             "fediblog_inbox_processed_total",
             "counter",
-            "Stored activities processed since the server started, by outcome.",
+            "Stored activities processed since the server (and each worker process) started,"
+            " by outcome.",
             tuple(({"outcome": k}, processed.get(k, 0)) for k in ("done", "retry", "failed")),
         ),
         Family(
             "fediblog_deliveries_total",
             "counter",
-            "Delivery attempts since the server started, by outcome (dead: gave up).",
+            "Delivery attempts since the server (and each worker process) started, by outcome"
+            " (dead: gave up).",
             tuple(
                 ({"outcome": label}, delivered.get(status, 0))
                 for status, label in DELIVERY_OUTCOMES.items()

@@ -14,7 +14,9 @@ Three measurements, each of a fresh server process (one uvicorn worker):
    the actor, outbox, followers, WebFinger, host-meta and NodeInfo; then 2 s idle.
 
 RSS is VmRSS from /proc (what `ps` and the container see), added up over the server
-and any process it started.
+and any process it started. With ``--split`` (``python -m tests.bench --split``) the
+server is `serve --web-only` plus one `fediblog worker`: each figure is their sum, and
+``*_web_mb`` / ``*_worker_mb`` give each process's own.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import httpx
 from fediblog.blog import Blog
 from fediblog.demo import seed_demo
 from fediblog.store import Store
-from tests.bench.common import bench_settings, running_server, tree_rss_mb
+from tests.bench.common import bench_settings, running_server, tree_rss_mb, worker_of
 from tests.processes import free_port
 
 AP = "application/activity+json"
@@ -88,19 +90,32 @@ def crawl(base: str, limit: int) -> tuple[int, int]:
     return len(seen), size
 
 
-def measure_one(demo: bool, limit: int) -> tuple[float, float | None, int]:
+def each_process(pid: int, name: str, parts: dict[str, float]) -> float:
+    """The server's RSS (the sum over its processes); in a split run, each process's
+    own goes into ``parts`` as NAME_web_mb and NAME_worker_mb."""
+    total = tree_rss_mb(pid)
+    worker = worker_of(pid)
+    if worker is not None:
+        parts[f"{name}_worker_mb"] = tree_rss_mb(worker)
+        parts[f"{name}_web_mb"] = total - parts[f"{name}_worker_mb"]
+    return total
+
+
+def measure_one(
+    demo: bool, limit: int, parts: dict[str, float]
+) -> tuple[float, float | None, int]:
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         folder, port = Path(tmp), free_port()
         settings = bench_settings(folder, port)
         asyncio.run(seed(settings) if demo else create(settings))
         with running_server(settings, port) as server:
             time.sleep(2.0)  # start-up settles; the probe GET /about has been served
-            idle = tree_rss_mb(server.pid)
+            idle = each_process(server.pid, "demo_idle" if demo else "empty_idle", parts)
             if not demo:
                 return idle, None, 0
             pages, size = crawl(f"http://127.0.0.1:{port}", limit)
             time.sleep(2.0)
-            after = tree_rss_mb(server.pid)
+            after = each_process(server.pid, "demo_after", parts)
             print(f"served {pages} pages and documents once ({size:,} bytes)")
             return idle, after, pages
 
@@ -108,15 +123,19 @@ def measure_one(demo: bool, limit: int) -> tuple[float, float | None, int]:
 def measure(*, pages: int = 300) -> dict[str, Any]:
     """``empty_idle_mb``, ``demo_idle_mb``, ``demo_after_mb``, and ``idle_rss_mb``: the
     worst of the three (the target's figure)."""
-    empty, _, _ = measure_one(False, pages)
-    demo_idle, demo_after, served = measure_one(True, pages)
+    parts: dict[str, float] = {}
+    empty, _, _ = measure_one(False, pages, parts)
+    demo_idle, demo_after, served = measure_one(True, pages, parts)
     assert demo_after is not None
+    if parts:
+        print("per process: " + ", ".join(f"{k}={v:.1f}" for k, v in parts.items()))
     return {
         "empty_idle_mb": empty,
         "demo_idle_mb": demo_idle,
         "demo_after_mb": demo_after,
         "pages_served": served,
         "idle_rss_mb": max(empty, demo_idle, demo_after),
+        **parts,
     }
 
 

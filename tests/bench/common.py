@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fediblog.config import Settings, load_settings
 from fediblog.keys import ensure_keys
-from tests.bench.sysstat import process_tree
+from tests.bench.sysstat import COMPANIONS, process_tree
 from tests.processes import stop, wait_until_up
 
 
@@ -44,20 +44,52 @@ def server_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
+SPLIT = "FEDIBLOG_BENCH_SPLIT"  # "1": `serve --web-only` and one `fediblog worker` process
+
+
+def split_processes() -> bool:
+    return os.environ.get(SPLIT) == "1"
+
+
+def worker_of(pid: int) -> int | None:
+    """The `fediblog worker` process beside the web process ``pid`` (split runs)."""
+    found = COMPANIONS.get(pid)
+    return found[0] if found else None
+
+
 @contextlib.contextmanager
 def running_server(settings: Settings, port: int, **env: str) -> Iterator[subprocess.Popen[bytes]]:
-    """`fediblog serve` (one uvicorn worker) on 127.0.0.1:port until the block ends."""
+    """`fediblog serve` (one uvicorn worker) on 127.0.0.1:port until the block ends.
+
+    With FEDIBLOG_BENCH_SPLIT=1 (``python -m tests.bench --split``): `serve --web-only`
+    and one `fediblog worker` process; the worker counts as part of the server in every
+    CPU and RSS figure (sysstat.COMPANIONS), and ``worker_of`` names it.
+    """
+    command = [sys.executable, "-m", "fediblog"]
+    split = split_processes()
     process = subprocess.Popen(
-        [sys.executable, "-m", "fediblog", "serve", "--port", str(port)],
+        [*command, "serve", "--port", str(port), *(["--web-only"] if split else [])],
         env=server_env(settings, **env),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    worker = None
     try:
+        if split:
+            worker = subprocess.Popen(
+                [*command, "worker"],
+                env=server_env(settings, **env),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            COMPANIONS[process.pid] = [worker.pid]
         wait_until_up(f"http://127.0.0.1:{port}/about", process, "the server")
         yield process
     finally:
         stop(process, timeout=20)
+        if worker is not None:
+            stop(worker, timeout=20)
+            COMPANIONS.pop(process.pid, None)
 
 
 def rss_mb(pid: int) -> float:

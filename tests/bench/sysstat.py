@@ -18,10 +18,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+# A server's processes that are not its children (`fediblog worker` beside `serve
+# --web-only`, started by tests/bench/common.py): measured with it, as one server.
+COMPANIONS: dict[int, list[int]] = {}
+
+
 def process_tree(pid: int) -> list[int]:
     """``pid`` and its live descendants: a server that starts helper processes (a
-    delivery or verification process) is measured whole."""
-    parents: dict[int, list[int]] = {}
+    delivery or verification process) is measured whole, and so are its COMPANIONS."""
+    parents: dict[int, list[int]] = {pid: list(COMPANIONS.get(pid, []))}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:

@@ -4,8 +4,9 @@
   their last error, and the latest of them one by one (delivery.py's
   ``list_delivery_hosts``, as ``fediblog deliveries hosts``); the inbox's backlog and lag
   (metrics.py's ``backlog``, as /metrics); the inbox's recent refusals by reason (the
-  ring ``InboxStats`` keeps in this process); the background tasks (as /healthz); the
-  public handle, the blog key's fingerprint and the version.
+  ring ``InboxStats`` keeps in this process); the background tasks (as /healthz), and
+  for a web-only process the roles left to worker processes, each with when a worker
+  last reported it; the public handle, the blog key's fingerprint and the version.
 * ``POST /admin/health/retry``: ``host`` or ``id`` (or neither: all) made due now with a
   new round of attempts: ``delivery.retry_deliveries``, as ``fediblog deliveries retry``.
 * ``POST /admin/health/check``: the self-test of ``fediblog check`` (check.py), one line
@@ -37,7 +38,7 @@ from fediblog.metrics import backlog
 from fediblog.models import parse_ts, utcnow
 from fediblog.web.admin.page import read_form, render
 from fediblog.web.deps import services
-from fediblog.web.health import task_states
+from fediblog.web.health import task_states, worker_roles
 
 CHECK_DEADLINE = 25.0  # seconds for all the checks: under a proxy's usual 60 s read timeout
 CHECK_WAIT = 5.0  # seconds for each request of a check
@@ -85,6 +86,7 @@ def duration(seconds: float) -> str:
 async def _page(request: Request, *, checks: list[Result] | None = None) -> Response:
     ctx = services(request)
     now = utcnow()
+    roles = await worker_roles(request, now)  # those left to worker processes, if any
     rows = await ctx.store.list_deliveries(("queued", "failed", "dead"), SHOWN_DELIVERIES)
     deliveries = [
         DeliveryLine(
@@ -115,7 +117,8 @@ async def _page(request: Request, *, checks: list[Result] | None = None) -> Resp
         backlog=backlog(await ctx.store.get_queue_stats(), now),
         duration=duration,
         refusals=ctx.inbox.stats.recent_by_reason(),
-        workers=task_states(request),
+        workers=task_states(request) | {seen.name: seen.state for seen in roles},
+        last_seen={seen.name: seen.last_seen for seen in roles},
         fingerprint=fingerprint(ctx.blog_public_pem),
         version=__version__,
         retried=int(retried) if retried.isascii() and retried.isdigit() else None,

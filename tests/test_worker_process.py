@@ -1,0 +1,732 @@
+"""Background work in its own process: `fediblog serve --web-only` beside `fediblog worker`.
+
+The real commands, each in its own process, on one temporary blog; a fake Mastodon-like
+instance (tests/test_federation_e2e.py's, on its own 127.0.0.1 port) sends signed
+replies and follows and verifies with pyhttpsig what the worker delivers to it.
+
+In-process (runtime.py, web/health.py): work committed by another connection wakes a
+worker whose poll is an hour away; a web-only app is unhealthy once a role goes
+unreported by every worker process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, TypeVar, cast
+
+import httpx
+import pytest
+
+from fediblog import moderation
+from fediblog.blog import Blog, parse_post
+from fediblog.config import Settings
+from fediblog.errors import StorageUnavailable, WorkerFailed
+from fediblog.models import InboxItem, OutgoingActivity, format_ts, utcnow
+from fediblog.runtime import (
+    ROLES,
+    WATCH_IDLE,
+    WATCH_INTERVAL,
+    WATCH_WORKER_IDLE,
+    Runtime,
+    next_pause,
+    run_worker,
+)
+from fediblog.schedule import Scheduler
+from fediblog.store import MIGRATIONS, Store
+from fediblog.web.deps import Services
+from fediblog.web.health import Elsewhere
+from tests.bench import bench_inbox
+from tests.bench.common import bench_settings, server_env
+from tests.conftest import make_settings
+from tests.helpers import publish, remote_actor, remote_comment, running
+from tests.processes import free_port, run_cli, run_fediblog, stop, wait_until_up
+from tests.test_federation_e2e import (
+    Account,
+    FakeInstance,
+    assert_from_blog,
+    blog_env,
+    mastodon_follow,
+    serving,
+    signed_post_headers,
+)
+from tests.test_health import TOKEN, read_metrics
+
+T = TypeVar("T")
+PUBLIC = "https://www.w3.org/ns/activitystreams#Public"
+POST = "---\ntitle: Worth an answer\n---\nA post the fediverse answers.\n"
+
+
+def eventually(find: Callable[[], T | None], what: str, log: Path | None = None) -> T:
+    """What ``find`` returns once it is truthy; an AssertionError after 30 s."""
+    deadline = time.monotonic() + 30
+    while True:
+        found = find()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            output = log.read_text(errors="replace")[-3000:] if log else ""
+            raise AssertionError(f"timed out waiting for {what}\n{output}")
+        time.sleep(0.02)
+
+
+@dataclass
+class World:
+    folder: Path
+    env: dict[str, str]
+    base: str
+    port: int
+    fake: FakeInstance
+    ann: Account
+    post_id: str  # the post's object id
+    page: str  # the path of the post's page
+
+    @contextlib.contextmanager
+    def process(self, name: str, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+        """`python -m fediblog ARGS`, its output in NAME.log; SIGINT at the end."""
+        log = self.folder / f"{name}.log"
+        with log.open("ab") as sink:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "fediblog", *args],
+                env=self.env,
+                cwd=self.folder,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                yield process
+            finally:
+                stop(process)
+
+    @contextlib.contextmanager
+    def web(self, *, web_only: bool = True) -> Iterator[subprocess.Popen[bytes]]:
+        args = ["serve", "--port", str(self.port)] + ["--web-only"] * web_only
+        with self.process("web", *args) as process:
+            wait_until_up(f"{self.base}/about", process, "the web process")
+            yield process
+
+    def reply(self, number: int, text: str) -> httpx.Response:
+        """A signed Create{Note} from @ann answering the post, POSTed to the shared inbox."""
+        note = f"{self.ann.ap_id}/statuses/{number}"
+        activity = {
+            "@context": "https://www.w3.org/ns/activitystreams",
+            "id": f"{note}/activity",
+            "type": "Create",
+            "actor": self.ann.ap_id,
+            "to": [PUBLIC],
+            "object": {
+                "id": note,
+                "type": "Note",
+                "attributedTo": self.ann.ap_id,
+                "inReplyTo": self.post_id,
+                "published": format_ts(utcnow()),
+                "to": [PUBLIC],
+                "content": f"<p>{text}</p>",
+            },
+        }
+        return self.signed_post(activity)
+
+    def signed_post(self, activity: dict[str, Any]) -> httpx.Response:
+        body = json.dumps(activity).encode()
+        inbox = f"{self.base}/inbox"
+        headers = signed_post_headers(self.ann, inbox, body)
+        return httpx.post(inbox, content=body, headers=headers, trust_env=False, timeout=10)
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(f"{self.base}{path}", trust_env=False, timeout=10)
+
+    def rows(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
+        """Read the blog's database as another process would (committed rows only)."""
+        db = sqlite3.connect(self.folder / "data" / "blog.db", timeout=10)
+        try:
+            return db.execute(sql, params).fetchall()
+        finally:
+            db.close()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    port, fake_port = free_port(), free_port()
+    base = f"http://127.0.0.1:{port}"
+    fake = FakeInstance(
+        f"http://127.0.0.1:{fake_port}",
+        key_client=lambda: httpx.AsyncClient(trust_env=False, timeout=5),
+    )
+    ann = fake.add_account("asonix")
+    env = blog_env(tmp_path, base)
+    run_fediblog(tmp_path, env, "init")
+    (tmp_path / "post.md").write_text(POST, encoding="utf-8")
+    page = run_fediblog(tmp_path, env, "post", "new", "post.md").split()[-1].removeprefix(base)
+    [uid] = [row[0] for row in _read(tmp_path, "SELECT uid FROM posts")]
+    with serving(fake, fake_port):
+        yield World(tmp_path, env, base, port, fake, ann, f"{base}/p/{uid}", page)
+
+
+def _read(folder: Path, sql: str) -> list[tuple[Any, ...]]:
+    db = sqlite3.connect(folder / "data" / "blog.db")
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+# ---- the two processes together ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["web-only-and-worker", "one-process"])
+def test_replies_and_follows_are_handled_whether_or_not_a_worker_process_does_it(
+    world: World, split: bool
+) -> None:
+    worker = world.process("worker", "worker") if split else contextlib.nullcontext()
+    with world.web(web_only=split), worker as running_worker:
+        assert world.reply(1, "An answer from elsewhere").status_code == 202
+        # The worker made the comment; the web process shows it within about a second
+        # of its commit (it polls the database's data version: Store.version).
+        eventually(
+            lambda: world.rows("SELECT 1 FROM comments WHERE content_html LIKE '%from elsewhere%'"),
+            "the comment in the database",
+            world.folder / "worker.log",
+        )
+        committed = time.monotonic()
+        eventually(lambda: "An answer from elsewhere" in world.get(world.page).text, "the page")
+        assert time.monotonic() - committed < 3  # 1 s, with room for a busy machine
+
+        follow = mastodon_follow(world.ann, f"{world.base}/users/blog")
+        assert world.signed_post(follow).status_code == 202
+        accept = eventually(lambda: world.fake.first("Accept"), "the Accept")
+        assert_from_blog(accept, f"{world.base}/users/blog")
+        assert accept.activity["object"]["id"] == follow["id"]
+
+        def health() -> dict[str, Any] | None:
+            found: dict[str, Any] = world.get("/healthz").json()
+            states = {role["state"] for role in found["worker_processes"].values()}
+            return found if states <= {"running"} else None
+
+        found = eventually(health, "every role reported by the worker")
+    assert found["status"] == "ok"
+    if running_worker is not None:
+        assert running_worker.returncode == 0
+    if split:
+        assert set(found["worker_processes"]) == set(ROLES)
+        assert found["workers"] == {
+            "inbox-writer": "running",
+            "blocks": "running",
+            **{f"{role} (worker process)": "running" for role in ROLES},
+        }
+        log = (world.folder / "worker.log").read_text()
+        assert "fediblog: worker for @blog@" in log
+        # Stopped cleanly (SIGINT): it said so, exited 0, and deleted its heartbeat.
+        assert "fediblog: worker stopped" in log
+        assert world.rows("SELECT key FROM meta WHERE key LIKE 'worker%'") == []
+    else:
+        assert found["worker_processes"] == {}
+        assert found["workers"]["inbox-processor"] == "running"
+        assert found["workers"]["delivery"] == "running"
+    assert len(world.fake.received("Accept")) == 1
+    comments = world.rows("SELECT count(*) FROM comments")
+    assert comments == [(1,)]
+
+
+def test_a_worker_for_deliveries_only_leaves_the_inbox_alone(world: World) -> None:
+    with world.web(), world.process("deliveries", "worker", "--only", "delivery"):
+        follow = mastodon_follow(world.ann, f"{world.base}/users/blog")
+        assert world.signed_post(follow).status_code == 202
+        # Something to deliver, queued by yet another process after the Follow was
+        # stored: once it arrives, the worker has been woken since the Follow came.
+        activity = {
+            "@context": "https://www.w3.org/ns/activitystreams",
+            "id": f"{world.base}/activities/by-hand",
+            "type": "Update",
+            "actor": f"{world.base}/users/blog",
+            "object": f"{world.base}/users/blog",
+        }
+        asyncio.run(_queue_delivery(world, activity, world.ann.inbox))
+        eventually(
+            lambda: world.fake.first("Update"), "the Update", world.folder / "deliveries.log"
+        )
+        assert world.rows("SELECT status, attempts FROM inbox") == [("queued", 0)]
+        assert world.fake.received("Accept") == []
+        # A second worker, for the inbox only: it handles the Follow, and the first
+        # one, woken by that commit, delivers the Accept.
+        with world.process("inbox", "worker", "--only", "inbox"):
+            eventually(lambda: world.fake.first("Accept"), "the Accept", world.folder / "inbox.log")
+    assert world.rows("SELECT status FROM inbox") == [("done",)]
+
+
+async def _queue_delivery(world: World, activity: dict[str, Any], inbox: str) -> None:
+    store = await Store.open(world.folder / "data" / "blog.db", create=False)
+    try:
+        outgoing = OutgoingActivity(activity["id"], activity["type"], json.dumps(activity))
+        await store.save_activity_for(outgoing, inbox)
+    finally:
+        await store.close()
+
+
+def test_an_unknown_role_or_none_is_one_line_and_exit_2(world: World) -> None:
+    done = run_cli(world.folder, world.env, "worker", "--only", "inbox,mail")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+    assert "'mail'" in done.stderr
+    assert "inbox,delivery,crawl,schedule" in done.stderr
+    for none in ("", ",", " , "):
+        done = run_cli(world.folder, world.env, "worker", "--only", none)
+        assert done.returncode == 2
+        assert done.stderr == (
+            "fediblog: error: --only needs at least one of:"
+            " inbox,delivery,crawl,schedule,notify,prune\n"
+        )
+
+
+# ---- kill -9 mid-backlog ------------------------------------------------------------------
+
+
+BACKLOG = 2_000
+
+
+async def _seed_backlog(settings: Settings) -> None:
+    """bench_inbox's blog (one post, three known actors) with BACKLOG replies stored."""
+    in_reply_to, blog_actor = await bench_inbox.seed(settings, bench_inbox.private_keys(3))
+    store = await Store.open(settings.database)
+    try:
+        items = []
+        for index in range(BACKLOG):
+            n = index % 3
+            payload = bench_inbox.reply(n, "kill", index, in_reply_to, blog_actor).decode()
+            actor = bench_inbox.actor_id(n)
+            items.append(
+                InboxItem(f"{actor} {json.loads(payload)['id']}", actor, "Create", payload)
+            )
+        await store.save_inbox_items(items)
+    finally:
+        await store.close()
+
+
+def test_a_worker_killed_mid_backlog_loses_nothing_and_doubles_nothing(tmp_path: Path) -> None:
+    settings = bench_settings(tmp_path, free_port(), allow_private_addresses=True)
+    asyncio.run(_seed_backlog(settings))
+    env = server_env(settings, FEDIBLOG_ALLOW_PRIVATE_ADDRESSES="1")
+    env["FEDIBLOG_CONFIG"] = str(tmp_path / "absent.toml")
+    db = sqlite3.connect(settings.database, timeout=10)
+
+    def count(sql: str) -> int:
+        return int(db.execute(sql).fetchone()[0])
+
+    try:
+        log = tmp_path / "worker.log"
+        with log.open("ab") as sink:
+            first = subprocess.Popen(
+                [sys.executable, "-m", "fediblog", "worker", "--only", "inbox"],
+                env=env,
+                cwd=tmp_path,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                eventually(lambda: count("SELECT count(*) FROM comments"), "a comment", log)
+                first.send_signal(signal.SIGKILL)
+                first.wait()
+            finally:
+                stop(first)
+            at_kill = count("SELECT count(*) FROM comments")
+            assert at_kill < BACKLOG, "killed after the backlog was done: make it larger"
+            # Time passes: the leases of what the dead worker had claimed end.
+            past = format_ts(utcnow() - timedelta(minutes=5))
+            db.execute("UPDATE inbox SET next_attempt_at = ? WHERE status = 'queued'", (past,))
+            db.commit()
+            with subprocess.Popen(
+                [sys.executable, "-m", "fediblog", "worker", "--only", "inbox"],
+                env=env,
+                cwd=tmp_path,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            ) as second:
+                try:
+                    eventually(
+                        lambda: count("SELECT count(*) FROM inbox WHERE status = 'queued'") == 0,
+                        "the backlog drained",
+                        log,
+                    )
+                finally:
+                    stop(second)
+        assert count("SELECT count(*) FROM comments") == BACKLOG
+        assert count("SELECT count(DISTINCT ap_id) FROM comments") == BACKLOG
+        assert dict(db.execute("SELECT status, count(*) FROM inbox GROUP BY status")) == {
+            "done": BACKLOG
+        }
+    finally:
+        db.close()
+
+
+# ---- in-process: the wake-ups and the health of a web-only process ----------------------
+
+
+@pytest.mark.anyio
+async def test_work_another_process_commits_wakes_a_worker_whose_poll_is_an_hour_away(
+    settings: Settings,
+) -> None:
+    async with Runtime.open(settings) as rt:
+        rt.inbox.worker._poll = 3600.0  # only a wake-up can make it look again
+        wakes: list[None] = []
+        wake = rt.inbox.worker.wake
+
+        def counted() -> None:
+            wakes.append(None)
+            wake()
+
+        rt.inbox.worker.wake = counted  # type: ignore[method-assign]
+        rt.start_background({"inbox"})
+        other = await Store.open(settings.database)  # another connection: another process
+        try:
+            for number in (1, 2):
+                # An activity nothing handles: done at once, with no fetch.
+                actor, kind = "https://a.example/users/u", "Arrive"
+                payload = {"id": f"{actor}/arrive/{number}", "type": kind, "actor": actor}
+                await other.save_inbox_items(
+                    [InboxItem(f"{actor} {number}", actor, kind, json.dumps(payload))]
+                )
+                for _ in range(3000):  # 30 s
+                    if (await other.count_inbox()).get("done", 0) == number:
+                        break
+                    await asyncio.sleep(0.01)
+                assert (await other.count_inbox()).get("done", 0) == number
+        finally:
+            await other.close()
+    assert len(wakes) >= 2
+
+
+@pytest.mark.anyio
+async def test_a_web_only_app_is_unhealthy_once_a_role_goes_unreported(
+    tmp_path: Path, blog_keys: Path
+) -> None:
+    settings = make_settings(tmp_path, keys_dir=blog_keys)
+    async with running(settings, web_only=True) as app:
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="https://blog.example"
+        )
+        async with client:
+            found = (await client.get("/healthz")).json()
+            # Just started, no worker seen yet: waiting for them is not a fault.
+            assert found["status"] == "ok"
+            assert found["workers"] == {
+                "inbox-writer": "running",
+                "blocks": "running",
+                **{f"{role} (worker process)": "starting" for role in ROLES},
+            }
+            assert not any(name in found["workers"] for name in ("delivery", "inbox-processor"))
+            # A worker reported every role but delivery a moment ago, delivery 2 minutes
+            # ago; the server has been waiting for longer than a minute.
+            store = app.state.services.store
+            now = utcnow()
+            await store.save_worker_heartbeats([r for r in ROLES if r != "delivery"], now)
+            await store.save_worker_heartbeats(["delivery"], now - timedelta(minutes=2))
+            app.state.elsewhere = Elsewhere(ROLES, since=now - timedelta(minutes=5))
+            app.state.heartbeats = None  # the cached read is for the public's flood
+            response = await client.get("/healthz")
+    assert response.status_code == 503
+    found = response.json()
+    assert found["reason"].startswith("no worker process has run delivery for 1")
+    assert found["worker_processes"]["delivery"]["state"] == "stopped"
+    assert found["worker_processes"]["inbox"] == {"state": "running", "last_seen": format_ts(now)}
+
+
+@pytest.mark.anyio
+async def test_a_web_only_app_drops_a_sender_another_process_blocked(
+    tmp_path: Path, blog_keys: Path
+) -> None:
+    settings = make_settings(tmp_path, keys_dir=blog_keys)
+    actor = "https://spam.example/users/bot"
+    async with running(settings, web_only=True) as app:
+        inbox = app.state.services.inbox
+        assert not inbox.is_blocked(actor)
+        other = await Store.open(settings.database)  # `fediblog block`, say
+        try:
+            await moderation.block(other, "spam.example", own_host=settings.host)
+        finally:
+            await other.close()
+        for _ in range(3000):  # 30 s; it rereads them every second
+            if inbox.is_blocked(actor):
+                break
+            await asyncio.sleep(0.01)
+        assert inbox.is_blocked(actor)
+
+
+# ---- roles split over processes: what one hands another, and how a worker ends ---------
+
+
+def _services(rt: Runtime) -> Services:
+    """What tests/helpers.py's builders use of the app's services, from a runtime."""
+    blog = Blog(rt.settings, rt.store)
+    return cast(Services, SimpleNamespace(store=rt.store, blog=blog, proxy=rt.media_proxy))
+
+
+async def _wait_for(find: Callable[[], Awaitable[T | None]], what: str) -> T:
+    for _ in range(3000):  # 30 s
+        if found := await find():
+            return found
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.anyio
+async def test_replies_an_inbox_only_worker_saves_are_queued_for_the_crawler_elsewhere(
+    settings: Settings,
+) -> None:
+    note = "https://social.example/users/ann/statuses/1"
+    async with Runtime.open(settings) as rt:
+        post = await publish(_services(rt), "Crawled elsewhere")
+        actor_id = await remote_actor(_services(rt), "ann", "social.example")
+        comment_id = await remote_comment(_services(rt), post, actor_id, "a reply", ap_id=note)
+        tasks = rt.start_background({"inbox"})
+        assert "crawl-queue" in {task.get_name() for task in tasks}
+        # As the inbox tells its listeners once a delivered reply is saved (responses.py).
+        for listener in rt.responses.reply_listeners:
+            await listener(comment_id, False)
+        # In the database within a second, where a crawl role in any process claims it.
+        crawl = await _wait_for(lambda: rt.store.get_crawl(note), "the crawl queued")
+        assert crawl["found_by"] == "delivery"
+        assert rt.crawler.take_scheduled() == []  # nothing left to grow in memory
+        # One scheduled just before the worker stops is queued as it stops.
+        second = await remote_comment(
+            _services(rt), post, actor_id, "another", ap_id=f"{note}0", minutes=2
+        )
+        await rt.crawler.schedule(second, False)
+        await rt.stop()
+        assert await rt.store.get_crawl(f"{note}0") is not None
+
+
+@pytest.mark.anyio
+async def test_a_crawl_only_worker_rereads_the_blocks(settings: Settings) -> None:
+    actor = "https://spam.example/users/bot"
+    async with Runtime.open(settings) as rt:
+        rt.start_background({"crawl"})
+        assert "blocks" in {task.get_name() for task in rt.roles["crawl"]}
+        assert not rt.inbox.is_blocked(actor)  # the crawler asks the inbox's list
+        other = await Store.open(settings.database)  # `fediblog block`, say
+        try:
+            await moderation.block(other, "spam.example", own_host=settings.host)
+        finally:
+            await other.close()
+
+        async def blocked() -> bool:
+            return rt.inbox.is_blocked(actor)
+
+        assert await _wait_for(blocked, "the block seen")
+
+
+@pytest.mark.anyio
+async def test_background_work_starts_once_and_takes_a_collection_of_roles(
+    settings: Settings,
+) -> None:
+    async with Runtime.open(settings) as rt:
+        with pytest.raises(TypeError, match="not the string 'inbox'"):
+            rt.start_background("inbox")
+        assert rt.tasks == []
+        started = rt.start_background({"delivery"})
+        assert [task.get_name() for task in started] == ["delivery", "wake-ups"]
+        with pytest.raises(RuntimeError, match="started already"):
+            rt.start_background({"delivery"})
+        with pytest.raises(RuntimeError, match="started already"):
+            rt.start_background({"inbox"}, worker_process=True)
+        assert [task.get_name() for task in rt.tasks] == ["delivery", "wake-ups"]
+
+
+@pytest.mark.anyio
+async def test_a_worker_whose_role_ends_fails_and_forgets_its_heartbeat(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran = asyncio.Event()
+
+    async def ends(self: Scheduler) -> None:
+        await ran.wait()  # after the first heartbeat
+        raise RuntimeError("a bug")
+
+    async def heartbeat_then_end(store: Store, *args: Any, **kwargs: Any) -> None:
+        await save(store, *args, **kwargs)
+        ran.set()
+
+    save = Store.save_worker_heartbeats
+    monkeypatch.setattr(Scheduler, "run", ends)
+    monkeypatch.setattr(Store, "save_worker_heartbeats", heartbeat_then_end)
+    with pytest.raises(WorkerFailed, match=r"the schedule task failed \(RuntimeError"):
+        await asyncio.wait_for(run_worker(settings, ("schedule", "delivery")), 60)
+    store = await Store.open(settings.database)
+    try:
+        assert ran.is_set()
+        assert await store.list_worker_heartbeats() == {}
+        assert await store.get_worker_counts(utcnow() - timedelta(hours=1)) == {}
+    finally:
+        await store.close()
+
+
+def test_the_watcher_slows_down_only_as_far_as_it_may() -> None:
+    def quiet(slowest: float) -> list[float]:
+        pause, pauses = WATCH_INTERVAL, []
+        for _ in range(8):
+            pause = next_pause(pause, changed=False, slowest=slowest)
+            pauses.append(pause)
+        return pauses
+
+    # A worker process: never more than 0.1 s between two looks, however quiet.
+    assert quiet(WATCH_WORKER_IDLE) == [0.1] * 8
+    # A process that also serves: doubling up to WATCH_IDLE, quick again after a change.
+    assert quiet(WATCH_IDLE) == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0]
+    assert next_pause(WATCH_IDLE, changed=True, slowest=WATCH_IDLE) == WATCH_INTERVAL
+
+
+@pytest.mark.anyio
+async def test_the_watcher_wakes_only_for_other_connections_commits(settings: Settings) -> None:
+    async with Runtime.open(settings) as rt:
+        store = rt.store
+        peeked, version = store.peek_data_version(), await store.get_data_version()
+        await store.save_meta_value("mine", "1")  # this process's own commit
+        assert store.peek_data_version() != peeked  # the cheap look sees every commit...
+        assert await store.get_data_version() == version  # ...the writer's, only others'
+        other = await Store.open(settings.database)
+        try:
+            await other.save_meta_value("theirs", "1")
+        finally:
+            await other.close()
+        assert await store.get_data_version() != version
+
+
+# ---- the page cache and a busy worker process --------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_worker_process_bookkeeping_leaves_the_page_version_alone(
+    settings: Settings,
+) -> None:
+    web = await Store.open(settings.database)
+    worker = await Store.open(settings.database)  # another connection: another process
+    try:
+        blog = Blog(settings, worker)
+        post = await blog.publish(parse_post("---\ntitle: Versions\n---\nBody.\n"))
+        web.version_max_age = 0.0  # look at every call (1 s in a server)
+        before = await web.version()
+        # What a worker commits many times a second: heartbeats, claims, queue rows.
+        now = utcnow()
+        await worker.save_worker_heartbeats(ROLES, now, process="42", counts={})
+        actor = "https://a.example/users/u"
+        payload = json.dumps({"id": f"{actor}/1", "type": "Arrive", "actor": actor})
+        await worker.save_inbox_items([InboxItem(f"{actor} 1", actor, "Arrive", payload)])
+        await worker.claim_inbox(now, now + timedelta(minutes=1), 10)
+        assert await web.version() == before
+        # A comment it saved changes it: the web process renders the page again.
+        await worker.save_comment(
+            post_id=post.id,
+            parent_id=None,
+            content_html="<p>shown</p>",
+            published=now,
+            received=now,
+            source="fediverse",
+            ap_id=f"{actor}/note",
+        )
+        after = await web.version()
+        assert after != before
+        assert await web.version() == after
+        # Its own writes count at once, whatever version_max_age says.
+        web.version_max_age = 3600.0
+        await Blog(settings, web).publish(parse_post("---\ntitle: Mine\n---\nBody.\n"))
+        assert await web.version() != after
+    finally:
+        await worker.close()
+        await web.close()
+
+
+# ---- starting together -------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_processes_opening_a_new_database_together_run_each_migration_once(
+    tmp_path: Path,
+) -> None:
+    for attempt in range(5):
+        path = tmp_path / f"{attempt}" / "blog.db"
+        # Each Store has its own connections and threads: they race as processes would.
+        stores = await asyncio.gather(*(Store.open(path) for _ in range(3)))
+        try:
+            versions = {await store.migrate() for store in stores}
+        finally:
+            for store in stores:
+                await store.close()
+        assert versions == {len(MIGRATIONS)}
+
+
+# ---- what the web process reports of its workers -----------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_web_only_app_counts_what_its_worker_processes_did(
+    tmp_path: Path, blog_keys: Path
+) -> None:
+    settings = make_settings(tmp_path, keys_dir=blog_keys, metrics_token=TOKEN)
+    async with running(settings, web_only=True) as app:
+        store = app.state.services.store
+        now = utcnow()
+        # Two worker processes heard from lately, and one killed long ago.
+        counts = {"inbox": {"done": 5, "failed": 1}, "delivery": {"done": 2}}
+        await store.save_worker_heartbeats(["inbox"], now, process="101", counts=counts)
+        more = {"delivery": {"done": 3, "gave_up": 1}}
+        await store.save_worker_heartbeats(["delivery"], now, process="102", counts=more)
+        gone = {"inbox": {"done": 1000}}
+        await store.save_worker_heartbeats([], now - timedelta(hours=1), process="7", counts=gone)
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="https://blog.example"
+        )
+        async with client:
+            response = await client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    found = read_metrics(response.text)
+    processed = "fediblog_inbox_processed_total"
+    assert found[(processed, frozenset({("outcome", "done")}))] == 5
+    assert found[(processed, frozenset({("outcome", "failed")}))] == 1
+    delivered = "fediblog_deliveries_total"
+    assert found[(delivered, frozenset({("outcome", "sent")}))] == 5
+    assert found[(delivered, frozenset({("outcome", "dead")}))] == 1
+
+
+@pytest.mark.anyio
+async def test_healthz_answers_its_json_503_when_the_heartbeats_cannot_be_read(
+    tmp_path: Path, blog_keys: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(tmp_path, keys_dir=blog_keys)
+    async with running(settings, web_only=True) as app:
+
+        async def unreadable() -> dict[str, Any]:
+            raise StorageUnavailable("the database /secret/path cannot be used now: locked")
+
+        monkeypatch.setattr(app.state.services.store, "list_worker_heartbeats", unreadable)
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="https://blog.example"
+        )
+        async with client:
+            response = await client.get("/healthz")
+    assert response.status_code == 503
+    found = response.json()
+    assert found["status"] == "unavailable"
+    assert found["reason"] == "the worker processes' heartbeats cannot be read"
+    assert "/secret/path" not in response.text
+
+
+def test_both_units_read_one_environment_file_and_the_worker_starts_after_the_server() -> None:
+    def lines(name: str) -> list[str]:
+        text = (Path(__file__).parent.parent / "deploy" / name).read_text()
+        return [line.strip() for line in text.splitlines() if not line.startswith("#")]
+
+    server, worker = lines("fediblog.service"), lines("fediblog-worker.service")
+    environment = "EnvironmentFile=-/srv/fediblog/environment"
+    assert environment in server
+    assert environment in worker
+    assert not [line for line in server + worker if line.startswith("Environment=")]
+    [after] = [line for line in worker if line.startswith("After=")]
+    assert "fediblog.service" in after.split("=", 1)[1].split()
