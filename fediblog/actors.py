@@ -8,6 +8,15 @@ same key id (ATTACKS.md 20). A key that fails to verify is refetched once, at mo
 every ``refresh_interval`` per actor, so a flood of bad signatures costs no flood
 of fetches (ATTACKS.md 21).
 
+Another process may change what a key in memory stands for: with ``fediblog serve
+--web-only`` the worker process handles Updates (a rotated key) and self-Deletes, and
+only its own memory is told (``forget``). So a key in memory is trusted for
+``key_max_age`` seconds after it was read, then read from the database again (the
+worker wrote the news there; no fetch); a key that fails to verify is read from the
+database before any refetch; and the key of an actor marked deleted is refused, never
+fetched. The old key of a rotation is thus refused, and a self-Delete heeded, at most
+``key_max_age`` after the worker stored it; the new key works at once.
+
 A fetched key is unconfirmed until a signature made with it verifies (``confirm``):
 until then it is kept in a small in-memory cache only, so requests that are unsigned
 or badly signed store nothing, and a flood of them naming a real keyId costs one fetch.
@@ -34,6 +43,8 @@ import functools
 import logging
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from fediblog.activitystreams import (
@@ -62,6 +73,9 @@ from fediblog.store import Store
 log = logging.getLogger("fediblog.actors")
 
 REFRESH_INTERVAL = timedelta(minutes=5)
+# Seconds a key held in memory is trusted before it is read from the database again:
+# how long another process's news of a rotation or a self-Delete may take to reach us.
+KEY_MAX_AGE = 15.0
 FAILURE_COOLDOWN = 60.0  # seconds a key (or, after a few, a host) that failed is not fetched
 HOST_FAILURE_LIMIT = 5
 MAX_KEY_FETCHES = 16  # key fetches under way at once, in all ...
@@ -70,6 +84,7 @@ UNCONFIRMED_KEYS = 1_000  # fetched keys no signature has verified with yet
 TLS_WARNING_INTERVAL = 3600.0  # seconds between two warnings of an untrusted certificate
 NOT_FETCHED = "the signing key could not be fetched"
 NOT_A_KEY = "the signing key is not a valid key document"
+DELETED = "the signer's account was deleted"
 ACTOR_MAX_AGE = timedelta(
     days=1
 )  # cached profiles (name, avatar, inboxes) older than this are refetched
@@ -87,11 +102,16 @@ class ActorDirectory:
         max_fetches: int = MAX_KEY_FETCHES,
         max_fetches_per_host: int = MAX_KEY_FETCHES_PER_HOST,
         unconfirmed_size: int = UNCONFIRMED_KEYS,
+        key_max_age: float = KEY_MAX_AGE,
     ) -> None:
         self._store = store
         self._fetcher = fetcher
         self._allow_http = allow_http
-        self._keys: OrderedDict[str, ActorKey] = OrderedDict()  # confirmed keys
+        # Confirmed keys, each with when (``clock``) it was read from the database or
+        # confirmed: trusted for ``key_max_age`` seconds from then.
+        self._keys: OrderedDict[str, tuple[ActorKey, float]] = OrderedDict()
+        self._key_max_age = key_max_age
+        self.clock: Callable[[], float] = time.monotonic  # tests drive it
         self._cache_size = cache_size
         self._refresh_interval = refresh_interval
         self._failed_keys: OrderedDict[str, float] = OrderedDict()
@@ -111,18 +131,61 @@ class ActorDirectory:
         Raises SignatureError (the request cannot be verified) when the key cannot be
         found or confirmed, FetchBusy (retry later) when too many keys are being fetched.
         """
-        cached = self._keys.get(key_id)
+        cached = self.cached_key(key_id)
         if cached is not None:
-            self._keys.move_to_end(key_id)
             return cached
         pending = self._unconfirmed.get(key_id)
         if pending is not None:
             return pending[0]
-        stored = await self._store.get_actor_key(key_id)
+        stored, deleted = await self._read_stored(key_id)
+        if deleted:
+            raise SignatureError(DELETED)  # nothing fetched: its server answers 410
         if stored is not None:
-            self._remember(stored)
             return stored
         return await self._fetch_new_key(key_id)
+
+    async def stored_key(self, key_id: str) -> ActorKey | None:
+        """The key held in memory or in the database, never fetched; None if there is
+        none or its actor deleted itself."""
+        cached = self.cached_key(key_id)
+        if cached is not None:
+            return cached
+        stored, _ = await self._read_stored(key_id)
+        return stored
+
+    async def reread_key(self, key: ActorKey) -> ActorKey | None:
+        """``key`` failed to verify: the key the database holds now, if it differs (a
+        worker process handled the actor's Update), else None.
+
+        Raises SignatureError if the actor deleted itself. One indexed read, as an
+        unknown keyId costs: no fetch, so a flood of bad signatures fetches nothing.
+        A key fetched and not yet confirmed is newer than the database's: not reread,
+        or a rotation's old key would verify again until the new one is confirmed.
+        """
+        if key.key_id in self._unconfirmed:
+            return None
+        stored, deleted = await self._read_stored(key.key_id)
+        if deleted:
+            raise SignatureError(DELETED)
+        if stored is None or stored.public_key_pem == key.public_key_pem:
+            return None
+        return stored
+
+    async def _read_stored(self, key_id: str) -> tuple[ActorKey | None, bool]:
+        """The stored key (kept in memory from now) and whether its actor deleted
+        itself. A key the database no longer holds leaves memory too."""
+        state = await self._store.get_actor_key_state(key_id)
+        if state is None or state[1]:
+            self._keys.pop(key_id, None)
+            return None, state is not None
+        key = state[0]
+        held = self._keys.get(key_id)
+        if held is not None and held[0].public_key_pem == key.public_key_pem:
+            # A fetch's freshness lives in memory only: keep it, or the next bad
+            # signature would fetch the key just fetched again.
+            key = replace(key, refreshed_at=_latest(key.refreshed_at, held[0].refreshed_at))
+        self._remember(key)
+        return key, False
 
     async def confirm(self, key: ActorKey) -> None:
         """A signature made with ``key`` verified: store it (and its actor) if it was
@@ -149,8 +212,17 @@ class ActorDirectory:
         return await self._fetch_shared(key_id, new=True)
 
     def cached_key(self, key_id: str) -> ActorKey | None:
-        """A confirmed key held in memory, or None."""
-        return self._keys.get(key_id)
+        """A confirmed key held in memory and read or confirmed less than ``key_max_age``
+        ago, or None: no await, the busiest case by far.
+
+        Past that age the caller reads the database again (``get_key``): another
+        process (``fediblog worker``) may have stored a rotated key or a self-Delete.
+        """
+        entry = self._keys.get(key_id)
+        if entry is None or self.clock() - entry[1] >= self._key_max_age:
+            return None
+        self._keys.move_to_end(key_id)
+        return entry[0]
 
     async def refresh_key(self, key: ActorKey) -> ActorKey | None:
         """Refetch a key that failed (it may have rotated); None if refreshed too recently.
@@ -172,7 +244,9 @@ class ActorDirectory:
         return fresh
 
     def forget(self, actor: str) -> None:
-        for key_id in [k for k, v in self._keys.items() if v.actor == actor]:
+        """This process handled the actor's Update or Delete: its keys leave memory at
+        once (another process's copy ages out within ``key_max_age``)."""
+        for key_id in [k for k, (v, _) in self._keys.items() if v.actor == actor]:
             del self._keys[key_id]
         for key_id in [k for k, (v, _) in self._unconfirmed.items() if v.actor == actor]:
             del self._unconfirmed[key_id]
@@ -352,10 +426,16 @@ class ActorDirectory:
         return actor
 
     def _remember(self, key: ActorKey) -> None:
-        self._keys[key.key_id] = key
+        self._keys[key.key_id] = (key, self.clock())
         self._keys.move_to_end(key.key_id)
         while len(self._keys) > self._cache_size:
             self._keys.popitem(last=False)
+
+
+def _latest(one: datetime | None, other: datetime | None) -> datetime | None:
+    if one is None or other is None:
+        return one or other
+    return max(one, other)
 
 
 def _host_unwell(error: FetchError | ActivityError) -> bool:

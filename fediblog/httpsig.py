@@ -28,10 +28,11 @@ bounded time and memory.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
@@ -52,6 +53,9 @@ MAX_FIELD_LENGTH = 8192  # Signature, Signature-Input, Digest, Content-Digest
 MAX_COVERED = 24  # real senders cover 3-8 parts; this caps the signing-string work
 _MAX_SIGNATURE_BYTES = 1024  # an 8192-bit RSA signature
 _MAX_PEM_LENGTH = 16384
+# An HTTP date is 29 characters ("Sun, 06 Nov 1994 08:49:37 GMT"), its obsolete forms
+# no more: longer is refused before the parse cache, which keeps whole values.
+_MAX_DATE_LENGTH = 64
 _CLOCK_SKEW_SECONDS = 300
 # Mastodon and GoToSocial use 2048-bit keys, Misskey 4096; smaller is forgeable, larger
 # only costs us time.
@@ -64,12 +68,14 @@ _DERIVED = frozenset(
     {"@method", "@target-uri", "@authority", "@scheme", "@path", "@query", "@request-target"}
 )
 _HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]{1,64}")
+_USUAL_NAMES = frozenset({"host", "date", "digest", "content-type", "content-length", "accept"})
 # One cavage parameter: name="value" (no escapes exist in cavage) or name=digits.
 _CAVAGE_PARAM = re.compile(r'\s*([A-Za-z]{1,32})=(?:"([^"]*)"|([0-9]{1,15}))\s*(?:,|\Z)', re.ASCII)
 _INTEGER = re.compile(r"[0-9]{1,15}")  # str.isdigit() would let "²" through to int()
 _HASHES = {"sha-256": hashlib.sha256, "sha-512": hashlib.sha512}
 _PKCS1V15 = padding.PKCS1v15()
 _SHA256 = hashes.SHA256()
+_Window = tuple[float, int, int]  # now (POSIX seconds), seconds allowed behind, ahead
 _SET_BY_SIGNER = frozenset(
     {"host", "date", "digest", "content-digest", "signature", "signature-input"}
 )
@@ -83,6 +89,31 @@ def digest_header(body: bytes) -> str:
 def content_digest_header(body: bytes) -> str:
     """The RFC 9530 ``Content-Digest`` value for ``body``: ``sha-256=:<base64>:``."""
     return "sha-256=:" + base64.b64encode(hashlib.sha256(body).digest()).decode("ascii") + ":"
+
+
+class HeaderFields(dict[str, str]):
+    """A request's header fields as both signature schemes read them: lower-case
+    names, values without surrounding blanks, a field sent on several lines joined
+    with ", ". :func:`parse_signature` takes one as it is; any other mapping it
+    normalises first. :meth:`from_raw` is the only way to build one (once per request):
+    the constructor takes no fields, as a dict's would go in unnormalised and be
+    trusted as they are."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @classmethod
+    def from_raw(cls, raw: Iterable[tuple[bytes, bytes]]) -> HeaderFields:
+        """From ASGI's ``scope["headers"]`` (bytes as they came on the wire)."""
+        fields = cls()
+        for raw_name, raw_value in raw:
+            name = raw_name.lower().decode("latin-1")
+            value = raw_value.decode("latin-1").strip(" \t")
+            before = fields.get(name)
+            fields[name] = value if before is None else f"{before}, {value}"
+        return fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,12 +250,12 @@ def parse_signature(
         raise ValueError("now must be timezone-aware")
     if scheme not in ("https", "http"):
         raise ValueError(f"unsupported scheme {scheme!r}")
-    fields = _header_fields(headers)
+    fields = headers if type(headers) is HeaderFields else _header_fields(headers)
     for name in ("signature", "signature-input", "digest", "content-digest"):
         if len(fields.get(name, "")) > MAX_FIELD_LENGTH:
             raise SignatureError(f"{name} header is longer than {MAX_FIELD_LENGTH} bytes")
     request = _Request(method, path_and_query, fields, _authority(expected_host, scheme), scheme)
-    window = (now, max_past_seconds, max_future_seconds)
+    window = (now.timestamp(), max_past_seconds, max_future_seconds)
     if "signature-input" in fields:
         signed = _parse_rfc9421(request, window)
         digest_field, check_digest = "content-digest", _check_content_digest
@@ -274,17 +305,18 @@ def verify_signature(signed: SignedRequest, public_key_pem: str) -> None:
         raise SignatureError("signature does not verify with the signer's key") from None
 
 
-def _parse_cavage(request: _Request, window: tuple[datetime, int, int]) -> SignedRequest:
+def _parse_cavage(request: _Request, window: _Window) -> SignedRequest:
     fields, params = request.fields, dict[str, str]()
-    value, pos = fields["signature"], 0
-    while pos < len(value):
+    value, pos, end = fields["signature"], 0, len(fields["signature"])
+    while pos < end:
         match = _CAVAGE_PARAM.match(value, pos)
         if match is None or match.end() == pos:
             raise SignatureError("Signature header is malformed")
-        name, pos = match.group(1), match.end()
+        name, quoted, number = match.groups()
         if name in params:
             raise SignatureError(f"Signature header repeats {name}")
-        params[name] = match.group(2) if match.group(2) is not None else match.group(3)
+        params[name] = quoted if quoted is not None else number
+        pos = match.end()
     key_id = params.get("keyId", "")
     if not key_id:
         raise SignatureError("Signature has no keyId")
@@ -300,8 +332,11 @@ def _parse_cavage(request: _Request, window: tuple[datetime, int, int]) -> Signe
             raise SignatureError(f"{required} must be signed")
     if _authority(fields.get("host", ""), request.scheme) != request.authority:
         raise SignatureError(f"signed Host is not this server (expected {request.authority})")
-    created = _http_date(fields.get("date", ""))
-    _check_time(created.timestamp(), "Date", window)
+    date = fields.get("date", "")
+    if len(date) > _MAX_DATE_LENGTH:
+        raise SignatureError(f"Date header is too long (over {_MAX_DATE_LENGTH} characters)")
+    created, timestamp = _http_date(date)
+    _check_time(timestamp, "Date", window)
     for name in ("created", "expires"):
         if name in params and not _INTEGER.fullmatch(params[name]):
             raise SignatureError(f"Signature {name} is not an integer")
@@ -320,7 +355,7 @@ def _parse_cavage(request: _Request, window: tuple[datetime, int, int]) -> Signe
     )
 
 
-def _parse_rfc9421(request: _Request, window: tuple[datetime, int, int]) -> SignedRequest:
+def _parse_rfc9421(request: _Request, window: _Window) -> SignedRequest:
     inputs = _sf_dictionary(request.fields["signature-input"], "Signature-Input")
     signatures = _sf_dictionary(request.fields.get("signature", ""), "Signature")
     if not inputs:
@@ -382,7 +417,9 @@ def _cavage_string(request: _Request, covered: list[str], params: Mapping[str, s
             value = f"{request.method.lower()} {request.path_and_query}"
         elif name in ("(created)", "(expires)"):
             value = params.get(name[1:-1])
-        elif name.startswith("(") or not _HEADER_NAME.fullmatch(name):
+        elif name not in _USUAL_NAMES and (
+            name.startswith("(") or not _HEADER_NAME.fullmatch(name)
+        ):
             raise SignatureError("Signature covers an unsupported pseudo-header")
         else:
             value = request.fields.get(name)
@@ -419,11 +456,12 @@ def _rfc9421_base(request: _Request, covered: list[str], params: ParamsType) -> 
 
 
 def _encode_lines(lines: list[str]) -> bytes:
+    text = "\n".join(lines)
     # A line break inside a value would let a sender forge extra signed lines.
-    if any("\n" in line or "\r" in line for line in lines):
+    if "\r" in text or text.count("\n") != max(len(lines) - 1, 0):
         raise SignatureError("a signed value contains a line break")
     try:
-        return "\n".join(lines).encode("latin-1")  # header bytes as they came on the wire
+        return text.encode("latin-1")  # header bytes as they came on the wire
     except UnicodeEncodeError:
         raise SignatureError("a signed value is not Latin-1 text") from None
 
@@ -442,32 +480,38 @@ def _authority(host: str, scheme: str) -> str:
 
 
 @lru_cache(maxsize=512)  # a sender's Date changes once a second: nearly every call hits
-def _http_date(value: str) -> datetime:
+def _http_date(value: str) -> tuple[datetime, float]:
+    """The date and its POSIX timestamp."""
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         raise SignatureError("Date header is missing or not an HTTP date") from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    return when, when.timestamp()
 
 
-def _check_time(timestamp: float, what: str, window: tuple[datetime, int, int]) -> None:
+def _check_time(timestamp: float, what: str, window: _Window) -> None:
     now, max_past, max_future = window
-    age = now.timestamp() - timestamp
+    age = now - timestamp
     if age > max_past:
         raise SignatureError(f"{what} is {int(age)} s old (the limit is {max_past} s)")
     if -age > max_future:
         raise SignatureError(f"{what} is {int(-age)} s in the future (limit {max_future} s)")
 
 
-def _check_expires(expires: int, now: datetime) -> None:
+def _check_expires(expires: int, now: float) -> None:
     # Like Mastodon, forgive a little clock skew between the sender and us.
-    if expires + _CLOCK_SKEW_SECONDS < now.timestamp():
+    if expires + _CLOCK_SKEW_SECONDS < now:
         raise SignatureError("signature has expired")
 
 
 def _b64decode(value: str, what: str) -> bytes:
+    # strict_mode refuses characters out of the alphabet (blanks and newlines too),
+    # missing, leading or broken padding, and data after the padding. On Python 3.11 it
+    # still takes surplus "=" after a complete group ("QUJD==" reads as "QUJD"): the
+    # bytes are the same, so no signature or digest can differ by it.
     try:
-        return base64.b64decode(value, validate=True)
+        return binascii.a2b_base64(value, strict_mode=True)
     except ValueError:
         raise SignatureError(f"{what} is not valid base64") from None
 

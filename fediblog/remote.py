@@ -60,7 +60,7 @@ ACTIVITY_ACCEPT = f'application/activity+json, application/ld+json; profile="{AS
 JRD_ACCEPT = "application/jrd+json, application/json"
 MAX_JSON_DEPTH = 64
 MAX_ARRAY_ITEMS = 10_000
-_SHORT = 2 * MAX_ARRAY_ITEMS  # bytes: the shortest array over the cap, "[0,0,…]", is longer
+_SHORT = 2 * MAX_ARRAY_ITEMS  # characters: the shortest array over the cap, "[0,0,…]", is longer
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # GuardedTransport ends a fetch at its deadline by itself; this much later, a backstop
@@ -194,20 +194,23 @@ async def _read_capped(response: httpx.Response, cap: int) -> bytes:
 # at every later quote); possessive so it never backtracks.
 
 
-def parse_json(body: bytes) -> Any:
-    """Plain JSON with bounded nesting and array length, or BadDocument."""
+def parse_json(body: bytes | bytearray | str) -> Any:
+    """Plain JSON with bounded nesting and array length, or BadDocument. Bytes are
+    decoded as ``json.loads`` decodes them; text (already decoded) is parsed as it is."""
     # The C decoder stops at the interpreter's recursion limit with RecursionError (it
     # guards every level), so a megabyte of '[' costs one failed parse; depth and
     # lengths are then checked in one iterative walk (a regex pre-scan of the bytes
     # cost four times the parse itself on the inbox's hot path).
     try:
-        value = json.loads(body, parse_constant=_reject_constant)
+        if not isinstance(body, str):
+            body = body.decode(json.detect_encoding(body), "surrogatepass")
+        value = _DECODER.decode(body)
     except RecursionError:
         raise BadDocument(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
-    except ValueError as error:
+    except ValueError as error:  # UnicodeDecodeError included
         raise BadDocument("body is not valid JSON") from error
-    if len(body) <= _SHORT and body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
-        # Too short for an array over the cap (each item takes 2 bytes), and too few
+    if len(body) <= _SHORT and body.count("[") + body.count("{") <= MAX_JSON_DEPTH:
+        # Too short for an array over the cap (each item takes 2 characters), and too few
         # brackets, strings' included, to nest deeper: nothing for the walk to find.
         return value
     if type(value) is dict or type(value) is list:
@@ -230,6 +233,10 @@ def parse_json(body: bytes) -> Any:
 
 def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
+
+
+# Built once: json.loads(..., parse_constant=…) builds a decoder on every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _page_items(page: JsonObject) -> list[Any]:

@@ -1395,6 +1395,26 @@ class Store:
             refreshed_at=parse_ts(refreshed) if refreshed else None,
         )
 
+    async def get_actor_key_state(self, key_id: str) -> tuple[ActorKey, bool] | None:
+        """The key stored for ``key_id`` and whether its actor deleted itself (a live
+        actor's row first, should a deleted one share the key id), or None."""
+        row = await self._fetchone(
+            "SELECT ap_id, key_id, public_key_pem, key_refreshed_at,"
+            " deleted_at IS NOT NULL AS deleted FROM actors"
+            " WHERE key_id = ? AND public_key_pem IS NOT NULL ORDER BY deleted LIMIT 1",
+            (key_id,),
+        )
+        if row is None:
+            return None
+        refreshed = row["key_refreshed_at"]
+        key = ActorKey(
+            actor=row["ap_id"],
+            key_id=row["key_id"],
+            public_key_pem=row["public_key_pem"],
+            refreshed_at=parse_ts(refreshed) if refreshed else None,
+        )
+        return key, bool(row["deleted"])
+
     async def get_actor_row(self, ap_id: str) -> sqlite3.Row | None:
         return await self._fetchone(
             "SELECT * FROM actors WHERE ap_id = ? AND deleted_at IS NULL", (ap_id,)

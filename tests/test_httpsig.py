@@ -733,7 +733,7 @@ def test_rfc9421_appendix_b26_ed25519_vector() -> None:
     created = datetime.fromtimestamp(1618884473, UTC)
     fields = httpsig._header_fields(RFC_B26_HEADERS)
     request = httpsig._Request("POST", "/foo?param=Value&Pet=dog", fields, "example.com", "https")
-    signed = httpsig._parse_rfc9421(request, (created, 60, 60))
+    signed = httpsig._parse_rfc9421(request, (created.timestamp(), 60, 60))
     assert signed.signing_string == RFC_B26_BASE.encode()
     verify_signature(signed, RFC_ED25519_PEM)
     # The full check refuses it: the vector signs no content-digest, and ours must.

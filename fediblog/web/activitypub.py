@@ -36,6 +36,7 @@ from fediblog.activitystreams import (
     build_tombstone,
 )
 from fediblog.errors import ActivityError, FediblogError, SignatureError
+from fediblog.httpsig import HeaderFields
 from fediblog.inbox import Overloaded, Sender
 from fediblog.media import MediaStore
 from fediblog.remote import is_activitypub_type
@@ -269,7 +270,7 @@ class ClientGone(Exception):
 Answer = tuple[int, str, str, Headers]  # status, kind (the metric's label), reason, headers
 
 
-async def _read_body(headers: dict[str, str], receive: Receive) -> bytes | tuple[int, str, str]:
+async def _read_body(headers: HeaderFields, receive: Receive) -> bytes | tuple[int, str, str]:
     """The body, or (status, kind, reason): at most MAX_BODY bytes after gzip
     (ATTACKS.md 25-26)."""
     too_big = (413, "too_large", f"the body is larger than {MAX_BODY} bytes")
@@ -306,11 +307,7 @@ async def _read_body(headers: dict[str, str], receive: Receive) -> bytes | tuple
 
 async def _answer(ctx: Services, scope: Scope, receive: Receive, sender: Sender) -> Answer:
     """(status, kind, reason, extra headers) for one inbox POST; never raises."""
-    headers: dict[str, str] = {}
-    for raw_name, raw_value in scope["headers"]:
-        name = raw_name.decode("latin-1").lower()
-        value = raw_value.decode("latin-1").strip(" \t")
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    headers = HeaderFields.from_raw(scope["headers"])  # read once, for every check below
     if scope["path_params"].get("handle", ctx.settings.handle) != ctx.settings.handle:
         return 404, "no_inbox", "no such inbox", []
     if not _is_activity_type(headers.get("content-type", "")):
