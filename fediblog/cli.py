@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser(
         "worker",
-        help="run the background work (inbox, deliveries, crawls, schedule) in its own process",
+        help="run the background work (inbox, delivery, crawl, schedule, notify, prune) in its own"
+        " process",
         description="Runs the background work against the blog's database until SIGTERM or"
         " SIGINT, beside `fediblog serve --web-only`. Work another process queues wakes it"
         " within a tenth of a second; what it had claimed when killed comes back to any"

@@ -359,7 +359,10 @@ class Runtime:
                 except Exception as error:  # a database gone for a while: the polls go on
                     trouble.error("watch", f"watching the database for work: {describe(error)}")
                 else:
-                    changed = seen is not None and version != seen
+                    # The first look wakes them too: what another process committed
+                    # after their first pass and before this look would else wait for
+                    # their poll.
+                    changed = version != seen
                     seen = version
             if changed:
                 for worker in workers:

@@ -1379,22 +1379,6 @@ class Store:
 
     # ---- remote actors and their keys ------------------------------------------------
 
-    async def get_actor_key(self, key_id: str) -> ActorKey | None:
-        row = await self._fetchone(
-            "SELECT ap_id, key_id, public_key_pem, key_refreshed_at FROM actors"
-            " WHERE key_id = ? AND public_key_pem IS NOT NULL AND deleted_at IS NULL",
-            (key_id,),
-        )
-        if row is None:
-            return None
-        refreshed = row["key_refreshed_at"]
-        return ActorKey(
-            actor=row["ap_id"],
-            key_id=row["key_id"],
-            public_key_pem=row["public_key_pem"],
-            refreshed_at=parse_ts(refreshed) if refreshed else None,
-        )
-
     async def get_actor_key_state(self, key_id: str) -> tuple[ActorKey, bool] | None:
         """The key stored for ``key_id`` and whether its actor deleted itself (a live
         actor's row first, should a deleted one share the key id), or None."""
@@ -3114,7 +3098,7 @@ class Store:
                 published.add(int(first))
         return tombstones, places, published
 
-    # ---- RESERVED: background work in its own process (engineer D) ----
+    # ---- worker processes: data version, heartbeats, counts (runtime.py) ----
 
     async def get_data_version(self) -> int:
         """SQLite's ``PRAGMA data_version`` on the writer connection: it changes when

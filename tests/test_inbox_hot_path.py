@@ -112,7 +112,7 @@ async def test_a_key_refetched_but_unconfirmed_is_not_undone_by_the_stored_one(
     # A bad signature under her keyId has us refetch her key: the new one, unconfirmed.
     forged = await _post(web, ann.create(ann.note(2, target, "b")), ann.key_id, remote_key(1))
     assert forged.status_code == 401
-    assert (await ctx.store.get_actor_key(ann.key_id)) is not None  # the old one, stored
+    assert (await ctx.store.get_actor_key_state(ann.key_id)) is not None  # the old one, stored
 
     stale = await _post(web, ann.create(ann.note(3, target, "c")), ann.key_id, old)
 
