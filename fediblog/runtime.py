@@ -359,10 +359,11 @@ class Runtime:
                 except Exception as error:  # a database gone for a while: the polls go on
                     trouble.error("watch", f"watching the database for work: {describe(error)}")
                 else:
-                    # The first look wakes them too: what another process committed
-                    # after their first pass and before this look would else wait for
-                    # their poll.
-                    changed = version != seen
+                    # The first look only takes note: what another process committed
+                    # between the workers' first pass and this look waits for their
+                    # poll (a second). Waking them here instead raced this process's own
+                    # callers of deliver_once/process_once for the same rows.
+                    changed = seen is not None and version != seen
                     seen = version
             if changed:
                 for worker in workers:

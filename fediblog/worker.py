@@ -410,8 +410,12 @@ class Worker(Generic[J]):
                     self._trouble.error("pass", f"{self.name}: {describe(error)}")
                 else:
                     log.exception("%s: a pass failed", self.name)
+            # asyncio.timeout, not wait_for: on 3.11, a wake() at the moment of a
+            # cancel made wait_for return and swallow the CancelledError, and the
+            # worker ran on past its shutdown, which then waited for it forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll)
+                async with asyncio.timeout(self._poll):
+                    await self._wake.wait()
 
 
 async def every(seconds: float, action: Callable[[], Awaitable[object]], name: str) -> None:

@@ -29,7 +29,7 @@ from fediblog.models import InboxItem, OutgoingActivity, utcnow
 from fediblog.remote import FetchPolicy, build_transport
 from fediblog.store import Store
 from fediblog.web.deps import Services
-from fediblog.worker import is_transient
+from fediblog.worker import Outcome, TableQueue, Worker, is_transient
 from tests.conftest import BASE_URL, deliver
 from tests.fediverse import Fediverse, signed_headers
 from tests.helpers import publish, run
@@ -541,3 +541,35 @@ async def test_a_trickling_inbox_is_cut_off_at_the_delivery_deadline(
     assert row["attempts"] == 1
     assert "Timeout" in row["last_error"]
     assert took < 5  # the deadline, not the server, ended it
+
+
+# ---- a worker stops when told to, even woken at that moment ---------------------------
+
+
+@pytest.mark.anyio
+async def test_a_worker_woken_as_it_is_cancelled_still_stops() -> None:
+    """A wake() in the same turn as the cancel of the shutdown: asyncio.wait_for (3.11)
+    returned the wake and swallowed the CancelledError, so the worker ran on and the
+    shutdown, which waits for it, waited forever (a hang seen in the suite)."""
+
+    async def claim(now: object, lease_until: object, limit: int) -> list[Any]:
+        return []
+
+    async def record(results: object) -> None:
+        return None
+
+    async def run(job: object) -> Outcome:
+        return Outcome.done()
+
+    worker: Worker[Any] = Worker("test", TableQueue(claim, record), run, poll_seconds=3600)
+    task = asyncio.create_task(worker.run_forever())
+    for _ in range(100):  # until its first pass is over and it waits for a wake-up
+        await asyncio.sleep(0)
+    assert not task.done()
+
+    worker.wake()
+    task.cancel()
+
+    done, _ = await asyncio.wait([task], timeout=5)
+    assert task in done, "the worker ran on after it was cancelled"
+    assert task.cancelled()
