@@ -729,3 +729,12 @@ def _optional_url(value: Any, allow_http: bool) -> str | None:
 
 def strip_fragment(url: str) -> str:
     return url.split("#", 1)[0]
+
+
+def is_unicode(text: str) -> bool:
+    """Whether SQLite can store it: JSON may escape half a surrogate pair ("\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -34,6 +34,7 @@ from fediblog.activitystreams import (
     Urls,
     host_of,
     id_of,
+    is_unicode,
     parse_actor,
 )
 from fediblog.actors import ActorDirectory
@@ -381,8 +382,13 @@ class Inbox:
         """Process forever; reread the blocks every second (`fediblog block` may run
         in another process)."""
         async with asyncio.TaskGroup() as group:
-            group.create_task(every(1.0, self.load_blocks, "reloading blocks"))
+            group.create_task(self.reload_blocks())
             group.create_task(self.worker.run_forever())
+
+    async def reload_blocks(self) -> None:
+        """Reread the blocks every second, for ever (`fediblog block` and the desk may
+        write them in another process)."""
+        await every(1.0, self.load_blocks, "reloading blocks")
 
     async def _process(self, job: InboxJob) -> Outcome:
         """Run the handlers for one stored activity.
@@ -656,15 +662,8 @@ def _parse_activity(body: bytes) -> JsonObject:
     # JSON may escape half a surrogate pair ("\ud800"), which no UTF-8 column can hold:
     # refuse it here rather than fail the group commit it would ride in.
     for value in (kind, actor, activity_id):
-        if isinstance(value, str) and not _is_unicode(value):
+        if isinstance(value, str) and not is_unicode(value):
             raise ActivityError("the activity's type, id or actor is not valid Unicode")
     activity["actor"] = actor
     return activity
 
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

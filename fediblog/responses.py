@@ -51,6 +51,7 @@ from fediblog.activitystreams import (
     host_of,
     id_of,
     is_public,
+    is_unicode,
     plain_text,
     require_http_url,
 )
@@ -190,7 +191,7 @@ class Responses:
         try:
             content, summary, sensitive, images = self._render(obj)
             url = _html_url(obj, self._settings.allow_http) or note_id
-            if not all(_is_unicode(text) for text in (content, summary or "", url, note_id)):
+            if not all(is_unicode(text) for text in (content, summary or "", url, note_id)):
                 raise ActivityError("the reply is not valid Unicode")
             draft.keyword = self._keyword_in(content, summary)
         except Exception as error:  # this reply's outcome alone
@@ -375,7 +376,7 @@ class Responses:
         raw = raw if isinstance(raw, str) else ""
         if len(raw) > MAX_CONTENT:
             raise ActivityError("the reply is too long")
-        if not _is_unicode(raw):
+        if not is_unicode(raw):
             raise ActivityError("the reply is not valid Unicode")
         emoji = _emoji_map(obj.get("tag"), self._settings.allow_http)
         content = sanitize_remote_html(raw, emoji) + _attachments_html(
@@ -681,14 +682,6 @@ def _fetched_author(document: JsonObject, what: str) -> str:
         raise ActivityError(f"the {what} object's author is on another host")
     return author
 
-
-def _is_unicode(text: str) -> bool:
-    """Whether SQLite can store it: JSON may escape half a surrogate pair ("\\ud800")."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _moment(value: Any) -> datetime | None:

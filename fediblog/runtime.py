@@ -268,10 +268,7 @@ class Runtime:
     def start_block_reload(self) -> asyncio.Task[None]:
         """Reread the blocks every second (`fediblog block` may run in another process),
         as the inbox role does: a web-only process drops a newly blocked sender too."""
-        return self._start(self._reload_blocks(), "blocks")
-
-    async def _reload_blocks(self) -> None:
-        await every(1.0, self.inbox.load_blocks, "reloading blocks")
+        return self._start(self.inbox.reload_blocks(), "blocks")
 
     def start_background(
         self, only: Collection[str] = ROLES, *, worker_process: bool = False
@@ -315,7 +312,7 @@ class Runtime:
         if "inbox" not in only:
             for role in BLOCK_READERS:
                 if role in only:
-                    starters[role].append((self._reload_blocks, "blocks"))
+                    starters[role].append((self.inbox.reload_blocks, "blocks"))
                     break
         started: list[asyncio.Task[None]] = []
         for role in ROLES:  # in a fixed order, whatever order ``only`` has

@@ -749,7 +749,7 @@ class Store:
         if now - self._checked_at >= self.version_max_age:
             self._checked_at = now
             try:
-                [[data_version]] = await self._db.execute_fetchall("PRAGMA data_version")
+                data_version = await self.get_data_version()
                 if data_version != self._data_version:
                     # On the reader: committed rows only, never a transaction in progress
                     # on the writer connection, which might yet roll back.
@@ -758,8 +758,11 @@ class Store:
                     )
                     self._shown_generation = next((int(row[0]) for row in rows), 0)
                     self._data_version = data_version
-            except sqlite3.OperationalError as error:
+            except StorageUnavailable:
                 self._checked_at = 0.0  # ask again next time
+                raise
+            except sqlite3.OperationalError as error:
+                self._checked_at = 0.0
                 raise _unavailable(self._path, error) from error
         return (self._writes, self._shown_generation)
 
