@@ -700,27 +700,28 @@ class Store:
     async def migrate(self) -> int:
         """Run the migrations this database has not seen; return the schema version.
 
-        Each runs in a write transaction with its version bump, so a crash leaves either
-        the old schema or the new one; the version is read again once the write lock is
-        held, so two processes starting together (``serve --web-only`` and ``worker``)
-        never both run one (the second would fail on a column that already exists).
+        All that are due run in one write transaction with the version bump, so a crash
+        leaves either the old schema or the new one, and a new database costs one commit
+        (one fsync), not one per migration. The version is read again once the write
+        lock is held, so two processes starting together (``serve --web-only`` and
+        ``worker``) never both run one (the second would fail on a column that already
+        exists).
         """
-        while True:
-            current = await self._user_version()
-            if current == len(MIGRATIONS):
-                return current
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                if await self._user_version() == current:  # nobody ran it meanwhile
-                    # Statement by statement: executescript would commit first.
-                    for statement in _statements(MIGRATIONS[current]):
-                        await self._db.execute(statement)
-                    await self._db.execute(f"PRAGMA user_version = {current + 1}")
-                await self._db.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    await self._db.execute("ROLLBACK")
-                raise
+        if await self._user_version() == len(MIGRATIONS):
+            return len(MIGRATIONS)
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            # Statement by statement: executescript would commit first.
+            for migration in MIGRATIONS[await self._user_version() :]:
+                for statement in _statements(migration):
+                    await self._db.execute(statement)
+            await self._db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+            await self._db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await self._db.execute("ROLLBACK")
+            raise
+        return len(MIGRATIONS)
 
     async def _user_version(self) -> int:
         [[current]] = await self._db.execute_fetchall("PRAGMA user_version")
