@@ -1,0 +1,164 @@
+"""The writer lock: a process that wants to write while another one writes is woken the
+moment the other commits, instead of sleeping in SQLite's busy handler.
+
+Two Stores on one file stand for two processes: each has its own connections and its
+own descriptor of the lock file, and a flock belongs to the open file, so they exclude
+each other exactly as `serve --web-only` and `fediblog worker` do. The waiting Store's
+busy timeout is set to 0: without the lock its BEGIN would fail at once instead of
+waiting, so these tests fail on a Store that takes no writer lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from fediblog.errors import StorageUnavailable
+from fediblog.models import InboxItem
+from fediblog.store import Store
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def two_stores(tmp_path: Path) -> AsyncIterator[tuple[Store, Store]]:
+    path = tmp_path / "blog.db"
+    first = await Store.open(path)
+    second = await Store.open(path)
+    try:
+        await second._db.execute("PRAGMA busy_timeout = 0")  # SQLite alone would not wait
+        yield first, second
+    finally:
+        await second.close()
+        await first.close()
+
+
+@asynccontextmanager
+async def holding(store: Store) -> AsyncIterator[asyncio.Event]:
+    """``store`` holds a write transaction until the event is set."""
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        async with store._transaction(shown=False) as db:
+            await db.execute("INSERT INTO meta (key, value) VALUES ('held', '1')")
+            held.set()
+            await release.wait()
+
+    task = asyncio.create_task(hold())
+    await held.wait()
+    try:
+        yield release
+    finally:
+        release.set()
+        await task
+
+
+async def test_a_writer_waits_for_another_and_goes_on_once_it_commits(tmp_path: Path) -> None:
+    async with two_stores(tmp_path) as (first, second):
+        async with holding(first) as release:
+            waiting = asyncio.create_task(second.save_meta_value("second", "written"))
+            await asyncio.sleep(0.3)
+            assert not waiting.done()  # neither failed (busy) nor wrote past the lock
+            release.set()
+            await asyncio.wait_for(waiting, 5)
+        assert await first.get_meta_value("held") == "1"
+        assert await first.get_meta_value("second") == "written"
+
+
+async def test_a_wait_given_up_on_leaves_the_lock_to_the_others(tmp_path: Path) -> None:
+    async with two_stores(tmp_path) as (first, second):
+        second._writer_lock.timeout = 0.2
+        async with holding(first):
+            with pytest.raises(StorageUnavailable, match="write lock"):
+                await second.save_meta_value("late", "never")
+            cancelled = asyncio.create_task(second.save_meta_value("cancelled", "never"))
+            await asyncio.sleep(0.05)
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+        # The abandoned waits got the lock after the holder let go, and let go of it
+        # again: both Stores write, one after the other, and nothing of theirs was written.
+        await asyncio.wait_for(second.save_meta_value("second", "after"), 5)
+        await asyncio.wait_for(first.save_meta_value("first", "after"), 5)
+        assert await first.get_meta_value("late") is None
+        assert await first.get_meta_value("cancelled") is None
+        assert await second.get_meta_value("first") == "after"
+
+
+_HOLDER = """
+import asyncio, sys
+from pathlib import Path
+from fediblog.store import Store
+
+async def main() -> None:
+    store = await Store.open(Path(sys.argv[1]))
+    async with store._transaction(shown=False) as db:
+        await db.execute("INSERT INTO meta (key, value) VALUES ('holder', '1')")
+        print("held", flush=True)
+        await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_writer_killed_while_it_holds_the_lock_holds_nobody_up(tmp_path: Path) -> None:
+    path = tmp_path / "blog.db"
+    await (await Store.open(path)).close()  # created and migrated before the holder starts
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _HOLDER,
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    try:
+        assert holder.stdout is not None
+        assert (await asyncio.wait_for(holder.stdout.readline(), 30)).strip() == b"held"
+        store = await Store.open(path)
+        try:
+            store._writer_lock.timeout = 30
+            writing = asyncio.create_task(store.save_meta_value("after", "kill"))
+            await asyncio.sleep(0.3)
+            assert not writing.done()
+            holder.send_signal(signal.SIGKILL)
+            await asyncio.wait_for(writing, 10)
+            assert await store.get_meta_value("after") == "kill"
+            assert await store.get_meta_value("holder") is None  # its write died with it
+        finally:
+            await store.close()
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+        await holder.wait()
+
+
+async def test_the_group_commit_stores_every_text_exactly(tmp_path: Path) -> None:
+    """The inbox's batch insert goes through one JSON array (one step, no GIL per row):
+    what it stores is exactly what it was given, NUL and all, and a duplicate is ignored."""
+    texts = [
+        '{"content": "\\u0000 \\"quoted\\" é 🎉\\n", "x": "\\\\"}',
+        "tab\there, a raw \x01 and \u2028 and a lone \\ud800 escape",
+        "with a NUL \x00 in the middle",
+        "{}",
+    ]
+    items = [
+        InboxItem(f"key-{n}", f"https://example.com/users/é{n}", f"Create{n}", text)
+        for n, text in enumerate(texts)
+    ]
+    async with two_stores(tmp_path) as (store, _):
+        await store.save_inbox_items(items[:2])
+        await store.save_inbox_items([*items[2:], InboxItem("key-0", "a", "b", "duplicate")])
+        rows = await store._fetchall(
+            "SELECT dedup_key, actor_ap_id, type, payload FROM inbox ORDER BY id"
+        )
+    assert [tuple(row) for row in rows] == [
+        (item.dedup_key, item.actor, item.type, item.payload) for item in items
+    ]
