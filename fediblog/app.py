@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fediblog.blog import Blog
 from fediblog.config import Settings
-from fediblog.desk import Desk
+from fediblog.desk import FAILURES_OVERALL, FAILURES_PER_ADDRESS, Desk, FailureLimit
 from fediblog.errors import StorageError
 from fediblog.media import MediaStore
 from fediblog.models import utcnow
@@ -191,12 +191,18 @@ async def storage_error(request: Request, exc: Exception) -> Response:
     )
 
 
+def _share(limit: int, processes: int) -> int:
+    """One process's part of a limit all ``processes`` share (at least 1)."""
+    return max(1, limit // processes)
+
+
 def create_app(
     settings: Settings,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     run_workers: bool = True,
     web_only: bool = False,
+    processes: int = 1,
 ) -> Starlette:
     """Build the ASGI app for these settings. Resources open in the lifespan (runtime.py).
 
@@ -205,7 +211,10 @@ def create_app(
     crawler to the caller, who runs single passes (``process_once`` /
     ``deliver_once`` / ``crawler.run_once``). ``web_only`` runs no background work
     either, and expects ``fediblog worker`` processes to: /healthz checks their
-    heartbeats (``serve --web-only``).
+    heartbeats (``serve --web-only``). ``processes`` is how many web processes serve the
+    blog together (``serve --workers N``): the limits each one keeps in memory (sign-in
+    failures, comments and follows per address) are divided among them, so that all of
+    them together allow no more than one process would.
     """
 
     @asynccontextmanager
@@ -240,12 +249,19 @@ def create_app(
                 instance_public_pem=rt.instance_key.public_pem,
                 created_at=await store.get_created_at(),
                 fetcher=rt.fetcher,
-                interact_limit=RateLimit(limit=10, window=60),
-                comment_limit=RateLimit(limit=5, window=600),
+                interact_limit=RateLimit(limit=_share(10, processes), window=60),
+                comment_limit=RateLimit(limit=_share(5, processes), window=600),
                 crawler=rt.crawler,
                 notifier=rt.notifier,
                 proxy=rt.media_proxy,
-                desk=Desk(settings, store),
+                desk=Desk(
+                    settings,
+                    store,
+                    limit=FailureLimit(
+                        per_address=_share(FAILURES_PER_ADDRESS, processes),
+                        overall=_share(FAILURES_OVERALL, processes),
+                    ),
+                ),
             )
             yield
 

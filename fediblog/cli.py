@@ -69,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve requests only: the background work runs in `fediblog worker` processes",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="web processes serving the port (1); with more than one, a worker process runs"
+        " the background work beside them (none with --web-only)",
+    )
 
     worker = commands.add_parser(
         "worker",
@@ -320,12 +328,19 @@ def _init(args: argparse.Namespace) -> None:
     print(f"its key: {fingerprint(load_key(settings.keys_dir, 'blog').public_pem)}")
 
 
-def _serve(settings: Settings, host: str, port: int, *, web_only: bool = False) -> None:
+MAX_WEB_PROCESSES = 64
+
+
+def _serve(
+    settings: Settings, host: str, port: int, *, web_only: bool = False, workers: int = 1
+) -> int:
     # Imported here: only `serve` and `demo` need uvicorn and the app.
     from fediblog.app import create_app
     from fediblog.preflight import check_before_serving
-    from fediblog.server import Timeouts, serve
+    from fediblog.server import Timeouts, bind, serve, serve_on
 
+    if not 1 <= workers <= MAX_WEB_PROCESSES:
+        raise UsageError(f"--workers takes 1 to {MAX_WEB_PROCESSES} web processes, not {workers}")
     check_before_serving(settings)
     _check_face(settings)
     timeouts = Timeouts(
@@ -334,16 +349,50 @@ def _serve(settings: Settings, host: str, port: int, *, web_only: bool = False) 
         keep_alive=settings.keep_alive_timeout,
         shutdown=settings.shutdown_timeout,
     )
-    what = " (web only: background work is left to `fediblog worker`)" * web_only
-    print(f"fediblog: serving @{settings.acct} on http://{host}:{port}{what}", file=sys.stderr)
-    serve(create_app(settings, web_only=web_only), host, port, timeouts)
+    if workers == 1:
+        what = " (web only: background work is left to `fediblog worker`)" * web_only
+        print(f"fediblog: serving @{settings.acct} on http://{host}:{port}{what}", file=sys.stderr)
+        serve(create_app(settings, web_only=web_only), host, port, timeouts)
+        return 0
+
+    from fediblog.supervisor import Child, Supervisor
+
+    # Once, before the children start: each would otherwise compare the avatar and the
+    # profile with what the database remembers at the same moment, and each queue an
+    # Update of the actor when they changed.
+    asyncio.run(_with_blog(settings, _sync_face))
+    sock = bind(host, port)
+
+    def web() -> None:
+        serve_on(create_app(settings, web_only=True, processes=workers), sock, timeouts)
+
+    children = [Child(f"web process {n}", web) for n in range(1, workers + 1)]
+    if not web_only:
+        children.append(Child("worker process", lambda: _run_worker(settings)))
+    beside = " and background work left to `fediblog worker`" if web_only else " and a worker"
+    print(
+        f"fediblog: serving @{settings.acct} on http://{host}:{port} with {workers} web"
+        f" processes{beside} (pid {os.getpid()})",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        return Supervisor(children, grace=timeouts.shutdown).run()
+    finally:
+        sock.close()
+
+
+async def _sync_face(blog: Blog) -> None:
+    from fediblog.media import MediaStore
+
+    await MediaStore(blog.settings, blog.store).sync_face(
+        load_key(blog.settings.keys_dir, "blog").public_pem
+    )
 
 
 def _worker(settings: Settings, only: str | None) -> None:
-    import logging
-
     from fediblog.preflight import check_before_serving
-    from fediblog.runtime import ROLES, run_worker
+    from fediblog.runtime import ROLES
 
     roles: tuple[str, ...] = ROLES
     if only is not None:
@@ -356,6 +405,17 @@ def _worker(settings: Settings, only: str | None) -> None:
             raise UsageError(f"--only takes roles from {','.join(ROLES)}, not {given}")
         roles = tuple(role for role in ROLES if role in named)
     check_before_serving(settings)
+    _run_worker(settings, roles)
+
+
+def _run_worker(settings: Settings, roles: tuple[str, ...] | None = None) -> None:
+    """The worker process's work (``fediblog worker``, or ``serve --workers N``'s
+    worker): ``roles``, all of them when None, until SIGTERM or SIGINT."""
+    import logging
+
+    from fediblog.runtime import ROLES, run_worker
+
+    roles = roles or ROLES
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(
         f"fediblog: worker for @{settings.acct} running {', '.join(roles)}"
@@ -807,7 +867,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command not in _NO_DATABASE_NEEDED:
             _require_blog(settings, args.data)
         if args.command == "serve":
-            _serve(settings, args.host, args.port, web_only=args.web_only)
+            return _serve(
+                settings, args.host, args.port, web_only=args.web_only, workers=args.workers
+            )
         elif args.command == "worker":
             _worker(settings, args.only)
         elif args.command == "post":

@@ -215,8 +215,9 @@ class _QuietCancellation(logging.Filter):
         return True
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before the app starts, so a taken port is one line."""
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the app starts, so a taken port is one line;
+    ``serve_on`` serves it, in this process or in several."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -238,8 +239,18 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def serve(app: ASGIApp, host: str, port: int, timeouts: Timeouts | None = None) -> None:
     """Serve ``app`` on host:port until SIGINT or SIGTERM; return once it has stopped."""
+    sock = bind(host, port)
+    try:
+        serve_on(app, sock, timeouts)
+    finally:
+        sock.close()
+
+
+def serve_on(app: ASGIApp, sock: socket.socket, timeouts: Timeouts | None = None) -> None:
+    """Serve ``app`` on a bound socket until SIGINT or SIGTERM; the caller closes it.
+    Several processes may serve one socket (``fediblog serve --workers N``): the
+    kernel hands each new connection to one of them."""
     timeouts = timeouts or Timeouts()
-    sock = _bind(host, port)
     config = uvicorn.Config(
         BodyDeadline(app, timeouts.body, timeouts.upload),
         http=_protocol_class(timeouts.header),
@@ -263,5 +274,3 @@ def serve(app: ASGIApp, host: str, port: int, timeouts: Timeouts | None = None) 
     except SystemExit:
         # uvicorn exits like this when the app's start-up failed; it logged why.
         raise FediblogError("the server did not start: see the messages above") from None
-    finally:
-        sock.close()

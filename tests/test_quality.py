@@ -26,7 +26,7 @@ LAYERS: dict[str, int] = {
     "demo": 6, "responses": 6, "preflight": 6, "backup": 6, "schedule": 6, "desk": 6,
     "check": 6,
     "web": 7, "runtime": 7,
-    "app": 8, "server": 8, "cli": 9, "__main__": 10,
+    "app": 8, "server": 8, "supervisor": 8, "cli": 9, "__main__": 10,
 }  # fmt: skip
 
 

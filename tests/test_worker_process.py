@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -742,3 +743,133 @@ def test_both_units_read_one_environment_file_and_the_worker_starts_after_the_se
     assert not [line for line in server + worker if line.startswith("Environment=")]
     [after] = [line for line in worker if line.startswith("After=")]
     assert "fediblog.service" in after.split("=", 1)[1].split()
+
+
+# ---- serve --workers N: several web processes and a worker, one command ----------------
+
+
+def _three_children(pid: int, without: int = 0) -> set[int] | None:
+    """The pids of ``pid``'s children once there are three, none of them ``without``."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    children = {int(child) for child in text.split()}
+    return children if len(children) == 3 and without not in children else None
+
+
+def test_serve_with_two_web_processes_runs_a_worker_and_starts_a_killed_one_again(
+    world: World,
+) -> None:
+    args = ["serve", "--port", str(world.port), "--workers", "2"]
+    with world.process("web", *args) as parent:
+        wait_until_up(f"{world.base}/about", parent, "the web processes")
+        first = eventually(
+            lambda: _three_children(parent.pid),
+            "two web processes and a worker",
+            world.folder / "web.log",
+        )
+        assert world.reply(1, "Answered through one of two").status_code == 202
+        eventually(
+            lambda: "Answered through one of two" in world.get(world.page).text,
+            "the comment on the page",
+            world.folder / "web.log",
+        )
+
+        # A web process killed outright: the other goes on serving, the parent starts a
+        # new one, and what is sent meanwhile is answered and kept.
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        statuses = {world.get("/about").status_code for _ in range(20)}
+        assert statuses == {200}
+        again = eventually(
+            lambda: _three_children(parent.pid, without=victim),
+            "the killed process started again",
+            world.folder / "web.log",
+        )
+        assert len(again - first) == 1
+        assert world.reply(2, "Answered after the restart").status_code == 202
+        eventually(
+            lambda: "Answered after the restart" in world.get(world.page).text,
+            "the second comment on the page",
+            world.folder / "web.log",
+        )
+        health = world.get("/healthz").json()
+        assert health["status"] == "ok"
+        assert set(health["worker_processes"]) == set(ROLES)
+    assert parent.returncode == 0
+    assert not any(Path(f"/proc/{pid}").exists() for pid in again)
+    log = (world.folder / "web.log").read_text()
+    assert "with 2 web processes and a worker" in log
+    assert "the web process 1 exited (killed by SIGKILL): starting it again" in log
+    assert "fediblog: worker stopped" in log  # it stopped cleanly, on the parent's word
+    assert world.rows("SELECT count(*) FROM comments") == [(2,)]
+    assert world.rows("SELECT key FROM meta WHERE key LIKE 'worker%'") == []
+
+
+@pytest.mark.parametrize("workers", ["0", "65"])
+def test_a_number_of_web_processes_out_of_range_is_one_line_and_exit_2(
+    world: World, workers: str
+) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fediblog",
+            "serve",
+            "--port",
+            str(world.port),
+            "--workers",
+            workers,
+        ],
+        env=world.env,
+        cwd=world.folder,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "--workers" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+_FLAPPING = """
+import sys
+from fediblog import supervisor
+supervisor.RESTART_PAUSE = 0.01
+children = [
+    supervisor.Child("steady one", lambda: __import__("time").sleep(600)),
+    supervisor.Child("flapping one", lambda: sys.exit(3)),
+]
+sys.exit(supervisor.Supervisor(children, grace=1).run())
+"""
+
+
+def test_a_child_that_keeps_exiting_stops_them_all_and_exits_1() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _FLAPPING],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines.count("fediblog: the flapping one exited (exit status 3): starting it again") == 5
+    assert lines[-1] == (
+        "fediblog: the flapping one exited (exit status 3): 6 unexpected exits in 60 s, stopping"
+    )
+    assert "steady one" not in result.stderr  # stopped by the parent: not an exit to report
+
+
+@pytest.mark.anyio
+async def test_web_processes_share_the_limits_one_process_would_keep(settings: Settings) -> None:
+    async with running(settings, processes=3) as app:
+        services: Services = app.state.services
+        assert services.desk.limit.per_address == 1  # 5 // 3: 3 in all, never more than 5
+        assert services.desk.limit.overall == 16
+        assert services.comment_limit._limit == 1
+        assert services.interact_limit._limit == 3
+    async with running(settings) as app:
+        services = app.state.services
+        assert (services.desk.limit.per_address, services.desk.limit.overall) == (5, 50)
+        assert (services.comment_limit._limit, services.interact_limit._limit) == (5, 10)
