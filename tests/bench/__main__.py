@@ -1,7 +1,7 @@
 """Every benchmark of issue 12 in one run: one JSON report and one table.
 
     python -m tests.bench [--quick] [--only page,inbox,processing,delivery,memory]
-                          [--out FILE] [--quiet-wait SECONDS] [--split]
+                          [--out FILE] [--quiet-wait SECONDS] [--split] [--workers N]
 
 First the hello-world ceiling (tests/bench/hello.py: a trivial starlette endpoint behind
 ``fediblog serve``'s own uvicorn settings, driven by wrk identity and gzip), then each
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench import report
-from tests.bench.common import SPLIT, split_processes
+from tests.bench.common import SPLIT, WEB_PROCESSES, split_processes, web_processes
 from tests.bench.sysstat import background_load, machine_busy_seconds, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,6 +108,7 @@ def meta(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
         "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "quick": args.quick,
         "split": split_processes(),
+        "web_processes": web_processes(),
         "only": names,
         "machine": {
             "cpus": os.cpu_count(),
@@ -174,9 +175,19 @@ def main() -> None:
         help="run the server as `serve --web-only` plus one `fediblog worker` process"
         " (CPU and RSS figures cover both; sets FEDIBLOG_BENCH_SPLIT=1)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the server as `serve --workers N`: N web processes and a worker process"
+        " (their CPU and RSS count as the server's; sets FEDIBLOG_BENCH_WORKERS=N)",
+    )
     args = parser.parse_args()
     if args.split:
         os.environ[SPLIT] = "1"  # read by common.running_server, in this process
+    if args.workers > 1:
+        os.environ[WEB_PROCESSES] = str(args.workers)
     names = parse_only(args.only)
     quick = 1 if args.quick else 0
     quiet_wait = args.quiet_wait if args.quiet_wait is not None else (0.0 if quick else 60.0)
@@ -184,7 +195,8 @@ def main() -> None:
     out = args.out or ROOT / "tests" / "bench" / "results" / (
         f"{info['started'].replace(':', '')}-{info['commit'] or 'nocommit'}"
         f"{'-dirty' if info['dirty'] else ''}{'-quick' if quick else ''}"
-        f"{'-split' if info['split'] else ''}.json"
+        f"{'-split' if info['split'] else ''}"
+        f"{f'-workers{args.workers}' if args.workers > 1 else ''}.json"
     )
 
     ceiling, error = run_one("ceiling", dict(SETTINGS["ceiling"][quick]), quiet_wait)

@@ -47,8 +47,15 @@ def server_env(settings: Settings, **extra: str) -> dict[str, str]:
 SPLIT = "FEDIBLOG_BENCH_SPLIT"  # "1": `serve --web-only` and one `fediblog worker` process
 
 
+WEB_PROCESSES = "FEDIBLOG_BENCH_WORKERS"  # N > 1: `serve --workers N` (N web + a worker)
+
+
 def split_processes() -> bool:
     return os.environ.get(SPLIT) == "1"
+
+
+def web_processes() -> int:
+    return int(os.environ.get(WEB_PROCESSES) or 1)
 
 
 def worker_of(pid: int) -> int | None:
@@ -61,14 +68,17 @@ def worker_of(pid: int) -> int | None:
 def running_server(settings: Settings, port: int, **env: str) -> Iterator[subprocess.Popen[bytes]]:
     """`fediblog serve` (one uvicorn worker) on 127.0.0.1:port until the block ends.
 
-    With FEDIBLOG_BENCH_SPLIT=1 (``python -m tests.bench --split``): `serve --web-only`
-    and one `fediblog worker` process; the worker counts as part of the server in every
+    With FEDIBLOG_BENCH_WORKERS=N (``--workers N``): `serve --workers N`, whose children
+    (N web processes and a worker) count as the server's. With FEDIBLOG_BENCH_SPLIT=1
+    (``python -m tests.bench --split``): `serve --web-only` and one `fediblog worker`
+    process; the worker counts as part of the server in every
     CPU and RSS figure (sysstat.COMPANIONS), and ``worker_of`` names it.
     """
     command = [sys.executable, "-m", "fediblog"]
     split = split_processes()
+    workers = ["--workers", str(web_processes())] if web_processes() > 1 else []
     process = subprocess.Popen(
-        [*command, "serve", "--port", str(port), *(["--web-only"] if split else [])],
+        [*command, "serve", "--port", str(port), *(["--web-only"] if split else []), *workers],
         env=server_env(settings, **env),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
