@@ -10,7 +10,9 @@ worker` would. The parent only watches:
   stop them all, and `serve` exits 1 (systemd restarts the unit);
 * SIGTERM or SIGINT is passed on to every child as SIGTERM; each stops as it would on
   its own (requests get the shutdown grace period, the worker records what it did);
-  a child still running ``grace`` + 5 seconds later is killed.
+  a child still running ``grace`` + 5 seconds later is killed;
+* if the parent itself is killed outright, each child gets SIGTERM from the kernel
+  (``_die_with``) rather than serving on with nobody watching.
 
 Nothing is lost when a child dies: what the worker had claimed comes back once its
 lease ends, and a reply is answered 202 only once its row is committed.
@@ -22,6 +24,8 @@ and the parent has no thread and no event loop when it forks.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing
 import multiprocessing.process
@@ -54,10 +58,25 @@ class Child:
     process: multiprocessing.process.BaseProcess | None = None
 
 
-def _child_main(name: str, run: Callable[[], None]) -> None:
+def _die_with(parent: int) -> None:
+    """SIGTERM this process when ``parent`` dies, even by SIGKILL: children left behind
+    would go on serving the port with nobody to stop them (Linux's PR_SET_PDEATHSIG;
+    elsewhere systemd's control group still stops them all)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before that took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_main(name: str, run: Callable[[], None], parent: int) -> None:
     # The parent's handlers only set a flag there: each child stops on its own terms.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    _die_with(parent)
     try:
         run()
     except KeyboardInterrupt:
@@ -88,7 +107,10 @@ class Supervisor:
 
     def _start(self, child: Child) -> None:
         process = self._context.Process(
-            target=_child_main, args=(child.name, child.run), name=child.name, daemon=False
+            target=_child_main,
+            args=(child.name, child.run, os.getpid()),
+            name=child.name,
+            daemon=False,
         )
         process.start()
         child.process = process

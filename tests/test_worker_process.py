@@ -873,3 +873,39 @@ async def test_web_processes_share_the_limits_one_process_would_keep(settings: S
         services = app.state.services
         assert (services.desk.limit.per_address, services.desk.limit.overall) == (5, 50)
         assert (services.comment_limit._limit, services.interact_limit._limit) == (5, 10)
+
+
+_ORPHANED = """
+import os, sys, time
+from fediblog import supervisor
+
+def steady() -> None:
+    print(os.getpid(), flush=True)
+    time.sleep(600)
+
+sys.exit(supervisor.Supervisor([supervisor.Child("steady one", steady)], grace=1).run())
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # ended, waiting to be reaped by whoever adopted it
+
+
+def test_children_do_not_outlive_a_parent_killed_outright() -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _ORPHANED], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert not _gone(child)
+        parent.kill()
+        parent.wait()
+        eventually(lambda: _gone(child), "the child to stop with its parent")
+    finally:
+        parent.kill()
+        parent.wait()
