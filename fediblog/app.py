@@ -214,7 +214,8 @@ def create_app(
     heartbeats (``serve --web-only``). ``processes`` is how many web processes serve the
     blog together (``serve --workers N``): the limits each one keeps in memory (sign-in
     failures, comments and follows per address) are divided among them, so that all of
-    them together allow no more than one process would.
+    them together allow no more than one process would (at least one each, though: with
+    more processes than a limit, one per process).
     """
 
     @asynccontextmanager

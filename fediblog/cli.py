@@ -366,9 +366,13 @@ def _serve(
     def web() -> None:
         serve_on(create_app(settings, web_only=True, processes=workers), sock, timeouts)
 
+    def worker() -> None:
+        sock.close()  # it serves no request: the port is free once the web processes stop
+        _run_worker(settings)
+
     children = [Child(f"web process {n}", web) for n in range(1, workers + 1)]
     if not web_only:
-        children.append(Child("worker process", lambda: _run_worker(settings)))
+        children.append(Child("worker process", worker))
     beside = " and background work left to `fediblog worker`" if web_only else " and a worker"
     print(
         f"fediblog: serving @{settings.acct} on http://{host}:{port} with {workers} web"

@@ -894,12 +894,13 @@ class Store:
         Joins the caller's transaction when there is one.
         """
         shared = _shared.get()
-        writing = _writing.get()
-        if (shared is not None and shared.task is asyncio.current_task()) or (
-            writing is not None and writing is asyncio.current_task()
-        ):
-            async with self._transaction(shown=False):
+        if shared is not None and shared.task is asyncio.current_task():
+            async with self._transaction(shown=False):  # joins it (and writes what it kept)
                 await self._on_writer(work)
+            return
+        writing = _writing.get()
+        if writing is not None and writing is asyncio.current_task():
+            await self._on_writer(work)  # inside this task's transaction: part of it
             return
 
         def transaction(connection: sqlite3.Connection) -> None:
@@ -1581,9 +1582,10 @@ class Store:
             array = json.dumps(rows, ensure_ascii=False)
 
             def insert(connection: sqlite3.Connection) -> None:
-                connection.execute(
-                    f"{_INSERT_INBOX} SELECT value ->> 0, value ->> 1, value ->> 2,"
-                    " value ->> 3, ? FROM json_each(?)",
+                connection.execute(  # json_extract, not ->>: SQLite 3.38 added that
+                    f"{_INSERT_INBOX} SELECT json_extract(value, '$[0]'),"
+                    " json_extract(value, '$[1]'), json_extract(value, '$[2]'),"
+                    " json_extract(value, '$[3]'), ? FROM json_each(?) ORDER BY key",
                     (now, array),
                 )
 

@@ -18,7 +18,9 @@ Nothing is lost when a child dies: what the worker had claimed comes back once i
 lease ends, and a reply is answered 202 only once its row is committed.
 
 Fork, not spawn: the children start from the parent's settings, with nothing to pickle,
-and the parent has no thread and no event loop when it forks.
+and the parent runs no event loop and holds no database connection when it forks (what
+it checked and synced before, it closed). Each child runs in a process group of its own,
+so a terminal's Ctrl-C reaches the parent, which passes one SIGTERM on.
 """
 
 from __future__ import annotations
@@ -63,20 +65,25 @@ def _die_with(parent: int) -> None:
     would go on serving the port with nobody to stop them (Linux's PR_SET_PDEATHSIG;
     elsewhere systemd's control group still stops them all)."""
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # it died before that took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 
 _PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def _child_main(name: str, run: Callable[[], None], parent: int) -> None:
-    # The parent's handlers only set a flag there: each child stops on its own terms.
+    # Started with the stop signals blocked (Supervisor._start): the parent's handlers,
+    # inherited, would only set its flag here. Each child stops on its own terms, once.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Its own process group: Ctrl-C in a terminal reaches the parent alone, which passes
+    # one SIGTERM on (a second signal would make uvicorn cut its requests short).
+    os.setpgid(0, 0)
     _die_with(parent)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     try:
         run()
     except KeyboardInterrupt:
@@ -95,6 +102,10 @@ def _described(code: int | None) -> str:
     return f"exit status {code}"
 
 
+def _say(line: str) -> None:
+    print(f"fediblog: {line}", file=sys.stderr, flush=True)
+
+
 class Supervisor:
     """Runs ``children`` until SIGTERM or SIGINT (``run``), starting again any that exits."""
 
@@ -104,6 +115,53 @@ class Supervisor:
         self._context = multiprocessing.get_context("fork")
         self._stopping_since: float | None = None
         self._exits: deque[float] = deque()
+        self._due: dict[str, float] = {child.name: 0.0 for child in children}  # next start
+        self._killed: set[int] = set()
+        self.failed = False  # one unexpected exit too many: everything was stopped
+
+    def run(self) -> int:
+        """0 once stopped by a signal; 1 when children kept exiting on their own."""
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            self._stop()
+
+        previous = {signum: signal.signal(signum, on_signal) for signum in _STOP_SIGNALS}
+        try:
+            while self._supervise():
+                pass
+        finally:
+            self._stop()  # a no-op after a signal; after an error, nobody is left behind
+            self._reap_all()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return 1 if self.failed else 0
+
+    def _supervise(self) -> bool:
+        """One look: start what is due, reap what exited; False once all have stopped."""
+        now = time.monotonic()
+        if self._stopping_since is None:
+            for child in self.children:
+                if child.process is None and now >= self._due[child.name]:
+                    self._start(child)
+        running = [child.process for child in self.children if child.process is not None]
+        if self._stopping_since is not None and not running:
+            return False
+        due = [self._due[child.name] for child in self.children if child.process is None]
+        timeout = min([1.0, *(max(0.0, at - now) for at in due)])
+        if running:
+            wait([process.sentinel for process in running], timeout=timeout)
+        else:
+            time.sleep(timeout)
+        for child in self.children:
+            self._look_at(child)
+        stopping = self._stopping_since
+        if stopping is not None and time.monotonic() - stopping > self.grace + KILL_AFTER:
+            for process in running:
+                if process.is_alive() and process.pid not in self._killed:
+                    log.warning("the %s did not stop in time: killing it", process.name)
+                    self._killed.add(process.pid or 0)
+                    process.kill()
+        return True
 
     def _start(self, child: Child) -> None:
         process = self._context.Process(
@@ -112,8 +170,21 @@ class Supervisor:
             name=child.name,
             daemon=False,
         )
-        process.start()
-        child.process = process
+        # Blocked until the child is known: a stop signal arriving meanwhile then reaches
+        # it (``_stop``), and the child cannot take the parent's handler for its own.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            if self._stopping_since is not None:  # a stop came while the others started
+                return
+            process.start()
+            child.process = process
+            if self._stopping_since is not None and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)  # it came just before the block
+        except OSError as error:  # no fork: no memory, too many processes
+            why = error.strerror or error
+            _say(f"cannot start the {child.name}: {why}{self._count_exit(child)}")
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def _stop(self) -> None:
         if self._stopping_since is None:
@@ -123,64 +194,36 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.process.pid, signal.SIGTERM)
 
-    def run(self) -> int:
-        """0 once stopped by a signal; 1 when children kept exiting on their own."""
-        failed = False
+    def _reap_all(self) -> None:
+        deadline = (self._stopping_since or time.monotonic()) + self.grace + KILL_AFTER
+        for child in self.children:
+            if child.process is not None:
+                child.process.join(max(0.0, deadline - time.monotonic()))
+                if child.process.is_alive():
+                    child.process.kill()
+                    child.process.join()
+                child.process = None
 
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            self._stop()
-
-        previous = {
-            signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)
-        }
-        try:
-            for child in self.children:
-                self._start(child)
-            while running := [child for child in self.children if child.process is not None]:
-                wait([child.process.sentinel for child in running if child.process], timeout=1.0)
-                for child in running:
-                    failed = self._look_at(child) or failed
-                if self._stopping_since is not None:
-                    late = time.monotonic() - self._stopping_since > self.grace + KILL_AFTER
-                    for child in running:
-                        if late and child.process is not None and child.process.is_alive():
-                            log.warning("the %s did not stop in time: killing it", child.name)
-                            child.process.kill()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-        return 1 if failed else 0
-
-    def _look_at(self, child: Child) -> bool:
-        """Reap ``child`` if it exited; start it again unless stopping. True if that
-        was one exit too many."""
+    def _look_at(self, child: Child) -> None:
+        """Reap ``child`` if it exited, and have it started again unless stopping."""
         process = child.process
         if process is None or process.is_alive():
-            return False
+            return
         process.join()
         child.process = None
-        if self._stopping_since is not None:
-            return False
+        if self._stopping_since is None:
+            what = _described(process.exitcode)
+            _say(f"the {child.name} exited ({what}){self._count_exit(child)}")
+
+    def _count_exit(self, child: Child) -> str:
+        """Count an unexpected exit (or a start that failed); say what comes next."""
         now = time.monotonic()
         self._exits.append(now)
         while self._exits and now - self._exits[0] > RESTART_WINDOW:
             self._exits.popleft()
-        what = _described(process.exitcode)
         if len(self._exits) > RESTARTS:
-            print(
-                f"fediblog: the {child.name} exited ({what}): {len(self._exits)} unexpected"
-                f" exits in {RESTART_WINDOW:g} s, stopping",
-                file=sys.stderr,
-                flush=True,
-            )
+            self.failed = True
             self._stop()
-            return True
-        print(
-            f"fediblog: the {child.name} exited ({what}): starting it again",
-            file=sys.stderr,
-            flush=True,
-        )
-        time.sleep(RESTART_PAUSE)
-        if self._stopping_since is None:  # a signal may have come meanwhile
-            self._start(child)
-        return False
+            return f": {len(self._exits)} unexpected exits in {RESTART_WINDOW:g} s, stopping"
+        self._due[child.name] = now + RESTART_PAUSE
+        return ": starting it again"

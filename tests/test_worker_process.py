@@ -909,3 +909,75 @@ def test_children_do_not_outlive_a_parent_killed_outright() -> None:
     finally:
         parent.kill()
         parent.wait()
+
+
+_STOPPED_WHILE_STARTING = """
+import os, signal, sys, time
+from fediblog import supervisor
+
+def first() -> None:
+    os.kill(os.getppid(), signal.SIGTERM)  # the stop arrives while the others start
+    time.sleep(600)
+
+def later() -> None:
+    time.sleep(600)
+
+children = [supervisor.Child("first", first)]
+children += [supervisor.Child(f"later {n}", later) for n in range(3)]
+sys.exit(supervisor.Supervisor(children, grace=30).run())
+"""
+
+
+def test_a_stop_while_children_start_reaches_every_one_of_them() -> None:
+    # A child the SIGTERM missed would be killed only after the 30 s grace period.
+    result = subprocess.run(
+        [sys.executable, "-c", _STOPPED_WHILE_STARTING],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "did not stop in time" not in result.stderr
+    assert "exited" not in result.stderr  # stopped, not exits to report
+
+
+_NO_FORK_ONCE = """
+import multiprocessing.process, os, signal, sys, time
+from fediblog import supervisor
+
+supervisor.RESTART_PAUSE = 0.05
+start = multiprocessing.process.BaseProcess.start
+failed = []
+
+def start_once_failing(self):
+    if not failed:
+        failed.append(self.name)
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+    start(self)
+
+multiprocessing.process.BaseProcess.start = start_once_failing
+
+def child() -> None:
+    print("started", flush=True)
+    os.kill(os.getppid(), signal.SIGTERM)
+    time.sleep(600)
+
+sys.exit(supervisor.Supervisor([supervisor.Child("only one", child)], grace=5).run())
+"""
+
+
+def test_a_fork_that_fails_is_tried_again() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _NO_FORK_ONCE],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "started\n"
+    assert result.stderr == (
+        "fediblog: cannot start the only one: Resource temporarily unavailable:"
+        " starting it again\n"
+    )

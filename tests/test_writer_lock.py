@@ -83,8 +83,9 @@ async def test_a_wait_given_up_on_leaves_the_lock_to_the_others(tmp_path: Path) 
             cancelled.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await cancelled
-        # The abandoned waits got the lock after the holder let go, and let go of it
-        # again: both Stores write, one after the other, and nothing of theirs was written.
+        # The wait that timed out closed its lock file; the cancelled one still ran on the
+        # writer's thread (BEGIN once the holder let go, then its ROLLBACK) and let go:
+        # both Stores write, one after the other, and neither abandoned write was made.
         await asyncio.wait_for(second.save_meta_value("second", "after"), 5)
         await asyncio.wait_for(first.save_meta_value("first", "after"), 5)
         assert await first.get_meta_value("late") is None
@@ -162,3 +163,22 @@ async def test_the_group_commit_stores_every_text_exactly(tmp_path: Path) -> Non
     assert [tuple(row) for row in rows] == [
         (item.dedup_key, item.actor, item.type, item.payload) for item in items
     ]
+
+
+async def test_the_group_commit_inside_a_transaction_is_part_of_it(tmp_path: Path) -> None:
+    """Called inside a write transaction (its own lock held), the one-trip write joins it
+    instead of waiting for that lock forever, and rolls back with it."""
+    item = InboxItem("key", "https://example.com/users/ann", "Create", "{}")
+    async def write_then_change_mind() -> None:
+        async with store._transaction(shown=False), asyncio.timeout(5):  # this very task
+            await store.save_inbox_items([item])
+            assert await store._fetchone("SELECT 1 FROM inbox WHERE dedup_key = 'key'")
+            raise RuntimeError("changed my mind")
+
+    async with two_stores(tmp_path) as (store, _):
+        with pytest.raises(RuntimeError, match="changed my mind"):
+            await write_then_change_mind()
+        assert await store._fetchone("SELECT 1 FROM inbox") is None
+        async with store._transaction(shown=False), asyncio.timeout(5):
+            await store.save_inbox_items([item])
+        assert await store._fetchone("SELECT 1 FROM inbox WHERE dedup_key = 'key'")

@@ -50,7 +50,7 @@ from fediblog.blog import Blog, parse_post
 from fediblog.httpsig import sign_request
 from fediblog.models import utcnow
 from fediblog.store import Store
-from tests.bench.common import bench_settings, rss_mb, running_server
+from tests.bench.common import bench_settings, running_server, tree_rss_mb
 from tests.bench.sysstat import CpuWindow, wait_for_quiet
 from tests.processes import free_port
 
@@ -437,7 +437,7 @@ def measure(
 
         results: list[RunResult] = []
         with running_server(settings, port, FEDIBLOG_ALLOW_PRIVATE_ADDRESSES="1") as server:
-            idle_rss = rss_mb(server.pid)
+            idle_rss = tree_rss_mb(server.pid)
             probe(job["inbox"], sample)
             results.append(
                 drive(
@@ -486,7 +486,7 @@ def measure(
                 )
                 if spy is not None:
                     spy.wait(timeout=120)
-            rss_after = rss_mb(server.pid)
+            rss_after = tree_rss_mb(server.pid)
         # The server is stopped (SIGINT, lifespan shut down): count what is on disk.
         db = sqlite3.connect(settings.database)
         try:

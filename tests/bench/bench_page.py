@@ -30,7 +30,7 @@ import httpx
 from fediblog.blog import Blog, parse_post
 from fediblog.models import utcnow
 from fediblog.store import Store
-from tests.bench.common import bench_settings, rss_mb, running_server, wrk_run
+from tests.bench.common import bench_settings, running_server, tree_rss_mb, wrk_run
 from tests.processes import free_port
 
 
@@ -106,7 +106,7 @@ def measure(
         print(f"seeded {sum(sizes):,} comments in {time.monotonic() - started:.1f} s", flush=True)
         settings = bench_settings(folder, port)
         with running_server(settings, port) as server:
-            figures["idle_rss_mb"] = rss_mb(server.pid)
+            figures["idle_rss_mb"] = tree_rss_mb(server.pid)
             for size, path in paths.items():
                 url = f"http://127.0.0.1:{port}{path}"
                 started = time.monotonic()
@@ -148,7 +148,7 @@ def measure(
                         flush=True,
                     )
                 figures[f"p99_ms_{size}"] = worst
-            figures["rss_after_mb"] = rss_mb(server.pid)
+            figures["rss_after_mb"] = tree_rss_mb(server.pid)
     return figures
 
 

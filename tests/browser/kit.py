@@ -16,6 +16,7 @@ CSP in force; ``bypass_csp`` would have switched the policy off for the whole pa
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -151,17 +152,22 @@ def launch_chromium(playwright: Playwright) -> Browser:
 
 @cache
 def axe_source() -> str:
-    """axe.min.js, installed from tests/browser/package-lock.json on first use."""
-    if not AXE_JS.is_file():
-        npm = shutil.which("npm")
-        assert npm, "axe-core needs npm: `apt-get install -y npm`, then rerun"
-        subprocess.run(
-            [npm, "ci", "--prefix", str(HERE), "--no-audit", "--no-fund"],
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-    return AXE_JS.read_text("utf-8")
+    """axe.min.js, installed from tests/browser/package-lock.json on first use.
+
+    Under a lock: the suite's processes (pytest-xdist) may all want it at once, and
+    `npm ci` first deletes node_modules, which another process may be reading."""
+    with (HERE / ".npm-install.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not AXE_JS.is_file():
+            npm = shutil.which("npm")
+            assert npm, "axe-core needs npm: `apt-get install -y npm`, then rerun"
+            subprocess.run(
+                [npm, "ci", "--prefix", str(HERE), "--no-audit", "--no-fund"],
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
+        return AXE_JS.read_text("utf-8")
 
 
 class AccessibilityError(AssertionError):
