@@ -65,7 +65,7 @@ from fediblog.errors import (
     FetchUnreachable,
     SignatureError,
 )
-from fediblog.models import ActorKey, JsonObject, parse_ts, utcnow
+from fediblog.models import ActorKey, JsonObject, utcnow
 from fediblog.netguard import untrusted_certificate
 from fediblog.remote import Fetcher
 from fediblog.store import Store
@@ -366,22 +366,22 @@ class ActorDirectory:
 
     async def _cached_actor(self, ap_id: str) -> tuple[RemoteActor, datetime] | None:
         row = await self._store.get_actor_row(ap_id)
-        if row is None or not row["inbox"]:
+        if row is None or not row.inbox:
             return None
         actor = RemoteActor(
-            ap_id=row["ap_id"],
-            type=row["type"],
-            username=row["username"],
-            domain=row["domain"],
-            name=row["name"],
-            url=row["url"],
-            icon_url=row["icon_url"],
-            inbox=row["inbox"],
-            shared_inbox=row["shared_inbox"],
-            key_id=row["key_id"] or "",
-            public_key_pem=row["public_key_pem"] or "",
+            ap_id=row.ap_id,
+            type=row.type,
+            username=row.username,
+            domain=row.domain,
+            name=row.name,
+            url=row.url,
+            icon_url=row.icon_url,
+            inbox=row.inbox,
+            shared_inbox=row.shared_inbox,
+            key_id=row.key_id or "",
+            public_key_pem=row.public_key_pem or "",
         )
-        return actor, parse_ts(row["fetched_at"])
+        return actor, row.fetched
 
     async def fetch_actor(self, ap_id: str) -> RemoteActor:
         """Fetch (signed) and cache an actor document."""

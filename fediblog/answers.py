@@ -28,7 +28,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from fediblog.activitystreams import (
     Urls,
@@ -44,10 +43,12 @@ from fediblog.errors import FediblogError
 from fediblog.models import (
     AuthorAnswer,
     Comment,
+    CommentState,
     JsonObject,
     Mentioned,
     OutgoingActivity,
     Post,
+    StoredComment,
     Thread,
     utcnow,
 )
@@ -181,15 +182,15 @@ class Answers:
         target = target.strip()
         permalink = _PERMALINK.match(target.removeprefix(self.settings.base_url))
         if permalink is not None:  # stable, unlike SLUG#N, which a new reply can shift
-            row = await self.store.get_comment_row(int(permalink[2]))
-            if row is None or row["slug"] != permalink[1]:
+            stored = await self.store.get_comment_row(int(permalink[2]))
+            if stored is None or stored.slug != permalink[1]:
                 raise AnswerError(f"no response is at {target}")
-            return await self._response_of(row, target)
+            return await self._response_of(stored, target)
         if target.startswith(("https://", "http://")):
-            row = await self.store.get_comment_by_ap_id(target)
-            if row is None:
+            state = await self.store.get_comment_by_ap_id(target)
+            if state is None:
                 raise AnswerError(f"no response here has the id {target}")
-            return await self._response_of(row, target)
+            return await self._response_of(state, target)
         slug, mark, number = target.rpartition("#")
         if not mark or not slug:
             raise AnswerError(
@@ -207,9 +208,11 @@ class Answers:
         _check_answerable(comment, target)
         return comment, post, int(number)
 
-    async def _response_of(self, row: Any, ap_id: str) -> tuple[Comment, Post, int]:
+    async def _response_of(
+        self, row: StoredComment | CommentState, ap_id: str
+    ) -> tuple[Comment, Post, int]:
         """The response stored as ``row`` (named ``ap_id`` by the user), if answerable."""
-        status, visibility = row["status"], row["visibility"]
+        status, visibility = row.status, row.visibility
         if status != "published":
             reason = {
                 "pending": "is held for approval (`fediblog comments approve` shows it)",
@@ -222,12 +225,12 @@ class Answers:
                 f"the response {ap_id} is {visibility}-only, not on the page: an answer is"
                 " public, so it cannot answer it"
             )
-        post = await self.store.get_post_by_id(row["post_id"])
+        post = await self.store.get_post_by_id(row.post_id)
         if post is None:
             raise AnswerError(f"the post of the response {ap_id} was deleted")
         shown = await list_in_page_order(self.store, post.id)
         for number, comment in enumerate(shown, start=1):
-            if comment.id == row["id"]:
+            if comment.id == row.id:
                 _check_answerable(comment, ap_id)
                 return comment, post, number
         raise AnswerError(f"the response {ap_id} is not shown (its author is blocked)")

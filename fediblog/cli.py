@@ -601,12 +601,12 @@ def _deliveries(settings: Settings, args: argparse.Namespace) -> None:
             ("queued", "failed", "dead", "sent") if args.sent else ("queued", "failed", "dead")
         )
         for row in await blog.store.list_deliveries(statuses, limit=max(1, args.limit)):
-            when = row["next_attempt_at"] if row["status"] == "queued" else row["finished_at"]
-            error = f"  ({row['last_error']})" if row["last_error"] else ""
+            when = row.next_attempt if row.status == "queued" else row.finished
+            error = f"  ({row.last_error})" if row.last_error else ""
             print(
-                f"{row['id']:>6} {row['status']:<6} {row['type']:<7}"
-                f" attempts={row['attempts']:<2} {when}"
-                f"  {row['inbox']}{error}"
+                f"{row.id:>6} {row.status:<6} {row.type:<7}"
+                f" attempts={row.attempts:<2} {format_ts(when) if when else None}"
+                f"  {row.inbox}{error}"
             )
 
     asyncio.run(_with_blog(settings, run))
@@ -619,12 +619,13 @@ def _inbox(settings: Settings, args: argparse.Namespace) -> None:
         print(f"inbox: {summary}")
         rows = await blog.store.list_inbox(problems_only=not args.all, limit=max(1, args.limit))
         for row in rows:
-            if row["status"] == "queued" and row["error"]:
-                state = f"retry  attempts={row['attempts']:<2} at {row['next_attempt_at']}"
+            if row.status == "queued" and row.error:
+                retry_at = format_ts(row.next_attempt) if row.next_attempt else None
+                state = f"retry  attempts={row.attempts:<2} at {retry_at}"
             else:
-                state = f"{row['status']:<6} attempts={row['attempts']:<2} {row['received_at']}"
-            error = f"  ({row['error']})" if row["error"] else ""
-            print(f"{row['id']:>7} {state}  {row['type']:<8} {row['actor_ap_id']}{error}")
+                state = f"{row.status:<6} attempts={row.attempts:<2} {format_ts(row.received)}"
+            error = f"  ({row.error})" if row.error else ""
+            print(f"{row.id:>7} {state}  {row.type:<8} {row.actor}{error}")
 
     asyncio.run(_with_blog(settings, run))
 
@@ -676,12 +677,14 @@ def _comments(settings: Settings, args: argparse.Namespace) -> None:
         if not rows and since is None:
             print("no comments waiting" if pending else "no comments yet")
         for row in rows:
-            who = row["author_name"]
-            if row["actor"]:  # an actor without a username is named by its id, never "@@host"
-                who = actor_handle(row["username"], row["domain"]) or actor_address(row["actor"])
+            who = row.author_name
+            if row.actor:  # an actor without a username is named by its id, never "@@host"
+                who = actor_handle(row.username or "", row.domain or "") or actor_address(
+                    row.actor
+                )
             print(
-                f"{row['id']:>6}  {row['status']:<9} {row['visibility']:<9} {row['published_at']}"
-                f"  {row['slug']}  {who}: {excerpt(row['content_html'], 80)}"
+                f"{row.id:>6}  {row.status:<9} {row.visibility:<9} {format_ts(row.published)}"
+                f"  {row.slug}  {who}: {excerpt(row.content_html, 80)}"
             )
 
     asyncio.run(_with_blog(settings, run))
@@ -708,10 +711,10 @@ def _feeds(settings: Settings, args: argparse.Namespace) -> None:
         # The host only: the URL may carry a token (ntfy's ?auth=, Gotify's ?token=).
         print(f"webhook to {urlsplit(settings.notify_url).hostname}: {summary}")
         for row in await blog.store.list_notifications(limit=20):
-            if row["last_error"] and row["status"] != "sent":
+            if row.last_error and row.status != "sent":
                 print(
-                    f"{row['status']:<6} attempts={row['attempts']:<2} comment {row['comment_id']}"
-                    f"  {row['event']}  ({row['last_error']})"
+                    f"{row.status:<6} attempts={row.attempts:<2} comment {row.comment_id}"
+                    f"  {row.event}  ({row.last_error})"
                 )
 
     asyncio.run(_with_blog(settings, run))

@@ -294,9 +294,9 @@ class Crawler:
         if job.post_deleted:
             return _finished("the post was deleted")
         comment = await self.store.get_comment_by_ap_id(job.ap_id)
-        if comment is None or comment["status"] in ("deleted", "rejected"):
+        if comment is None or comment.status in ("deleted", "rejected"):
             return _finished("the comment is no longer shown")
-        if self._is_blocked(job.ap_id) or self._is_blocked(comment["actor"] or job.ap_id):
+        if self._is_blocked(job.ap_id) or self._is_blocked(comment.actor or job.ap_id):
             return _finished("its server or author is blocked")
         # A round put back for its budget resumes past what it already tried: items that
         # failed or led nowhere are not asked again, so every round ends.
@@ -502,7 +502,7 @@ class Crawler:
             if parent is None or self._is_blocked(parent):
                 return None
             known = await self.store.get_comment_by_ap_id(parent)
-            reached = known["post_id"] if known else await self._replies.find_post_id(parent)
+            reached = known.post_id if known else await self._replies.find_post_id(parent)
             if reached is not None:
                 # Only into this crawl's post: its cap of crawled comments must hold.
                 return chain[::-1] if reached == run.job.post_id else None

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 
@@ -35,7 +34,7 @@ import httpx
 from fediblog.errors import FediblogError
 from fediblog.httpsig import sign_request
 from fediblog.keys import KeyPair
-from fediblog.models import DeliveryJob, parse_ts, utcnow
+from fediblog.models import DeliveryJob, HostDeliveries, utcnow
 from fediblog.netguard import deadline
 from fediblog.store import Store
 from fediblog.worker import Outcome, RetryPolicy, TableQueue, Worker, describe
@@ -177,37 +176,9 @@ def _retry_after(response: httpx.Response, now: datetime) -> timedelta | None:
 # ---- what the author sees and does: the CLI's `deliveries` and the desk's Health --------
 
 
-@dataclass(frozen=True, slots=True)
-class HostDeliveries:
-    """The deliveries to one host not sent yet, by state (see ``Store.list_delivery_hosts``)."""
-
-    host: str
-    waiting: int
-    failing: int
-    failed: int
-    dead: int
-    next_attempt: datetime | None
-    last_error: str | None
-
-    @property
-    def retryable(self) -> int:
-        return self.failing + self.failed + self.dead
-
-
 async def list_delivery_hosts(store: Store, limit: int = 100) -> list[HostDeliveries]:
-    """Per host, its deliveries not sent: the troubled hosts first."""
-    return [
-        HostDeliveries(
-            host=row["host"],
-            waiting=row["waiting"],
-            failing=row["failing"],
-            failed=row["failed"],
-            dead=row["dead"],
-            next_attempt=parse_ts(row["next_attempt_at"]) if row["next_attempt_at"] else None,
-            last_error=row["last_error"],
-        )
-        for row in await store.list_delivery_hosts(limit)
-    ]
+    """Per host, its deliveries not sent (``HostDeliveries``): the troubled hosts first."""
+    return await store.list_delivery_hosts(limit)
 
 
 async def retry_deliveries(

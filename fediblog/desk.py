@@ -40,7 +40,6 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
-import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
@@ -52,12 +51,12 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from fediblog.config import Settings
 from fediblog.errors import FediblogError
-from fediblog.models import parse_ts, utcnow
+from fediblog.models import IDLE_TIMEOUT as IDLE_TIMEOUT  # in models for DeskSession.ends
+from fediblog.models import DeskSession, utcnow
 from fediblog.store import Store
 
 MIN_PASSWORD_LENGTH = 12
 MAX_PASSWORD_LENGTH = 1_024  # argon2 hashes any length; a megabyte "password" is an attack
-IDLE_TIMEOUT = timedelta(hours=12)
 ABSOLUTE_TIMEOUT = timedelta(days=7)
 SEEN_EVERY = timedelta(minutes=1)  # last-seen is written at most this often per session
 FAILURES_PER_ADDRESS = 5
@@ -90,20 +89,6 @@ class SignInLimited(DeskError):
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
-
-
-@dataclass(frozen=True, slots=True)
-class DeskSession:
-    key: str  # the SHA-256 of the session id; the id itself is only in the cookie
-    created: datetime
-    last_seen: datetime
-    expires: datetime  # the absolute end
-    ip: str
-    user_agent: str
-
-    def ends(self) -> datetime:
-        """When it ends if unused from now on."""
-        return min(self.expires, self.last_seen + IDLE_TIMEOUT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,17 +190,6 @@ class FailureLimit:
         if mark is not None:
             self.forget(ip, mark)
         self._by_address.pop(_address_key(ip), None)
-
-
-def _session(row: sqlite3.Row) -> DeskSession:
-    return DeskSession(
-        key=row["key"],
-        created=parse_ts(row["created_at"]),
-        last_seen=parse_ts(row["last_seen_at"]),
-        expires=parse_ts(row["expires_at"]),
-        ip=row["ip"],
-        user_agent=row["user_agent"],
-    )
 
 
 class Desk:
@@ -336,10 +310,9 @@ class Desk:
         signed out, idle too long or past its end). Notes that it was seen."""
         if not token or len(token) > 128:
             return None
-        row = await self.store.get_desk_session(session_key(token))
-        if row is None:
+        session = await self.store.get_desk_session(session_key(token))
+        if session is None:
             return None
-        session = _session(row)
         now = self.now()
         if now >= session.ends():
             await self.store.delete_desk_session(session.key)
@@ -366,4 +339,4 @@ class Desk:
         """The live sessions, most recently seen first (the ended ones are removed)."""
         now = self.now()
         await self.store.delete_desk_sessions(expired_at=now, idle_since=now - IDLE_TIMEOUT)
-        return [_session(row) for row in await self.store.list_desk_sessions()]
+        return await self.store.list_desk_sessions()

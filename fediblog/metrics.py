@@ -19,14 +19,13 @@ process-wide registry to the hot path.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from fediblog.models import parse_ts, utcnow
+from fediblog.models import QueueStats, utcnow
 
 log = logging.getLogger("fediblog.inbox")
 
@@ -145,17 +144,13 @@ class Backlog:
     last_lag: float  # accepted to processed, in seconds, for the activity processed last
 
 
-def backlog(queues: sqlite3.Row, now: datetime) -> Backlog:
-    oldest, received, processed = (
-        queues["oldest_waiting"],
-        queues["last_received"],
-        queues["last_processed"],
-    )
-    last_lag = (parse_ts(processed) - parse_ts(received)).total_seconds() if processed else 0.0
+def backlog(queues: QueueStats, now: datetime) -> Backlog:
+    oldest, received, processed = queues.oldest_waiting, queues.last_received, queues.last_processed
+    last_lag = (processed - received).total_seconds() if processed and received else 0.0
     return Backlog(
-        inbox_queued=queues["inbox_queued"],
-        deliveries_queued=queues["deliveries_queued"],
-        lag=max(0.0, (now - parse_ts(oldest)).total_seconds()) if oldest else 0.0,
+        inbox_queued=queues.inbox_queued,
+        deliveries_queued=queues.deliveries_queued,
+        lag=max(0.0, (now - oldest).total_seconds()) if oldest else 0.0,
         last_lag=max(0.0, last_lag),
     )
 

@@ -8,7 +8,7 @@ memory and ``YYYY-MM-DDTHH:MM:SSZ`` text in the database, which sorts correctly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 JsonObject = dict[str, Any]
@@ -325,3 +325,218 @@ class MediaImage:
 
     def path(self, width: int) -> str:
         return f"/media/{self.hash}-{width}.{self.ext}"
+
+
+# ---- the state of stored things: what Store's reads return besides the records above ----
+# Timestamps are datetimes, as everywhere in memory; a backend builds these from its rows.
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryState:
+    """One delivery of an activity to one inbox, as the author sees it."""
+
+    id: int
+    type: str  # the activity's
+    inbox: str
+    status: str  # queued, sent, failed or dead
+    attempts: int
+    next_attempt: datetime
+    finished: datetime | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class HostDeliveries:
+    """The deliveries to one host not sent yet, by state (see ``Store.list_delivery_hosts``)."""
+
+    host: str
+    waiting: int
+    failing: int
+    failed: int
+    dead: int
+    next_attempt: datetime | None
+    last_error: str | None
+
+    @property
+    def retryable(self) -> int:
+        return self.failing + self.failed + self.dead
+
+
+@dataclass(frozen=True, slots=True)
+class CachedActor:
+    """A remote actor as cached (not deleted), with its local number."""
+
+    id: int
+    ap_id: str
+    type: str
+    username: str
+    domain: str
+    name: str
+    url: str | None
+    icon_url: str | None
+    inbox: str | None
+    shared_inbox: str | None
+    key_id: str | None
+    public_key_pem: str | None
+    fetched: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class InboxState:
+    """A stored inbound activity, as the author sees it."""
+
+    id: int
+    type: str
+    actor: str
+    status: str  # queued, done or failed
+    attempts: int
+    next_attempt: datetime | None
+    error: str | None
+    received: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CommentState:
+    """Where a stored comment is and what it may become (edits, deletes, crawls)."""
+
+    id: int
+    post_id: int
+    status: CommentStatus
+    visibility: Visibility
+    published: datetime
+    updated: datetime | None
+    received: datetime
+    actor: str | None  # its sender's id; None for one from the local form
+
+
+@dataclass(frozen=True, slots=True)
+class StoredComment:
+    """A comment as stored, with its sender's id and its post's slug: for moderation."""
+
+    id: int
+    post_id: int
+    parent_id: int | None
+    ap_id: str | None
+    slug: str  # its post's
+    actor: str | None  # its sender's id; None for one from the local form
+    content_html: str
+    visibility: Visibility
+    status: CommentStatus
+    held_reason: str | None  # why it is "pending"
+    author_email: str | None  # local comments only; never published
+    by_author: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CommentForReview:
+    """A comment in the author's list of comments (``fediblog comments``)."""
+
+    id: int
+    slug: str  # its post's
+    status: CommentStatus
+    visibility: Visibility
+    source: CommentSource
+    published: datetime
+    content_html: str
+    author_name: str  # local comments only
+    actor: str | None  # its sender's id; None for one from the local form
+    username: str | None
+    domain: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Reaction:
+    """A like or a boost of a post."""
+
+    type: Literal["Like", "Announce"]
+    content: str | None  # a Misskey emoji reaction
+    author: Author
+
+
+@dataclass(frozen=True, slots=True)
+class CrawlState:
+    """Where the crawl of one comment's replies stands (crawl.py)."""
+
+    found_by: Literal["delivery", "crawl"]
+    depth: int
+    status: str  # queued, done or failed
+    rounds: int
+    attempts: int
+    next_attempt: datetime
+    last_error: str | None
+    created: datetime
+    finished: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationState:
+    """One webhook notification about a response, as the author sees it."""
+
+    comment_id: int
+    event: str
+    status: str  # queued, sent, failed or dead
+    attempts: int
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleState:
+    """Where the publication of a scheduled post stands."""
+
+    status: str  # queued, done or failed
+    attempts: int
+    next_attempt: datetime
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProxiedMedia:
+    """An image the media proxy serves (proxy.py): where from, and whether it is kept."""
+
+    key: str
+    url: str
+    kind: Literal["image", "avatar"]
+    status: Literal["new", "cached", "failed"]
+    content_type: str | None
+    error: str | None
+    fetched: datetime | None
+    used: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class CommentContent:
+    """A comment's HTML, to rewrite (the media proxy's sweep)."""
+
+    id: int
+    content_html: str
+
+
+# A desk session ends after this long unused (desk.py).
+IDLE_TIMEOUT = timedelta(hours=12)
+
+
+@dataclass(frozen=True, slots=True)
+class DeskSession:
+    """A sign-in to the desk (desk.py)."""
+
+    key: str  # the SHA-256 of the session id; the id itself is only in the cookie
+    created: datetime
+    last_seen: datetime
+    expires: datetime  # the absolute end
+    ip: str
+    user_agent: str
+
+    def ends(self) -> datetime:
+        """When it ends if unused from now on."""
+        return min(self.expires, self.last_seen + IDLE_TIMEOUT)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """The inbox's and the deliveries' queues now, for /metrics and the desk."""
+
+    inbox_queued: int  # activities waiting
+    deliveries_queued: int  # deliveries waiting
+    oldest_waiting: datetime | None  # when the oldest activity not yet tried arrived
+    last_received: datetime | None  # the activity processed last: when it arrived,
+    last_processed: datetime | None  # and when it was done

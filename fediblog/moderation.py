@@ -76,29 +76,29 @@ async def block_author_of(
     row = await store.get_comment_row(comment_id)
     if row is None:
         raise ModerationError(f"no comment has the id {comment_id}")
-    if row["by_author"]:
+    if row.by_author:
         raise ModerationError(f"comment {comment_id} is your own answer: there is no one to block")
-    if row["actor"] is None:
+    if row.actor is None:
         raise ModerationError(
             f"comment {comment_id} came from the blog's own form: there is no account to block"
         )
     # host[:port], as the actors table and the inbox's check name a server
-    target = host_of(row["actor"]) if whole_domain else row["actor"]
+    target = host_of(row.actor) if whole_domain else row.actor
     return await block(store, target, own_host=own_host)
 
 
 async def set_status(store: Store, comment_id: int, status: str) -> None:
     row = await store.get_comment_row(comment_id)
-    if row is None or row["status"] == "deleted":
+    if row is None or row.status == "deleted":
         raise ModerationError(f"no comment has the id {comment_id}")
-    if row["by_author"]:
+    if row.by_author:
         # Followers hold a copy: only `reply delete` sends the Delete that removes it.
         raise ModerationError(
             f"comment {comment_id} is your own answer: use `fediblog reply edit` or `delete`"
         )
     if status == "deleted":
         await store.delete_comment(
-            comment_id, ap_id=row["ap_id"], actor=row["actor"], when=utcnow()
+            comment_id, ap_id=row.ap_id, actor=row.actor, when=utcnow()
         )
     else:
         await store.set_comment_status(comment_id, status)

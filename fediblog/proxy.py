@@ -44,7 +44,7 @@ from fediblog.errors import (
     FetchError,
 )
 from fediblog.media import atomic_write
-from fediblog.models import parse_ts, utcnow
+from fediblog.models import utcnow
 from fediblog.remote import Fetcher, FetchPolicy
 from fediblog.store import PROXY_PATH, Store
 
@@ -246,7 +246,7 @@ class MediaProxy:
         await self.register(icons, kind="avatar")
         changed = []
         for row in await self._store.list_comments_with_remote_images():
-            changed.append((int(row["id"]), await self.rewrite_html(row["content_html"])))
+            changed.append((row.id, await self.rewrite_html(row.content_html)))
         await self._store.save_comment_images(changed)
         return len(icons) + len(changed)
 
@@ -260,20 +260,19 @@ class MediaProxy:
         row = await self._store.get_proxied(key)
         if row is None:
             return None
-        placeholder = self._avatar if row["kind"] == "avatar" else self._blank
+        placeholder = self._avatar if row.kind == "avatar" else self._blank
         now = utcnow()
-        if row["status"] == "cached":
+        if row.status == "cached" and row.content_type is not None:  # set when cached
             body = await self._read(key)
             if body is not None:
-                used = row["used_at"]
-                if used is None or now - parse_ts(used) > USED_EVERY:
+                if row.used is None or now - row.used > USED_EVERY:
                     await self._store.mark_proxied_used(key, now)
-                return ProxiedImage(body, row["content_type"], IMAGE_MAX_AGE)
-        elif row["status"] == "failed" and now - parse_ts(row["fetched_at"]) < FAILURE_TTL:
+                return ProxiedImage(body, row.content_type, IMAGE_MAX_AGE)
+        elif row.status == "failed" and row.fetched is not None and now - row.fetched < FAILURE_TTL:
             return placeholder
         task = self._fetching.get(key)
         if task is None:
-            task = asyncio.create_task(self._fetch_and_keep(key, row["url"]))
+            task = asyncio.create_task(self._fetch_and_keep(key, row.url))
             self._fetching[key] = task
             task.add_done_callback(functools.partial(self._fetched, key))
         try:

@@ -266,10 +266,10 @@ class Responses:
             # As ActorDirectory.get_actor: a cached profile is used while it is fresh.
             if (
                 row is not None
-                and row["inbox"]
-                and now - parse_ts(row["fetched_at"]) < ACTOR_MAX_AGE
+                and row.inbox
+                and now - row.fetched < ACTOR_MAX_AGE
             ):
-                authors[actor] = (row["id"], row["icon_url"])
+                authors[actor] = (row.id, row.icon_url)
             else:
                 stale.append(actor)
         problems: dict[str, Exception] = {}
@@ -285,7 +285,7 @@ class Responses:
                     problems[actor] = error
                     return
             if row is not None:
-                authors[actor] = (row["id"], author.icon_url)
+                authors[actor] = (row.id, author.icon_url)
 
         await asyncio.gather(*(fetch(actor) for actor in stale))
         notes: list[str] = []
@@ -328,7 +328,7 @@ class Responses:
         if shared is not None and await shared.loaded(self._store, ap_id):
             return shared.places.get(ap_id)
         row = await self._store.get_comment_by_ap_id(ap_id)
-        place = (int(row["id"]), int(row["post_id"])) if row is not None else None
+        place = (row.id, row.post_id) if row is not None else None
         if shared is not None:
             shared.places[ap_id] = place
         return place
@@ -340,7 +340,7 @@ class Responses:
         author = await self._actors.get_actor(actor)
         row = await self._store.get_actor_row(author.ap_id)
         assert row is not None  # get_actor saved it
-        return int(row["id"]), author.icon_url
+        return row.id, author.icon_url
 
     async def tell_listeners(self, saved: Sequence[tuple[int, bool]]) -> None:
         """Tell every listener of these saved replies. A listener that fails is logged
@@ -444,8 +444,8 @@ class Responses:
     async def delete_gone_reply(self, object_id: str) -> None:
         """A comment whose origin answers 404/410: a placeholder, as a Delete makes it."""
         comment = await self._store.get_comment_by_ap_id(object_id)
-        if comment is not None and comment["actor"] is not None:
-            delete = {"type": "Delete", "actor": comment["actor"], "object": object_id}
+        if comment is not None and comment.actor is not None:
+            delete = {"type": "Delete", "actor": comment.actor, "object": object_id}
             await self.handle_delete(delete)
 
     # ---- edits and deletions ----------------------------------------------------------
@@ -457,34 +457,34 @@ class Responses:
             return
         note_id = self._check_note(obj, actor)
         comment = await self._store.get_comment_by_ap_id(note_id)
-        if comment is None or comment["actor"] != actor or comment["status"] == "deleted":
+        if comment is None or comment.actor != actor or comment.status == "deleted":
             return
         updated = _moment(obj.get("updated"))
-        known = parse_ts(comment["updated_at"] or comment["published_at"])
+        known = comment.updated or comment.published
         if updated is None or updated <= known:
             return  # not newer than what we show
         published = _moment(obj.get("published"))
         # Stored to the second (Pleroma and Misskey send fractions: …35.602455Z) and
         # never later than its arrival (a sender's clock may run a little fast).
         if published is not None and min(
-            published.replace(microsecond=0), parse_ts(comment["received_at"])
-        ) != parse_ts(comment["published_at"]):
+            published.replace(microsecond=0), comment.received
+        ) != comment.published:
             return  # an edit never moves a reply in time
         content, summary, sensitive, images = self._render(obj)
         await self._proxy.register(images)
         await self._store.save_comment_edit(
-            comment["id"],
+            comment.id,
             content_html=content,
             summary=summary,
             sensitive=sensitive,
             updated=min(updated, utcnow()),
         )
         keyword = self._keyword_in(content, summary)
-        if comment["status"] in ("published", "pending") and keyword is not None:
+        if comment.status in ("published", "pending") and keyword is not None:
             # An edit must not slip a held keyword past the filter, and one still held
             # (for another reason) now says the reason that matters most.
             await self._store.set_comment_held(
-                comment["id"], held_for_keyword(keyword) + " (added by an edit)"
+                comment.id, held_for_keyword(keyword) + " (added by an edit)"
             )
 
     async def handle_delete(self, activity: JsonObject) -> None:
@@ -494,9 +494,9 @@ class Responses:
             return  # an actor deleting itself is the inbox's business
         comment = await self._store.get_comment_by_ap_id(object_id)
         if comment is not None:
-            if comment["actor"] == actor:
+            if comment.actor == actor:
                 await self._store.delete_comment(
-                    comment["id"], ap_id=object_id, actor=actor, when=utcnow()
+                    comment.id, ap_id=object_id, actor=actor, when=utcnow()
                 )
             return
         if host_of(object_id) == host_of(actor):
@@ -537,7 +537,7 @@ class Responses:
         await self._proxy.register([author.icon_url] if author.icon_url else [], "avatar")
         await self._store.save_reaction(
             post_id=post_id,
-            actor_id=row["id"],
+            actor_id=row.id,
             kind=kind,
             ap_id=activity.get("id") if isinstance(activity.get("id"), str) else None,
             content=content,

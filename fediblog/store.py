@@ -38,22 +38,37 @@ from fediblog.models import (
     ActorKey,
     Author,
     AuthorAnswer,
+    CachedActor,
     Comment,
+    CommentContent,
+    CommentForReview,
     CommentSource,
+    CommentState,
     CrawlJob,
+    CrawlState,
     DeliveryJob,
+    DeliveryState,
+    DeskSession,
     Follower,
+    HostDeliveries,
     InboxItem,
     InboxJob,
+    InboxState,
     MediaImage,
     Mentioned,
     NotificationJob,
+    NotificationState,
     OutgoingActivity,
     Post,
     PostDraft,
     PostState,
+    ProxiedMedia,
+    QueueStats,
+    Reaction,
     ResponseEntry,
     ScheduleJob,
+    ScheduleState,
+    StoredComment,
     Visibility,
     format_ts,
     parse_ts,
@@ -561,6 +576,191 @@ def _comment(row: sqlite3.Row) -> Comment:
         published=parse_ts(row["published_at"]),
         updated=parse_ts(row["updated_at"]) if row["updated_at"] else None,
         by_author=bool(row["by_author"]),
+    )
+
+
+def _moment(value: str | None) -> datetime | None:
+    return parse_ts(value) if value else None
+
+
+def _delivery_state(row: sqlite3.Row) -> DeliveryState:
+    return DeliveryState(
+        id=row["id"],
+        type=row["type"],
+        inbox=row["inbox"],
+        status=row["status"],
+        attempts=row["attempts"],
+        next_attempt=parse_ts(row["next_attempt_at"]),
+        finished=_moment(row["finished_at"]),
+        last_error=row["last_error"],
+    )
+
+
+def _host_deliveries(row: sqlite3.Row) -> HostDeliveries:
+    return HostDeliveries(
+        host=row["host"],
+        waiting=row["waiting"],
+        failing=row["failing"],
+        failed=row["failed"],
+        dead=row["dead"],
+        next_attempt=_moment(row["next_attempt_at"]),
+        last_error=row["last_error"],
+    )
+
+
+def _cached_actor(row: sqlite3.Row) -> CachedActor:
+    return CachedActor(
+        id=row["id"],
+        ap_id=row["ap_id"],
+        type=row["type"],
+        username=row["username"],
+        domain=row["domain"],
+        name=row["name"],
+        url=row["url"],
+        icon_url=row["icon_url"],
+        inbox=row["inbox"],
+        shared_inbox=row["shared_inbox"],
+        key_id=row["key_id"],
+        public_key_pem=row["public_key_pem"],
+        fetched=parse_ts(row["fetched_at"]),
+    )
+
+
+def _inbox_state(row: sqlite3.Row) -> InboxState:
+    return InboxState(
+        id=row["id"],
+        type=row["type"],
+        actor=row["actor_ap_id"],
+        status=row["status"],
+        attempts=row["attempts"],
+        next_attempt=_moment(row["next_attempt_at"]),
+        error=row["error"],
+        received=parse_ts(row["received_at"]),
+    )
+
+
+def _comment_state(row: sqlite3.Row) -> CommentState:
+    return CommentState(
+        id=row["id"],
+        post_id=row["post_id"],
+        status=row["status"],
+        visibility=row["visibility"],
+        published=parse_ts(row["published_at"]),
+        updated=_moment(row["updated_at"]),
+        received=parse_ts(row["received_at"]),
+        actor=row["actor"],
+    )
+
+
+def _stored_comment(row: sqlite3.Row) -> StoredComment:
+    return StoredComment(
+        id=row["id"],
+        post_id=row["post_id"],
+        parent_id=row["parent_id"],
+        ap_id=row["ap_id"],
+        slug=row["slug"],
+        actor=row["actor"],
+        content_html=row["content_html"],
+        visibility=row["visibility"],
+        status=row["status"],
+        held_reason=row["held_reason"],
+        author_email=row["author_email"],
+        by_author=bool(row["by_author"]),
+    )
+
+
+def _comment_for_review(row: sqlite3.Row) -> CommentForReview:
+    return CommentForReview(
+        id=row["id"],
+        slug=row["slug"],
+        status=row["status"],
+        visibility=row["visibility"],
+        source=row["source"],
+        published=parse_ts(row["published_at"]),
+        content_html=row["content_html"],
+        author_name=row["author_name"],
+        actor=row["actor"],
+        username=row["username"],
+        domain=row["domain"],
+    )
+
+
+def _reaction(row: sqlite3.Row) -> Reaction:
+    author = Author.remote(
+        ap_id=row["ap_id"],
+        username=row["username"],
+        domain=row["domain"],
+        name=row["name"],
+        url=row["url"],
+        avatar_url=row["icon_url"],
+    )
+    return Reaction(type=row["type"], content=row["content"], author=author)
+
+
+def _crawl_state(row: sqlite3.Row) -> CrawlState:
+    return CrawlState(
+        found_by=row["found_by"],
+        depth=row["depth"],
+        status=row["status"],
+        rounds=row["rounds"],
+        attempts=row["attempts"],
+        next_attempt=parse_ts(row["next_attempt_at"]),
+        last_error=row["last_error"],
+        created=parse_ts(row["created_at"]),
+        finished=_moment(row["finished_at"]),
+    )
+
+
+def _notification_state(row: sqlite3.Row) -> NotificationState:
+    return NotificationState(
+        comment_id=row["comment_id"],
+        event=row["event"],
+        status=row["status"],
+        attempts=row["attempts"],
+        last_error=row["last_error"],
+    )
+
+
+def _schedule_state(row: sqlite3.Row) -> ScheduleState:
+    return ScheduleState(
+        status=row["status"],
+        attempts=row["attempts"],
+        next_attempt=parse_ts(row["next_attempt_at"]),
+        error=row["error"],
+    )
+
+
+def _proxied_media(row: sqlite3.Row) -> ProxiedMedia:
+    return ProxiedMedia(
+        key=row["key"],
+        url=row["url"],
+        kind=row["kind"],
+        status=row["status"],
+        content_type=row["content_type"],
+        error=row["error"],
+        fetched=_moment(row["fetched_at"]),
+        used=_moment(row["used_at"]),
+    )
+
+
+def _desk_session(row: sqlite3.Row) -> DeskSession:
+    return DeskSession(
+        key=row["key"],
+        created=parse_ts(row["created_at"]),
+        last_seen=parse_ts(row["last_seen_at"]),
+        expires=parse_ts(row["expires_at"]),
+        ip=row["ip"],
+        user_agent=row["user_agent"],
+    )
+
+
+def _queue_stats(row: sqlite3.Row) -> QueueStats:
+    return QueueStats(
+        inbox_queued=row["inbox_queued"],
+        deliveries_queued=row["deliveries_queued"],
+        oldest_waiting=_moment(row["oldest_waiting"]),
+        last_received=_moment(row["last_received"]),
+        last_processed=_moment(row["last_processed"]),
     )
 
 
@@ -1417,15 +1617,18 @@ class Store:
         )
         return parse_ts(row["due"]) if row and row["due"] else None
 
-    async def list_deliveries(self, statuses: Sequence[str], limit: int = 100) -> list[sqlite3.Row]:
+    async def list_deliveries(
+        self, statuses: Sequence[str], limit: int = 100
+    ) -> list[DeliveryState]:
         marks = ",".join("?" * len(statuses))
-        return await self._fetchall(
+        rows = await self._fetchall(
             "SELECT d.id, d.inbox, d.status, d.attempts, d.next_attempt_at, d.last_error,"
             " d.created_at, d.finished_at, a.type, a.ap_id FROM deliveries d"
             f" JOIN activities a ON a.id = d.activity_id WHERE d.status IN ({marks})"
             " ORDER BY d.id DESC LIMIT ?",
             (*statuses, limit),
         )
+        return [_delivery_state(row) for row in rows]
 
     async def count_deliveries(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT status, count(*) AS n FROM deliveries GROUP BY status")
@@ -1527,10 +1730,11 @@ class Store:
         )
         return key, bool(row["deleted"])
 
-    async def get_actor_row(self, ap_id: str) -> sqlite3.Row | None:
-        return await self._fetchone(
+    async def get_actor_row(self, ap_id: str) -> CachedActor | None:
+        row = await self._fetchone(
             "SELECT * FROM actors WHERE ap_id = ? AND deleted_at IS NULL", (ap_id,)
         )
+        return _cached_actor(row) if row else None
 
     async def mark_key_refreshed(self, ap_id: str, when: datetime) -> None:
         async with self._transaction(shown=False) as db:
@@ -1611,16 +1815,17 @@ class Store:
             async with self._transaction(shown=False) as db:
                 await db.executemany(_RECORD_INBOX, _outcome_rows(results))
 
-    async def list_inbox(self, *, problems_only: bool, limit: int = 50) -> list[sqlite3.Row]:
+    async def list_inbox(self, *, problems_only: bool, limit: int = 50) -> list[InboxState]:
         """Inbound activities, newest first: all, or those failed or waiting to retry."""
         where = "status = 'failed' OR error IS NOT NULL AND status = 'queued'"
-        return await self._fetchall(
+        rows = await self._fetchall(
             "SELECT id, type, actor_ap_id, status, attempts, next_attempt_at, error,"
             " received_at, processed_at FROM inbox"
             + (f" WHERE {where}" if problems_only else "")
             + " ORDER BY id DESC LIMIT ?",
             (limit,),
         )
+        return [_inbox_state(row) for row in rows]
 
     async def count_inbox(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT status, count(*) AS n FROM inbox GROUP BY status")
@@ -1639,21 +1844,23 @@ class Store:
 
     # ---- comments from the fediverse and the form --------------------------------------
 
-    async def get_comment_by_ap_id(self, ap_id: str) -> sqlite3.Row | None:
-        return await self._fetchone(
+    async def get_comment_by_ap_id(self, ap_id: str) -> CommentState | None:
+        row = await self._fetchone(
             "SELECT c.id, c.post_id, c.status, c.published_at, c.updated_at, c.received_at,"
             " c.visibility, a.ap_id AS actor FROM comments c"
             " LEFT JOIN actors a ON a.id = c.actor_id WHERE c.ap_id = ?",
             (ap_id,),
         )
+        return _comment_state(row) if row else None
 
-    async def get_comment_row(self, comment_id: int) -> sqlite3.Row | None:
-        return await self._fetchone(
+    async def get_comment_row(self, comment_id: int) -> StoredComment | None:
+        row = await self._fetchone(
             "SELECT c.*, a.ap_id AS actor, p.slug FROM comments c"
             " LEFT JOIN actors a ON a.id = c.actor_id JOIN posts p ON p.id = c.post_id"
             " WHERE c.id = ?",
             (comment_id,),
         )
+        return _stored_comment(row) if row else None
 
     async def save_comment_edit(
         self,
@@ -1709,15 +1916,16 @@ class Store:
 
     async def list_comments_for_review(
         self, *, pending_only: bool, limit: int = 200
-    ) -> list[sqlite3.Row]:
+    ) -> list[CommentForReview]:
         where = "c.status = 'pending'" if pending_only else "c.status != 'deleted'"
-        return await self._fetchall(
+        rows = await self._fetchall(
             "SELECT c.id, c.status, c.visibility, c.source, c.published_at, c.content_html,"
             " c.author_name, a.ap_id AS actor, a.username, a.domain, p.slug"
             " FROM comments c LEFT JOIN actors a ON a.id = c.actor_id"
             f" JOIN posts p ON p.id = c.post_id WHERE {where} ORDER BY c.id DESC LIMIT ?",
             (limit,),
         )
+        return [_comment_for_review(row) for row in rows]
 
     # ---- likes and boosts ----------------------------------------------------------
 
@@ -1750,9 +1958,9 @@ class Store:
             )
             return cursor.rowcount
 
-    async def list_reactions(self, post_id: int) -> list[sqlite3.Row]:
+    async def list_reactions(self, post_id: int) -> list[Reaction]:
         """Who liked and boosted a post (blocked actors left out), oldest first."""
-        return await self._fetchall(
+        rows = await self._fetchall(
             "SELECT r.type, r.content, a.ap_id, a.username, a.domain, a.name, a.url,"
             f" {_PROXIED_ICON} FROM reactions r JOIN actors a ON a.id = r.actor_id"
             " WHERE r.post_id = ? AND a.deleted_at IS NULL AND NOT EXISTS"
@@ -1761,6 +1969,7 @@ class Store:
             " ORDER BY r.id",
             (post_id,),
         )
+        return [_reaction(row) for row in rows]
 
     # ---- blocks -------------------------------------------------------------------
 
@@ -2075,9 +2284,10 @@ class Store:
         )
         return int(row[0]) if row else 0
 
-    async def get_crawl(self, ap_id: str) -> sqlite3.Row | None:
-        """The crawl row of the comment with this id."""
-        return await self._fetchone("SELECT * FROM crawls WHERE ap_id = ?", (ap_id,))
+    async def get_crawl(self, ap_id: str) -> CrawlState | None:
+        """The crawl of the comment with this id."""
+        row = await self._fetchone("SELECT * FROM crawls WHERE ap_id = ?", (ap_id,))
+        return _crawl_state(row) if row else None
 
     async def count_crawls(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT status, count(*) AS n FROM crawls GROUP BY status")
@@ -2130,10 +2340,10 @@ class Store:
 
     async def list_comments_received_since(
         self, since: datetime, *, pending_only: bool, limit: int = 1_000
-    ) -> list[sqlite3.Row]:
+    ) -> list[CommentForReview]:
         """Like ``list_comments_for_review``, only those that arrived at ``since`` or later."""
         status = "c.status = 'pending'" if pending_only else "c.status != 'deleted'"
-        return await self._fetchall(
+        rows = await self._fetchall(
             "SELECT c.id, c.status, c.visibility, c.source, c.published_at, c.received_at,"
             " c.content_html, c.author_name, a.ap_id AS actor, a.username, a.domain, p.slug"
             " FROM comments c LEFT JOIN actors a ON a.id = c.actor_id"
@@ -2141,6 +2351,7 @@ class Store:
             " ORDER BY c.id DESC LIMIT ?",
             (format_ts(since), limit),
         )
+        return [_comment_for_review(row) for row in rows]
 
     # The private feed's token, and other facts kept in the meta table.
 
@@ -2213,12 +2424,13 @@ class Store:
             async with self._transaction(shown=False) as db:
                 await db.executemany(self._RECORD_NOTIFICATION, _outcome_rows(results))
 
-    async def list_notifications(self, limit: int = 50) -> list[sqlite3.Row]:
-        return await self._fetchall(
+    async def list_notifications(self, limit: int = 50) -> list[NotificationState]:
+        rows = await self._fetchall(
             "SELECT id, comment_id, event, status, attempts, next_attempt_at, last_error,"
             " created_at, finished_at FROM notifications ORDER BY id DESC LIMIT ?",
             (limit,),
         )
+        return [_notification_state(row) for row in rows]
 
     async def count_notifications(self) -> dict[str, int]:
         rows = await self._fetchall(
@@ -2344,11 +2556,12 @@ class Store:
             async with self._transaction(shown=False) as db:
                 await db.executemany(_RECORD_SCHEDULE, _outcome_rows(results))
 
-    async def get_schedule_row(self, post_id: int) -> sqlite3.Row | None:
-        return await self._fetchone(
+    async def get_schedule_row(self, post_id: int) -> ScheduleState | None:
+        row = await self._fetchone(
             "SELECT status, attempts, next_attempt_at, error FROM post_schedule WHERE post_id = ?",
             (post_id,),
         )
+        return _schedule_state(row) if row else None
 
     async def set_post_pinned(
         self, post: Post, pinned_at: datetime | None, activity: OutgoingActivity
@@ -2440,12 +2653,13 @@ class Store:
                 # Its INSERT and values are a reply's kept for later too (save_proxied_later).
                 await db.executemany(self._INSERT_PROXIED, self._proxied_rows(rows, utcnow()))
 
-    async def get_proxied(self, key: str) -> sqlite3.Row | None:
-        return await self._fetchone(
+    async def get_proxied(self, key: str) -> ProxiedMedia | None:
+        row = await self._fetchone(
             "SELECT key, url, host, kind, status, content_type, size, error, fetched_at,"
             " used_at FROM proxy_media WHERE key = ?",
             (key,),
         )
+        return _proxied_media(row) if row else None
 
     async def record_proxied_fetch(
         self, key: str, *, content_type: str | None, size: int, error: str | None
@@ -2497,13 +2711,14 @@ class Store:
         )
         return [str(row["icon_url"]) for row in rows]
 
-    async def list_comments_with_remote_images(self, limit: int = 500) -> list[sqlite3.Row]:
+    async def list_comments_with_remote_images(self, limit: int = 500) -> list[CommentContent]:
         """Comments saved before the proxy whose HTML still loads images from elsewhere."""
-        return await self._fetchall(
+        rows = await self._fetchall(
             "SELECT id, content_html FROM comments WHERE content_html LIKE '%<img %src=\"http%'"
             " ORDER BY id LIMIT ?",
             (limit,),
         )
+        return [CommentContent(id=row["id"], content_html=row["content_html"]) for row in rows]
 
     async def save_comment_images(self, changed: Sequence[tuple[int, str]]) -> None:
         """Comments' HTML with their images pointed at the proxy: (id, html)."""
@@ -2549,11 +2764,13 @@ class Store:
                 (key, format_ts(created), format_ts(created), format_ts(expires), ip, user_agent),
             )
 
-    async def get_desk_session(self, key: str) -> sqlite3.Row | None:
-        return await self._fetchone("SELECT * FROM desk_sessions WHERE key = ?", (key,))
+    async def get_desk_session(self, key: str) -> DeskSession | None:
+        row = await self._fetchone("SELECT * FROM desk_sessions WHERE key = ?", (key,))
+        return _desk_session(row) if row else None
 
-    async def list_desk_sessions(self) -> list[sqlite3.Row]:
-        return await self._fetchall("SELECT * FROM desk_sessions ORDER BY last_seen_at DESC")
+    async def list_desk_sessions(self) -> list[DeskSession]:
+        rows = await self._fetchall("SELECT * FROM desk_sessions ORDER BY last_seen_at DESC")
+        return [_desk_session(row) for row in rows]
 
     async def mark_desk_session_seen(self, key: str, when: datetime) -> None:
         async with self._transaction(shown=False) as db:
@@ -2626,7 +2843,7 @@ class Store:
                 (format_ts(now),),
             )
 
-    async def get_queue_stats(self) -> sqlite3.Row:
+    async def get_queue_stats(self) -> QueueStats:
         """For /metrics, each on an index: ``inbox_queued`` and ``deliveries_queued``
         (rows waiting), ``oldest_waiting`` (when the oldest activity not yet tried
         arrived), ``last_received`` and ``last_processed`` (the activity processed
@@ -2641,7 +2858,7 @@ class Store:
             "  WHERE status != 'queued' ORDER BY processed_at DESC LIMIT 1) l"
         )
         assert row is not None  # one row, always
-        return row
+        return _queue_stats(row)
 
     # archive and neighbours: months are UTC calendar months, as published_at is stored
     # (format_ts), so a month is a text prefix and a range on the posts_live index.
@@ -2821,12 +3038,12 @@ class Store:
         " OR (status = 'queued' AND attempts > 0 AND last_error IS NOT NULL))"
     )
 
-    async def list_delivery_hosts(self, limit: int = 100) -> list[sqlite3.Row]:
+    async def list_delivery_hosts(self, limit: int = 100) -> list[HostDeliveries]:
         """Per host, the deliveries not sent: ``waiting`` (queued, not failed yet),
         ``failing`` (queued again after an error), ``failed``, ``dead``; the earliest
         ``next_attempt_at`` of its queued ones and its newest ``last_error``. Hosts with
         problems first, the most troubled first."""
-        return await self._fetchall(
+        rows = await self._fetchall(
             "WITH d AS (SELECT id, status, attempts, next_attempt_at, last_error,"
             f" {self._INBOX_HOST} AS host, {self._RETRYABLE} AS bad FROM deliveries"
             " WHERE status IN ('queued', 'failed', 'dead'))"
@@ -2840,6 +3057,7 @@ class Store:
             " FROM d GROUP BY host ORDER BY sum(bad) > 0 DESC, sum(bad) DESC, host LIMIT ?",
             (limit,),
         )
+        return [_host_deliveries(row) for row in rows]
 
     async def save_deliveries_due(
         self, now: datetime, *, host: str | None = None, delivery_id: int | None = None
@@ -2963,15 +3181,15 @@ class Store:
         if state.shown:
             self._writes += 1
 
-    async def get_live_actor_rows(self, ap_ids: Sequence[str]) -> dict[str, sqlite3.Row]:
+    async def get_live_actor_rows(self, ap_ids: Sequence[str]) -> dict[str, CachedActor]:
         """``get_actor_row`` for many actors at once, by ap_id."""
-        found: dict[str, sqlite3.Row] = {}
+        found: dict[str, CachedActor] = {}
         for chunk in _chunks(ap_ids):
             rows = await self._fetchall(
                 f"SELECT * FROM actors WHERE ap_id IN ({_marks(chunk)}) AND deleted_at IS NULL",
                 chunk,
             )
-            found.update((row["ap_id"], row) for row in rows)
+            found.update((row["ap_id"], _cached_actor(row)) for row in rows)
         return found
 
     # ---- responses paged by count ----

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -148,8 +149,8 @@ def test_admin_sessions_and_signout_all_commands(
 async def test_the_database_keeps_only_a_hash_of_the_session_id(services: Services) -> None:
     token = await new_session(services)
     rows = await services.store.list_desk_sessions()
-    assert [row["key"] for row in rows] == [session_key(token)]
-    assert token not in str([dict(row) for row in rows])
+    assert [row.key for row in rows] == [session_key(token)]
+    assert token not in str([asdict(row) for row in rows])
 
 
 async def test_a_session_ends_when_idle_too_long(services: Services) -> None:
@@ -184,7 +185,7 @@ async def test_last_seen_is_written_at_most_once_a_minute(services: Services) ->
     token = await new_session(services)
 
     async def stored_last_seen() -> str:
-        return str((await services.store.list_desk_sessions())[0]["last_seen_at"])
+        return str((await services.store.list_desk_sessions())[0].last_seen)
 
     before = await stored_last_seen()
     services.desk.now = lambda: start + SEEN_EVERY / 2

@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 
 from fediblog import __version__
 from fediblog.delivery import MAX_ATTEMPTS, list_delivery_hosts, retry_deliveries
-from fediblog.models import parse_ts, utcnow
+from fediblog.models import DeliveryState, utcnow
 from fediblog.web.admin import health
 from fediblog.web.deps import Services
 from fediblog.worker import Outcome
@@ -54,9 +54,8 @@ async def failing_host(web: httpx.AsyncClient, ctx: Services, fediverse: Fediver
     return "down.example"
 
 
-async def rows(ctx: Services) -> list[dict[str, object]]:
-    found = await ctx.store.list_deliveries(("queued", "sent", "failed", "dead"))
-    return [dict(row) for row in found]
+async def rows(ctx: Services) -> list[DeliveryState]:
+    return await ctx.store.list_deliveries(("queued", "sent", "failed", "dead"))
 
 
 # ---- what the page shows --------------------------------------------------------------------
@@ -158,9 +157,9 @@ async def test_retry_a_host_makes_its_deliveries_due_now_with_attempts_reset(
     assert answer.status_code == 303
     assert answer.headers["location"] == "/admin/health?retried=2#deliveries"
     for row in await rows(ctx):
-        assert (row["status"], row["attempts"]) == ("queued", 0)
-        assert parse_ts(str(row["next_attempt_at"])) >= before
-        assert row["last_error"] == "HTTP 503"  # kept until the next attempt says more
+        assert (row.status, row.attempts) == ("queued", 0)
+        assert row.next_attempt >= before
+        assert row.last_error == "HTTP 503"  # kept until the next attempt says more
     page = soup((await web.get(answer.headers["location"])).text)
     assert page.select_one(".notice").get_text().startswith("2 deliveries due again now")  # type: ignore[union-attr]
     assert [" ".join(p.get_text().split()) for p in page.select(".delivery .meta")] == [
@@ -168,7 +167,7 @@ async def test_retry_a_host_makes_its_deliveries_due_now_with_attempts_reset(
     ] * 2
     fediverse.inbox_status = 202
     assert await ctx.deliverer.deliver_once() == 2
-    assert [row["status"] for row in await rows(ctx)] == ["sent", "sent"]
+    assert [row.status for row in await rows(ctx)] == ["sent", "sent"]
 
 
 async def test_retry_one_delivery_leaves_the_others_alone(
@@ -177,10 +176,10 @@ async def test_retry_one_delivery_leaves_the_others_alone(
     await failing_host(web, ctx, fediverse)
     csrf = await sign_in(web, ctx)
     newest, oldest = await rows(ctx)
-    answer = await web.post("/admin/health/retry", data={"csrf": csrf, "id": str(oldest["id"])})
+    answer = await web.post("/admin/health/retry", data={"csrf": csrf, "id": str(oldest.id)})
     assert answer.headers["location"] == "/admin/health?retried=1#deliveries"
-    after = {row["id"]: row["attempts"] for row in await rows(ctx)}
-    assert after == {oldest["id"]: 0, newest["id"]: 1}
+    after = {row.id: row.attempts for row in await rows(ctx)}
+    assert after == {oldest.id: 0, newest.id: 1}
 
 
 async def test_retry_another_host_or_a_waiting_delivery_changes_nothing(
@@ -193,9 +192,9 @@ async def test_retry_another_host_or_a_waiting_delivery_changes_nothing(
     assert answer.headers["location"] == "/admin/health?retried=0#deliveries"
     # A Create that has not been tried yet is waiting, not failing: nothing to retry.
     await publish(ctx, "Second")
-    waiting = [r for r in await rows(ctx) if r["attempts"] == 0]
+    waiting = [r for r in await rows(ctx) if r.attempts == 0]
     assert len(waiting) == 1
-    answer = await web.post("/admin/health/retry", data={"csrf": csrf, "id": str(waiting[0]["id"])})
+    answer = await web.post("/admin/health/retry", data={"csrf": csrf, "id": str(waiting[0].id)})
     assert answer.headers["location"] == "/admin/health?retried=0#deliveries"
     assert (await rows(ctx))[1:] == before
 
@@ -252,7 +251,7 @@ async def test_a_refused_delivery_is_failed_and_retried_with_its_host(
     await failing_host(web, ctx, fediverse)
     _, oldest = await rows(ctx)
     fediverse.inbox_status = 403  # refused for good
-    assert await retry_deliveries(ctx.store, delivery_id=int(str(oldest["id"]))) == 1
+    assert await retry_deliveries(ctx.store, delivery_id=oldest.id) == 1
     assert await ctx.deliverer.deliver_once() == 1
     (host,) = await list_delivery_hosts(ctx.store)
     assert (host.waiting, host.failing, host.failed, host.dead) == (0, 1, 1, 0)
@@ -270,7 +269,7 @@ async def test_a_dead_delivery_gets_a_new_round_of_attempts(
         later += timedelta(days=1)
         monkeypatch.setattr(ctx.deliverer.worker, "clock", lambda later=later: later)
         await ctx.deliverer.deliver_once()
-    assert [(row["status"], row["attempts"]) for row in await rows(ctx)] == [
+    assert [(row.status, row.attempts) for row in await rows(ctx)] == [
         ("dead", MAX_ATTEMPTS)
     ] * 2
     csrf = await sign_in(web, ctx)
@@ -278,7 +277,7 @@ async def test_a_dead_delivery_gets_a_new_round_of_attempts(
     assert page.select_one(".host-counts").get_text().endswith("2 dead")  # type: ignore[union-attr]
     answer = await web.post("/admin/health/retry", data={"csrf": csrf, "host": "down.example"})
     assert answer.headers["location"] == "/admin/health?retried=2#deliveries"
-    assert [(row["status"], row["attempts"]) for row in await rows(ctx)] == [("queued", 0)] * 2
+    assert [(row.status, row.attempts) for row in await rows(ctx)] == [("queued", 0)] * 2
 
 
 # ---- the command shares the service -------------------------------------------------------
@@ -306,13 +305,13 @@ async def test_cli_deliveries_hosts_and_retry(
     hosts = await asyncio.to_thread(cli, "deliveries", "hosts")
     assert hosts == "down.example  waiting=0 failing=2 failed=0 dead=0  (HTTP 503)\n"
     listed = await asyncio.to_thread(cli, "deliveries")
-    first = (await rows(ctx))[-1]["id"]
+    first = (await rows(ctx))[-1].id
     assert f"{first:>6} queued" in listed
     out = await asyncio.to_thread(cli, "deliveries", "retry", "--id", str(first))
     assert out.startswith(f"1 deliveries numbered {first} due now")
     out = await asyncio.to_thread(cli, "deliveries", "retry", "down.example")
     assert out.startswith("1 deliveries to down.example due now")
-    assert [row["attempts"] for row in await rows(ctx)] == [0, 0]
+    assert [row.attempts for row in await rows(ctx)] == [0, 0]
 
 
 def test_init_prints_the_key_fingerprint(

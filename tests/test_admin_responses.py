@@ -50,7 +50,7 @@ async def reply(
     assert (await deliver(web, ctx, actor, actor.create(note))).status_code == 202
     row = await ctx.store.get_comment_by_ap_id(note["id"])
     assert row is not None
-    return int(row["id"])
+    return int(row.id)
 
 
 async def act(
@@ -140,7 +140,7 @@ async def test_approving_from_the_queue_publishes_the_response_on_the_post(
     assert "Held until approved" in (await web.get(f"/posts/{post.slug}")).text
     row = await ctx.store.get_comment_row(comment)
     assert row is not None
-    assert row["status"] == "published"
+    assert row.status == "published"
 
 
 async def test_reject_hides_a_published_response_and_delete_leaves_a_tombstone(
@@ -160,7 +160,7 @@ async def test_reject_hides_a_published_response_and_delete_leaves_a_tombstone(
     assert (await act(web, csrf, second, "delete")).status_code == 303
 
     rows = [await ctx.store.get_comment_row(c) for c in (first, second)]
-    assert [row["status"] for row in rows if row is not None] == ["rejected", "deleted"]
+    assert [row.status for row in rows if row is not None] == ["rejected", "deleted"]
     assert await ctx.store.is_tombstoned(f"{alice.id}/statuses/2")
     after = (await web.get(f"/posts/{post.slug}")).text
     assert "First words" not in after
@@ -365,7 +365,7 @@ async def test_a_held_response_under_a_deleted_post_is_not_counted_nor_acted_on(
     assert "its post was deleted" in approve.text
     row = await ctx.store.get_comment_row(comment)
     assert row is not None
-    assert row["status"] == "pending"
+    assert row.status == "pending"
 
 
 async def test_the_held_heading_counts_every_held_response_not_only_those_listed(

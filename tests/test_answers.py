@@ -195,8 +195,8 @@ async def test_answers_federate_show_under_the_response_and_can_be_edited_and_de
     page = await page_of(world.client, services.blog.post_url(post))
     item = li(page, answer.id)
     assert "bypostauthor" in item["class"]
-    assert item.find_parent("li") is li(page, cyd_comment["id"])
-    assert "bypostauthor" not in li(page, cyd_comment["id"])["class"]
+    assert item.find_parent("li") is li(page, cyd_comment.id)
+    assert "bypostauthor" not in li(page, cyd_comment.id)["class"]
     author = item.select_one(".comment-meta .author")
     assert author is not None
     assert author.get_text() == "Tess Author"
@@ -315,9 +315,9 @@ async def test_a_reply_to_an_answer_threads_under_it(world: World) -> None:
     comment = await services.store.get_comment_by_ap_id(again)
     assert comment is not None
     page = await page_of(world.client, services.blog.post_url(post))
-    assert li(page, comment["id"]).find_parent("li") is li(page, answer.id)
+    assert li(page, comment.id).find_parent("li") is li(page, answer.id)
     order = [c.id for c in await list_in_page_order(services.store, post.id)]
-    assert order[1:] == [answer.id, comment["id"]]
+    assert order[1:] == [answer.id, comment.id]
 
 
 # ---- without the fediverse: targets, numbering, bad input --------------------------------
@@ -337,7 +337,7 @@ async def test_slug_and_number_name_the_responses_in_page_order(
     await remote_comment(ctx, post, ann, "held", minutes=7, status="pending")
     row = await ctx.store.get_comment_row(e)
     assert row is not None
-    await ctx.store.delete_comment(e, ap_id=row["ap_id"], actor=row["actor"], when=post.published)
+    await ctx.store.delete_comment(e, ap_id=row.ap_id, actor=row.actor, when=post.published)
 
     order = [comment.id for comment in await list_in_page_order(ctx.store, post.id)]
 
@@ -497,7 +497,7 @@ async def test_only_the_authors_answers_can_be_edited_or_deleted(
     answer = (await answers.publish(bad_targets["ok"], "Mine")).answer
     queued = await ctx.store.count_deliveries()
 
-    for ref in (str(comment["id"]), bad_targets["ok"], "999999"):
+    for ref in (str(comment.id), bad_targets["ok"], "999999"):
         with pytest.raises(AnswerError, match="is not one of your answers"):
             await answers.edit(ref, "Not mine")
         with pytest.raises(AnswerError, match="is not one of your answers"):

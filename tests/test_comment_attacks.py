@@ -1030,7 +1030,7 @@ async def test_attack_31_stuffed_comment_page_parsed_nothing_survives(
     }
     assert (await web.post(f"/posts/{post.slug}/comment", data=form)).status_code == 303
     for row in await ctx.store.list_comments_for_review(pending_only=True):
-        await ctx.store.set_comment_status(row["id"], "published")
+        await ctx.store.set_comment_status(row.id, "published")
 
     response = await web.get(f"/posts/{post.slug}")
 
@@ -1558,7 +1558,7 @@ async def test_attack_37_local_form_html_in_fields_escaped(
 
     assert (await web.post(f"/posts/{post.slug}/comment", data=form)).status_code == 303
     [held] = await ctx.store.list_comments_for_review(pending_only=True)
-    await ctx.store.set_comment_status(held["id"], "published")
+    await ctx.store.set_comment_status(held.id, "published")
 
     response = await web.get(f"/posts/{post.slug}")
     page = assert_page_inert(response.text, post)
@@ -1684,7 +1684,7 @@ async def test_attack_37_local_form_email_never_published(
     form = local_form(name="Hidden Person", email=email, website="https://hidden.example/")
     assert (await web.post(f"/posts/{post.slug}/comment", data=form)).status_code == 303
     [held] = await ctx.store.list_comments_for_review(pending_only=True)
-    await ctx.store.set_comment_status(held["id"], "published")
+    await ctx.store.set_comment_status(held.id, "published")
     assert [row[1] for row in await comment_rows(ctx)] == [email]  # kept, for the author
 
     pages = [

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from fediblog import moderation
 from fediblog.answers import Answers
 from fediblog.crawl import CrawlLimits
-from fediblog.models import Post, parse_ts, utcnow
+from fediblog.models import CrawlState, Post, utcnow
 from fediblog.web.deps import Services
 from tests.conftest import BASE_URL, deliver, make_settings
 from tests.fediverse import AP_TYPE, AS_PUBLIC, FIXTURES, Fediverse, RemoteActor
@@ -106,16 +106,16 @@ async def page_tree(web: httpx.AsyncClient, post: Post) -> list[tuple[str, list[
     return labels(comment_tree(soup((await web.get(f"/posts/{post.slug}")).text)))
 
 
-async def crawl_row(ctx: Services, ap_id: str) -> dict[str, Any]:
+async def crawl_row(ctx: Services, ap_id: str) -> CrawlState:
     row = await ctx.store.get_crawl(ap_id)
     assert row is not None, ap_id
-    return dict(row)
+    return row
 
 
 async def stored(ctx: Services, ap_id: str) -> str | None:
     """The status of the comment with this id, or None if it is not stored."""
     row = await ctx.store.get_comment_by_ap_id(ap_id)
-    return None if row is None else str(row["status"])
+    return None if row is None else str(row.status)
 
 
 # ---- the three servers of the required scenario -----------------------------------------
@@ -209,13 +209,13 @@ async def test_a_thread_across_three_servers_is_completed_by_crawling(
     assert misskey == {world["C1"]["id"]}
     # The delivered comment and the crawled ones each wait for their next round.
     first = await crawl_row(ctx, world["A1"]["id"])
-    assert (first["found_by"], first["status"], first["rounds"]) == ("delivery", "queued", 1)
-    assert parse_ts(first["next_attempt_at"]) == parse_ts(first["created_at"]) + timedelta(
+    assert (first.found_by, first.status, first.rounds) == ("delivery", "queued", 1)
+    assert first.next_attempt == first.created + timedelta(
         minutes=10
     )
     for name, depth in (("A2", 2), ("B1", 2), ("C1", 3), ("D1", 3), ("A3", 4)):
         row = await crawl_row(ctx, world[name]["id"])
-        assert (row["found_by"], row["depth"], row["status"], row["last_error"]) == (
+        assert (row.found_by, row.depth, row.status, row.last_error) == (
             "crawl",
             depth,
             "queued",
@@ -236,7 +236,7 @@ async def test_recrawls_follow_the_schedule_and_stop_after_a_week(
     a1 = {key: value for key, value in world["A1"].items() if key != "@context"}
     await deliver(web, ctx, alice, alice.create(a1))
     await ctx.crawler.run_once()
-    arrived = parse_ts((await crawl_row(ctx, world["A1"]["id"]))["created_at"])
+    arrived = (await crawl_row(ctx, world["A1"]["id"])).created
     asked = fediverse.exactly(world["A1"]["id"])
 
     reads = []
@@ -249,7 +249,7 @@ async def test_recrawls_follow_the_schedule_and_stop_after_a_week(
     # through (6 h, 1 d, 3 d, 7 d), and then never again.
     assert reads == [1, 2, 3]
     row = await crawl_row(ctx, world["A1"]["id"])
-    assert (row["status"], row["finished_at"] is not None) == ("done", True)
+    assert (row.status, row.finished is not None) == ("done", True)
     assert await page_tree(web, post) == [
         ("A1", [("A2", []), ("B1", [("C1", [("A3", [])]), ("D1", [])])])
     ]
@@ -322,7 +322,7 @@ async def test_a_looping_collection_stores_nothing_and_its_host_backs_off(
     await ctx.crawler.run_once()
 
     row = await crawl_row(ctx, x_id)
-    assert (row["status"], row["last_error"]) == ("failed", "replies: its pages loop")
+    assert (row.status, row.last_error) == ("failed", "replies: its pages loop")
     assert (await stored(ctx, r1), await stored(ctx, r2)) == (None, None)
     assert fediverse.count(r1) == fediverse.count(r2) == 0
     assert await stored(ctx, g1) == "published"  # the rest of the blog is unaffected
@@ -332,13 +332,13 @@ async def test_a_looping_collection_stores_nothing_and_its_host_backs_off(
     z = await commented(web, ctx, fediverse, post, looper, 3, lambda i: replies_of(i, []))
     await ctx.crawler.run_once()
     waiting = await crawl_row(ctx, z["id"])
-    assert (waiting["status"], waiting["attempts"], waiting["rounds"]) == ("queued", 0, 0)
-    assert "loop.example misbehaved" in waiting["last_error"]
-    assert parse_ts(waiting["next_attempt_at"]) > now + timedelta(minutes=59)
+    assert (waiting.status, waiting.attempts, waiting.rounds) == ("queued", 0, 0)
+    assert "loop.example misbehaved" in waiting.last_error
+    assert waiting.next_attempt > now + timedelta(minutes=59)
     assert fediverse.count(z["id"]) == 0
     at(ctx, now + timedelta(hours=1, minutes=1))
     await ctx.crawler.run_once()
-    assert (await crawl_row(ctx, z["id"]))["rounds"] == 1
+    assert (await crawl_row(ctx, z["id"])).rounds == 1
 
 
 async def test_an_exploding_collection_stores_nothing(
@@ -354,7 +354,7 @@ async def test_an_exploding_collection_stores_nothing(
     await ctx.crawler.run_once()
 
     row = await crawl_row(ctx, x_id)
-    assert (row["status"], row["last_error"]) == ("failed", "replies: more than 1000 items")
+    assert (row.status, row.last_error) == ("failed", "replies: more than 1000 items")
     assert await stored(ctx, real) is None
     assert fediverse.count(f"{boom.id}/statuses/") == 1  # the comment itself, nothing listed
 
@@ -375,8 +375,8 @@ async def test_a_page_on_another_host_stores_nothing(
     await ctx.crawler.run_once()
 
     row = await crawl_row(ctx, x_id)
-    assert row["status"] == "failed"
-    assert row["last_error"] == "replies: a page is on another host (victim.example)"
+    assert row.status == "failed"
+    assert row.last_error == "replies: a page is on another host (victim.example)"
     assert await stored(ctx, listed) is None
     assert fediverse.count("https://victim.example/") == 0
 
@@ -394,7 +394,7 @@ async def test_an_embedded_copy_from_another_host_stores_nothing(
     await ctx.crawler.run_once()
 
     row = await crawl_row(ctx, x_id)
-    assert (row["status"], row["last_error"]) == (
+    assert (row.status, row.last_error) == (
         "failed",
         "replies: it embeds an object of victim.example",
     )
@@ -419,7 +419,7 @@ async def test_an_embedded_page_claiming_another_host_stores_nothing(
     await ctx.crawler.run_once()
 
     row = await crawl_row(ctx, x_id)
-    assert (row["status"], row["last_error"]) == (
+    assert (row.status, row.last_error) == (
         "failed",
         "replies: a page claims another host (victim.example)",
     )
@@ -470,7 +470,7 @@ async def test_a_reply_whose_chain_does_not_reach_our_post_is_ignored(
     assert await stored(ctx, ours) == "published"
     assert [fediverse.count(i) for i in (stranger, unrelated, loop_a, loop_b)] == [1, 1, 1, 1]
     row = await crawl_row(ctx, x_id)
-    assert (row["status"], row["rounds"], row["last_error"]) == ("queued", 1, None)
+    assert (row.status, row.rounds, row.last_error) == ("queued", 1, None)
 
 
 async def test_a_private_address_in_a_collection_stores_nothing(
@@ -486,7 +486,7 @@ async def test_a_private_address_in_a_collection_stores_nothing(
     await ctx.crawler.run_once()
 
     row = await crawl_row(ctx, x_id)
-    assert (row["status"], row["last_error"]) == (
+    assert (row.status, row.last_error) == (
         "failed",
         "replies: it points at a private address (10.0.0.5)",
     )
@@ -509,7 +509,7 @@ async def test_a_followers_only_reply_is_not_stored(
     assert await stored(ctx, private) is None
     row = await ctx.store.get_comment_by_ap_id(unlisted)
     assert row is not None
-    assert (row["status"], row["visibility"]) == ("published", "unlisted")
+    assert (row.status, row.visibility) == ("published", "unlisted")
 
 
 async def test_a_crawled_reply_deleted_at_its_origin_becomes_a_placeholder(
@@ -537,7 +537,7 @@ async def test_a_crawled_reply_deleted_at_its_origin_becomes_a_placeholder(
     assert await ctx.store.is_tombstoned(r1)
     assert await page_tree(web, post) == [("N1", [("deleted.", [("R3", [])])])]
     gone = await crawl_row(ctx, r1)
-    assert (gone["status"], gone["last_error"]) == ("done", "gone at its origin (HTTP 410)")
+    assert (gone.status, gone.last_error) == ("done", "gone at its origin (HTTP 410)")
 
 
 async def test_a_crawled_reply_edited_at_its_origin_is_updated_forward_only(
@@ -586,9 +586,9 @@ async def test_the_per_host_budget_puts_a_crawl_back_without_failing_it(
     # The comment, its page and one reply: then the minute's budget is spent.
     assert fediverse.count(f"{ann.id}/statuses/") == 3
     row = await crawl_row(ctx, x_id)
-    assert (row["status"], row["attempts"], row["rounds"]) == ("queued", 0, 0)
-    assert row["last_error"].startswith("waiting: the request budget for social.example")
-    assert parse_ts(row["next_attempt_at"]) == now + timedelta(minutes=1)
+    assert (row.status, row.attempts, row.rounds) == ("queued", 0, 0)
+    assert row.last_error.startswith("waiting: the request budget for social.example")
+    assert row.next_attempt == now + timedelta(minutes=1)
     assert [await stored(ctx, i) for i in listed] == ["published", None, None]
 
     for minute in range(1, 10):
@@ -596,7 +596,7 @@ async def test_the_per_host_budget_puts_a_crawl_back_without_failing_it(
         await ctx.crawler.run_once()
     assert [await stored(ctx, i) for i in listed] == ["published"] * 3
     row = await crawl_row(ctx, x_id)
-    assert (row["status"], row["rounds"], row["last_error"]) == ("queued", 1, None)
+    assert (row.status, row.rounds, row.last_error) == ("queued", 1, None)
     assert fediverse.exactly(more) == 1  # taken up where it stopped: the page not asked again
 
 
@@ -617,7 +617,7 @@ async def test_a_long_collection_is_read_up_to_the_page_cap(
     assert [await stored(ctx, i) for i in listed] == ["published"] * 8 + [None] * 2
     assert [fediverse.exactly(url) for url in urls] == [1] * 8 + [0] * 2
     row = await crawl_row(ctx, x_id)
-    assert (row["status"], row["last_error"]) == ("queued", None)  # not a hostile one
+    assert (row.status, row.last_error) == ("queued", None)  # not a hostile one
 
 
 async def test_a_server_that_is_down_is_retried_later(
@@ -633,9 +633,9 @@ async def test_a_server_that_is_down_is_retried_later(
     await ctx.crawler.run_once()
 
     row = await crawl_row(ctx, x["id"])
-    assert (row["status"], row["attempts"], row["rounds"]) == ("queued", 1, 0)
-    assert "HTTP 503" in row["last_error"]
-    assert now < parse_ts(row["next_attempt_at"]) <= now + timedelta(minutes=2)
+    assert (row.status, row.attempts, row.rounds) == ("queued", 1, 0)
+    assert "HTTP 503" in row.last_error
+    assert now < row.next_attempt <= now + timedelta(minutes=2)
 
 
 async def test_the_depth_and_per_post_caps_bound_a_crawl(
@@ -702,18 +702,18 @@ async def test_crawled_replies_are_sanitized_and_held_like_delivered_ones(
         assert await stored(ctx, bad) is None
         held = await ctx.store.get_comment_by_ap_id(x_id)
         assert held is not None
-        await moderation.set_status(ctx.store, held["id"], "published")
+        await moderation.set_status(ctx.store, held.id, "published")
         assert await ctx.crawler.sweep() == 1  # approved: now it is queued
         await ctx.crawler.run_once()
 
         assert await stored(ctx, bad) == "pending"  # held, as every reply is under "all"
         row = await ctx.store.get_comment_by_ap_id(bad)
         assert row is not None
-        saved = await ctx.store.get_comment_row(row["id"])
+        saved = await ctx.store.get_comment_row(row.id)
         assert saved is not None
-        assert "R2: hi" in saved["content_html"]
-        assert "script" not in saved["content_html"]
-        assert "javascript" not in saved["content_html"]
+        assert "R2: hi" in saved.content_html
+        assert "script" not in saved.content_html
+        assert "javascript" not in saved.content_html
 
 
 async def test_comments_without_a_crawl_are_queued_by_the_sweep(
@@ -813,7 +813,7 @@ async def test_a_round_put_back_for_its_budget_resumes_and_ends(
     assert await stored(ctx, good) == "published"
     assert fediverse.exactly(dead[0]) == 1  # never asked again
     row = await crawl_row(ctx, x_id)
-    assert (row["rounds"], row["last_error"]) == (1, None)
+    assert (row.rounds, row.last_error) == (1, None)
 
 
 async def test_replies_reaching_another_post_are_not_taken_past_its_cap(

@@ -327,7 +327,7 @@ async def test_a_crashed_worker_resends_only_what_was_in_flight(world: World) ->
     creates = [len(f.received("Create")) for f in fakes]
     assert creates == [1] * 5
     rows = [r for r in await world.rows("Create")]
-    by_inbox = {r["inbox"]: r["attempts"] for r in rows}
+    by_inbox = {r.inbox: r.attempts for r in rows}
     assert sorted(by_inbox.values()) == [1, 1, 1, 2, 2]  # the crashed attempt counts
 
 
@@ -538,8 +538,8 @@ async def test_a_trickling_inbox_is_cut_off_at_the_delivery_deadline(
         took = time.monotonic() - started
 
     (row,) = await services.store.list_deliveries(["queued"])
-    assert row["attempts"] == 1
-    assert "Timeout" in row["last_error"]
+    assert row.attempts == 1
+    assert "Timeout" in row.last_error
     assert took < 5  # the deadline, not the server, ended it
 
 

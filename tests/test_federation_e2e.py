@@ -59,7 +59,7 @@ from starlette.types import Receive, Scope, Send
 from fediblog.config import Settings, load_settings
 from fediblog.delivery import MAX_ATTEMPTS, Deliverer
 from fediblog.keys import ensure_keys, load_key
-from fediblog.models import parse_ts, utcnow
+from fediblog.models import DeliveryState, utcnow
 from fediblog.web.deps import Services
 from tests.helpers import publish, running
 from tests.processes import free_port, run_fediblog
@@ -501,10 +501,10 @@ class World:
         key = load_key(services.settings.keys_dir, "blog")
         return Deliverer(services.store, self.client, key, services.urls.key_id, clock=clock)
 
-    async def rows(self, kind: str) -> list[Any]:
+    async def rows(self, kind: str) -> list[DeliveryState]:
         statuses = ("queued", "sent", "failed", "dead")
         rows = await self.services.store.list_deliveries(statuses, limit=1000)
-        return [row for row in rows if row["type"] == kind]
+        return [row for row in rows if row.type == kind]
 
 
 @pytest.fixture
@@ -756,8 +756,8 @@ async def test_restart_delivers_every_queued_activity_exactly_once(tmp_path: Pat
         fetches_before_restart = fake.key_fetches
         async with world.blog() as services:
             queued = await services.store.list_deliveries(["queued"])
-            assert sorted(row["type"] for row in queued) == ["Accept", "Create"]
-            assert {row["attempts"] for row in queued} == {1}
+            assert sorted(row.type for row in queued) == ["Accept", "Create"]
+            assert {row.attempts for row in queued} == {1}
             # Their back-off survived the restart: nothing is due yet.
             assert await services.deliverer.deliver_once() == 0
             clock = Clock(utcnow() + timedelta(minutes=1))  # after the first back-off
@@ -883,7 +883,7 @@ async def test_a_post_takes_one_request_per_shared_inbox(world: World) -> None:
     assert await world.services.deliverer.deliver_once() == 2
 
     creates = await world.rows("Create")
-    assert sorted(row["inbox"] for row in creates) == [
+    assert sorted(row.inbox for row in creates) == [
         "https://mastodon.test/inbox",
         "https://other.test/inbox",
     ]
@@ -909,8 +909,8 @@ async def test_410_from_an_inbox_removes_the_followers_there(world: World) -> No
     await publish(world.services, "Anyone there?")
     assert await world.services.deliverer.deliver_once() == 2
 
-    (failed,) = [row for row in await world.rows("Create") if row["status"] == "failed"]
-    assert (failed["inbox"], failed["last_error"]) == ("https://gone.test/inbox", "410 Gone")
+    (failed,) = [row for row in await world.rows("Create") if row.status == "failed"]
+    assert (failed.inbox, failed.last_error) == ("https://gone.test/inbox", "410 Gone")
     for follower in leaving:
         assert await world.services.store.get_follower(follower.ap_id) is None
     assert await world.services.store.get_follower(staying.ap_id) is not None
@@ -936,7 +936,7 @@ async def test_400_is_final(world: World) -> None:
     assert await deliverer.deliver_once() == 1
 
     (row,) = await world.rows("Create")
-    assert (row["status"], row["attempts"], row["last_error"]) == ("failed", 1, "HTTP 400")
+    assert (row.status, row.attempts, row.last_error) == ("failed", 1, "HTTP 400")
     clock.now += timedelta(days=7)
     assert await deliverer.deliver_once() == 0  # never retried
     assert len(fake.received("Create")) == 1
@@ -957,16 +957,16 @@ async def test_429_is_retried_no_earlier_than_retry_after(world: World) -> None:
     assert await deliverer.deliver_once() == 1
 
     (row,) = await world.rows("Create")
-    assert (row["status"], row["attempts"], row["last_error"]) == ("queued", 1, "HTTP 429")
+    assert (row.status, row.attempts, row.last_error) == ("queued", 1, "HTTP 429")
     # The first back-off alone would be 24-36 s; Retry-After says 120.
-    assert parse_ts(row["next_attempt_at"]) - start >= timedelta(seconds=120)
+    assert row.next_attempt - start >= timedelta(seconds=120)
     clock.now = start + timedelta(seconds=119)
     assert await deliverer.deliver_once() == 0
     fake.answer(202)
-    clock.now = parse_ts(row["next_attempt_at"])
+    clock.now = row.next_attempt
     assert await deliverer.deliver_once() == 1
     (row,) = await world.rows("Create")
-    assert (row["status"], row["attempts"]) == ("sent", 2)
+    assert (row.status, row.attempts) == ("sent", 2)
     assert [d.status for d in fake.received("Create")] == [429, 202]
 
 
@@ -983,12 +983,12 @@ async def test_an_inbox_that_never_answers_is_dead_after_16_attempts(world: Worl
     deliverer = world.deliverer_at(clock)
     for _ in range(16):
         (row,) = await world.rows("Create")
-        assert row["status"] == "queued"
-        clock.now = max(clock.now, parse_ts(row["next_attempt_at"]))
+        assert row.status == "queued"
+        clock.now = max(clock.now, row.next_attempt)
         assert await deliverer.deliver_once() == 1
 
     (row,) = await world.rows("Create")
-    assert (row["status"], row["attempts"], row["last_error"]) == ("dead", 16, "HTTP 503")
+    assert (row.status, row.attempts, row.last_error) == ("dead", 16, "HTTP 503")
     assert MAX_ATTEMPTS == 16
     assert timedelta(days=1.5) < clock.now - start < timedelta(days=3)  # about two days
     clock.now += timedelta(days=30)

@@ -263,7 +263,7 @@ async def test_mastodon_unlisted_reply_with_mention(
     assert await replies_of(web, post) == [note["id"]]
     stored = await ctx.store.get_comment_by_ap_id(note["id"])
     assert stored is not None
-    assert stored["visibility"] == "unlisted"
+    assert stored.visibility == "unlisted"
 
 
 @pytest.mark.parametrize(
@@ -295,7 +295,7 @@ async def test_followers_only_and_direct_replies_are_never_shown(
 
     stored = await ctx.store.get_comment_by_ap_id(activity["object"]["id"])
     assert stored is not None
-    assert stored["visibility"] == visibility
+    assert stored.visibility == visibility
     page = await page_of(web, post)
     assert "thinkpad" not in page.get_text()
     assert page.select("li.comment") == []
@@ -469,7 +469,7 @@ async def test_likes_boosts_and_their_undo(
     avatars = [str(img["src"]) for img in page.select(".reactions img")]
     assert avatars[0] == ctx.proxy.local_url("https://mastodon.madrid/avatars/felix.png")
     stored = await ctx.store.list_reactions(post.id)
-    assert [(r["type"], r["content"]) for r in stored] == [
+    assert [(r.type, r.content) for r in stored] == [
         ("Like", None),
         ("Like", "pudding"),  # the Misskey emoji reaction, counted as a like
         ("Announce", None),

@@ -148,8 +148,8 @@ async def test_signed_follow_is_stored_then_followed_and_accepted(
     assert follower.inbox == alice.document["inbox"]
     assert follower.shared_inbox == alice.document["endpoints"]["sharedInbox"]
     [accept] = await inbox.services.store.list_deliveries(("queued",))
-    assert accept["type"] == "Accept"
-    assert accept["inbox"] == alice.document["inbox"]  # the follower's own inbox
+    assert accept.type == "Accept"
+    assert accept.inbox == alice.document["inbox"]  # the follower's own inbox
     assert inbox.fetched() == [alice.id]  # the actor came from the cache
     assert await inbox.services.store.count_inbox() == {"done": 2}
 

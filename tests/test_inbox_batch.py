@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -55,11 +55,11 @@ async def test_a_batch_of_replies_is_one_commit_and_threads_within_itself(
     assert await ctx.store.count_inbox() == {"done": 9}
     parent = await ctx.store.get_comment_by_ap_id(first["id"])
     child = await ctx.store.get_comment_row(
-        (await ctx.store.get_comment_by_ap_id(answer["id"]))["id"]  # type: ignore[index]
+        (await ctx.store.get_comment_by_ap_id(answer["id"])).id  # type: ignore[union-attr]
     )
     assert parent is not None
     assert child is not None
-    assert child["parent_id"] == parent["id"]
+    assert child.parent_id == parent.id
     assert await ctx.store.count_comments() == 8
     page = (await web.get(f"/posts/{post.slug}")).text
     assert "an answer to the first" in page
@@ -84,7 +84,7 @@ async def test_a_poison_reply_fails_alone_and_the_others_become_comments(
     for note in good:
         assert await ctx.store.get_comment_by_ap_id(note["id"]) is not None
     problems = await ctx.store.list_inbox(problems_only=True)
-    assert [row["error"] for row in problems] == ["the object is on another host than its actor"]
+    assert [row.error for row in problems] == ["the object is on another host than its actor"]
 
 
 async def test_a_handler_that_fails_after_writing_rolls_back_and_fails_alone(
@@ -114,7 +114,7 @@ async def test_a_handler_that_fails_after_writing_rolls_back_and_fails_alone(
     ids = [await ctx.store.get_comment_by_ap_id(n["id"]) for n in notes]
     assert all(row is not None for row in ids)  # run alone, the poison's own write stands
     # Every listener heard of each committed reply once, and of nothing rolled back.
-    assert sorted(scheduled) == sorted(row["id"] for row in ids if row is not None)
+    assert sorted(scheduled) == sorted(row.id for row in ids if row is not None)
 
 
 async def test_order_holds_between_replies_and_activities_that_run_alone(
@@ -141,9 +141,9 @@ async def test_order_holds_between_replies_and_activities_that_run_alone(
     kept_row = await ctx.store.get_comment_by_ap_id(kept["id"])
     deleted_row = await ctx.store.get_comment_by_ap_id(deleted["id"])
     assert kept_row is not None
-    assert kept_row["status"] == "published"
+    assert kept_row.status == "published"
     assert deleted_row is not None
-    assert deleted_row["status"] == "deleted"
+    assert deleted_row.status == "deleted"
     assert await ctx.store.get_comment_by_ap_id(late["id"]) is None
     assert await ctx.store.count_inbox() == {"done": 4, "failed": 1}
 
@@ -167,7 +167,7 @@ async def test_a_new_sender_is_fetched_before_the_shared_transaction(
     assert await ctx.store.count_comments() == 3
     row = await ctx.store.get_actor_row(stranger.id)
     assert row is not None
-    assert row["fetched_at"] > "2000"
+    assert row.fetched > datetime(2000, 1, 1, tzinfo=UTC)
 
 
 class FakeJob:
@@ -360,7 +360,7 @@ async def test_a_sender_that_cannot_be_fetched_is_asked_once_not_once_per_reply(
 
     assert fediverse.asked(ann.id) - asked == 1
     assert await ctx.store.count_inbox() == {"failed": 3}
-    errors = {row["error"] for row in await ctx.store.list_inbox(problems_only=True)}
+    errors = {row.error for row in await ctx.store.list_inbox(problems_only=True)}
     assert len(errors) == 1
     assert "404" in errors.pop()
 
@@ -429,7 +429,7 @@ async def test_a_follow_acted_on_again_queues_no_second_accept(
         "object": ctx.urls.actor,
     }
     await deliver(web, ctx, ann, follow)
-    assert [row["type"] for row in await ctx.store.list_deliveries(("queued",))] == ["Accept"]
+    assert [row.type for row in await ctx.store.list_deliveries(("queued",))] == ["Accept"]
     assert await ctx.deliverer.deliver_once() == 1
 
     await ctx.inbox.handle_follow(follow)  # a batch cut off ran it again
@@ -440,4 +440,4 @@ async def test_a_follow_acted_on_again_queues_no_second_accept(
     assert follower.status == "accepted"
     # A new Follow (another id) from the same account is answered again.
     await ctx.inbox.handle_follow({**follow, "id": f"{ann.id}/follows/2"})
-    assert [row["type"] for row in await ctx.store.list_deliveries(("queued",))] == ["Accept"]
+    assert [row.type for row in await ctx.store.list_deliveries(("queued",))] == ["Accept"]

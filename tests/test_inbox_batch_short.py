@@ -87,10 +87,10 @@ async def test_sanitizing_proxying_and_keywords_run_while_the_write_lock_is_free
     for n, note in enumerate(notes, 1):
         row = await ctx.store.get_comment_by_ap_id(note["id"])
         assert row is not None
-        comment = await ctx.store.get_comment_row(row["id"])
+        comment = await ctx.store.get_comment_row(row.id)
         assert comment is not None
         picture = ctx.proxy.local_url(f"https://{ann.host}/m/{n}.png")
-        assert picture in comment["content_html"]
+        assert picture in comment.content_html
         assert await ctx.store.get_proxied(picture.removeprefix(PROXY_PATH)) is not None
     avatar = ctx.proxy.local_url(f"https://{ann.host}/avatars/{ann.username}.png")
     assert await ctx.store.get_proxied(avatar.removeprefix(PROXY_PATH)) is not None
@@ -127,7 +127,7 @@ async def test_a_reply_whose_content_cannot_be_sanitized_fails_alone_in_one_comm
     assert await ctx.store.count_inbox() == {"done": 4, "failed": 2}
     saved = [await ctx.store.get_comment_by_ap_id(note["id"]) for note in notes]
     assert [row is not None for row in saved] == [True, False, True, True, False, True]
-    errors = sorted(row["error"] for row in await ctx.store.list_inbox(problems_only=True))
+    errors = sorted(row.error for row in await ctx.store.list_inbox(problems_only=True))
     assert errors == [
         "internal error: RuntimeError: the sanitizer broke",
         "the reply is not valid Unicode",
@@ -161,11 +161,11 @@ async def test_one_note_delivered_three_times_in_a_batch_is_one_comment_and_thre
     for note in (first, answer, answer_to_answer):
         found = await ctx.store.get_comment_by_ap_id(note["id"])
         assert found is not None
-        rows[note["id"]] = await ctx.store.get_comment_row(found["id"])
-    assert rows[first["id"]]["parent_id"] is None  # type: ignore[index]
-    assert rows[answer["id"]]["parent_id"] == rows[first["id"]]["id"]  # type: ignore[index]
+        rows[note["id"]] = await ctx.store.get_comment_row(found.id)
+    assert rows[first["id"]].parent_id is None  # type: ignore[union-attr]
+    assert rows[answer["id"]].parent_id == rows[first["id"]].id  # type: ignore[union-attr]
     assert (
-        rows[answer_to_answer["id"]]["parent_id"] == rows[answer["id"]]["id"]  # type: ignore[index]
+        rows[answer_to_answer["id"]].parent_id == rows[answer["id"]].id  # type: ignore[union-attr]
     )
 
 
@@ -187,15 +187,15 @@ async def test_a_keyword_held_reply_in_a_batch_is_held_and_the_others_published(
     for note in notes:
         row = await ctx.store.get_comment_by_ap_id(note["id"])
         assert row is not None
-        statuses.append((await ctx.store.get_comment_row(row["id"]))["status"])  # type: ignore[index]
+        statuses.append((await ctx.store.get_comment_row(row.id)).status)  # type: ignore[union-attr]
     assert statuses == ["published", "pending", "pending", "published"]
     held = await ctx.store.list_comments_for_review(pending_only=True)
-    assert {row["id"] for row in held} == {
-        (await ctx.store.get_comment_by_ap_id(notes[i]["id"]))["id"]  # type: ignore[index]
+    assert {row.id for row in held} == {
+        (await ctx.store.get_comment_by_ap_id(notes[i]["id"])).id  # type: ignore[union-attr]
         for i in (1, 2)
     }
     reasons = {
-        (await ctx.store.get_comment_row(row["id"]))["held_reason"]  # type: ignore[index]
+        (await ctx.store.get_comment_row(row.id)).held_reason  # type: ignore[union-attr]
         for row in held
     }
     assert reasons == {held_for_keyword("casino")}
@@ -213,8 +213,8 @@ async def test_first_replies_in_a_batch_are_held_and_a_known_sender_is_published
     assert await ctx.inbox.process_once() == 1
     old = await ctx.store.get_comment_by_ap_id(known.note(1, target, "")["id"])
     assert old is not None
-    assert old["status"] == "pending"
-    await ctx.store.set_comment_status(old["id"], "published")  # the author approved it
+    assert old.status == "pending"
+    await ctx.store.set_comment_status(old.id, "published")  # the author approved it
     batch = [
         known.create(known.note(2, target, "again")),
         new.create(new.note(1, target, "hello")),
@@ -226,10 +226,10 @@ async def test_first_replies_in_a_batch_are_held_and_a_known_sender_is_published
     assert await ctx.inbox.process_once() == 3
 
     rows = [await ctx.store.get_comment_by_ap_id(a["object"]["id"]) for a in batch]
-    assert [row["status"] for row in rows] == ["published", "pending", "pending"]  # type: ignore[index]
-    second = await ctx.store.get_comment_row(rows[2]["id"])  # type: ignore[index]
+    assert [row.status for row in rows] == ["published", "pending", "pending"]  # type: ignore[union-attr]
+    second = await ctx.store.get_comment_row(rows[2].id)  # type: ignore[union-attr]
     assert second is not None
-    assert second["held_reason"] == HELD_FIRST
+    assert second.held_reason == HELD_FIRST
 
 
 async def test_another_write_in_the_shared_transaction_comes_after_the_rows_kept(
@@ -265,7 +265,7 @@ async def test_another_write_in_the_shared_transaction_comes_after_the_rows_kept
     assert await shown_commits(ctx) - before == 1
     assert await ctx.store.count_inbox() == {"done": 4}
     replies = [await ctx.store.get_comment_by_ap_id(n["id"]) for n in notes]
-    ids = [row["id"] for row in replies if row is not None]
+    ids = [row.id for row in replies if row is not None]
     assert len(ids) == 4
     assert len(set(ids + local)) == 8
     # In the order they were asked: each reply's row before the local one after it.
@@ -317,7 +317,7 @@ async def test_rows_kept_for_later_are_read_back_in_their_transaction_and_rolled
         async with ctx.store.shared_transaction():
             kept = await ctx.store.save_comment_later(**fields(1))
             row = await ctx.store.get_comment_row(kept)  # written before this read
-            seen.append(row["content_html"] if row is not None else "")
+            seen.append(row.content_html if row is not None else "")
             raise Undo
 
     with pytest.raises(Undo):
@@ -372,7 +372,7 @@ async def test_a_write_that_joins_with_nothing_kept_does_not_leave_a_used_commen
     assert await shown_commits(ctx) - before == 1
     assert await ctx.store.count_inbox() == {"done": 5}
     replies = [await ctx.store.get_comment_by_ap_id(n["id"]) for n in notes]
-    ids = [row["id"] for row in replies if row is not None]
+    ids = [row.id for row in replies if row is not None]
     assert len(ids) == 4
     assert len(set(ids + local)) == 9
 
@@ -400,7 +400,7 @@ async def test_a_kept_row_that_fails_to_write_ends_as_its_own_replys_outcome(
 
     assert await ctx.store.count_inbox() == {"done": 4, "failed": 1}
     (failed,) = await ctx.store.list_inbox(problems_only=True)
-    assert "refused by the database" in failed["error"]
+    assert "refused by the database" in failed.error
     saved = [await ctx.store.get_comment_by_ap_id(n["id"]) is not None for n in notes]
     assert saved == [True, True, False, True, True]
 
@@ -440,16 +440,16 @@ async def test_drafts_stay_with_their_activities_across_a_rollback(
     for note in (a, b, poison, c):
         found = await ctx.store.get_comment_by_ap_id(note["id"])
         assert found is not None
-        rows[note["id"]] = await ctx.store.get_comment_row(found["id"])
-    assert rows[b["id"]]["parent_id"] == rows[a["id"]]["id"]  # type: ignore[index]
-    assert rows[c["id"]]["parent_id"] == rows[b["id"]]["id"]  # type: ignore[index]
-    assert [r["content_html"] for r in rows.values()] == [  # type: ignore[index]
+        rows[note["id"]] = await ctx.store.get_comment_row(found.id)
+    assert rows[b["id"]].parent_id == rows[a["id"]].id  # type: ignore[union-attr]
+    assert rows[c["id"]].parent_id == rows[b["id"]].id  # type: ignore[union-attr]
+    assert [r.content_html for r in rows.values()] == [  # type: ignore[union-attr]
         "<p>a</p>",
         "<p>b answers a</p>",
         "<p>poison</p>",
         "<p>c answers b</p>",
     ]
-    ids = [r["id"] for r in rows.values()]  # type: ignore[index]
+    ids = [r.id for r in rows.values()]  # type: ignore[union-attr]
     assert sorted(told) == sorted(ids)
     assert len(told) == len(set(told)) == 4
     assert sorted(ids) == list(range(min(ids), min(ids) + 4))
@@ -474,7 +474,7 @@ async def test_first_replies_stay_held_across_a_rollback(
     assert await ctx.inbox.process_once() == 4
 
     rows = [await ctx.store.get_comment_by_ap_id(n["id"]) for n in notes]
-    assert [row["status"] for row in rows] == ["pending"] * 4  # type: ignore[index]
+    assert [row.status for row in rows] == ["pending"] * 4  # type: ignore[union-attr]
 
 
 async def test_a_reply_whose_id_is_not_a_valid_url_fails_with_a_reason(
@@ -493,5 +493,5 @@ async def test_a_reply_whose_id_is_not_a_valid_url_fails_with_a_reason(
 
     assert await ctx.store.count_inbox() == {"done": 2, "failed": 1}
     (failed,) = await ctx.store.list_inbox(problems_only=True)
-    assert failed["error"] == "object id is not a valid URL"
+    assert failed.error == "object id is not a valid URL"
     assert await ctx.store.count_comments() == 2

@@ -267,14 +267,14 @@ async def test_local_comment_is_held_then_shown_as_plain_text(
     assert thanks.status_code == 200
     assert "waiting for approval" in thanks.text
     [held] = await ctx.store.list_comments_for_review(pending_only=True)
-    assert (held["status"], held["source"], held["author_name"]) == (
+    assert (held.status, held.source, held.author_name) == (
         "pending",
         "local",
         "Dana Reader",
     )
-    stored = await ctx.store.get_comment_row(held["id"])
+    stored = await ctx.store.get_comment_row(held.id)
     assert stored is not None
-    assert stored["author_email"] == "dana.private@mail.example"
+    assert stored.author_email == "dana.private@mail.example"
 
     # Held: no reader sees it anywhere.
     page = soup((await web.get(f"/posts/{post.slug}")).text)
@@ -283,8 +283,8 @@ async def test_local_comment_is_held_then_shown_as_plain_text(
     assert "Dana" not in str(page)
     assert "Second paragraph" not in (await web.get("/")).text
 
-    assert await approve_with_cli(settings, monkeypatch, held["id"]) == 0
-    assert f"comment {held['id']}: published" in capsys.readouterr().out
+    assert await approve_with_cli(settings, monkeypatch, held.id) == 0
+    assert f"comment {held.id}: published" in capsys.readouterr().out
 
     response = await web.get(f"/posts/{post.slug}")
     page = soup(response.text)
@@ -318,7 +318,7 @@ async def test_local_comment_without_website_shows_the_name_unlinked(
 
     assert (await web.post(f"/posts/{post.slug}/comment", data=form)).status_code == 303
     [held] = await ctx.store.list_comments_for_review(pending_only=True)
-    await ctx.store.set_comment_status(held["id"], "published")
+    await ctx.store.set_comment_status(held.id, "published")
 
     page = soup((await web.get(f"/posts/{post.slug}")).text)
     [comment] = page.select("#responses li.comment")

@@ -69,12 +69,12 @@ async def reply(
 async def comment_id(ctx: Services, ap_id: str) -> int:
     row = await ctx.store.get_comment_by_ap_id(ap_id)
     assert row is not None
-    return int(row["id"])
+    return int(row.id)
 
 
 async def status_of(ctx: Services, ap_id: str) -> str | None:
     row = await ctx.store.get_comment_by_ap_id(ap_id)
-    return None if row is None else str(row["status"])
+    return None if row is None else str(row.status)
 
 
 async def page_of(web: httpx.AsyncClient, post: Post) -> BeautifulSoup:

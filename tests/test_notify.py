@@ -210,13 +210,13 @@ async def test_a_500_is_retried_later_and_a_400_is_final(
 
         assert await notifier.run_once() == 1
         (row,) = await blog.ctx.store.list_notifications()
-        assert (row["status"], row["attempts"], row["last_error"]) == ("queued", 1, "HTTP 500")
+        assert (row.status, row.attempts, row.last_error) == ("queued", 1, "HTTP 500")
         assert await notifier.run_once() == 0  # not due yet
 
         notifier.worker.clock = lambda: utcnow() + timedelta(hours=1)
         assert await notifier.run_once() == 1
         (row,) = await blog.ctx.store.list_notifications()
-        assert (row["status"], row["attempts"]) == ("sent", 2)
+        assert (row.status, row.attempts) == ("sent", 2)
         first, second = blog.receiver.received
         assert first[1] == second[1]  # the same body, sent again
 
@@ -226,7 +226,7 @@ async def test_a_500_is_retried_later_and_a_400_is_final(
         notifier.worker.clock = lambda: utcnow() + timedelta(days=3)
         assert await notifier.run_once() == 0
         latest = (await blog.ctx.store.list_notifications())[0]
-        assert (latest["status"], latest["last_error"]) == ("failed", "HTTP 400")
+        assert (latest.status, latest.last_error) == ("failed", "HTTP 400")
     assert len(blog.receiver.received) == 3
 
 
@@ -247,8 +247,8 @@ async def test_a_private_address_is_refused_without_the_setting(
 
             assert await ctx.notifier.run_once() == 1
             (row,) = await ctx.store.list_notifications()
-    assert row["status"] == "failed"
-    assert "non-public address" in row["last_error"]
+    assert row.status == "failed"
+    assert "non-public address" in row.last_error
     assert receiver.received == []
 
 

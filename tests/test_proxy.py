@@ -275,8 +275,8 @@ async def failed(pweb: httpx.AsyncClient, pctx: Services, url: str, kind: str = 
     assert response.headers["cache-control"] == "public, max-age=300"
     row = await pctx.store.get_proxied(response.url.path.rsplit("/", 1)[1])
     assert row is not None
-    assert row["status"] == "failed"
-    return str(row["error"])
+    assert row.status == "failed"
+    return str(row.error)
 
 
 @pytest.mark.parametrize(

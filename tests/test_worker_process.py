@@ -507,7 +507,7 @@ async def test_replies_an_inbox_only_worker_saves_are_queued_for_the_crawler_els
             await listener(comment_id, False)
         # In the database within a second, where a crawl role in any process claims it.
         crawl = await _wait_for(lambda: rt.store.get_crawl(note), "the crawl queued")
-        assert crawl["found_by"] == "delivery"
+        assert crawl.found_by == "delivery"
         assert rt.crawler.take_scheduled() == []  # nothing left to grow in memory
         # One scheduled just before the worker stops is queued as it stops.
         second = await remote_comment(

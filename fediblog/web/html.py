@@ -18,7 +18,6 @@ posts) counts UTC calendar months, as publication moments are stored.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -27,7 +26,7 @@ from starlette.routing import Route
 
 from fediblog.comments import find_page, load_page
 from fediblog.media import MediaStore
-from fediblog.models import Author, Post, Thread
+from fediblog.models import Post, Thread
 from fediblog.render import excerpt
 from fediblog.web.activitypub import post_document, wants_activitypub
 from fediblog.web.cache import Answer, CachedPage, answer, respond
@@ -222,8 +221,8 @@ async def _post_with_responses(
         response_count=post.response_count,
         responses_page=number,
         responses_pages=pages,
-        likes=[reactor(r) for r in reactions if r["type"] == "Like"],
-        boosts=[reactor(r) for r in reactions if r["type"] == "Announce"],
+        likes=[r.author for r in reactions if r.type == "Like"],
+        boosts=[r.author for r in reactions if r.type == "Announce"],
         older=older,
         newer=newer,
         reader=reader,
@@ -312,18 +311,6 @@ async def preview(request: Request) -> Response:
     )
     headers = {"Cache-Control": "private, no-store", "X-Robots-Tag": "noindex, nofollow"}
     return Response(body, media_type=HTML, headers=headers)
-
-
-def reactor(row: Any) -> Author:
-    """Who liked or boosted, shown like a comment's author: host from the actor id."""
-    return Author.remote(
-        ap_id=row["ap_id"],
-        username=row["username"],
-        domain=row["domain"],
-        name=row["name"],
-        url=row["url"],
-        avatar_url=row["icon_url"],
-    )
 
 
 async def archive(request: Request) -> Response:

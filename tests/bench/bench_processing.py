@@ -68,7 +68,7 @@ async def seed(settings: Settings, pems: list[bytes], comments: int, backlog: in
             for n in range(bench_inbox.ACTORS):
                 row = await store.get_actor_row(bench_inbox.actor_id(n))
                 assert row is not None
-                actors.append(int(row["id"]))
+                actors.append(int(row.id))
             await bench_page.seed_comments(store, post_id, comments, actors)
         for start in range(0, backlog, 5_000):
             items = []

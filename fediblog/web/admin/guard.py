@@ -35,8 +35,9 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fediblog.config import Settings
-from fediblog.desk import ABSOLUTE_TIMEOUT, DeskSession
+from fediblog.desk import ABSOLUTE_TIMEOUT
 from fediblog.errors import StorageError
+from fediblog.models import DeskSession
 from fediblog.web.deps import Services
 
 PREFIX = "/admin"

@@ -35,7 +35,7 @@ from fediblog.config import Settings
 from fediblog.delivery import list_delivery_hosts, retry_deliveries
 from fediblog.keys import fingerprint
 from fediblog.metrics import backlog
-from fediblog.models import parse_ts, utcnow
+from fediblog.models import utcnow
 from fediblog.web.admin.page import read_form, render
 from fediblog.web.deps import services
 from fediblog.web.health import task_states, worker_roles
@@ -90,16 +90,14 @@ async def _page(request: Request, *, checks: list[Result] | None = None) -> Resp
     rows = await ctx.store.list_deliveries(("queued", "failed", "dead"), SHOWN_DELIVERIES)
     deliveries = [
         DeliveryLine(
-            id=row["id"],
-            type=row["type"],
-            inbox=row["inbox"],
-            host=urlsplit(row["inbox"]).netloc.lower(),
-            state=_state(row["status"], row["attempts"], row["last_error"]),
-            attempts=row["attempts"],
-            when=parse_ts(
-                row["next_attempt_at"] if row["status"] == "queued" else row["finished_at"]
-            ),
-            last_error=row["last_error"],
+            id=row.id,
+            type=row.type,
+            inbox=row.inbox,
+            host=urlsplit(row.inbox).netloc.lower(),
+            state=_state(row.status, row.attempts, row.last_error),
+            attempts=row.attempts,
+            when=row.next_attempt if row.status == "queued" else row.finished,
+            last_error=row.last_error,
         )
         for row in rows
     ]

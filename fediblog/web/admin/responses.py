@@ -226,7 +226,7 @@ async def _answer(ctx: Services, comment_id: int, form: dict[str, str]) -> None:
     assert row is not None  # _act checked
     # The permalink names the response whatever new replies do to the page's numbers.
     await Answers(ctx.settings, ctx.store).publish(
-        f"/posts/{row['slug']}/comments/{comment_id}", form.get("text", "")
+        f"/posts/{row.slug}/comments/{comment_id}", form.get("text", "")
     )
     ctx.deliverer.wake()
 
@@ -272,11 +272,11 @@ async def _act(request: Request) -> Response:
     if done in _HIDING:
         stranded = [
             s.comment.id
-            for s in (await _post_responses(ctx, row["post_id"])).values()
+            for s in (await _post_responses(ctx, row.post_id)).values()
             if s.out_of_context
         ]
         if stranded:  # shown where the answer is, with its delete button
-            where = f"{QUEUE}/posts/{row['slug']}?done={done}-answer#response-{stranded[0]}"
+            where = f"{QUEUE}/posts/{row.slug}?done={done}-answer#response-{stranded[0]}"
             return RedirectResponse(where, status_code=303)
     return RedirectResponse(f"{back}?done={done}#response-{comment_id}", status_code=303)
 
