@@ -365,7 +365,7 @@ class ActorDirectory:
             return cached[0]
 
     async def _cached_actor(self, ap_id: str) -> tuple[RemoteActor, datetime] | None:
-        row = await self._store.get_actor_row(ap_id)
+        row = await self._store.get_cached_actor(ap_id)
         if row is None or not row.inbox:
             return None
         actor = RemoteActor(

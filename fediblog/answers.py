@@ -182,7 +182,7 @@ class Answers:
         target = target.strip()
         permalink = _PERMALINK.match(target.removeprefix(self.settings.base_url))
         if permalink is not None:  # stable, unlike SLUG#N, which a new reply can shift
-            stored = await self.store.get_comment_row(int(permalink[2]))
+            stored = await self.store.get_stored_comment(int(permalink[2]))
             if stored is None or stored.slug != permalink[1]:
                 raise AnswerError(f"no response is at {target}")
             return await self._response_of(stored, target)

@@ -73,7 +73,7 @@ async def block_author_of(
     store: Store, comment_id: int, *, own_host: str, whole_domain: bool = False
 ) -> tuple[str, str, bool]:
     """Block the fediverse account that wrote a comment, or its whole server."""
-    row = await store.get_comment_row(comment_id)
+    row = await store.get_stored_comment(comment_id)
     if row is None:
         raise ModerationError(f"no comment has the id {comment_id}")
     if row.by_author:
@@ -88,7 +88,7 @@ async def block_author_of(
 
 
 async def set_status(store: Store, comment_id: int, status: str) -> None:
-    row = await store.get_comment_row(comment_id)
+    row = await store.get_stored_comment(comment_id)
     if row is None or row.status == "deleted":
         raise ModerationError(f"no comment has the id {comment_id}")
     if row.by_author:

@@ -257,7 +257,7 @@ class Responses:
         network). A sender whose fetch fails gives that error as its activities'
         outcome: each run alone would only fetch it again, and wait again."""
         actors = list(dict.fromkeys(a["actor"] for a in activities if self.shareable(a)))
-        rows = await self._store.get_live_actor_rows(actors)
+        rows = await self._store.get_cached_actors(actors)
         now = utcnow()
         authors: dict[str, tuple[int, str | None]] = {}
         stale: list[str] = []
@@ -279,7 +279,7 @@ class Responses:
             async with fetching:
                 try:
                     author = await self._actors.get_actor(actor)
-                    row = await self._store.get_actor_row(author.ap_id)
+                    row = await self._store.get_cached_actor(author.ap_id)
                 except Exception as error:  # its activities get this as their outcome
                     log.debug("sender %s not ready for a shared transaction: %s", actor, error)
                     problems[actor] = error
@@ -338,7 +338,7 @@ class Responses:
         if shared is not None and actor in shared.authors:
             return shared.authors[actor]
         author = await self._actors.get_actor(actor)
-        row = await self._store.get_actor_row(author.ap_id)
+        row = await self._store.get_cached_actor(author.ap_id)
         assert row is not None  # get_actor saved it
         return row.id, author.icon_url
 
@@ -532,7 +532,7 @@ class Responses:
         if post_id is None:
             return
         author = await self._actors.get_actor(activity["actor"])
-        row = await self._store.get_actor_row(author.ap_id)
+        row = await self._store.get_cached_actor(author.ap_id)
         assert row is not None
         await self._proxy.register([author.icon_url] if author.icon_url else [], "avatar")
         await self._store.save_reaction(

@@ -1730,7 +1730,7 @@ class Store:
         )
         return key, bool(row["deleted"])
 
-    async def get_actor_row(self, ap_id: str) -> CachedActor | None:
+    async def get_cached_actor(self, ap_id: str) -> CachedActor | None:
         row = await self._fetchone(
             "SELECT * FROM actors WHERE ap_id = ? AND deleted_at IS NULL", (ap_id,)
         )
@@ -1853,7 +1853,7 @@ class Store:
         )
         return _comment_state(row) if row else None
 
-    async def get_comment_row(self, comment_id: int) -> StoredComment | None:
+    async def get_stored_comment(self, comment_id: int) -> StoredComment | None:
         row = await self._fetchone(
             "SELECT c.*, a.ap_id AS actor, p.slug FROM comments c"
             " LEFT JOIN actors a ON a.id = c.actor_id JOIN posts p ON p.id = c.post_id"
@@ -2556,7 +2556,7 @@ class Store:
             async with self._transaction(shown=False) as db:
                 await db.executemany(_RECORD_SCHEDULE, _outcome_rows(results))
 
-    async def get_schedule_row(self, post_id: int) -> ScheduleState | None:
+    async def get_schedule_state(self, post_id: int) -> ScheduleState | None:
         row = await self._fetchone(
             "SELECT status, attempts, next_attempt_at, error FROM post_schedule WHERE post_id = ?",
             (post_id,),
@@ -3181,8 +3181,8 @@ class Store:
         if state.shown:
             self._writes += 1
 
-    async def get_live_actor_rows(self, ap_ids: Sequence[str]) -> dict[str, CachedActor]:
-        """``get_actor_row`` for many actors at once, by ap_id."""
+    async def get_cached_actors(self, ap_ids: Sequence[str]) -> dict[str, CachedActor]:
+        """``get_cached_actor`` for many actors at once, by ap_id."""
         found: dict[str, CachedActor] = {}
         for chunk in _chunks(ap_ids):
             rows = await self._fetchall(

@@ -138,7 +138,7 @@ async def test_approving_from_the_queue_publishes_the_response_on_the_post(
     assert done.headers["location"] == f"/admin/responses?done=approved#response-{comment}"
     assert "Approved" in (await web.get(done.headers["location"])).text
     assert "Held until approved" in (await web.get(f"/posts/{post.slug}")).text
-    row = await ctx.store.get_comment_row(comment)
+    row = await ctx.store.get_stored_comment(comment)
     assert row is not None
     assert row.status == "published"
 
@@ -159,7 +159,7 @@ async def test_reject_hides_a_published_response_and_delete_leaves_a_tombstone(
     assert (await act(web, csrf, first, "reject")).status_code == 303
     assert (await act(web, csrf, second, "delete")).status_code == 303
 
-    rows = [await ctx.store.get_comment_row(c) for c in (first, second)]
+    rows = [await ctx.store.get_stored_comment(c) for c in (first, second)]
     assert [row.status for row in rows if row is not None] == ["rejected", "deleted"]
     assert await ctx.store.is_tombstoned(f"{alice.id}/statuses/2")
     after = (await web.get(f"/posts/{post.slug}")).text
@@ -363,7 +363,7 @@ async def test_a_held_response_under_a_deleted_post_is_not_counted_nor_acted_on(
     approve = await act(web, csrf, comment, "approve")
     assert approve.status_code == 404
     assert "its post was deleted" in approve.text
-    row = await ctx.store.get_comment_row(comment)
+    row = await ctx.store.get_stored_comment(comment)
     assert row is not None
     assert row.status == "pending"
 

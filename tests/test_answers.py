@@ -335,7 +335,7 @@ async def test_slug_and_number_name_the_responses_in_page_order(
     e = await remote_comment(ctx, post, ann, "e", minutes=5)
     f = await remote_comment(ctx, post, ann, "f", minutes=6, parent=e)
     await remote_comment(ctx, post, ann, "held", minutes=7, status="pending")
-    row = await ctx.store.get_comment_row(e)
+    row = await ctx.store.get_stored_comment(e)
     assert row is not None
     await ctx.store.delete_comment(e, ap_id=row.ap_id, actor=row.actor, when=post.published)
 

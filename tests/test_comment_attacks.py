@@ -530,8 +530,8 @@ async def test_attack_10_delete_actor_not_object_is_object_delete(
     assert await ctx.store.get_follower(alice.id) is not None
     assert await ctx.store.get_follower(bob.id) is not None
     assert set(actor_names(ctx)) >= {alice.id, bob.id}
-    assert await ctx.store.get_actor_row(alice.id) is not None
-    assert await ctx.store.get_actor_row(bob.id) is not None
+    assert await ctx.store.get_cached_actor(alice.id) is not None
+    assert await ctx.store.get_cached_actor(bob.id) is not None
 
 
 # ---- 11: updates -----------------------------------------------------------------------------

@@ -709,7 +709,7 @@ async def test_crawled_replies_are_sanitized_and_held_like_delivered_ones(
         assert await stored(ctx, bad) == "pending"  # held, as every reply is under "all"
         row = await ctx.store.get_comment_by_ap_id(bad)
         assert row is not None
-        saved = await ctx.store.get_comment_row(row.id)
+        saved = await ctx.store.get_stored_comment(row.id)
         assert saved is not None
         assert "R2: hi" in saved.content_html
         assert "script" not in saved.content_html

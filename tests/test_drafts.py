@@ -202,7 +202,7 @@ async def test_a_scheduled_post_appears_and_is_delivered_when_its_time_comes(
         ("Create", ctx.urls.object_id(post.uid))
     ]
     assert sent[0]["object"]["published"] == format_ts(when)
-    assert await ctx.store.get_schedule_row(post.id) is None  # nothing left to do
+    assert await ctx.store.get_schedule_state(post.id) is None  # nothing left to do
     # Done is done: a later pass publishes nothing twice.
     assert await _scheduler(ctx, when + timedelta(hours=1)).run_once() == 0
     assert len(await _queued(ctx)) == 0

@@ -54,7 +54,7 @@ async def test_a_batch_of_replies_is_one_commit_and_threads_within_itself(
     assert await shown_commits(ctx) - before == 1  # eight comments, one commit pages see
     assert await ctx.store.count_inbox() == {"done": 9}
     parent = await ctx.store.get_comment_by_ap_id(first["id"])
-    child = await ctx.store.get_comment_row(
+    child = await ctx.store.get_stored_comment(
         (await ctx.store.get_comment_by_ap_id(answer["id"])).id  # type: ignore[union-attr]
     )
     assert parent is not None
@@ -165,7 +165,7 @@ async def test_a_new_sender_is_fetched_before_the_shared_transaction(
 
     assert await ctx.store.count_inbox() == {"done": 3}
     assert await ctx.store.count_comments() == 3
-    row = await ctx.store.get_actor_row(stranger.id)
+    row = await ctx.store.get_cached_actor(stranger.id)
     assert row is not None
     assert row.fetched > datetime(2000, 1, 1, tzinfo=UTC)
 

@@ -87,7 +87,7 @@ async def test_sanitizing_proxying_and_keywords_run_while_the_write_lock_is_free
     for n, note in enumerate(notes, 1):
         row = await ctx.store.get_comment_by_ap_id(note["id"])
         assert row is not None
-        comment = await ctx.store.get_comment_row(row.id)
+        comment = await ctx.store.get_stored_comment(row.id)
         assert comment is not None
         picture = ctx.proxy.local_url(f"https://{ann.host}/m/{n}.png")
         assert picture in comment.content_html
@@ -161,7 +161,7 @@ async def test_one_note_delivered_three_times_in_a_batch_is_one_comment_and_thre
     for note in (first, answer, answer_to_answer):
         found = await ctx.store.get_comment_by_ap_id(note["id"])
         assert found is not None
-        rows[note["id"]] = await ctx.store.get_comment_row(found.id)
+        rows[note["id"]] = await ctx.store.get_stored_comment(found.id)
     assert rows[first["id"]].parent_id is None  # type: ignore[union-attr]
     assert rows[answer["id"]].parent_id == rows[first["id"]].id  # type: ignore[union-attr]
     assert (
@@ -187,7 +187,7 @@ async def test_a_keyword_held_reply_in_a_batch_is_held_and_the_others_published(
     for note in notes:
         row = await ctx.store.get_comment_by_ap_id(note["id"])
         assert row is not None
-        statuses.append((await ctx.store.get_comment_row(row.id)).status)  # type: ignore[union-attr]
+        statuses.append((await ctx.store.get_stored_comment(row.id)).status)  # type: ignore[union-attr]
     assert statuses == ["published", "pending", "pending", "published"]
     held = await ctx.store.list_comments_for_review(pending_only=True)
     assert {row.id for row in held} == {
@@ -195,7 +195,7 @@ async def test_a_keyword_held_reply_in_a_batch_is_held_and_the_others_published(
         for i in (1, 2)
     }
     reasons = {
-        (await ctx.store.get_comment_row(row.id)).held_reason  # type: ignore[union-attr]
+        (await ctx.store.get_stored_comment(row.id)).held_reason  # type: ignore[union-attr]
         for row in held
     }
     assert reasons == {held_for_keyword("casino")}
@@ -227,7 +227,7 @@ async def test_first_replies_in_a_batch_are_held_and_a_known_sender_is_published
 
     rows = [await ctx.store.get_comment_by_ap_id(a["object"]["id"]) for a in batch]
     assert [row.status for row in rows] == ["published", "pending", "pending"]  # type: ignore[union-attr]
-    second = await ctx.store.get_comment_row(rows[2].id)  # type: ignore[union-attr]
+    second = await ctx.store.get_stored_comment(rows[2].id)  # type: ignore[union-attr]
     assert second is not None
     assert second.held_reason == HELD_FIRST
 
@@ -316,7 +316,7 @@ async def test_rows_kept_for_later_are_read_back_in_their_transaction_and_rolled
     async def kept_then_undone() -> None:
         async with ctx.store.shared_transaction():
             kept = await ctx.store.save_comment_later(**fields(1))
-            row = await ctx.store.get_comment_row(kept)  # written before this read
+            row = await ctx.store.get_stored_comment(kept)  # written before this read
             seen.append(row.content_html if row is not None else "")
             raise Undo
 
@@ -440,7 +440,7 @@ async def test_drafts_stay_with_their_activities_across_a_rollback(
     for note in (a, b, poison, c):
         found = await ctx.store.get_comment_by_ap_id(note["id"])
         assert found is not None
-        rows[note["id"]] = await ctx.store.get_comment_row(found.id)
+        rows[note["id"]] = await ctx.store.get_stored_comment(found.id)
     assert rows[b["id"]].parent_id == rows[a["id"]].id  # type: ignore[union-attr]
     assert rows[c["id"]].parent_id == rows[b["id"]].id  # type: ignore[union-attr]
     assert [r.content_html for r in rows.values()] == [  # type: ignore[union-attr]

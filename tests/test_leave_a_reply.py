@@ -272,7 +272,7 @@ async def test_local_comment_is_held_then_shown_as_plain_text(
         "local",
         "Dana Reader",
     )
-    stored = await ctx.store.get_comment_row(held.id)
+    stored = await ctx.store.get_stored_comment(held.id)
     assert stored is not None
     assert stored.author_email == "dana.private@mail.example"
 

@@ -581,7 +581,7 @@ async def test_badly_signed_requests_store_no_actor_rows(tmp_path: Path) -> None
             assert_answer(response, 401, NOT_VERIFIED)
 
         assert rows() == before
-        assert await inbox.services.store.get_actor_row(alice.id) is None
+        assert await inbox.services.store.get_cached_actor(alice.id) is None
         assert inbox.fetched() == [alice.id]
 
         body = body_of(follow(alice.id))
@@ -589,5 +589,5 @@ async def test_badly_signed_requests_store_no_actor_rows(tmp_path: Path) -> None
 
         assert response.status_code == 202, response.text
         assert rows() == before + 1
-        assert await inbox.services.store.get_actor_row(alice.id) is not None
+        assert await inbox.services.store.get_cached_actor(alice.id) is not None
         assert inbox.fetched() == [alice.id]

@@ -226,7 +226,7 @@ async def test_the_local_form_with_a_parent_stores_the_parent(
 
     assert response.status_code == 303
     (held,) = await ctx.store.list_comments_for_review(pending_only=True)
-    row = await ctx.store.get_comment_row(held.id)
+    row = await ctx.store.get_stored_comment(held.id)
     assert row is not None
     assert row.parent_id == parent
     await ctx.store.set_comment_status(held.id, "published")

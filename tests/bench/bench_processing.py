@@ -66,7 +66,7 @@ async def seed(settings: Settings, pems: list[bytes], comments: int, backlog: in
             post_id = (await store.list_posts(limit=1))[0].id  # the blog's one post
             actors = []
             for n in range(bench_inbox.ACTORS):
-                row = await store.get_actor_row(bench_inbox.actor_id(n))
+                row = await store.get_cached_actor(bench_inbox.actor_id(n))
                 assert row is not None
                 actors.append(int(row.id))
             await bench_page.seed_comments(store, post_id, comments, actors)

@@ -222,7 +222,7 @@ async def _block_domain(ctx: Services, comment_id: int, form: dict[str, str]) ->
 
 
 async def _answer(ctx: Services, comment_id: int, form: dict[str, str]) -> None:
-    row = await ctx.store.get_comment_row(comment_id)
+    row = await ctx.store.get_stored_comment(comment_id)
     assert row is not None  # _act checked
     # The permalink names the response whatever new replies do to the page's numbers.
     await Answers(ctx.settings, ctx.store).publish(
@@ -259,7 +259,7 @@ async def _act(request: Request) -> Response:
     form = {k: v for k, v in (await read_form(request)).items() if isinstance(v, str)}
     back = _back(form.get("back"))
     comment_id: int = request.path_params["comment_id"]
-    row = await ctx.store.get_comment_row(comment_id)
+    row = await ctx.store.get_stored_comment(comment_id)
     if row is None:
         return _problem(request, f"No response has the number {comment_id}.", status=404, back=back)
     if await ctx.store.get_desk_response(comment_id) is None:
