@@ -9,7 +9,9 @@ the production transport (GuardedTransport, private addresses refused) instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -358,6 +360,38 @@ async def test_a_failure_is_remembered_so_page_views_fetch_nothing_more(
         assert (await pweb.get(pctx.proxy.local_url(PHOTO))).content == BLANK_GIF
 
     assert origin.asked[PHOTO] == 1
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        # cached, but nothing says as what; failed, but nothing says when
+        "UPDATE proxy_media SET status = 'cached', content_type = NULL WHERE key = ?",
+        "UPDATE proxy_media SET status = 'failed', fetched_at = NULL WHERE key = ?",
+    ],
+    ids=["cached-without-a-type", "failed-without-a-time"],
+)
+async def test_a_proxied_row_missing_what_it_needs_is_fetched_again(
+    pweb: httpx.AsyncClient, pctx: Services, origin: Origin, settings: Settings, damage: str
+) -> None:
+    """Nothing the blog writes leaves such a row (a hand-edited or restored database
+    could): it is fetched again, never served without a content type nor a 500."""
+    origin.serve(PHOTO, PNG, "image/png")
+    path = await proxied(pctx, PHOTO)
+    assert (await pweb.get(path)).status_code == 200
+    key = path.rsplit("/", 1)[1]
+    with contextlib.closing(sqlite3.connect(settings.database)) as db, db:
+        db.execute(damage, (key,))
+
+    response = await pweb.get(path)
+
+    assert response.status_code == 200
+    assert response.content == PNG
+    assert response.headers["content-type"] == "image/png"
+    assert origin.asked[PHOTO] == 2
+    row = await pctx.store.get_proxied(key)
+    assert row is not None
+    assert (row.status, row.content_type) == ("cached", "image/png")
 
 
 async def test_host_names_of_private_addresses_are_refused_in_production(
