@@ -210,6 +210,10 @@ class Crawler:
             self._crawl,
             concurrency=2,
             batch=20,
+            # Outcomes written 20 at a time, not one commit each: during a reply storm
+            # every reply is a crawl, and one commit per crawl took most of the write
+            # lock's time (a crash forgets at most 20, crawled again after the lease).
+            record_every=20,
             # Longer than a crawl may take (max_fetches GETs, each with its deadline).
             lease=timedelta(minutes=30),
             clock=clock,

@@ -1544,6 +1544,20 @@ class Store:
                 (activity_id, inbox, now, now),
             )
 
+    async def _any_due(self, table: str, now: datetime, *, null_is_due: bool = False) -> bool:
+        """Whether a queue (``table``: inbox, deliveries, crawls) holds a row due at
+        ``now``: a look on the reader before a claim. Workers are woken by every commit
+        of another process (runtime.py's watcher), and most of those find nothing due;
+        an empty claim would still take the write lock the inbox is waiting for."""
+        when = "(next_attempt_at IS NULL OR next_attempt_at <= ?)" if null_is_due else (
+            "next_attempt_at <= ?"
+        )
+        found = await self._fetchone(
+            f"SELECT 1 FROM {table} WHERE status = 'queued' AND {when} LIMIT 1",
+            (format_ts(now),),
+        )
+        return found is not None
+
     async def claim_deliveries(
         self, now: datetime, lease_until: datetime, limit: int
     ) -> list[DeliveryJob]:
@@ -1552,6 +1566,8 @@ class Store:
         Counted when claimed, so a crash mid-request cannot under-count attempts; a
         crash re-sends only what was in flight, once the lease ends.
         """
+        if not await self._any_due("deliveries", now):
+            return []
         async with self._transaction(shown=False) as db:
             rows = await db.execute_fetchall(
                 "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?1,"
@@ -1797,6 +1813,8 @@ class Store:
 
     async def claim_inbox(self, now: datetime, lease_until: datetime, limit: int) -> list[InboxJob]:
         """Take due activities in arrival order, count an attempt, lease them."""
+        if not await self._any_due("inbox", now, null_is_due=True):
+            return []
         async with self._transaction(shown=False) as db:
             rows = await db.execute_fetchall(
                 "UPDATE inbox SET attempts = attempts + 1, next_attempt_at = ?"
@@ -2220,6 +2238,8 @@ class Store:
     ) -> list[CrawlJob]:
         """Queue ``new`` crawls (as ``save_crawls``), then take due ones: count an
         attempt on each and lease it until ``lease_until``. One commit for both."""
+        if not new and not await self._any_due("crawls", now):
+            return []
         async with self._transaction(shown=False) as db:
             if new:
                 await self._insert_crawls(db, new, now)

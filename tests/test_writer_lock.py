@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -182,3 +184,27 @@ async def test_the_group_commit_inside_a_transaction_is_part_of_it(tmp_path: Pat
         async with store._transaction(shown=False), asyncio.timeout(5):
             await store.save_inbox_items([item])
         assert await store._fetchone("SELECT 1 FROM inbox WHERE dedup_key = 'key'")
+
+
+async def test_a_claim_with_nothing_due_never_waits_for_the_write_lock(tmp_path: Path) -> None:
+    """Workers are woken by every commit of another process; most wake-ups find nothing
+    due. Such a claim looks first, on the reader, and takes no write lock: it answers at
+    once while another process holds the lock, where a write fails at once (busy 0)."""
+    async with two_stores(tmp_path) as (_, store):
+        now = datetime.now(UTC)
+        later = now + timedelta(minutes=1)
+        holder = sqlite3.connect(tmp_path / "blog.db", isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            assert await store.claim_inbox(now, later, 10) == []
+            assert await store.claim_deliveries(now, later, 10) == []
+            assert await store.claim_crawls(now, later, 10) == []
+            holder.execute("ROLLBACK")
+            await store.save_inbox_items([InboxItem("key", "https://example.com/a", "Like", "{}")])
+            holder.execute("BEGIN IMMEDIATE")
+            with pytest.raises(StorageUnavailable, match="locked"):
+                await store.claim_inbox(now, later, 10)  # something is due: it must write
+        finally:
+            holder.close()
+        [job] = await store.claim_inbox(now, later, 10)
+        assert job.attempts == 1
