@@ -26,10 +26,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -583,106 +583,37 @@ def _moment(value: str | None) -> datetime | None:
     return parse_ts(value) if value else None
 
 
-def _delivery_state(row: sqlite3.Row) -> DeliveryState:
-    return DeliveryState(
-        id=row["id"],
-        type=row["type"],
-        inbox=row["inbox"],
-        status=row["status"],
-        attempts=row["attempts"],
-        next_attempt=parse_ts(row["next_attempt_at"]),
-        finished=_moment(row["finished_at"]),
-        last_error=row["last_error"],
+_R = TypeVar("_R")
+# Per record type and row shape: (field, column, conversion or None).
+_PLANS: dict[tuple[type[Any], tuple[str, ...]], list[tuple[str, str, Any]]] = {}
+
+
+def _record(cls: type[_R], row: sqlite3.Row) -> _R:
+    """The record ``cls`` (a dataclass of models.py) from a row: each field from the
+    column of its name, or from ``<field>_at`` for a time. Times are parsed (NULL stays
+    None), booleans made bool. The plan is worked out once per record and row shape."""
+    keys = tuple(row.keys())
+    plan = _PLANS.get((cls, keys))
+    if plan is None:
+        plan = _PLANS[(cls, keys)] = []
+        for field_ in fields(cls):  # type: ignore[arg-type]
+            column = field_.name if field_.name in keys else f"{field_.name}_at"
+            kind = str(field_.type)
+            convert = _moment if "datetime" in kind else bool if kind == "bool" else None
+            plan.append((field_.name, column, convert))
+    return cls(
+        **{
+            name: row[column] if convert is None else convert(row[column])
+            for name, column, convert in plan
+        }
     )
 
 
-def _host_deliveries(row: sqlite3.Row) -> HostDeliveries:
-    return HostDeliveries(
-        host=row["host"],
-        waiting=row["waiting"],
-        failing=row["failing"],
-        failed=row["failed"],
-        dead=row["dead"],
-        next_attempt=_moment(row["next_attempt_at"]),
-        last_error=row["last_error"],
-    )
 
 
-def _cached_actor(row: sqlite3.Row) -> CachedActor:
-    return CachedActor(
-        id=row["id"],
-        ap_id=row["ap_id"],
-        type=row["type"],
-        username=row["username"],
-        domain=row["domain"],
-        name=row["name"],
-        url=row["url"],
-        icon_url=row["icon_url"],
-        inbox=row["inbox"],
-        shared_inbox=row["shared_inbox"],
-        key_id=row["key_id"],
-        public_key_pem=row["public_key_pem"],
-        fetched=parse_ts(row["fetched_at"]),
-    )
 
 
-def _inbox_state(row: sqlite3.Row) -> InboxState:
-    return InboxState(
-        id=row["id"],
-        type=row["type"],
-        actor=row["actor_ap_id"],
-        status=row["status"],
-        attempts=row["attempts"],
-        next_attempt=_moment(row["next_attempt_at"]),
-        error=row["error"],
-        received=parse_ts(row["received_at"]),
-    )
 
-
-def _comment_state(row: sqlite3.Row) -> CommentState:
-    return CommentState(
-        id=row["id"],
-        post_id=row["post_id"],
-        status=row["status"],
-        visibility=row["visibility"],
-        published=parse_ts(row["published_at"]),
-        updated=_moment(row["updated_at"]),
-        received=parse_ts(row["received_at"]),
-        actor=row["actor"],
-    )
-
-
-def _stored_comment(row: sqlite3.Row) -> StoredComment:
-    return StoredComment(
-        id=row["id"],
-        post_id=row["post_id"],
-        parent_id=row["parent_id"],
-        ap_id=row["ap_id"],
-        slug=row["slug"],
-        actor=row["actor"],
-        content_html=row["content_html"],
-        visibility=row["visibility"],
-        status=row["status"],
-        held_reason=row["held_reason"],
-        author_email=row["author_email"],
-        by_author=bool(row["by_author"]),
-    )
-
-
-def _comment_for_review(row: sqlite3.Row) -> CommentForReview:
-    return CommentForReview(
-        id=row["id"],
-        slug=row["slug"],
-        status=row["status"],
-        visibility=row["visibility"],
-        source=row["source"],
-        published=parse_ts(row["published_at"]),
-        content_html=row["content_html"],
-        author_name=row["author_name"],
-        actor=row["actor"],
-        username=row["username"],
-        domain=row["domain"],
-    )
 
 
 def _reaction(row: sqlite3.Row) -> Reaction:
@@ -697,71 +628,10 @@ def _reaction(row: sqlite3.Row) -> Reaction:
     return Reaction(type=row["type"], content=row["content"], author=author)
 
 
-def _crawl_state(row: sqlite3.Row) -> CrawlState:
-    return CrawlState(
-        found_by=row["found_by"],
-        depth=row["depth"],
-        status=row["status"],
-        rounds=row["rounds"],
-        attempts=row["attempts"],
-        next_attempt=parse_ts(row["next_attempt_at"]),
-        last_error=row["last_error"],
-        created=parse_ts(row["created_at"]),
-        finished=_moment(row["finished_at"]),
-    )
 
 
-def _notification_state(row: sqlite3.Row) -> NotificationState:
-    return NotificationState(
-        comment_id=row["comment_id"],
-        event=row["event"],
-        status=row["status"],
-        attempts=row["attempts"],
-        last_error=row["last_error"],
-    )
 
 
-def _schedule_state(row: sqlite3.Row) -> ScheduleState:
-    return ScheduleState(
-        status=row["status"],
-        attempts=row["attempts"],
-        next_attempt=parse_ts(row["next_attempt_at"]),
-        error=row["error"],
-    )
-
-
-def _proxied_media(row: sqlite3.Row) -> ProxiedMedia:
-    return ProxiedMedia(
-        key=row["key"],
-        url=row["url"],
-        kind=row["kind"],
-        status=row["status"],
-        content_type=row["content_type"],
-        error=row["error"],
-        fetched=_moment(row["fetched_at"]),
-        used=_moment(row["used_at"]),
-    )
-
-
-def _desk_session(row: sqlite3.Row) -> DeskSession:
-    return DeskSession(
-        key=row["key"],
-        created=parse_ts(row["created_at"]),
-        last_seen=parse_ts(row["last_seen_at"]),
-        expires=parse_ts(row["expires_at"]),
-        ip=row["ip"],
-        user_agent=row["user_agent"],
-    )
-
-
-def _queue_stats(row: sqlite3.Row) -> QueueStats:
-    return QueueStats(
-        inbox_queued=row["inbox_queued"],
-        deliveries_queued=row["deliveries_queued"],
-        oldest_waiting=_moment(row["oldest_waiting"]),
-        last_received=_moment(row["last_received"]),
-        last_processed=_moment(row["last_processed"]),
-    )
 
 
 async def _returning(db: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> int:
@@ -1644,7 +1514,7 @@ class Store:
             " ORDER BY d.id DESC LIMIT ?",
             (*statuses, limit),
         )
-        return [_delivery_state(row) for row in rows]
+        return [_record(DeliveryState, row) for row in rows]
 
     async def count_deliveries(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT status, count(*) AS n FROM deliveries GROUP BY status")
@@ -1750,7 +1620,7 @@ class Store:
         row = await self._fetchone(
             "SELECT * FROM actors WHERE ap_id = ? AND deleted_at IS NULL", (ap_id,)
         )
-        return _cached_actor(row) if row else None
+        return _record(CachedActor, row) if row else None
 
     async def mark_key_refreshed(self, ap_id: str, when: datetime) -> None:
         async with self._transaction(shown=False) as db:
@@ -1837,13 +1707,13 @@ class Store:
         """Inbound activities, newest first: all, or those failed or waiting to retry."""
         where = "status = 'failed' OR error IS NOT NULL AND status = 'queued'"
         rows = await self._fetchall(
-            "SELECT id, type, actor_ap_id, status, attempts, next_attempt_at, error,"
+            "SELECT id, type, actor_ap_id AS actor, status, attempts, next_attempt_at, error,"
             " received_at, processed_at FROM inbox"
             + (f" WHERE {where}" if problems_only else "")
             + " ORDER BY id DESC LIMIT ?",
             (limit,),
         )
-        return [_inbox_state(row) for row in rows]
+        return [_record(InboxState, row) for row in rows]
 
     async def count_inbox(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT status, count(*) AS n FROM inbox GROUP BY status")
@@ -1869,7 +1739,7 @@ class Store:
             " LEFT JOIN actors a ON a.id = c.actor_id WHERE c.ap_id = ?",
             (ap_id,),
         )
-        return _comment_state(row) if row else None
+        return _record(CommentState, row) if row else None
 
     async def get_stored_comment(self, comment_id: int) -> StoredComment | None:
         row = await self._fetchone(
@@ -1878,7 +1748,7 @@ class Store:
             " WHERE c.id = ?",
             (comment_id,),
         )
-        return _stored_comment(row) if row else None
+        return _record(StoredComment, row) if row else None
 
     async def save_comment_edit(
         self,
@@ -1943,7 +1813,7 @@ class Store:
             f" JOIN posts p ON p.id = c.post_id WHERE {where} ORDER BY c.id DESC LIMIT ?",
             (limit,),
         )
-        return [_comment_for_review(row) for row in rows]
+        return [_record(CommentForReview, row) for row in rows]
 
     # ---- likes and boosts ----------------------------------------------------------
 
@@ -2307,7 +2177,7 @@ class Store:
     async def get_crawl(self, ap_id: str) -> CrawlState | None:
         """The crawl of the comment with this id."""
         row = await self._fetchone("SELECT * FROM crawls WHERE ap_id = ?", (ap_id,))
-        return _crawl_state(row) if row else None
+        return _record(CrawlState, row) if row else None
 
     async def count_crawls(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT status, count(*) AS n FROM crawls GROUP BY status")
@@ -2371,7 +2241,7 @@ class Store:
             " ORDER BY c.id DESC LIMIT ?",
             (format_ts(since), limit),
         )
-        return [_comment_for_review(row) for row in rows]
+        return [_record(CommentForReview, row) for row in rows]
 
     # The private feed's token, and other facts kept in the meta table.
 
@@ -2450,7 +2320,7 @@ class Store:
             " created_at, finished_at FROM notifications ORDER BY id DESC LIMIT ?",
             (limit,),
         )
-        return [_notification_state(row) for row in rows]
+        return [_record(NotificationState, row) for row in rows]
 
     async def count_notifications(self) -> dict[str, int]:
         rows = await self._fetchall(
@@ -2581,7 +2451,7 @@ class Store:
             "SELECT status, attempts, next_attempt_at, error FROM post_schedule WHERE post_id = ?",
             (post_id,),
         )
-        return _schedule_state(row) if row else None
+        return _record(ScheduleState, row) if row else None
 
     async def set_post_pinned(
         self, post: Post, pinned_at: datetime | None, activity: OutgoingActivity
@@ -2679,7 +2549,7 @@ class Store:
             " used_at FROM proxy_media WHERE key = ?",
             (key,),
         )
-        return _proxied_media(row) if row else None
+        return _record(ProxiedMedia, row) if row else None
 
     async def record_proxied_fetch(
         self, key: str, *, content_type: str | None, size: int, error: str | None
@@ -2786,11 +2656,11 @@ class Store:
 
     async def get_desk_session(self, key: str) -> DeskSession | None:
         row = await self._fetchone("SELECT * FROM desk_sessions WHERE key = ?", (key,))
-        return _desk_session(row) if row else None
+        return _record(DeskSession, row) if row else None
 
     async def list_desk_sessions(self) -> list[DeskSession]:
         rows = await self._fetchall("SELECT * FROM desk_sessions ORDER BY last_seen_at DESC")
-        return [_desk_session(row) for row in rows]
+        return [_record(DeskSession, row) for row in rows]
 
     async def mark_desk_session_seen(self, key: str, when: datetime) -> None:
         async with self._transaction(shown=False) as db:
@@ -2878,7 +2748,7 @@ class Store:
             "  WHERE status != 'queued' ORDER BY processed_at DESC LIMIT 1) l"
         )
         assert row is not None  # one row, always
-        return _queue_stats(row)
+        return _record(QueueStats, row)
 
     # archive and neighbours: months are UTC calendar months, as published_at is stored
     # (format_ts), so a month is a text prefix and a range on the posts_live index.
@@ -3077,7 +2947,7 @@ class Store:
             " FROM d GROUP BY host ORDER BY sum(bad) > 0 DESC, sum(bad) DESC, host LIMIT ?",
             (limit,),
         )
-        return [_host_deliveries(row) for row in rows]
+        return [_record(HostDeliveries, row) for row in rows]
 
     async def save_deliveries_due(
         self, now: datetime, *, host: str | None = None, delivery_id: int | None = None
@@ -3209,7 +3079,7 @@ class Store:
                 f"SELECT * FROM actors WHERE ap_id IN ({_marks(chunk)}) AND deleted_at IS NULL",
                 chunk,
             )
-            found.update((row["ap_id"], _cached_actor(row)) for row in rows)
+            found.update((row["ap_id"], _record(CachedActor, row)) for row in rows)
         return found
 
     # ---- responses paged by count ----
