@@ -832,6 +832,13 @@ def test_a_number_of_web_processes_out_of_range_is_one_line_and_exit_2(
     assert "Traceback" not in result.stderr
 
 
+def _supervise(script: str) -> subprocess.CompletedProcess[str]:
+    """Run a Supervisor script in a process of its own (its children are forked from it)."""
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
 _FLAPPING = """
 import sys
 from fediblog import supervisor
@@ -845,13 +852,7 @@ sys.exit(supervisor.Supervisor(children, grace=1).run())
 
 
 def test_a_child_that_keeps_exiting_stops_them_all_and_exits_1() -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", _FLAPPING],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = _supervise(_FLAPPING)
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines.count("fediblog: the flapping one exited (exit status 3): starting it again") == 5
@@ -930,13 +931,7 @@ sys.exit(supervisor.Supervisor(children, grace=30).run())
 
 def test_a_stop_while_children_start_reaches_every_one_of_them() -> None:
     # A child the SIGTERM missed would be killed only after the 30 s grace period.
-    result = subprocess.run(
-        [sys.executable, "-c", _STOPPED_WHILE_STARTING],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=False,
-    )
+    result = _supervise(_STOPPED_WHILE_STARTING)
     assert result.returncode == 0, result.stderr
     assert "did not stop in time" not in result.stderr
     assert "exited" not in result.stderr  # stopped, not exits to report
@@ -968,13 +963,7 @@ sys.exit(supervisor.Supervisor([supervisor.Child("only one", child)], grace=5).r
 
 
 def test_a_fork_that_fails_is_tried_again() -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", _NO_FORK_ONCE],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=False,
-    )
+    result = _supervise(_NO_FORK_ONCE)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "started\n"
     assert result.stderr == (
