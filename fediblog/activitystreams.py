@@ -732,7 +732,10 @@ def strip_fragment(url: str) -> str:
 
 
 def is_unicode(text: str) -> bool:
-    """Whether SQLite can store it: JSON may escape half a surrogate pair ("\\ud800")."""
+    """Whether every database can store it as text: JSON may escape half a surrogate
+    pair ("\\ud800"), or a NUL ("\\u0000"), which PostgreSQL's text cannot hold."""
+    if "\x00" in text:
+        return False
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

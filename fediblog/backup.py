@@ -97,9 +97,19 @@ def _private_folder(path: Path) -> None:
 # ---- backup ------------------------------------------------------------------------
 
 
+def _refuse_postgresql(settings: Settings, command: str) -> None:
+    if settings.database_url:
+        raise StorageError(
+            f"`fediblog {command}` is for an SQLite file; this blog is on PostgreSQL"
+            f" ({settings.database_location_shown}): back its database up with"
+            " PostgreSQL's own tools (pg_dump, pg_restore), and the keys folder with it"
+        )
+
+
 def backup(settings: Settings, folder: Path) -> Summary:
     """Copy the live database and the keys into ``folder`` (new or empty)."""
     started = time.monotonic()
+    _refuse_postgresql(settings, "backup")
     database = settings.database
     if not database.is_file():
         raise StorageError(f"no database at {database}: nothing to back up")
@@ -236,6 +246,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 def restore(settings: Settings, folder: Path, *, force: bool = False) -> dict[str, Any]:
     """Put a backup's database and keys in place; return its manifest."""
+    _refuse_postgresql(settings, "restore")
     manifest = read_manifest(folder)
     _check_copy(folder / DATABASE)
     database = settings.database

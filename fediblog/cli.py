@@ -15,6 +15,7 @@ import re
 import shlex
 import sqlite3
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -25,13 +26,15 @@ from fediblog.config import (
     NoBaseUrl,
     Settings,
     find_blog,
+    is_database_url,
     load_settings,
+    without_password,
     write_config,
 )
 from fediblog.errors import ConfigError, FediblogError, StorageError
 from fediblog.keys import ensure_keys, fingerprint, load_key
 from fediblog.models import Post, PostDraft, actor_address, actor_handle, format_ts, utcnow
-from fediblog.store import Store
+from fediblog.store import PostgresStore, Store, copy_blog
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -226,6 +229,23 @@ def _parser() -> argparse.ArgumentParser:
         help="replace an existing database and keys (stop the server first)",
     )
 
+    migrate = commands.add_parser(
+        "migrate",
+        help="move the blog from its SQLite file to a PostgreSQL database (keys untouched)",
+        description="Copies every row of the SQLite database into an empty PostgreSQL"
+        " database, ids and all, in one transaction: a failed copy leaves it empty. Stop"
+        " the server first; afterwards, set FEDIBLOG_DATABASE to the URL and start it. The"
+        " SQLite file is only read, and the keys stay where they are.",
+    )
+    migrate.add_argument(
+        "--from", dest="source", type=Path, required=True, metavar="FILE",
+        help="the SQLite database (data/fediblog.db)",
+    )  # fmt: skip
+    migrate.add_argument(
+        "--to", dest="target", required=True, metavar="URL",
+        help="postgresql://user:password@host/database, an empty database",
+    )  # fmt: skip
+
     check = commands.add_parser(
         "check",
         help="test the blog through its public URL: TLS, discovery, actor, signatures, proxy",
@@ -254,7 +274,7 @@ async def _with_blog(
 ) -> None:
     # Only `init` and `demo` create a database: anywhere else a missing one is a wrong
     # folder, and an empty blog made there would hide the real one.
-    store = await Store.open(settings.database, create=create)
+    store = await Store.open(settings.store_location, create=create)
     try:
         await action(Blog(settings, store))
     finally:
@@ -266,10 +286,15 @@ async def _with_blog(
 _NO_DATABASE_NEEDED = ("init", "demo", "restore", "check")
 
 
+def _where(settings: Settings) -> str:
+    """The database, as a person is told where it is: never its password."""
+    return settings.database_location_shown
+
+
 def _require_blog(settings: Settings, data: Path | None) -> None:
     """One line, and nothing created, when the blog is not where we looked."""
-    if settings.database.exists():
-        return
+    if settings.database_url or settings.database.exists():
+        return  # a PostgreSQL server's database: opening it says what is wrong
     folder = find_blog(data).folder
     named = "the current folder" if folder == Path(".") else shlex.quote(str(folder))
     flag = f" --data {shlex.quote(str(data))}" if data is not None else ""
@@ -319,7 +344,7 @@ def _init(args: argparse.Namespace) -> None:
         await blog.store.migrate()
 
     asyncio.run(_with_blog(settings, migrate, create=True))
-    print(f"database ready: {settings.database}")
+    print(f"database ready: {_where(settings)}")
     for path in created:
         print(f"created {path}")
     if not any(path.suffix == ".pem" for path in created):
@@ -423,7 +448,7 @@ def _run_worker(settings: Settings, roles: tuple[str, ...] | None = None) -> Non
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(
         f"fediblog: worker for @{settings.acct} running {', '.join(roles)}"
-        f" on {settings.database} (pid {os.getpid()})",
+        f" on {_where(settings)} (pid {os.getpid()})",
         file=sys.stderr,
         flush=True,
     )
@@ -859,6 +884,30 @@ def _check(settings: Settings, peer: str | None) -> int:
     return 1 if any(result.status == "FAIL" for result in results) else 0
 
 
+def _migrate(source: Path, target: str) -> None:
+    if not is_database_url(target):
+        raise UsageError(f"--to must be a postgresql:// URL, not {target!r}")
+    shown = without_password(target)
+
+    async def run() -> dict[str, int]:
+        old = await Store.open(source, create=False)
+        try:
+            new = await Store.open(target)
+            try:
+                assert isinstance(new, PostgresStore)
+                return await copy_blog(old, new)
+            finally:
+                await new.close()
+        finally:
+            await old.close()
+
+    started = time.monotonic()
+    copied = asyncio.run(run())
+    rows = ", ".join(f"{count:,} {table}" for table, count in copied.items() if count)
+    print(f"copied {source} to {shown} in {time.monotonic() - started:.1f} s: {rows}")
+    print(f"next: set FEDIBLOG_DATABASE={shown} (with its password) and start fediblog")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     database: Path | None = args.database if args.command == "demo" else None
@@ -868,6 +917,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "init":
             _init(args)
+            return 0
+        if args.command == "migrate":
+            database = args.source
+            _migrate(args.source, args.target)
             return 0
         settings = _load(args)
         database = settings.database

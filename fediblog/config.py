@@ -51,6 +51,9 @@ class Settings:
     description: str = "A blog that lives in the fediverse."
     author: str = "The author"
     database: Path = Path("data/fediblog.db")
+    # FEDIBLOG_DATABASE=postgresql://user:password@host/name: the blog's data on a
+    # PostgreSQL server instead of the SQLite file above (store.py); "" for SQLite.
+    database_url: str = setting(default="", repr=False)  # may hold a password
     keys_dir: Path = Path("keys")
     allow_http: bool = False
     allow_private_addresses: bool = False
@@ -93,6 +96,16 @@ class Settings:
     # ---- derived values -------------------------------------------------------
 
     @property
+    def store_location(self) -> Path | str:
+        """What ``Store.open`` takes: the PostgreSQL URL, or the SQLite file."""
+        return self.database_url or self.database
+
+    @property
+    def database_location_shown(self) -> str:
+        """Where the data is, for messages: the file, or the URL without its password."""
+        return without_password(self.database_url) if self.database_url else str(self.database)
+
+    @property
     def host(self) -> str:
         """The public host, with its port when it is not the scheme's default."""
         return urlsplit(self.base_url).netloc
@@ -113,6 +126,20 @@ class Settings:
     def url(self, path: str) -> str:
         """An absolute URL on this blog for a path that starts with ``/``."""
         return self.base_url + path
+
+
+def without_password(url: str) -> str:
+    """A URL as messages show it: its password, if any, as ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def is_database_url(value: object) -> bool:
+    """Whether a FEDIBLOG_DATABASE value names a PostgreSQL server, not a file."""
+    return isinstance(value, str) and value.strip().startswith(("postgresql://", "postgres://"))
 
 
 _BOOL_TRUE = {"1", "true", "yes", "on"}
@@ -241,11 +268,12 @@ def _read_toml(path: Path, folder: Path) -> dict[str, Any]:
         return {}
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"cannot read {path}: {error}") from None
-    unknown = set(data) - {f.name for f in fields(Settings)}
+    unknown = set(data) - {f.name for f in fields(Settings)} | {"database_url"} & set(data)
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}")
     for name in _DEFAULT_PATHS:
-        if isinstance(data.get(name), str):  # relative to the file, wherever we run from
+        if isinstance(data.get(name), str) and not is_database_url(data[name]):
+            # Relative to the file, wherever we run from.
             data[name] = folder / Path(data[name]).expanduser()
     for name in _IMAGE_FILES:  # files too, though kept as text ("" means none)
         if isinstance(data.get(name), str) and data[name].strip():
@@ -266,6 +294,10 @@ def load_settings(
         if name in env:
             raw[field.name] = env[name]
     raw.update({key: value for key, value in overrides.items() if value is not None})
+    # Set through FEDIBLOG_DATABASE (or database in fediblog.toml) only, never by name.
+    raw.pop("database_url", None)
+    if is_database_url(raw.get("database")):
+        raw["database_url"] = str(raw.pop("database")).strip()
     if "base_url" not in raw and not _to_bool("FEDIBLOG_ALLOW_HTTP", raw.get("allow_http", False)):
         # Not "is http": nobody chose http, nobody chose anything yet.
         found = "has no base_url" if where.config.is_file() else "does not exist"

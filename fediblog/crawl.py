@@ -44,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import sqlite3
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from fediblog.errors import (
     FediblogError,
     FetchError,
     FetchStatus,
+    StorageConflict,
 )
 from fediblog.models import CrawlJob, JsonObject, format_ts, utcnow
 from fediblog.netguard import address_allowed
@@ -541,7 +541,7 @@ class Crawler:
         except ActivityError as error:
             log.info("not saving %s: %s", document.get("id"), error)
             return False
-        except sqlite3.IntegrityError:
+        except StorageConflict:
             return True  # delivered to the inbox while we fetched it: it is here
         return saved is not None
 

@@ -5,7 +5,8 @@ Callers catch at the level they care about:
     FediblogError
     ├── ConfigError          a setting is missing or wrong (CLI: one line, exit 2)
     ├── StorageError         the database cannot be opened or used
-    │   └── StorageUnavailable  busy, locked, full, read-only or gone: retry later
+    │   ├── StorageUnavailable  busy, locked, full, read-only or gone: retry later
+    │   └── StorageConflict  a unique key refused a write (another writer was first)
     ├── PostError            a post file or command is wrong (CLI: one line, exit 1)
     │   ├── PostNotFound     no post with that slug
     │   └── DuplicateSlug    the slug is taken
@@ -45,6 +46,11 @@ class StorageUnavailable(StorageError):
 
     Transient from a queue's point of view: the work stays queued and is retried.
     """
+
+
+class StorageConflict(StorageError):
+    """A write broke one of the database's rules, a unique key mostly: another writer
+    stored the same thing first (a reply delivered while the crawl fetched it)."""
 
 
 class WorkerFailed(FediblogError):

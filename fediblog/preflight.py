@@ -32,7 +32,10 @@ LOCK_WAIT = 5.0  # seconds to wait for another process's write transaction at st
 def check_before_serving(settings: Settings) -> None:
     """Raise ConfigError or StorageError, with one line, if the blog cannot be served."""
     check_keys(settings.keys_dir)
-    check_database(settings.database)
+    if settings.database_url:
+        asyncio.run(_open_and_close(settings.database_url))  # reachable, schema current
+    else:
+        check_database(settings.database)
     trusted_context()  # SSL_CERT_FILE / SSL_CERT_DIR naming nothing: one line, not a traceback
 
 
@@ -147,6 +150,6 @@ def _check_writable(database: Path) -> None:
         connection.close()
 
 
-async def _open_and_close(database: Path) -> None:
+async def _open_and_close(database: Path | str) -> None:
     store = await Store.open(database)
     await store.close()

@@ -170,7 +170,7 @@ class Runtime:
                 allow_http=settings.allow_http,
                 allow_private_addresses=settings.allow_private_addresses,
             )
-            store = await Store.open(settings.database)
+            store = await Store.open(settings.store_location)
             stack.push_async_callback(store.close)
 
             def http_client(max_per_host: int | None = None) -> httpx.AsyncClient:

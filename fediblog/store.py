@@ -1,8 +1,12 @@
 """All SQL lives here: the schema, its numbered migrations, and every query.
 
-The rest of fediblog talks to ``Store`` in terms of the records in ``models``.
-A PostgreSQL backend would be a second class with the same methods; nothing
-outside this module writes SQL.
+The rest of fediblog talks to ``Store`` in terms of the records in ``models``;
+nothing outside this module writes SQL. ``Store`` is SQLite (aiosqlite), the embedded
+default; ``PostgresStore`` (at the end, through asyncpg) is the same class on a
+PostgreSQL server, for a blog run by several processes or machines. Each query is
+written once for both: the few spellings that differ are class attributes the
+PostgreSQL class overrides, and the migrations are SQLite's DDL, which
+``_postgres_ddl`` turns into PostgreSQL's.
 
 SQLite runs in WAL mode so readers never wait for the writer, with
 ``synchronous=FULL`` so that a commit that returned survives a power cut. Processes
@@ -19,11 +23,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
+import heapq
 import json
 import os
+import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
@@ -33,7 +49,14 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from fediblog.errors import DuplicateSlug, PostNotFound, StorageError, StorageUnavailable
+from fediblog.config import without_password
+from fediblog.errors import (
+    DuplicateSlug,
+    PostNotFound,
+    StorageConflict,
+    StorageError,
+    StorageUnavailable,
+)
 from fediblog.models import (
     ActorKey,
     Author,
@@ -438,12 +461,16 @@ _VISIBLE = (
 )
 _COUNTED = f"c.status = 'published' AND c.visibility IN ('public', 'unlisted') AND {_NOT_BLOCKED}"
 
-_POST_COLUMNS = f"""
+
+def _post_columns(tags: str) -> str:
+    """A post's columns; ``tags`` joins its tags with _TAG_SEPARATOR (per dialect)."""
+    return f"""
     p.id, p.uid, p.slug, p.title, p.summary, p.body_md, p.body_html, p.image, p.image_alt,
     p.published_at, p.updated_at, p.state, p.pinned_at,
-    (SELECT group_concat(t.tag, char(31)) FROM post_tags t WHERE t.post_id = p.id) AS tags,
+    (SELECT {tags} FROM post_tags t WHERE t.post_id = p.id) AS tags,
     (SELECT count(*) FROM comments c WHERE c.post_id = p.id AND {_COUNTED}) AS responses
 """
+
 
 # A commenter's avatar as readers' browsers load it: through the media proxy (proxy.py),
 # never from the commenter's server; none (the default picture) until it is proxied.
@@ -469,7 +496,7 @@ _RECORD_INBOX = """
     UPDATE inbox SET
         status = CASE :status WHEN 'done' THEN 'done' WHEN 'failed' THEN 'failed'
                  ELSE 'queued' END,
-        attempts = attempts - (:status = 'release'),
+        attempts = attempts - CASE WHEN :status = 'release' THEN 1 ELSE 0 END,
         next_attempt_at = :retry_at,
         error = coalesce(:error, error),
         processed_at = CASE WHEN :status IN ('done', 'failed') THEN :now END
@@ -479,7 +506,7 @@ _RECORD_DELIVERY = """
     UPDATE deliveries SET
         status = CASE :status WHEN 'done' THEN 'sent' WHEN 'failed' THEN
                  CASE WHEN :gave_up THEN 'dead' ELSE 'failed' END ELSE 'queued' END,
-        attempts = attempts - (:status = 'release'),
+        attempts = attempts - CASE WHEN :status = 'release' THEN 1 ELSE 0 END,
         next_attempt_at = coalesce(:retry_at, next_attempt_at),
         last_error = CASE :status WHEN 'release' THEN last_error ELSE :error END,
         finished_at = CASE WHEN :status IN ('done', 'failed') THEN :now END,
@@ -492,7 +519,7 @@ _RECORD_SCHEDULE = """
     UPDATE post_schedule SET
         status = CASE :status WHEN 'done' THEN 'done' WHEN 'failed' THEN 'failed'
                  ELSE 'queued' END,
-        attempts = attempts - (:status = 'release'),
+        attempts = attempts - CASE WHEN :status = 'release' THEN 1 ELSE 0 END,
         next_attempt_at = coalesce(:retry_at, next_attempt_at),
         error = CASE :status WHEN 'release' THEN error ELSE :error END,
         finished_at = CASE WHEN :status IN ('done', 'failed') THEN :now END
@@ -770,6 +797,10 @@ class Store:
     a row another one is about to roll back.
     """
 
+    # What differs between the dialects, overridden by PostgresStore.
+    _POST_COLUMNS = _post_columns("group_concat(t.tag, char(31))")
+    _SKIP_LOCKED = ""  # a claim's subquery: other processes' claims wait (one writer)
+
     def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection, path: Path) -> None:
         self._db = db
         self._reader = reader
@@ -789,8 +820,12 @@ class Store:
         return self._path
 
     @classmethod
-    async def open(cls, path: Path, *, create: bool = True) -> Store:
-        """Open and migrate the database at ``path``; create it only if ``create``."""
+    async def open(cls, path: Path | str, *, create: bool = True) -> Store:
+        """Open and migrate the database at ``path``; create it only if ``create``.
+        A ``postgresql://`` URL opens a PostgresStore instead (``create`` is moot: the
+        server's database exists, and its schema is made on first use)."""
+        if isinstance(path, str):
+            return await PostgresStore.connect(path)
         if not create and _identity(path) is None:
             raise StorageError(f"no database at {path}: run `fediblog init` first")
         connections: list[aiosqlite.Connection] = []
@@ -899,8 +934,8 @@ class Store:
     # Moved by every committed write a page shows (``shown``), from any process.
     _SHOWN_GENERATION = "shown_generation"
     _BUMP_SHOWN = (
-        "INSERT INTO meta (key, value) VALUES ('shown_generation', 1)"
-        " ON CONFLICT (key) DO UPDATE SET value = value + 1"
+        "INSERT INTO meta (key, value) VALUES ('shown_generation', '1') ON CONFLICT (key)"
+        " DO UPDATE SET value = CAST(CAST(meta.value AS INTEGER) + 1 AS TEXT)"
     )
 
     @asynccontextmanager
@@ -931,28 +966,47 @@ class Store:
             token = _writing.set(asyncio.current_task())
             try:
                 try:
-                    await self._on_writer(self._begin)
+                    await self._start_writing()
                     yield self._db
                     if shown:  # other processes' page caches see it (``version``)
                         await self._db.execute(self._BUMP_SHOWN)
-                    self._check_identity()
-                    await self._on_writer(self._commit)
+                    await self._finish_writing(shown=shown)
                 except BaseException as error:
-                    # Always, and never on in_transaction: a BEGIN cancelled while it
-                    # waited (a /healthz deadline, a shutdown) still runs on aiosqlite's
-                    # thread, after which in_transaction turns true with nobody to end
-                    # it, and every later write would fail. The thread runs in order,
-                    # so this ROLLBACK comes after that BEGIN; with none open it fails
-                    # (and lets go of the writer lock all the same).
-                    with contextlib.suppress(sqlite3.Error):
-                        await self._on_writer(self._rollback)
-                    if isinstance(error, sqlite3.OperationalError):
-                        raise _unavailable(self._path, error) from error
+                    await self._abort_writing()
+                    failure = self._storage_failure(error)
+                    if failure is not None:
+                        raise failure from error
                     raise
             finally:
                 _writing.reset(token)
             if shown:
                 self._writes += 1
+
+    # How a write transaction starts, ends and fails, per backend.
+    async def _start_writing(self) -> None:
+        await self._on_writer(self._begin)
+
+    async def _finish_writing(self, *, shown: bool) -> None:
+        self._check_identity()
+        await self._on_writer(self._commit)
+
+    async def _abort_writing(self) -> None:
+        # Always, and never on in_transaction: a BEGIN cancelled while it waited (a
+        # /healthz deadline, a shutdown) still runs on aiosqlite's thread, after which
+        # in_transaction turns true with nobody to end it, and every later write would
+        # fail. The thread runs in order, so this ROLLBACK comes after that BEGIN; with
+        # none open it fails (and lets go of the writer lock all the same).
+        with contextlib.suppress(sqlite3.Error):
+            await self._on_writer(self._rollback)
+
+    def _storage_failure(self, error: BaseException) -> StorageError | None:
+        """The StorageError to raise for ``error`` from the database, or None to let it
+        through: a locked, busy, full or read-only database is unavailable for now."""
+        if isinstance(error, sqlite3.OperationalError):
+            return _unavailable(self._path, error)
+        if isinstance(error, sqlite3.IntegrityError):
+            return StorageConflict(f"the database {self._path} refused a write: {error}")
+        return None
 
     async def _write_at_once(self, work: Callable[[sqlite3.Connection], None]) -> None:
         """Run ``work`` in a write transaction of its own, in one trip to the writer's
@@ -1058,9 +1112,10 @@ class Store:
         scheduled one with its row in the schedule, due at ``published``."""
         async with self._transaction() as db:
             await self._ensure_slug_free(draft.slug, post_id=None)
-            cursor = await db.execute(
+            post_id = await _returning(
+                db,
                 "INSERT INTO posts (uid, slug, title, summary, body_md, body_html, image,"
-                " published_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " published_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (
                     uid,
                     draft.slug,
@@ -1072,8 +1127,6 @@ class Store:
                     format_ts(published),
                 ),
             )
-            post_id = cursor.lastrowid
-            assert post_id is not None
             await self._save_image_alt(db, post_id, draft.image_alt)
             await self._save_tags(post_id, draft.tags)
             if state != "published":
@@ -1118,7 +1171,8 @@ class Store:
             )
             if draft.slug != post.slug:
                 await db.execute(
-                    "INSERT OR REPLACE INTO old_slugs (slug, post_id) VALUES (?, ?)",
+                    "INSERT INTO old_slugs (slug, post_id) VALUES (?, ?)"
+                    " ON CONFLICT (slug) DO UPDATE SET post_id = excluded.post_id",
                     (post.slug, post.id),
                 )
                 await db.execute("DELETE FROM old_slugs WHERE slug = ?", (draft.slug,))
@@ -1148,8 +1202,9 @@ class Store:
             )
             await db.execute("DELETE FROM old_slugs WHERE post_id = ?", (post.id,))
             await db.execute(
-                "INSERT OR REPLACE INTO tombstones (ap_id, former_type, deleted_at)"
-                " VALUES (?, 'Post', ?)",
+                "INSERT INTO tombstones (ap_id, former_type, deleted_at) VALUES (?, 'Post', ?)"
+                " ON CONFLICT (ap_id) DO UPDATE SET actor_ap_id = NULL,"
+                " former_type = excluded.former_type, deleted_at = excluded.deleted_at",
                 (object_id, format_ts(deleted)),
             )
             if activity is not None:
@@ -1171,7 +1226,7 @@ class Store:
 
     async def _save_tags(self, post_id: int, tags: Iterable[str]) -> None:
         await self._db.executemany(
-            "INSERT OR IGNORE INTO post_tags (post_id, tag) VALUES (?, ?)",
+            "INSERT INTO post_tags (post_id, tag) VALUES (?, ?) ON CONFLICT DO NOTHING",
             [(post_id, tag) for tag in tags],
         )
 
@@ -1182,7 +1237,7 @@ class Store:
         also finds drafts and scheduled posts (for their author)."""
         live = "p.deleted_at IS NULL" if any_state else _LIVE_POST
         row = await self._fetchone(
-            f"SELECT {_POST_COLUMNS} FROM posts p WHERE p.{column} = ? AND {live}", (value,)
+            f"SELECT {self._POST_COLUMNS} FROM posts p WHERE p.{column} = ? AND {live}", (value,)
         )
         return _post(row) if row else None
 
@@ -1227,13 +1282,13 @@ class Store:
         pinned = "p.pinned_at IS NULL, p.pinned_at DESC, " if pinned_first else ""
         if tag is None:
             rows = await self._fetchall(
-                f"SELECT {_POST_COLUMNS} FROM posts p WHERE {_LIVE_POST}"
+                f"SELECT {self._POST_COLUMNS} FROM posts p WHERE {_LIVE_POST}"
                 f" ORDER BY {pinned}p.published_at DESC, p.id DESC LIMIT ? OFFSET ?",
                 (limit, offset),
             )
         else:
             rows = await self._fetchall(
-                f"SELECT {_POST_COLUMNS} FROM post_tags pt JOIN posts p ON p.id = pt.post_id"
+                f"SELECT {self._POST_COLUMNS} FROM post_tags pt JOIN posts p ON p.id = pt.post_id"
                 f" WHERE pt.tag = ? AND {_LIVE_POST}"
                 f" ORDER BY {pinned}p.published_at DESC, p.id DESC LIMIT ? OFFSET ?",
                 (tag, limit, offset),
@@ -1389,9 +1444,10 @@ class Store:
             (activity.ap_id, activity.type, post_id, activity.payload, int(activity.public), now),
         )
         await db.execute(
-            "INSERT OR IGNORE INTO deliveries (activity_id, inbox, next_attempt_at, created_at)"
-            " SELECT DISTINCT ?, coalesce(shared_inbox, inbox), ?, ? FROM followers"
-            " WHERE status = 'accepted'",
+            "INSERT INTO deliveries (activity_id, inbox, next_attempt_at, created_at)"
+            " SELECT DISTINCT CAST(? AS BIGINT), coalesce(shared_inbox, inbox), CAST(? AS TEXT),"
+            " CAST(? AS TEXT) FROM followers"
+            " WHERE status = 'accepted' ON CONFLICT DO NOTHING",
             (activity_id, now, now),
         )
         return activity_id
@@ -1443,7 +1499,8 @@ class Store:
                 "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?1,"
                 " leased_until = ?1"  # being sent: Retry leaves it alone (save_deliveries_due)
                 " WHERE id IN (SELECT id FROM deliveries WHERE status = 'queued'"
-                " AND next_attempt_at <= ?2 ORDER BY next_attempt_at, id LIMIT ?3)"
+                " AND next_attempt_at <= ?2 ORDER BY next_attempt_at, id"
+                f" LIMIT ?3{self._SKIP_LOCKED})"
                 " RETURNING id, inbox, attempts, activity_id",
                 (format_ts(lease_until), format_ts(now), limit),
             )
@@ -1689,7 +1746,8 @@ class Store:
             rows = await db.execute_fetchall(
                 "UPDATE inbox SET attempts = attempts + 1, next_attempt_at = ?"
                 " WHERE id IN (SELECT id FROM inbox WHERE status = 'queued'"
-                " AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id LIMIT ?)"
+                " AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id"
+                f" LIMIT ?{self._SKIP_LOCKED})"
                 " RETURNING id, payload, attempts",
                 (format_ts(lease_until), format_ts(now), limit),
             )
@@ -1791,7 +1849,7 @@ class Store:
         await db.execute(
             "INSERT INTO tombstones (ap_id, actor_ap_id, former_type, deleted_at)"
             " VALUES (?, ?, 'Note', ?) ON CONFLICT (ap_id) DO UPDATE SET actor_ap_id = NULL"
-            " WHERE tombstones.actor_ap_id IS NOT excluded.actor_ap_id",
+            " WHERE tombstones.actor_ap_id IS DISTINCT FROM excluded.actor_ap_id",
             (ap_id, actor, format_ts(when)),
         )
 
@@ -1829,8 +1887,8 @@ class Store:
     ) -> None:
         async with self._transaction() as db:
             await db.execute(
-                "INSERT OR IGNORE INTO reactions (post_id, actor_id, type, ap_id, content,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO reactions (post_id, actor_id, type, ap_id, content,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (post_id, actor_id, kind, ap_id, content, format_ts(when)),
             )
 
@@ -1864,7 +1922,8 @@ class Store:
     async def save_block(self, target: str, kind: str) -> bool:
         async with self._transaction() as db:
             cursor = await db.execute(
-                "INSERT OR IGNORE INTO blocks (target, kind, created_at) VALUES (?, ?, ?)",
+                "INSERT INTO blocks (target, kind, created_at) VALUES (?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
                 (target, kind, format_ts(utcnow())),
             )
             return cursor.rowcount > 0
@@ -2028,8 +2087,8 @@ class Store:
         activity_id = await self._publish(db, activity, post_id)
         now = format_ts(utcnow())
         await db.executemany(
-            "INSERT OR IGNORE INTO deliveries (activity_id, inbox, next_attempt_at, created_at)"
-            " VALUES (?, ?, ?, ?)",
+            "INSERT INTO deliveries (activity_id, inbox, next_attempt_at, created_at)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
             [(activity_id, inbox, now, now) for inbox in inboxes],
         )
 
@@ -2043,7 +2102,7 @@ class Store:
         " AND c.visibility IN ('public', 'unlisted') AND c.status = 'published'"
     )
     _NEW_CRAWL = (
-        "INSERT OR IGNORE INTO crawls (comment_id, post_id, ap_id, host, found_by, depth,"
+        "INSERT INTO crawls (comment_id, post_id, ap_id, host, found_by, depth,"
         " next_attempt_at, created_at)"
         " SELECT c.id, c.post_id, c.ap_id, a.domain, :found_by,"
         " (WITH RECURSIVE up(id, n) AS (SELECT c.parent_id, 1 UNION ALL"
@@ -2054,8 +2113,9 @@ class Store:
     _RECORD_CRAWL = """
         UPDATE crawls SET
             status = CASE WHEN :status = 'failed' THEN 'failed'
-                     WHEN :status = 'done' AND :next_round IS NULL THEN 'done' ELSE 'queued' END,
-            rounds = rounds + (:status = 'done'),
+                     WHEN :status = 'done' AND CAST(:next_round AS TEXT) IS NULL THEN 'done'
+                     ELSE 'queued' END,
+            rounds = rounds + CASE WHEN :status = 'done' THEN 1 ELSE 0 END,
             attempts = CASE :status WHEN 'done' THEN 0 WHEN 'release' THEN attempts - 1
                        ELSE attempts END,
             next_attempt_at = CASE WHEN :status = 'done' THEN coalesce(:next_round, next_attempt_at)
@@ -2063,7 +2123,8 @@ class Store:
             last_error = CASE :status WHEN 'release' THEN coalesce(:error, last_error)
                          ELSE :error END,
             finished_at = CASE WHEN :status = 'failed'
-                          OR (:status = 'done' AND :next_round IS NULL) THEN :now END
+                          OR (:status = 'done' AND CAST(:next_round AS TEXT) IS NULL)
+                          THEN :now END
         WHERE id = :id
     """
 
@@ -2077,7 +2138,8 @@ class Store:
         self, db: aiosqlite.Connection, requests: Sequence[tuple[int, str]], now: datetime
     ) -> None:
         await db.executemany(
-            self._NEW_CRAWL + f" WHERE c.id = :comment_id AND {self._CRAWLABLE}",
+            self._NEW_CRAWL + f" WHERE c.id = :comment_id AND {self._CRAWLABLE}"
+            " ON CONFLICT DO NOTHING",
             [
                 {"comment_id": comment_id, "found_by": found_by, "now": format_ts(now)}
                 for comment_id, found_by in requests
@@ -2093,7 +2155,7 @@ class Store:
                 self._NEW_CRAWL + " JOIN posts p ON p.id = c.post_id"
                 f" WHERE p.deleted_at IS NULL AND p.published_at >= :since AND {self._CRAWLABLE}"
                 " AND NOT EXISTS (SELECT 1 FROM crawls k WHERE k.comment_id = c.id)"
-                " ORDER BY c.id",
+                " ORDER BY c.id ON CONFLICT DO NOTHING",
                 {"found_by": "delivery", "now": format_ts(now), "since": format_ts(posts_since)},
             )
             return cursor.rowcount
@@ -2116,7 +2178,8 @@ class Store:
             rows = await db.execute_fetchall(
                 "UPDATE crawls SET attempts = attempts + 1, next_attempt_at = ?"
                 " WHERE id IN (SELECT id FROM crawls WHERE status = 'queued'"
-                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?)"
+                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id"
+                f" LIMIT ?{self._SKIP_LOCKED})"
                 " RETURNING id, comment_id, post_id, ap_id, host, found_by, depth, rounds,"
                 " attempts, created_at,"
                 " (SELECT p.published_at FROM posts p WHERE p.id = crawls.post_id) AS published,"
@@ -2261,7 +2324,7 @@ class Store:
         """Store ``value`` unless ``key`` has one already; return the value kept."""
         async with self._transaction(shown=False) as db:
             await db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value)
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING", (key, value)
             )
             found = await db.execute_fetchall("SELECT value FROM meta WHERE key = ?", (key,))
         return str(next(iter(found))["value"])
@@ -2271,7 +2334,7 @@ class Store:
         UPDATE notifications SET
             status = CASE :status WHEN 'done' THEN 'sent' WHEN 'failed' THEN
                      CASE WHEN :gave_up THEN 'dead' ELSE 'failed' END ELSE 'queued' END,
-            attempts = attempts - (:status = 'release'),
+            attempts = attempts - CASE WHEN :status = 'release' THEN 1 ELSE 0 END,
             next_attempt_at = coalesce(:retry_at, next_attempt_at),
             last_error = CASE :status WHEN 'release' THEN last_error ELSE :error END,
             finished_at = CASE WHEN :status IN ('done', 'failed') THEN :now END
@@ -2283,8 +2346,8 @@ class Store:
         now = format_ts(utcnow())
         async with self._transaction(shown=False) as db:
             cursor = await db.execute(
-                "INSERT OR IGNORE INTO notifications (comment_id, event, payload,"
-                " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO notifications (comment_id, event, payload,"
+                " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (comment_id, event, payload, now, now),
             )
             return cursor.rowcount > 0
@@ -2297,7 +2360,8 @@ class Store:
             rows = await db.execute_fetchall(
                 "UPDATE notifications SET attempts = attempts + 1, next_attempt_at = ?"
                 " WHERE id IN (SELECT id FROM notifications WHERE status = 'queued'"
-                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?)"
+                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id"
+                f" LIMIT ?{self._SKIP_LOCKED})"
                 " RETURNING id, payload, attempts",
                 (format_ts(lease_until), format_ts(now), limit),
             )
@@ -2387,7 +2451,7 @@ class Store:
     async def list_authored_posts(self) -> list[Post]:
         """Every post that is not deleted, drafts and scheduled ones too, newest first."""
         rows = await self._fetchall(
-            f"SELECT {_POST_COLUMNS} FROM posts p WHERE p.deleted_at IS NULL"
+            f"SELECT {self._POST_COLUMNS} FROM posts p WHERE p.deleted_at IS NULL"
             " ORDER BY p.published_at DESC, p.id DESC"
         )
         return [_post(row) for row in rows]
@@ -2432,7 +2496,8 @@ class Store:
             rows = await db.execute_fetchall(
                 "UPDATE post_schedule SET attempts = attempts + 1, next_attempt_at = ?"
                 " WHERE id IN (SELECT id FROM post_schedule WHERE status = 'queued'"
-                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?)"
+                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id"
+                f" LIMIT ?{self._SKIP_LOCKED})"
                 " RETURNING id, post_id, attempts",
                 (format_ts(lease_until), format_ts(now), limit),
             )
@@ -2470,7 +2535,8 @@ class Store:
     async def list_pinned_posts(self) -> list[Post]:
         """The pinned posts readers may see, the latest pinned first (as Mastodon lists)."""
         rows = await self._fetchall(
-            f"SELECT {_POST_COLUMNS} FROM posts p WHERE {_LIVE_POST} AND p.pinned_at IS NOT NULL"
+            f"SELECT {self._POST_COLUMNS} FROM posts p"
+            f" WHERE {_LIVE_POST} AND p.pinned_at IS NOT NULL"
             " ORDER BY p.pinned_at DESC, p.id DESC"
         )
         return [_post(row) for row in rows]
@@ -2486,8 +2552,8 @@ class Store:
         variants = " ".join(f"{w}x{h}" for w, h in image.variants)
         async with self._transaction(shown=False) as db:
             await db.execute(
-                "INSERT OR IGNORE INTO media (hash, ext, variants, bytes, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO media (hash, ext, variants, bytes, created_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (image.hash, image.ext, variants, size, format_ts(utcnow())),
             )
 
@@ -2575,7 +2641,7 @@ class Store:
         async with self._transaction(shown=False) as db:
             rows = await db.execute_fetchall(
                 "SELECT key FROM (SELECT key, sum(size) OVER (ORDER BY used_at DESC, key)"
-                " AS total FROM proxy_media WHERE status = 'cached') WHERE total > ?",
+                " AS total FROM proxy_media WHERE status = 'cached') AS ranked WHERE total > ?",
                 (max_bytes,),
             )
             keys = [str(row["key"]) for row in rows]
@@ -2744,8 +2810,8 @@ class Store:
             " (SELECT received_at FROM inbox WHERE status = 'queued' AND attempts = 0"
             "  ORDER BY id LIMIT 1) AS oldest_waiting,"
             " l.received_at AS last_received, l.processed_at AS last_processed"
-            " FROM (SELECT 1) LEFT JOIN (SELECT received_at, processed_at FROM inbox"
-            "  WHERE status != 'queued' ORDER BY processed_at DESC LIMIT 1) l"
+            " FROM (SELECT 1) AS one LEFT JOIN (SELECT received_at, processed_at FROM inbox"
+            "  WHERE status != 'queued' ORDER BY processed_at DESC LIMIT 1) AS l ON true"
         )
         assert row is not None  # one row, always
         return _record(QueueStats, row)
@@ -2765,7 +2831,7 @@ class Store:
         """The published posts of one UTC month, newest first."""
         following = (year + 1, 1) if month == 12 else (year, month + 1)
         rows = await self._fetchall(
-            f"SELECT {_POST_COLUMNS} FROM posts p WHERE {_LIVE_POST}"
+            f"SELECT {self._POST_COLUMNS} FROM posts p WHERE {_LIVE_POST}"
             " AND p.published_at >= ? AND p.published_at < ?"
             " ORDER BY p.published_at DESC, p.id DESC",
             (f"{year:04d}-{month:02d}", "{:04d}-{:02d}".format(*following)),
@@ -2777,13 +2843,13 @@ class Store:
         the index's order: by publication moment, then by id for posts of one moment."""
         moment = format_ts(post.published)
         older = await self._fetchone(
-            f"SELECT {_POST_COLUMNS} FROM posts p WHERE {_LIVE_POST}"
+            f"SELECT {self._POST_COLUMNS} FROM posts p WHERE {_LIVE_POST}"
             " AND (p.published_at < ? OR (p.published_at = ? AND p.id < ?))"
             " ORDER BY p.published_at DESC, p.id DESC LIMIT 1",
             (moment, moment, post.id),
         )
         newer = await self._fetchone(
-            f"SELECT {_POST_COLUMNS} FROM posts p WHERE {_LIVE_POST}"
+            f"SELECT {self._POST_COLUMNS} FROM posts p WHERE {_LIVE_POST}"
             " AND (p.published_at > ? OR (p.published_at = ? AND p.id > ?))"
             " ORDER BY p.published_at, p.id LIMIT 1",
             (moment, moment, post.id),
@@ -2875,8 +2941,8 @@ class Store:
             )
             if follow_id:
                 await db.execute(
-                    "INSERT OR IGNORE INTO tombstones (ap_id, actor_ap_id, former_type,"
-                    " deleted_at) VALUES (?, ?, 'Follow', ?)",
+                    "INSERT INTO tombstones (ap_id, actor_ap_id, former_type,"
+                    " deleted_at) VALUES (?, ?, 'Follow', ?) ON CONFLICT DO NOTHING",
                     (follow_id, actor, format_ts(when)),
                 )
 
@@ -2938,13 +3004,15 @@ class Store:
             f" {self._INBOX_HOST} AS host, {self._RETRYABLE} AS bad FROM deliveries"
             " WHERE status IN ('queued', 'failed', 'dead'))"
             " SELECT host,"
-            " sum(status = 'queued' AND NOT bad) AS waiting,"
-            " sum(status = 'queued' AND bad) AS failing,"
-            " sum(status = 'failed') AS failed, sum(status = 'dead') AS dead,"
+            " count(*) FILTER (WHERE status = 'queued' AND NOT bad) AS waiting,"
+            " count(*) FILTER (WHERE status = 'queued' AND bad) AS failing,"
+            " count(*) FILTER (WHERE status = 'failed') AS failed,"
+            " count(*) FILTER (WHERE status = 'dead') AS dead,"
             " min(CASE WHEN status = 'queued' THEN next_attempt_at END) AS next_attempt_at,"
             " (SELECT e.last_error FROM d AS e WHERE e.host = d.host"
             "  AND e.last_error IS NOT NULL ORDER BY e.id DESC LIMIT 1) AS last_error"
-            " FROM d GROUP BY host ORDER BY sum(bad) > 0 DESC, sum(bad) DESC, host LIMIT ?",
+            " FROM d GROUP BY host ORDER BY count(*) FILTER (WHERE bad) > 0 DESC,"
+            " count(*) FILTER (WHERE bad) DESC, host LIMIT ?",
             (limit,),
         )
         return [_record(HostDeliveries, row) for row in rows]
@@ -2962,8 +3030,8 @@ class Store:
                 "UPDATE deliveries SET status = 'queued', attempts = 0, next_attempt_at = ?1,"
                 f" finished_at = NULL, leased_until = NULL WHERE {self._RETRYABLE}"
                 " AND (leased_until IS NULL OR leased_until <= ?1)"
-                f" AND (?2 IS NULL OR {self._INBOX_HOST} = lower(?2))"
-                " AND (?3 IS NULL OR id = ?3)",
+                f" AND (CAST(?2 AS TEXT) IS NULL OR {self._INBOX_HOST} = lower(?2))"
+                " AND (CAST(?3 AS INTEGER) IS NULL OR id = ?3)",
                 (format_ts(now), host, delivery_id),
             )
             return cursor.rowcount
@@ -3166,8 +3234,8 @@ class Store:
         " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     )
     _INSERT_PROXIED = (
-        "INSERT OR IGNORE INTO proxy_media (key, url, host, kind, created_at)"
-        " VALUES (?, ?, ?, ?, ?)"
+        "INSERT INTO proxy_media (key, url, host, kind, created_at)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
     )
     # The one rule for a sender's first reply (moderation "first"): the actor {} has no
     # published comment yet.
@@ -3324,8 +3392,9 @@ class Store:
                 await self._db.executemany(sql, rows)
         except BaseException as error:
             shared.broken = True  # rows it holds are lost: it must not commit
-            if isinstance(error, sqlite3.OperationalError):
-                raise _unavailable(self._path, error) from error
+            failure = self._storage_failure(error)
+            if failure is not None:
+                raise failure from error
             raise
 
     async def get_reply_context(
@@ -3451,6 +3520,637 @@ class Store:
             (prefix, prefix[:-1] + "/"),  # "/" sorts right after "."
         )
         return [(row["key"].removeprefix(prefix), row["value"]) for row in rows]
+
+
+# ---- PostgreSQL ---------------------------------------------------------------------
+# The same Store on a PostgreSQL server, through asyncpg (``pip install
+# 'fediblog[postgresql]'``). Every query above is written once, for both: the few
+# spellings that differ are the class attributes PostgresStore overrides, and SQLite's
+# placeholders (?, ?N, :name) become PostgreSQL's ($N) on the way (``_pg_query``).
+# What PostgreSQL adds: several processes may write at once (claims skip the rows
+# another worker holds: FOR UPDATE SKIP LOCKED), and commits are told to every process
+# at once (LISTEN/NOTIFY), which is how page caches and sleeping workers hear of them.
+
+# A string, a quoted name or a comment (passed over), a cast (::), or a placeholder.
+_PG_TOKENS = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|--[^\n]*|::|\?(\d*)|:([A-Za-z_]\w*)""")
+
+
+@functools.lru_cache(maxsize=4096)
+def _pg_query(sql: str) -> tuple[str, tuple[int | str, ...]]:
+    """``sql`` with PostgreSQL's placeholders, and for each $N the parameter it takes:
+    an index into a sequence of parameters, or a name in a mapping of them."""
+    order: list[int | str] = []
+    numbers: dict[int | str, int] = {}
+    positional = 0
+
+    def placeholder(match: re.Match[str]) -> str:
+        nonlocal positional
+        text = match.group(0)
+        key: int | str
+        if text.startswith("?"):
+            if match.group(1):
+                key = int(match.group(1)) - 1
+            else:
+                key, positional = positional, positional + 1
+        elif text.startswith(":") and match.group(2):
+            key = match.group(2)
+        else:
+            return text
+        if key not in numbers:
+            order.append(key)
+            numbers[key] = len(order)
+        return f"${numbers[key]}"
+
+    return _PG_TOKENS.sub(placeholder, sql), tuple(order)
+
+
+def _asyncpg() -> Any:
+    """asyncpg, imported on first use: only a blog on PostgreSQL needs it."""
+    try:
+        import asyncpg
+    except ImportError:
+        raise StorageError(
+            "FEDIBLOG_DATABASE is a PostgreSQL URL, but asyncpg is not installed:"
+            " pip install 'fediblog[postgresql]'"
+        ) from None
+    return asyncpg
+
+
+def _pg_args(order: tuple[int | str, ...], parameters: Any) -> list[Any]:
+    return [_pg_value(parameters[key]) for key in order]
+
+
+def _pg_value(value: Any) -> Any:
+    """A parameter as PostgreSQL can hold it. Its text cannot hold a NUL, which SQLite
+    stores: the inbox refuses one where it matters (``is_unicode``), and anywhere else
+    (a remote actor's name, say) it becomes U+FFFD, as an HTML parser makes it."""
+    if type(value) is str and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    if type(value) is list:
+        return [_pg_value(item) for item in value]
+    return value
+
+
+def _pg_count(status: bytes | str | None) -> int:
+    """The rows a statement touched, from its status ("UPDATE 3", "INSERT 0 1")."""
+    text = status.decode() if isinstance(status, bytes) else status or ""
+    last = text.rpartition(" ")[2]
+    return int(last) if last.isdigit() else -1
+
+
+@dataclass(slots=True)
+class _PgCursor:
+    """What a statement gave: its rows and how many rows it touched."""
+
+    rows: list[Any]
+    rowcount: int
+
+    async def fetchone(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+    async def fetchall(self) -> list[Any]:
+        return self.rows
+
+
+class _PgRun:
+    """A statement under way: awaited, or used as ``async with``, as aiosqlite's."""
+
+    def __init__(self, run: Coroutine[Any, Any, _PgCursor]) -> None:
+        self._run = run
+
+    def __await__(self) -> Generator[Any, None, _PgCursor]:
+        return self._run.__await__()
+
+    async def __aenter__(self) -> _PgCursor:
+        return await self._run
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+class _PgConnection:
+    """An asyncpg connection with the calls the store makes of aiosqlite's."""
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+
+    def execute(self, sql: str, parameters: Any = ()) -> _PgRun:
+        return _PgRun(_pg_run(self.connection, sql, parameters))
+
+    async def execute_fetchall(self, sql: str, parameters: Any = ()) -> list[Any]:
+        return (await _pg_run(self.connection, sql, parameters)).rows
+
+    async def executemany(self, sql: str, rows: Iterable[Any]) -> None:
+        query, order = _pg_query(sql)
+        many = [_pg_args(order, row) for row in rows]
+        if many:
+            await self.connection.executemany(query, many)
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+
+async def _pg_run(connection: Any, sql: str, parameters: Any) -> _PgCursor:
+    query, order = _pg_query(sql)
+    # asyncpg's own fetch, with the statement's status too (fetch drops it): one
+    # round trip for rows and count alike, through its statement cache.
+    rows, status, _ = await connection._execute(
+        query, _pg_args(order, parameters), 0, None, return_status=True
+    )
+    return _PgCursor(rows, _pg_count(status))
+
+
+def _postgres_ddl(script: str) -> str:
+    """A migration of ``MIGRATIONS`` (SQLite's DDL) as PostgreSQL runs it. Text
+    compares byte by byte in both (SQLite's BINARY, PostgreSQL's "C"), so every
+    ordering and range on text (times, keys) is the same."""
+    for sqlite_spelling, postgres_spelling in _PG_DDL:
+        script = script.replace(sqlite_spelling, postgres_spelling)
+    script = re.sub(
+        r"\bINTEGER PRIMARY KEY\b", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY", script
+    )
+    script = re.sub(r"\bINTEGER\b(?=[^,\n]*\bREFERENCES\b)", "BIGINT", script)
+    script = re.sub(r"^(\s+\w+\s+)TEXT\b", r'\1TEXT COLLATE "C"', script, flags=re.MULTILINE)
+    script = re.sub(r"\bADD COLUMN (\w+) TEXT\b", r'ADD COLUMN \1 TEXT COLLATE "C"', script)
+    return script
+
+
+# The SQLite-only spellings in the shipped migrations, and PostgreSQL's.
+_PG_DDL = (
+    (") WITHOUT ROWID;", ");"),
+    (
+        "strftime('%Y-%m-%dT%H:%M:%SZ', 'now')",
+        """to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')""",
+    ),
+    # 64 hex digits from the server's strong random source (gen_random_uuid's).
+    (
+        "lower(hex(randomblob(32)))",
+        "encode(sha256(convert_to(gen_random_uuid()::text || gen_random_uuid()::text,"
+        " 'UTF8')), 'hex')",
+    ),
+    (
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('proxy_secret',",
+        "INSERT INTO meta (key, value) VALUES ('proxy_secret',",
+    ),
+    ("'hex'))));", "'hex'))) ON CONFLICT DO NOTHING;"),
+)
+
+_PG_CHANNEL = "fediblog"  # NOTIFY: "shown" after a commit a page shows, "work" after others
+_PG_READERS = 4  # connections for reads outside a write transaction, per process
+_PG_CONNECT_TIMEOUT = 5.0  # seconds: an unreachable server is "unavailable", not a hang
+_PG_MIGRATION_LOCK = 0x66656469  # pg_advisory_xact_lock: one process migrates at a time
+
+
+def _walk_in_memory(
+    rows: Iterable[Any], limit: int, max_depth: int
+) -> list[tuple[int, str, str, bool]]:
+    """``Store._WALK`` over the rows (id, parent id, published_at, deleted) of a post's
+    visible comments, in id order: the same entries in the same order. A comment is a
+    root unless its parent is a visible comment before it; the first ``limit`` roots
+    by (time, id) start a queue that always yields the smallest path next."""
+    seen: set[int] = set()
+    children: dict[int, list[tuple[int, str, bool]]] = {}
+    roots: list[tuple[str, int, bool]] = []
+    for comment_id, parent_id, moment, deleted in rows:
+        if parent_id is not None and parent_id in seen:
+            children.setdefault(parent_id, []).append((comment_id, moment, bool(deleted)))
+        else:
+            roots.append((moment, comment_id, bool(deleted)))
+        seen.add(comment_id)
+    # (path, id, depth, list, moment, deleted), smallest path first.
+    queue = [
+        (f"{moment}{comment_id:012d}", comment_id, 1, "", moment, deleted)
+        for moment, comment_id, deleted in heapq.nsmallest(limit, roots)
+    ]
+    heapq.heapify(queue)
+    walked: list[tuple[int, str, str, bool]] = []
+    while queue and len(walked) < limit:
+        path, comment_id, depth, listed, moment, deleted = heapq.heappop(queue)
+        walked.append((comment_id, listed, path, deleted))
+        for child, published, child_deleted in children.get(comment_id, ()):
+            if depth < max_depth:
+                entry = (f"{path}{published}{child:012d}", child, depth + 1, path, published)
+            else:  # flattened into this level: never before the comment it answers
+                later = max(published, moment)
+                entry = (f"{listed}{later}{child:012d}", child, max_depth, listed, later)
+            heapq.heappush(queue, (*entry, child_deleted))
+    return walked
+
+
+class PostgresStore(Store):
+    """A blog on a PostgreSQL server: ``await Store.open("postgresql://…")``.
+
+    One connection for write transactions (one at a time per process, as on SQLite:
+    the code above reads and then writes in them), a few for reads, and one that
+    listens for other processes' commits. Other processes write at once beside this
+    one; what must not happen twice is kept so by the tables' unique keys and by
+    claims that skip locked rows.
+    """
+
+    _POST_COLUMNS = _post_columns("string_agg(t.tag, chr(31))")
+    _SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+    _INBOX_HOST = Store._INBOX_HOST.replace("instr(", "strpos(")
+    # The bump tells every process at once (``version``).
+    _BUMP_SHOWN = (
+        f"WITH bump AS ({Store._BUMP_SHOWN} RETURNING 1)"
+        f" SELECT pg_notify('{_PG_CHANNEL}', 'shown') FROM bump"
+    )
+    # Store._INSERT_COMMENT without its id: an identity column takes no NULL.
+    _INSERT_NEW_COMMENT = (
+        Store._INSERT_COMMENT.replace("(id, ", "(", 1).replace("(?, ", "(", 1) + " RETURNING id"
+    )
+
+    def __init__(self, writer: Any, pool: Any, url: str) -> None:
+        self._pg = _PgConnection(writer)
+        self._db = self._pg  # type: ignore[assignment]  # what the queries above use
+        self._pool = pool
+        self._url = url
+        self._where = without_password(url)
+        self._path = Path(self._where)  # for messages only: no file
+        self._lock = asyncio.Lock()
+        self._writes = 0
+        self._shown_generation = 0  # "shown" notifications heard
+        self._stored_generation = 0  # the shown generation as last read from meta
+        self._checked_at = 0.0
+        self.version_max_age = 1.0
+        self._listener: Any = None
+        self._listen_again_at = 0.0  # monotonic: when a lost listener is tried again
+        self._writer_pid = int(writer.get_server_pid())
+        self._notices = 0  # commits heard of, ours included (peek_data_version)
+        self._foreign = 0  # commits of other connections heard of (get_data_version)
+
+    @classmethod
+    async def connect(cls, url: str) -> PostgresStore:
+        """Connect to ``url``, make or upgrade the schema, and listen for commits."""
+        asyncpg = _asyncpg()
+        where = without_password(url)
+        writer = pool = None
+        try:
+            writer = await asyncpg.connect(url, timeout=_PG_CONNECT_TIMEOUT)
+            pool = await asyncpg.create_pool(
+                url, min_size=1, max_size=_PG_READERS, timeout=_PG_CONNECT_TIMEOUT
+            )
+            store = cls(writer, pool, url)
+            await store.migrate()
+            await store._listen()
+        except (
+            OSError,
+            ValueError,  # a malformed URL
+            OverflowError,  # a port past 65535
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+        ) as error:
+            if pool is not None:
+                await pool.close()
+            if writer is not None:
+                await writer.close()
+            raise StorageError(f"cannot use the database {where}: {error}") from None
+        except BaseException:
+            if pool is not None:
+                pool.terminate()
+            if writer is not None:
+                writer.terminate()
+            raise
+        return store
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    @property
+    def where(self) -> str:
+        """The database's URL without its password, as messages name it."""
+        return self._where
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+        await self._pool.close()
+        await self._pg.close()
+
+    async def migrate(self) -> int:
+        """As ``Store.migrate``: the due migrations in one transaction, under a lock
+        that a second process starting at once waits for (then finds them done)."""
+        connection = self._pg.connection
+        async with self._lock, connection.transaction():
+            await connection.execute(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
+            await connection.execute(
+                "CREATE TABLE IF NOT EXISTS fediblog_schema (version INTEGER NOT NULL)"
+            )
+            current = await connection.fetchval("SELECT max(version) FROM fediblog_schema")
+            if current is None:
+                await connection.execute("INSERT INTO fediblog_schema (version) VALUES (0)")
+                current = 0
+            if current > len(MIGRATIONS):
+                raise StorageError(
+                    f"the database is at schema {current}, newer than this fediblog knows"
+                    f" ({len(MIGRATIONS)}): upgrade fediblog"
+                )
+            for migration in MIGRATIONS[current:]:
+                await connection.execute(_postgres_ddl(migration))
+            await connection.execute("UPDATE fediblog_schema SET version = $1", len(MIGRATIONS))
+        return len(MIGRATIONS)
+
+    async def _user_version(self) -> int:
+        value = await self._pg.connection.fetchval("SELECT max(version) FROM fediblog_schema")
+        return int(value or 0)
+
+    # ---- commits heard of ----
+
+    async def _listen(self) -> None:
+        """A connection of its own that hears every commit's NOTIFY."""
+        listener = await _asyncpg().connect(self._url, timeout=_PG_CONNECT_TIMEOUT)
+        await listener.add_listener(_PG_CHANNEL, self._heard)
+        self._listener = listener
+
+    def _heard(self, connection: Any, pid: int, channel: str, payload: str) -> None:
+        self._notices += 1
+        if pid != self._writer_pid:
+            self._foreign += 1
+        if payload == "shown":
+            self._shown_generation += 1
+
+    async def _listening(self) -> bool:
+        """Listen again if the listening connection was lost (tried every few seconds
+        at most, never holding a caller up for long); False if it cannot now."""
+        if self._listener is not None and not self._listener.is_closed():
+            return True
+        now = time.monotonic()
+        if now < self._listen_again_at:
+            return False
+        self._listen_again_at = now + _PG_CONNECT_TIMEOUT
+        try:
+            await self._listen()
+        except Exception:  # the server away: a later look tries again
+            return False
+        # Commits were missed meanwhile: count them as seen once more.
+        self._notices += 1
+        self._foreign += 1
+        self._shown_generation += 1
+        return True
+
+    async def version(self) -> tuple[int, int]:
+        """As ``Store.version``. Other processes' commits a page shows are heard at once
+        (NOTIFY); the shown generation is read as well every ``version_max_age``
+        seconds, as on SQLite, so that a notification still on its way, or lost with
+        the listening connection, is never waited for longer."""
+        now = time.monotonic()
+        if now - self._checked_at >= self.version_max_age:
+            self._checked_at = now
+            try:
+                await self._listening()
+                rows = await self._fetchall(
+                    "SELECT value FROM meta WHERE key = ?", (self._SHOWN_GENERATION,)
+                )
+            except StorageUnavailable:
+                self._checked_at = 0.0  # ask again next time
+                raise
+            self._stored_generation = next((int(row[0]) for row in rows), 0)
+        return (self._writes, self._stored_generation + self._shown_generation)
+
+    async def get_data_version(self) -> int:
+        await self._listening()
+        return self._foreign
+
+    def peek_data_version(self) -> int | None:
+        return self._notices
+
+    # ---- transactions ----
+
+    async def _start_writing(self) -> None:
+        if self._pg.connection.is_closed():  # lost, or ended by _abort_writing
+            await self._reconnect()
+        await self._pg.connection.execute("BEGIN")
+
+    async def _finish_writing(self, *, shown: bool) -> None:
+        connection = self._pg.connection
+        # Sleeping workers in other processes wake (``get_data_version``); a commit a
+        # page shows has told them already (``_BUMP_SHOWN``).
+        await connection.execute(f"SELECT pg_notify('{_PG_CHANNEL}', 'work')")
+        await connection.execute("COMMIT")
+
+    async def _abort_writing(self) -> None:
+        connection = self._pg.connection
+        if connection.is_closed():
+            return
+        try:
+            if connection.is_in_transaction():
+                await connection.execute("ROLLBACK")
+        except Exception:
+            # A statement cancelled mid-way leaves the connection unusable: start over
+            # on a new one (the server rolls the old one's transaction back).
+            connection.terminate()
+
+    def _storage_failure(self, error: BaseException) -> StorageError | None:
+        return _pg_failure(self._where, error)
+
+    async def _reconnect(self) -> None:
+        """A new writer connection for the one lost (the server restarted, say)."""
+        self._pg = _PgConnection(await _asyncpg().connect(self._url, timeout=_PG_CONNECT_TIMEOUT))
+        self._db = self._pg  # type: ignore[assignment]
+        self._writer_pid = int(self._pg.connection.get_server_pid())
+
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        writing = _writing.get()
+        try:
+            if writing is not None and writing is asyncio.current_task():
+                shared = _shared.get()
+                if shared is not None and shared.later:
+                    await self._write_later(shared)  # a read sees every write before it
+                return await self._pg.execute_fetchall(sql, params)
+            async with self._pool.acquire() as connection:
+                return (await _pg_run(connection, sql, params)).rows
+        except StorageError:
+            raise
+        except Exception as error:
+            failure = _pg_failure(self._where, error)
+            if failure is None:
+                raise
+            raise failure from error
+
+    async def count_rows_in_use(self) -> int:
+        """Posts, comments, actors and queued work: 0 for a database no blog used yet."""
+        row = await self._fetchone(
+            "SELECT (SELECT count(*) FROM posts) + (SELECT count(*) FROM comments)"
+            " + (SELECT count(*) FROM actors) + (SELECT count(*) FROM activities)"
+            " + (SELECT count(*) FROM inbox)"
+        )
+        return int(row[0]) if row else 0
+
+    # ---- what SQLite does its own way ----
+
+    async def save_inbox_items(self, items: Sequence[InboxItem]) -> None:
+        """As ``Store.save_inbox_items``: one statement for the batch, in arrival order."""
+        if not items:
+            return
+        rows = ((i.dedup_key, i.actor, i.type, i.payload) for i in items)
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        async with self._transaction(shown=False) as db:
+            await db.execute(
+                "INSERT INTO inbox (dedup_key, actor_ap_id, type, payload, received_at)"
+                " SELECT k, a, t, p, ? FROM unnest(CAST(? AS TEXT[]), CAST(? AS TEXT[]),"
+                " CAST(? AS TEXT[]), CAST(? AS TEXT[])) WITH ORDINALITY AS u(k, a, t, p, n)"
+                " ORDER BY n ON CONFLICT DO NOTHING",
+                (format_ts(utcnow()), *columns),
+            )
+
+    async def _insert_comment(self, values: tuple[Any, ...]) -> int:
+        async with self._transaction() as db:
+            return await _returning(db, self._INSERT_NEW_COMMENT, values[1:])
+
+    async def save_comment_later(self, **comment: Any) -> int:
+        """As ``Store.save_comment_later``, written at once: the server chooses the id."""
+        values = self._comment_row(None, source="fediverse", **comment)
+        return await self._insert_comment(values)
+
+    async def save_seed_comments(
+        self,
+        post_id: int,
+        comments: Sequence[tuple[int | None, int | None, str, str, datetime]],
+    ) -> int:
+        first = await super().save_seed_comments(post_id, comments)
+        async with self._transaction(shown=False) as db:  # setval is never rolled back
+            await _pg_follow_ids(db, "comments")
+        return first
+
+    async def list_response_walk(
+        self, post_id: int, limit: int, *, max_depth: int
+    ) -> list[tuple[int, str, str, bool]]:
+        """As ``Store.list_response_walk``. PostgreSQL's recursive queries allow no
+        ORDER BY or LIMIT in their recursive part, so SQLite's walk would reach every
+        comment, one query step per level (a chain of 50,000 took minutes): the post's
+        visible comments are read in one query instead (ids, parents and times only),
+        and walked here in the same order (``_walk_in_memory``)."""
+        rows = await self._fetchall(self._THREAD_ROWS, (post_id,))
+        return _walk_in_memory(rows, limit, max_depth)
+
+    # What _walk_in_memory walks: a post's visible comments (portable SQL).
+    _THREAD_ROWS = (
+        "SELECT c.id, c.parent_id, c.published_at, c.status = 'deleted' FROM comments c"
+        f" WHERE c.post_id = ? AND {_VISIBLE} ORDER BY c.id"
+    )
+
+    async def get_reply_context(
+        self, ap_ids: Sequence[str], actor_ids: Sequence[int]
+    ) -> tuple[dict[str, str | None], dict[str, tuple[int, int]], set[int]]:
+        rows = await self._fetchall(
+            "SELECT 't', ap_id, actor_ap_id, NULL FROM tombstones"
+            " WHERE ap_id = ANY(CAST(?1 AS TEXT[]))"
+            " UNION ALL SELECT 'c', ap_id, CAST(id AS TEXT), CAST(post_id AS TEXT)"
+            " FROM comments WHERE ap_id = ANY(CAST(?1 AS TEXT[]))"
+            " UNION ALL SELECT 'a', NULL, CAST(j.value AS TEXT), NULL"
+            " FROM unnest(CAST(?2 AS BIGINT[])) AS j(value)"
+            f" WHERE {self._HAS_PUBLISHED.format('j.value')}",
+            (list(dict.fromkeys(ap_ids)), list(dict.fromkeys(actor_ids))),
+        )
+        tombstones: dict[str, str | None] = {}
+        places: dict[str, tuple[int, int]] = {}
+        published: set[int] = set()
+        for kind, ap_id, first, second in rows:
+            if kind == "t":
+                tombstones[ap_id] = first
+            elif kind == "c":
+                places[ap_id] = (int(first), int(second))
+            else:
+                published.add(int(first))
+        return tombstones, places, published
+
+
+async def _pg_follow_ids(db: Any, table: str) -> None:
+    """Rows given ids of their own (a copy, a seed): the table's next id follows them."""
+    await db.execute(
+        f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
+        f" greatest((SELECT max(id) FROM {table}), 1))"
+    )
+
+
+def _pg_failure(where: str, error: BaseException) -> StorageError | None:
+    """The StorageError for an error of asyncpg's, or None to let it through."""
+    asyncpg = _asyncpg()
+    unavailable = (
+        OSError,
+        asyncpg.InterfaceError,  # the connection was lost or closed
+        asyncpg.PostgresConnectionError,
+        asyncpg.InsufficientResourcesError,  # disk full, out of memory, connections
+        asyncpg.OperatorInterventionError,  # shut down, cancelled
+        asyncpg.ReadOnlySQLTransactionError,  # a standby
+        asyncpg.TransactionRollbackError,  # serialization failure, deadlock
+        asyncpg.LockNotAvailableError,
+    )
+    if isinstance(error, unavailable):
+        return StorageUnavailable(f"the database {where} cannot be used now: {error}")
+    if isinstance(error, asyncpg.IntegrityConstraintViolationError):
+        return StorageConflict(f"the database {where} refused a write: {error}")
+    return None
+
+
+# ---- moving a blog from SQLite to PostgreSQL (`fediblog migrate`) ---------------------
+
+# Every table, each after the tables it refers to: the order a copy fills them in.
+_TABLES = (
+    "meta", "posts", "post_tags", "old_slugs", "actors", "comments", "reactions", "followers",
+    "activities", "deliveries", "inbox", "tombstones", "blocks", "crawls", "notifications",
+    "post_schedule", "media", "proxy_media", "desk_account", "desk_sessions", "desk_addresses",
+)  # fmt: skip
+# The rows a new database starts with (migrations 2 and 9): the copy brings the blog's own.
+_SEEDED = {"meta": ("created_at", "proxy_secret")}
+_COPY_BATCH = 5000
+
+
+async def copy_blog(
+    source: Store, target: PostgresStore, *, report: Callable[[str, int], None] | None = None
+) -> dict[str, int]:
+    """Copy every row of ``source`` (SQLite) into ``target`` (an empty PostgreSQL
+    database), ids and all, in one transaction of the target's: a copy that fails
+    leaves it empty. ``source`` is read in one read transaction (a consistent snapshot,
+    but stop the server first: what it writes meanwhile would not be copied). Returns
+    the rows copied per table; ``report`` hears of each table as it is done."""
+    if type(source) is not Store:
+        raise StorageError("the database to copy from must be an SQLite file")
+    if await target.count_rows_in_use():
+        raise StorageError(
+            f"{target.where} already holds a blog: copy into a new, empty database"
+        )
+    copied: dict[str, int] = {}
+    reader = source._reader
+    await reader.execute("BEGIN")  # one snapshot of every table
+    try:
+        async with target._transaction(shown=True) as db:
+            connection = target._pg.connection
+            for table in _TABLES:
+                for key in _SEEDED.get(table, ()):
+                    await connection.execute(f"DELETE FROM {table} WHERE key = $1", key)
+                order = "ORDER BY id" if table in _IDENTITY_TABLES else ""
+                cursor = await reader.execute(f"SELECT * FROM {table} {order}")
+                columns = [column[0] for column in cursor.description]
+                count = 0
+                while rows := await cursor.fetchmany(_COPY_BATCH):
+                    batch = [tuple(map(_pg_value, row)) for row in rows]
+                    await connection.copy_records_to_table(
+                        table, records=batch, columns=columns
+                    )
+                    count += len(batch)
+                await cursor.close()
+                if table in _IDENTITY_TABLES:
+                    await _pg_follow_ids(db, table)
+                if table == "meta":  # the worker processes of the old database are gone
+                    await connection.execute("DELETE FROM meta WHERE starts_with(key, 'worker_')")
+                copied[table] = count
+                if report is not None:
+                    report(table, count)
+    finally:
+        await reader.execute("ROLLBACK")
+    return copied
+
+
+# The tables whose id the database chooses (an identity column on PostgreSQL).
+_IDENTITY_TABLES = frozenset(
+    {
+        "posts", "actors", "comments", "reactions", "followers", "activities", "deliveries",
+        "inbox", "blocks", "crawls", "notifications", "post_schedule", "desk_account",
+    }
+)  # fmt: skip
 
 
 def _statements(script: str) -> Iterator[str]:

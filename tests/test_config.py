@@ -204,3 +204,30 @@ def test_broken_or_unknown_toml_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "fediblog.toml").write_text('titel = "typo"\n')
     with pytest.raises(ConfigError, match="unknown setting"):
         load_settings(env(tmp_path))
+
+
+@pytest.mark.parametrize("where", ["env", "toml"])
+def test_a_postgresql_url_names_a_server_not_a_file(tmp_path: Path, where: str) -> None:
+    url = "postgresql://blog:s3cret@db.internal:5432/blog"
+    values = {"FEDIBLOG_ALLOW_HTTP": "1"}
+    if where == "env":
+        values["FEDIBLOG_DATABASE"] = url
+    else:
+        (tmp_path / "fediblog.toml").write_text(f'database = "{url}"\n')
+    settings = load_settings(env(tmp_path, **values))
+    assert settings.database_url == url
+    assert settings.store_location == url
+    # The file default stays in the blog's folder (the media proxy's cache sits beside it).
+    assert settings.database == tmp_path / "data" / "fediblog.db"
+    # The password is in no message and no repr.
+    assert settings.database_location_shown == "postgresql://blog:***@db.internal:5432/blog"
+    assert "s3cret" not in repr(settings)
+
+
+def test_a_path_keeps_sqlite_and_database_url_is_no_setting_of_its_own(tmp_path: Path) -> None:
+    settings = load_settings(env(tmp_path, FEDIBLOG_ALLOW_HTTP="1", FEDIBLOG_DATABASE="x.db"))
+    assert settings.database_url == ""
+    assert settings.store_location == Path("x.db")
+    (tmp_path / "fediblog.toml").write_text('database_url = "postgresql://h/db"\n')
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_settings(env(tmp_path, FEDIBLOG_ALLOW_HTTP="1"))
