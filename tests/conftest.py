@@ -3,13 +3,21 @@
 With a fake fediverse (tests/fediverse.py) as the network: ``fediverse``, ``fed_app``,
 ``ctx`` (its services), ``web`` (a client for it) and ``deliver`` (a signed POST to
 the shared inbox, then one processing pass).
+
+The database backend: SQLite files under each test's tmp_path, or, when
+``FEDIBLOG_TEST_POSTGRES`` names a PostgreSQL server (``python -m tests.pgcluster
+pytest`` starts a throwaway one), a fresh empty database there for each test folder
+(``database_for``), dropped after the test. ``BACKEND`` (and the ``backend`` fixture)
+says which; ``@pytest.mark.sqlite_only("why")`` skips a test about SQLite's files
+themselves on PostgreSQL, and ``database_free`` one that uses no database at all (lint,
+packaging, signatures): it would only run the same code a second time.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +31,50 @@ from fediblog.web.deps import Services
 from tests.fediverse import Fediverse, RemoteActor, signed_headers
 from tests.helpers import running
 
+# In tests.pgcluster, not here: pytest imports this file as `conftest` and the tests
+# import it as `tests.conftest`, two modules, which must share one set of databases.
+from tests.pgcluster import BACKEND as BACKEND  # re-exported: tests.conftest.BACKEND
+from tests.pgcluster import POSTGRES
+from tests.pgcluster import database_for as database_for
+
 BASE_URL = "https://blog.example"
+
+
+@pytest.fixture(autouse=True)
+def _drop_test_databases() -> Iterator[None]:
+    """Against PostgreSQL, the databases a test made are dropped after it (autouse:
+    set up first, so torn down after the app fixtures closed their connections)."""
+    if POSTGRES is None:
+        yield
+        return
+    made_before = len(POSTGRES.live)
+    yield
+    POSTGRES.drop_since(made_before)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if POSTGRES is not None:
+        POSTGRES.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if BACKEND == "sqlite":
+        return
+    for item in items:
+        marker = item.get_closest_marker("sqlite_only")
+        if marker is not None:
+            why = f" ({marker.args[0]})" if marker.args else ""
+            reason = f"about SQLite itself{why}: this run is against PostgreSQL"
+            item.add_marker(pytest.mark.skip(reason=reason))
+        elif item.get_closest_marker("database_free") is not None:
+            reason = "uses no database: the SQLite run ran it, the same on any backend"
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def backend() -> str:
+    """The database backend of this run: "sqlite" or "postgresql"."""
+    return BACKEND
 
 
 @pytest.fixture
@@ -32,26 +83,31 @@ def anyio_backend() -> str:
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    """Settings for a test: everything under tmp_path, no fediblog.toml, no env."""
+    """Settings for a test: everything under tmp_path, no fediblog.toml, no env; the
+    database is tmp_path's own (``database_for``) unless ``database=`` says otherwise."""
     values: dict[str, Any] = {
         "base_url": BASE_URL,
-        "database": tmp_path / "data" / "test.db",
         "keys_dir": tmp_path / "keys",
         "title": "Test Blog",
         "author": "Tess Author",
     }
     values.update(overrides)
+    if "database" not in values:
+        values["database"] = database_for(tmp_path)
     return load_settings({"FEDIBLOG_CONFIG": str(tmp_path / "absent.toml")}, **values)
 
 
 @pytest.fixture
 def blog_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A working directory for CLI tests: no FEDIBLOG_* from outside, https base URL."""
+    """A working directory for CLI tests: no FEDIBLOG_* from outside, https base URL;
+    against PostgreSQL, FEDIBLOG_DATABASE names the folder's own database."""
     monkeypatch.chdir(tmp_path)
     for name in list(os.environ):
         if name.startswith("FEDIBLOG_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("FEDIBLOG_BASE_URL", BASE_URL)
+    if POSTGRES is not None:
+        monkeypatch.setenv("FEDIBLOG_DATABASE", POSTGRES.for_folder(tmp_path))
     return tmp_path
 
 

@@ -40,6 +40,8 @@ from fediblog.httpsig import (
     verify_signature,
 )
 
+pytestmark = pytest.mark.database_free  # the PostgreSQL run skips it (conftest)
+
 HOST = "blog.example"
 INBOX_PATH = "/users/alice/inbox"
 INBOX_URL = f"https://{HOST}{INBOX_PATH}"

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.helpers import soup
 from tests.install_kit import (
@@ -24,6 +25,8 @@ from tests.install_kit import (
     wheelhouse,
 )
 from tests.processes import free_port
+
+pytestmark = pytest.mark.database_free  # the PostgreSQL run skips it (conftest)
 
 
 def test_the_wheel_runs_help_and_the_demo_from_a_fresh_venv(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.database_free  # the PostgreSQL run skips it (conftest)
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "fediblog"
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.install_kit import (
     INSTALL_TIMEOUT,
@@ -32,6 +33,8 @@ from tests.install_kit import (
     source_copy,
 )
 from tests.processes import free_port
+
+pytestmark = pytest.mark.database_free  # the PostgreSQL run skips it (conftest)
 
 SHELL = {"sh", "bash", "shell", "console"}
 NOT_SHELL = {"markdown", "json", "python", "text"}
@@ -93,8 +96,13 @@ HOW: dict[str, Run | Serve | Skip] = {
     ),
     "fediblog post new hello.md": Run("published https://blog.example.com/posts/hello"),
     "fediblog serve": Serve("/posts/hello", "My first post."),
-    "pip install -e '.[test]'": Skip("the test extras: .ci/run installs them before this test"),
+    "pip install -e '.[test]' && pytest && python -m tests.pgcluster pytest": Skip(
+        "this is .ci/run's last line, which is running this very test"
+    ),
     "pytest": Skip("the suite this test is part of: it cannot run itself"),
+    "python -m tests.pgcluster pytest": Skip(
+        "the same suite again, on PostgreSQL: .ci/run runs it after this one"
+    ),
     "ruff format fediblog tests": Run("files"),  # on the copy: the checkout is left alone
     "pytest -m browser": Skip("the browser tests are part of the suite this test is in"),
 }
@@ -123,6 +131,14 @@ def test_every_readme_command_says_how_it_is_tested() -> None:
     assert not untested, f"README commands with no entry in HOW: {untested}"
     gone = [c for c in HOW if c not in commands]
     assert not gone, f"entries of HOW that README.md no longer has: {gone}"
+
+
+def test_ci_runs_the_test_command_the_readme_gives() -> None:
+    script = (ROOT / ".ci" / "run").read_text().splitlines()
+    last = [line for line in script if line.strip() and not line.startswith("#")][-1]
+
+    assert "python -m tests.pgcluster pytest" in last  # both backends
+    assert last in readme_commands((ROOT / "README.md").read_text())
 
 
 def test_the_reader_of_readme_commands_finds_them_all() -> None:

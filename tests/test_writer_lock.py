@@ -26,7 +26,7 @@ from fediblog.errors import StorageUnavailable
 from fediblog.models import InboxItem
 from fediblog.store import Store
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.sqlite_only("the writer lock file")]
 
 
 @asynccontextmanager
