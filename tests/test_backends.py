@@ -1,0 +1,212 @@
+"""What must hold on SQLite and PostgreSQL alike, where the two differ underneath.
+
+The suite runs once per backend (``python -m tests.pgcluster pytest`` for the second
+run); these tests pin the places the backends could part: text PostgreSQL cannot hold,
+two processes claiming from one queue, another process's change reaching a page cache,
+and how SQLite's placeholders become PostgreSQL's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fediblog.models import OutgoingActivity, Post, PostDraft, utcnow
+from fediblog.store import PostgresStore, Store, _pg_query, _walk_in_memory
+from fediblog.web.deps import Services
+from tests import dbpeek
+from tests.conftest import BACKEND, BASE_URL, database_for, deliver
+from tests.fediverse import Fediverse
+from tests.helpers import publish
+
+pytestmark = pytest.mark.anyio
+
+
+# ---- placeholders ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sqlite", "postgres", "order"),
+    [
+        ("SELECT ? + ?", "SELECT $1 + $2", (0, 1)),
+        ("SELECT ?2, ?1, ?2", "SELECT $1, $2, $1", (1, 0)),
+        (
+            "UPDATE t SET a = :a WHERE b = :b AND c = :a",
+            "UPDATE t SET a = $1 WHERE b = $2 AND c = $1",
+            ("a", "b"),
+        ),
+        # Inside strings, quoted names and comments, nothing is a placeholder; a cast is not.
+        (
+            "SELECT 'a?b :c', \"d?\", x::text -- e? :f\n, ?",
+            "SELECT 'a?b :c', \"d?\", x::text -- e? :f\n, $1",
+            (0,),
+        ),
+        ("SELECT 'it''s ?', ?", "SELECT 'it''s ?', $1", (0,)),
+    ],
+)
+def test_sqlite_placeholders_become_postgresql_ones(
+    sqlite: str, postgres: str, order: tuple[object, ...]
+) -> None:
+    assert _pg_query(sqlite) == (postgres, order)
+
+
+# ---- text PostgreSQL cannot hold ---------------------------------------------------------------
+
+
+async def test_a_nul_in_an_activity_is_refused_on_every_backend(
+    web: httpx.AsyncClient, ctx: Services, fediverse: Fediverse
+) -> None:
+    """JSON can carry U+0000, which PostgreSQL's text cannot hold: the inbox answers
+    400 for it in the activity's id, type or actor, and a reply whose content holds
+    one is not stored; never a 500, on either backend."""
+    post = await publish(ctx, "Nul")
+    ann = fediverse.add("social.example", "ann")
+    target = ctx.urls.object_id(post.uid)
+
+    bad_id = ann.create(ann.note(1, target, "fine words"))
+    bad_id["id"] += "\u0000"
+    assert (await deliver(web, ctx, ann, bad_id, process=False)).status_code == 400
+
+    nul_content = ann.create(ann.note(2, target, "nul \u0000 inside"))
+    answer = await deliver(web, ctx, ann, nul_content)
+    assert answer.status_code in (202, 400)
+    fine = ann.create(ann.note(3, target, "plain words"))
+    assert (await deliver(web, ctx, ann, fine)).status_code == 202
+
+    page = await web.get(f"/posts/{post.slug}")
+    assert page.status_code == 200
+    assert "plain words" in page.text
+    assert "nul " not in page.text
+    assert await ctx.store.count_comments() == 1
+
+
+async def test_a_nul_elsewhere_is_stored_as_each_backend_can(tmp_path: Path) -> None:
+    """A NUL that reached the store anyway (a remote actor's name) is kept by SQLite and
+    turned into U+FFFD by PostgreSQL, rather than failing the write."""
+    store = await Store.open(database_for(tmp_path))
+    try:
+        await store.save_actor(
+            ap_id="https://x.example/users/n", username="n", domain="x.example",
+            name="A\x00B", url=None, icon_url=None, inbox=None, shared_inbox=None,
+            key_id=None, public_key_pem=None, fetched=utcnow(),
+        )  # fmt: skip
+        found = await store.get_cached_actor("https://x.example/users/n")
+    finally:
+        await store.close()
+    assert found is not None
+    assert found.name == ("A\x00B" if BACKEND == "sqlite" else "A\ufffdB")
+
+
+# ---- two processes, one database --------------------------------------------------------------
+
+
+async def test_two_stores_claiming_at_once_never_take_the_same_delivery(tmp_path: Path) -> None:
+    """Two connections (two worker processes) claiming from one queue at the same time
+    share it out: every row to exactly one of them (SKIP LOCKED on PostgreSQL, the
+    write lock's turns on SQLite)."""
+    where = database_for(tmp_path)
+    first = await Store.open(where)
+    second = await Store.open(where)
+    try:
+        activity = OutgoingActivity(f"{BASE_URL}/activities/1", "Create", '{"type":"Create"}')
+        for n in range(150):
+            await first.save_activity_for(activity, f"https://h{n}.example/inbox")
+        now = utcnow()
+        lease = now + timedelta(minutes=1)
+        rounds = await asyncio.gather(
+            *(store.claim_deliveries(now, lease, 25) for _ in range(4) for store in (first, second))
+        )
+    finally:
+        await first.close()
+        await second.close()
+    ids = [job.id for jobs in rounds for job in jobs]
+    assert len(ids) == len(set(ids)) == 150
+
+
+async def test_another_process_s_change_reaches_a_page_cache_within_a_second(
+    tmp_path: Path,
+) -> None:
+    """``version`` (what page caches key on) moves within a second of a change another
+    process commits that a page shows (NOTIFY on PostgreSQL, the data version on
+    SQLite), and not for bookkeeping no page shows."""
+    where = database_for(tmp_path)
+    web = await Store.open(where)
+    other = await Store.open(where)
+    try:
+        web.version_max_age = 1.0  # as in production
+        before = await web.version()
+        await other.save_meta_value("worker_seen.inbox", "2026-12-02T00:00:00Z")  # not shown
+        await asyncio.sleep(1.1)
+        assert await web.version() == before
+        await other.save_block("blocked.example", "domain")  # shown: pages hide its replies
+        started = time.monotonic()
+        while await web.version() == before:
+            assert time.monotonic() - started < 1.5, "the change was not seen within a second"
+            await asyncio.sleep(0.02)
+    finally:
+        await other.close()
+        await web.close()
+
+
+# ---- the order of a post's responses ------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_the_in_memory_walk_orders_responses_as_sqlite_s_recursive_query(
+    tmp_path: Path, seed: int
+) -> None:
+    """PostgreSQL walks a post's responses in memory (``_walk_in_memory``), SQLite with
+    a recursive query: on random threads (times out of order and tied, replies deeper
+    than the page nests, deleted placeholders, a parent on another post, a parent
+    after its reply), both give the same entries in the same order, whatever the page
+    size and depth."""
+    rng = random.Random(seed)
+    database = tmp_path / "walk.db"
+    store = await Store.open(database)  # SQLite's query is the reference
+    try:
+        post = await publish_on(store, "Walk")
+        other = await publish_on(store, "Elsewhere")
+        actor = await store.save_actor(
+            ap_id="https://w.example/users/w", username="w", domain="w.example", name="W",
+            url=None, icon_url=None, inbox=None, shared_inbox=None, key_id=None,
+            public_key_pem=None, fetched=utcnow(),
+        )  # fmt: skip
+        elsewhere = await store.save_seed_comments(
+            other.id, [(None, actor, "https://w.example/n/x", "<p>x</p>", utcnow())]
+        )
+        count = 300
+        comments = []
+        for n in range(count):
+            parent = rng.choice([None, None, *range(max(0, n - 20), n)]) if n else None
+            moment = post.published + timedelta(seconds=rng.choice([n, n, rng.randrange(count)]))
+            comments.append((parent, actor, f"https://w.example/n/{n}", "<p>w</p>", moment))
+        first = await store.save_seed_comments(post.id, comments)
+        for n in rng.sample(range(count), 30):
+            await store.set_comment_status(first + n, "deleted")
+        dbpeek.execute(
+            database,
+            ("UPDATE comments SET parent_id = ? WHERE id = ?", (elsewhere, first + 7)),
+            ("UPDATE comments SET parent_id = ? WHERE id = ?", (first + 200, first + 9)),
+        )
+        rows = await store._fetchall(PostgresStore._THREAD_ROWS, (post.id,))
+        for limit, depth in [(1, 1), (10, 2), (50, 4), (120, 3), (400, 6), (400, 1)]:
+            expected = await store.list_response_walk(post.id, limit, max_depth=depth)
+            assert len(expected) == min(limit, count)
+            assert _walk_in_memory(rows, limit, depth) == expected, (limit, depth)
+    finally:
+        await store.close()
+
+
+async def publish_on(store: Store, title: str) -> Post:
+    return await store.save_new_post(
+        PostDraft(title=title, slug=title.lower(), body_md="x"),
+        uid=title.lower(),
+        body_html="<p>x</p>",
+        published=utcnow() - timedelta(days=1),
+    )
