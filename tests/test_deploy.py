@@ -5,11 +5,14 @@ prefix, with a self-signed certificate), the Caddyfile through `caddy validate` 
 `caddy adapt`; then each serves on loopback in front of a small echo server, which
 shows what fediblog would receive (Host, X-Forwarded-Proto, the body cap). The
 systemd unit goes through `systemd-analyze verify` and `security` (its exposure score
-has a ceiling), the Containerfile through hadolint, compose.yaml through
-`docker-compose config` and a read of its essentials. The unit's MemoryDenyWriteExecute
+has a ceiling), the Containerfile through hadolint, compose.yaml and
+compose.postgres.yaml through `docker-compose config` and a read of their essentials:
+what each service runs, the volumes the blog's processes share, the database's
+password and network, the hardening. The unit's MemoryDenyWriteExecute
 is tried on the real server: `fediblog init` and `serve` under the kernel's MDWE (the
 same rule), answering /healthz, pages and the actor. Every `fediblog` command line in
-deploy/ must parse with the CLI's own parser.
+deploy/ (the README's, the unit's, the image's, the compose files') must parse with the
+CLI's own parser.
 
 A missing tool fails its test, naming the package, unless FEDIBLOG_SKIP_DEPLOY_CHECKS=1:
 .ci/run installs them all.
@@ -29,8 +32,11 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -389,6 +395,17 @@ def caddy_in_front(tmp_path: Path, echo: int) -> Iterator[tuple[int, int]]:
         )
     try:
         wait_for(f"http://127.0.0.1:{http_port}/", process, log)
+        # Caddy answers http before its local CA has issued the certificate: until then a
+        # TLS handshake fails with "internal error" (seen on a busy machine).
+        deadline = time.monotonic() + 20
+        while True:  # until a handshake succeeds (bounded)
+            try:
+                via_caddy(https_port, "GET", "/")
+                break
+            except httpx.ConnectError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"no TLS from Caddy:\n{log.read_text()}") from None
+                time.sleep(0.05)
         yield http_port, https_port
     finally:
         stop(process)
@@ -599,18 +616,39 @@ def test_containerfile_runs_as_a_user_with_a_volume_and_a_health_check() -> None
                 assert (ROOT / source).exists(), source
 
 
-def compose() -> dict[str, object]:
-    loaded = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+def test_containerfile_installs_the_postgresql_extra_from_the_wheel() -> None:
+    """One image for SQLite and PostgreSQL: asyncpg comes with the postgresql extra, asked
+    of the wheel just built (by name, pip could take a "fediblog" from the index)."""
+    text = (DEPLOY / "Containerfile").read_text().replace("\\\n", " ")
+    build = text[: text.rindex("\nFROM ")]
+    installs = [line for line in build.splitlines() if " install " in line and "/wheels/" in line]
+    assert installs
+    assert all('"${wheel}[postgresql]"' in line for line in installs), installs
+    assert "for wheel in /wheels/*.whl" in installs[0]
+    # An extra the package does not declare is only a warning to pip: it must be there.
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert any(d.startswith("asyncpg") for d in extras["optional-dependencies"]["postgresql"])
+
+
+COMPOSE_FILES = ["compose.yaml", "compose.postgres.yaml"]
+# What `docker-compose config` needs set: the domain, and the database's password.
+COMPOSE_ENV = {"FEDIBLOG_DOMAIN": DOMAIN, "FEDIBLOG_POSTGRES_PASSWORD": "s3cretpassw0rd"}
+
+
+def compose(name: str = "compose.yaml") -> dict[str, Any]:
+    loaded = yaml.safe_load((DEPLOY / name).read_text())
     assert isinstance(loaded, dict)
     return loaded
 
 
-def test_compose_file_passes_docker_compose_config(tmp_path: Path) -> None:
+def docker_compose_config(
+    tmp_path: Path, name: str, settings: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
     docker_compose = tool("docker-compose")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDIBLOG_")}
-    env.update(FEDIBLOG_DOMAIN=DOMAIN, HOME=str(tmp_path))
-    result = subprocess.run(
-        [docker_compose, "-f", str(DEPLOY / "compose.yaml"), "config", "-q"],
+    env.update(settings, HOME=str(tmp_path))
+    return subprocess.run(
+        [docker_compose, "-f", str(DEPLOY / name), "config", "-q"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -618,7 +656,127 @@ def test_compose_file_passes_docker_compose_config(tmp_path: Path) -> None:
         cwd=tmp_path,
         check=False,
     )
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_compose_file_passes_docker_compose_config(tmp_path: Path, name: str) -> None:
+    result = docker_compose_config(tmp_path, name, COMPOSE_ENV)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_postgres_refuses_to_run_without_a_database_password(tmp_path: Path) -> None:
+    result = docker_compose_config(tmp_path, "compose.postgres.yaml", {"FEDIBLOG_DOMAIN": DOMAIN})
+    assert result.returncode != 0
+    assert "FEDIBLOG_POSTGRES_PASSWORD" in result.stdout + result.stderr
+    # Required wherever it is used: no default password anywhere.
+    text = (DEPLOY / "compose.postgres.yaml").read_text()
+    uses = re.findall(r"\$\{FEDIBLOG_POSTGRES_PASSWORD([^}]*)\}", text)
+    assert len(uses) >= 2  # PostgreSQL's own, and the blog's URL
+    assert all(use.startswith(":?") for use in uses), uses
+
+
+# The services that run fediblog or PostgreSQL, per compose file: each as an unprivileged
+# user, on a read-only root, with no capabilities and no way to gain privileges.
+HARDENED = [
+    ("compose.yaml", "fediblog"),
+    ("compose.postgres.yaml", "fediblog-web"),
+    ("compose.postgres.yaml", "fediblog-worker"),
+    ("compose.postgres.yaml", "postgres"),
+]
+
+
+@pytest.mark.parametrize(("name", "service"), HARDENED)
+def test_compose_services_are_hardened(name: str, service: str) -> None:
+    config = compose(name)["services"][service]
+    assert str(config["user"]).split(":")[0] not in ("0", "root")
+    assert config["read_only"] is True
+    assert config["cap_drop"] == ["ALL"]
+    assert "cap_add" not in config
+    assert "no-new-privileges:true" in config["security_opt"]
+    assert "privileged" not in config
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_compose_caddy_binds_the_ports_with_one_capability(name: str) -> None:
+    caddy = compose(name)["services"]["caddy"]
+    assert caddy["cap_drop"] == ["ALL"]
+    assert caddy["cap_add"] == ["NET_BIND_SERVICE"]
+    assert "no-new-privileges:true" in caddy["security_opt"]
+    assert "443:443" in caddy["ports"]
+    # The one Caddyfile, checked by the Caddy tests above.
+    assert "./Caddyfile:/etc/caddy/Caddyfile:ro" in caddy["volumes"]
+
+
+def blog_volume(service: dict[str, Any]) -> str:
+    """The named volume a service mounts as the blog's folder."""
+    volumes: list[str] = service["volumes"]
+    mounted = [v.split(":")[0] for v in volumes if v.split(":")[1] == "/srv/fediblog"]
+    assert len(mounted) == 1, volumes
+    return mounted[0]
+
+
+def test_compose_postgres_runs_two_web_processes_and_a_worker_on_one_folder() -> None:
+    loaded = compose("compose.postgres.yaml")
+    services = loaded["services"]
+    assert set(services) == {"postgres", "fediblog-web", "fediblog-worker", "caddy"}
+    web, worker = services["fediblog-web"], services["fediblog-worker"]
+    command = web["command"]
+    assert command[0] == "serve"
+    assert "--web-only" in command  # the worker does the background work
+    assert command[command.index("--workers") + 1] == "2"
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    assert worker["command"][0] == "worker"
+    # One image, built from the Containerfile.
+    assert web["image"] == worker["image"]
+    assert web["build"]["dockerfile"] == "deploy/Containerfile"
+    assert (DEPLOY / web["build"]["context"] / web["build"]["dockerfile"]).is_file()
+    # One blog folder (fediblog.toml, keys/, data/media/) for both: a named volume.
+    volume = blog_volume(web)
+    assert blog_volume(worker) == volume
+    assert volume in loaded["volumes"]
+    # The same database, the PostgreSQL service's, and the same settings.
+    assert web["environment"] == worker["environment"]
+    assert web["environment"]["FEDIBLOG_BASE_URL"].startswith("https://")
+    # The password as Compose puts it in (its `${…:?…}` holds a "?" urlsplit would cut at).
+    url = urlsplit(re.sub(r"\$\{[^}]*\}", "password", web["environment"]["FEDIBLOG_DATABASE"]))
+    database = services["postgres"]["environment"]
+    assert url.scheme == "postgresql"
+    assert url.hostname == "postgres"
+    assert url.username == database["POSTGRES_USER"]
+    assert url.path == "/" + database["POSTGRES_DB"]
+    # The web processes start once the database answers; so does the worker.
+    for service in (web, worker):
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert service["stop_signal"] == "SIGINT"
+    # The web processes listen on loopback inside Caddy's namespace, and see it as
+    # 127.0.0.1, the one proxy they trust; nothing else reaches them.
+    assert web["network_mode"] == "service:caddy"
+    assert "/healthz" in " ".join(web["healthcheck"]["test"])
+    # The worker listens on nothing: the image's check of /healthz would always fail.
+    assert worker["healthcheck"] == {"disable": True}
+    for service in services.values():
+        if service is not services["caddy"]:
+            assert "ports" not in service
+
+
+def test_compose_postgres_keeps_the_database_off_the_host_and_the_internet() -> None:
+    loaded = compose("compose.postgres.yaml")
+    services = loaded["services"]
+    postgres = services["postgres"]
+    assert re.fullmatch(r"postgres:1[5-9](\.\d+)*", postgres["image"]), postgres["image"]
+    assert "ports" not in postgres
+    assert "expose" not in postgres
+    assert "network_mode" not in postgres
+    assert postgres["networks"]
+    for network in postgres["networks"]:
+        assert loaded["networks"][network]["internal"] is True
+        # The web processes reach it through Caddy's namespace, the worker directly.
+        assert network in services["caddy"]["networks"]
+        assert network in services["fediblog-worker"]["networks"]
+    assert postgres["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    data = [v for v in postgres["volumes"] if v.endswith(":/var/lib/postgresql/data")]
+    assert len(data) == 1
+    assert data[0].split(":")[0] in loaded["volumes"]  # a named volume
 
 
 def test_compose_runs_the_blog_unprivileged_on_a_volume_behind_caddy() -> None:
@@ -641,12 +799,29 @@ def test_compose_runs_the_blog_unprivileged_on_a_volume_behind_caddy() -> None:
 # ---- the walkthrough and the command lines in deploy/ ------------------------------
 
 
+# `docker compose [-f FILE] run --rm SERVICE ARGS`: ARGS go to the image's ENTRYPOINT.
+COMPOSE_RUN = re.compile(r"docker compose (?:-f (?P<file>\S+) )?run --rm (?P<service>\S+) ")
+
+
+def compose_run(line: str) -> list[str] | None:
+    """The fediblog arguments of a `docker compose … run --rm SERVICE …` line, once its
+    compose file is known to have that service; None for any other line."""
+    match = COMPOSE_RUN.match(line)
+    if match is None:
+        return None
+    name = Path(match["file"] or "compose.yaml").name
+    assert match["service"] in compose(name)["services"], line
+    return shlex.split(line[match.end() :], comments=True)
+
+
 def fediblog_command_lines() -> list[tuple[str, list[str]]]:
     """Every `fediblog …` command in deploy/'s files: the arguments after the program."""
     found: list[tuple[str, list[str]]] = []
     readme = (DEPLOY / "README.md").read_text()
     for block in re.findall(r"```sh\n(.*?)```", readme, re.DOTALL):
         for line in block.replace("\\\n", " ").splitlines():
+            if (run := compose_run(line)) is not None:
+                found.append((line, run))
             if not line.startswith(("fediblog ", "docker compose exec fediblog ")):
                 continue
             words = shlex.split(line.replace("$(date +%F)", "2026-01-01"), comments=True)
@@ -654,6 +829,14 @@ def fediblog_command_lines() -> list[tuple[str, list[str]]]:
                 found.append((line, words[1:]))
             elif words[:5] == ["docker", "compose", "exec", "fediblog", "fediblog"]:
                 found.append((line, words[5:]))
+    for name in COMPOSE_FILES:
+        text = (DEPLOY / name).read_text()
+        for line in re.findall(r"^#\s+(docker compose .*)$", text, re.MULTILINE):
+            if (run := compose_run(line)) is not None:
+                found.append((f"{name}: {line}", run))
+        for service, config in compose(name)["services"].items():
+            if config.get("image") == "fediblog:latest" and "command" in config:
+                found.append((f"{name}: {service}'s command", list(config["command"])))
     unit = (DEPLOY / "fediblog.service").read_text()
     exec_start = re.search(r"^ExecStart=(\S+) (.*)$", unit, re.MULTILINE)
     assert exec_start
@@ -670,6 +853,9 @@ def fediblog_command_lines() -> list[tuple[str, list[str]]]:
 def test_every_fediblog_command_in_deploy_is_one_the_cli_accepts() -> None:
     lines = fediblog_command_lines()
     assert len(lines) >= 10
+    seen = "\n".join(line for line, _ in lines)
+    for expected in ("fediblog-web's command", "fediblog-worker's command", "run --rm fediblog "):
+        assert expected in seen  # the compose files' commands are read too
     parser = _parser()
     for line, words in lines:
         try:
