@@ -1,18 +1,27 @@
 """The report of `python -m tests.bench` (tests/bench/report.py): met or missed, the ratio
-to the hello-world ceiling, the JSON it writes and the table it prints. Figures are
-made up here: nothing is timed."""
+to the hello-world ceiling, the JSON it writes and the table it prints, and the run's
+shape it records (database, web and worker processes). Figures are made up here:
+nothing is timed. Also the benches' plumbing that needs no server: where a bench blog's
+database is (tests/bench/common.py) and how a bench reads it while the server writes."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 
-from tests.bench import report
-from tests.bench.__main__ import parse_only
-from tests.bench.common import parse_wrk
+from tests.bench import common, report
+from tests.bench.__main__ import main, meta, parse_only
+from tests.bench.bench_processing import _NewRows
+from tests.bench.common import Reader, parse_wrk
 from tests.bench.report import Target
+from tests.conftest import make_settings
+from tests.pgcluster import BACKEND, TEST_POSTGRES
 
 CEILING = {"identity_rps": 10_000.0, "gzip_rps": 8_000.0}
 
@@ -136,7 +145,11 @@ def test_the_table_says_met_missed_and_what_failed() -> None:
     )
     text = report.table(report.clean(built))
     lines = text.splitlines()
-    assert lines[0].split("|")[1:-1] == [
+    assert lines[0] == (  # a report from before the shape was recorded
+        "sqlite, 1 web process, no worker process (the web process does the background work)"
+    )
+    assert lines[1] == ""
+    assert lines[2].split("|")[1:-1] == [
         " benchmark ", " figure ", " target ", " result ", " ceiling ", " ratio ", " verdict ",
     ]  # fmt: skip
     gzip_line = next(line for line in lines if "1,000 comments, gzip" in line)
@@ -213,3 +226,124 @@ def test_wrk_output_gives_the_rate_and_the_percentiles_in_milliseconds() -> None
 def test_wrk_output_with_error_answers_is_refused() -> None:
     with pytest.raises(RuntimeError, match="12 error responses"):
         parse_wrk(WRK_OUTPUT.replace("Requests/sec", "Non-2xx or 3xx responses: 12\nRequests/sec"))
+
+
+POSTGRES_ENV, SPLIT_ENV = common.POSTGRES, common.SPLIT
+WEB_ENV, WORKERS_ENV = common.WEB_PROCESSES, common.WORKER_PROCESSES
+
+
+@pytest.fixture
+def bench_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """The run's settings as `python -m tests.bench` leaves them in the environment,
+    emptied (and put back after the test, whatever main() set)."""
+    for name in (POSTGRES_ENV, SPLIT_ENV, WEB_ENV, WORKERS_ENV):
+        monkeypatch.setenv(name, "")
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    ("env", "first_line"),
+    [
+        ({}, "sqlite, 1 web process, no worker process (the web process does the background"
+             " work), commit abc1234, quick"),
+        ({WEB_ENV: "4"}, "sqlite, 4 web processes, 1 worker process (serve's own), commit"
+                         " abc1234, quick"),
+        ({POSTGRES_ENV: "postgresql://u@db.example/postgres", SPLIT_ENV: "1", WEB_ENV: "2",
+          WORKERS_ENV: "2"},
+         "postgresql, 2 web processes, 2 worker processes (separate `fediblog worker`),"
+         " commit abc1234, quick"),
+        ({SPLIT_ENV: "1"}, "sqlite, 1 web process, 1 worker process (separate `fediblog"
+                           " worker`), commit abc1234, quick"),
+    ],
+)  # fmt: skip
+def test_the_report_records_the_database_and_the_processes_and_says_them_first(
+    bench_env: pytest.MonkeyPatch, env: dict[str, str], first_line: str
+) -> None:
+    for name, value in env.items():
+        bench_env.setenv(name, value)
+    info = meta(argparse.Namespace(quick=True), ["inbox"])
+    assert info["backend"] == ("postgresql" if POSTGRES_ENV in env else "sqlite")
+    assert info["web_processes"] == int(env.get(WEB_ENV, 1))
+    info.update(commit="abc1234", dirty=False)
+    document = json.loads(json.dumps(report.build(results={}, errors={}, ceiling=None,
+                                                  meta=info)))  # fmt: skip
+    assert report.table(document).splitlines()[0] == first_line
+
+
+def test_more_worker_processes_need_the_split_and_a_postgres_url_is_checked(
+    bench_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv, error in [
+        (["--worker-processes", "2"], "--worker-processes needs --split"),
+        (["--split", "--worker-processes", "0"], "take 1 or more"),
+        (["--postgres", "/tmp/blog.db"], "--postgres takes a postgresql:// URL"),
+    ]:
+        bench_env.setattr(sys, "argv", ["python -m tests.bench", *argv])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        assert exit_.value.code == 2
+        assert error in capsys.readouterr().err
+
+
+def test_a_bench_blog_is_a_file_in_its_folder_without_postgres(
+    bench_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    settings = common.bench_settings(tmp_path, 4321)
+    assert settings.store_location == tmp_path / "bench.db"
+    assert common.server_env(settings)["FEDIBLOG_DATABASE"] == str(tmp_path / "bench.db")
+    assert common.backend() == "sqlite"
+
+
+async def _database_names(admin: str) -> set[str]:
+    import asyncpg
+
+    connection = await asyncpg.connect(admin)
+    try:
+        return {row[0] for row in await connection.fetch("SELECT datname FROM pg_database")}
+    finally:
+        await connection.close()
+
+
+@pytest.mark.skipif(BACKEND != "postgresql", reason="needs a PostgreSQL server (.ci/run)")
+def test_with_postgres_each_bench_folder_has_a_database_of_its_own_dropped_with_it(
+    bench_env: pytest.MonkeyPatch,
+) -> None:
+    assert TEST_POSTGRES is not None
+    bench_env.setenv(POSTGRES_ENV, TEST_POSTGRES)
+    with common.bench_folder("bench-test-") as tmp:
+        folder = Path(tmp)
+        settings = common.bench_settings(folder, 4321)
+        url = settings.database_url
+        assert url.startswith("postgresql://")
+        assert common.server_env(settings)["FEDIBLOG_DATABASE"] == url
+        assert common.bench_settings(folder, 4321).database_url == url  # the same blog
+        with common.bench_folder("bench-test-") as other:
+            assert common.bench_settings(Path(other), 4321).database_url != url
+        name = url.rsplit("/", 1)[1]
+        assert name in asyncio.run(_database_names(TEST_POSTGRES))
+        with Reader(settings) as db:
+            assert db.one("SELECT current_database()") == name
+    assert name not in asyncio.run(_database_names(TEST_POSTGRES))
+
+
+def test_new_rows_include_those_committed_after_a_higher_id(tmp_path: Path) -> None:
+    """On PostgreSQL a row can commit after one with a higher id was read: the poller
+    asks for the skipped ids again until they show, then gives up on them."""
+    settings = make_settings(tmp_path)  # on the backend of this run
+    settings.database.parent.mkdir(exist_ok=True)  # SQLite's file is made, not its folder
+    with Reader(settings) as db:
+        db.rows("CREATE TABLE bench_rows (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+        db.rows("INSERT INTO bench_rows (id, v) VALUES (1, 'old')")
+        rows = _NewRows(db, "bench_rows", "v")
+        assert rows.read(db) == []  # what was there before is not new
+        db.rows("INSERT INTO bench_rows (id, v) VALUES (2, 'a'), (5, 'b')")
+        assert sorted(rows.read(db)) == [(2, "a"), (5, "b")]
+        assert set(rows.gaps) == {3, 4}
+        db.rows("INSERT INTO bench_rows (id, v) VALUES (4, 'late'), (6, 'c')")
+        assert sorted(rows.read(db)) == [(4, "late"), (6, "c")]
+        assert rows.read(db) == []  # each row once
+        rows.GAP_WAIT = -1.0  # 3 never comes (an insert rolled back): given up
+        assert rows.read(db) == []
+        assert rows.gaps == {}
+        db.rows("INSERT INTO bench_rows (id, v) VALUES (3, 'too late')")
+        assert rows.read(db) == []

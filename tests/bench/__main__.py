@@ -1,7 +1,8 @@
 """Every benchmark of issue 12 in one run: one JSON report and one table.
 
     python -m tests.bench [--quick] [--only page,inbox,processing,delivery,memory]
-                          [--out FILE] [--quiet-wait SECONDS] [--split] [--workers N]
+                          [--out FILE] [--quiet-wait SECONDS] [--postgres ADMIN_URL]
+                          [--workers N] [--split [--worker-processes M]]
 
 First the hello-world ceiling (tests/bench/hello.py: a trivial starlette endpoint behind
 ``fediblog serve``'s own uvicorn settings, driven by wrk identity and gzip), then each
@@ -11,6 +12,11 @@ git-ignored) and the table (tests/bench/report.py) to stdout. ``--quick`` runs s
 sizes and shorter windows (about 2 minutes in all): a smoke run, not a measurement to
 compare with the targets. Before each benchmark the run notes how busy the machine was
 and, after it, how much CPU other processes took meanwhile (``others_cores``).
+
+``--postgres`` puts each benchmark's blog in a fresh database on that PostgreSQL server
+(dropped afterwards); ``--workers N`` serves with N web processes; ``--split`` runs the
+background work in ``--worker-processes M`` `fediblog worker` processes. The report
+records the backend and both process counts, so runs of each shape compare in one table.
 """
 
 from __future__ import annotations
@@ -29,8 +35,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fediblog.config import without_password
 from tests.bench import report
-from tests.bench.common import SPLIT, WEB_PROCESSES, split_processes, web_processes
+from tests.bench.common import (
+    POSTGRES,
+    SPLIT,
+    WEB_PROCESSES,
+    WORKER_PROCESSES,
+    backend,
+    run_async,
+    split_processes,
+    web_processes,
+    worker_processes,
+)
 from tests.bench.sysstat import background_load, machine_busy_seconds, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,8 +124,12 @@ def meta(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
         "commit": git("rev-parse", "--short", "HEAD") or None,
         "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "quick": args.quick,
+        "backend": backend(),
         "split": split_processes(),
         "web_processes": web_processes(),
+        # `fediblog worker` processes beside the web ones: M with --split; else 0 (the
+        # work runs in the one web process) or, with --workers N, serve's own worker: 1.
+        "worker_processes": worker_processes() or (1 if web_processes() > 1 else 0),
         "only": names,
         "machine": {
             "cpus": os.cpu_count(),
@@ -143,6 +164,16 @@ def run_one(
     return figures, None
 
 
+async def postgres_version(url: str) -> str:
+    import asyncpg
+
+    connection = await asyncpg.connect(url)
+    try:
+        return str(await connection.fetchval("SHOW server_version"))
+    finally:
+        await connection.close()
+
+
 def parse_only(text: str | None) -> list[str]:
     if not text:
         return list(report.BENCHMARKS)
@@ -172,8 +203,23 @@ def main() -> None:
     parser.add_argument(
         "--split",
         action="store_true",
-        help="run the server as `serve --web-only` plus one `fediblog worker` process"
-        " (CPU and RSS figures cover both; sets FEDIBLOG_BENCH_SPLIT=1)",
+        help="run the server as `serve --web-only` plus `fediblog worker` processes"
+        " (--worker-processes; CPU and RSS figures cover all; sets FEDIBLOG_BENCH_SPLIT=1)",
+    )
+    parser.add_argument(
+        "--worker-processes",
+        type=int,
+        default=int(os.environ.get(WORKER_PROCESSES) or 1),
+        metavar="M",
+        help="with --split: M `fediblog worker` processes (1; meant for PostgreSQL, where"
+        " they claim jobs side by side; sets FEDIBLOG_BENCH_WORKER_PROCESSES=M)",
+    )
+    parser.add_argument(
+        "--postgres",
+        default=os.environ.get(POSTGRES) or None,
+        metavar="ADMIN_URL",
+        help="each benchmark's blog in a fresh database on this PostgreSQL server, made"
+        " (CREATE DATABASE) and dropped by the run (sets FEDIBLOG_BENCH_POSTGRES)",
     )
     parser.add_argument(
         "--workers",
@@ -184,18 +230,35 @@ def main() -> None:
         " (their CPU and RSS count as the server's; sets FEDIBLOG_BENCH_WORKERS=N)",
     )
     args = parser.parse_args()
+    if args.worker_processes < 1 or args.workers < 1:
+        parser.error("--workers and --worker-processes take 1 or more")
+    # Read by common (bench_settings, running_server), in this process.
     if args.split:
-        os.environ[SPLIT] = "1"  # read by common.running_server, in this process
-    if args.workers > 1:
-        os.environ[WEB_PROCESSES] = str(args.workers)
+        os.environ[SPLIT] = "1"
+    if args.worker_processes > 1 and not split_processes():
+        parser.error("--worker-processes needs --split (`serve` runs its own worker otherwise)")
+    if args.postgres and not args.postgres.startswith(("postgresql://", "postgres://")):
+        parser.error("--postgres takes a postgresql:// URL")
+    os.environ[WORKER_PROCESSES] = str(args.worker_processes)
+    os.environ[WEB_PROCESSES] = str(args.workers)
+    if args.postgres:
+        os.environ[POSTGRES] = args.postgres
+    else:
+        os.environ.pop(POSTGRES, None)
     names = parse_only(args.only)
     quick = 1 if args.quick else 0
     quiet_wait = args.quiet_wait if args.quiet_wait is not None else (0.0 if quick else 60.0)
     info = meta(args, names)
+    if args.postgres:
+        try:  # fail now, not in every benchmark; and say which server it was
+            info["postgresql"] = run_async(postgres_version(args.postgres))
+        except Exception as problem:
+            parser.error(f"--postgres: cannot use {without_password(args.postgres)}: {problem}")
     out = args.out or ROOT / "tests" / "bench" / "results" / (
         f"{info['started'].replace(':', '')}-{info['commit'] or 'nocommit'}"
         f"{'-dirty' if info['dirty'] else ''}{'-quick' if quick else ''}"
-        f"{'-split' if info['split'] else ''}"
+        f"{'-postgresql' if args.postgres else ''}"
+        f"{f'-split{args.worker_processes}' if info['split'] else ''}"
         f"{f'-workers{args.workers}' if args.workers > 1 else ''}.json"
     )
 

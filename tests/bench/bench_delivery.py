@@ -31,10 +31,8 @@ import asyncio
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,9 @@ import httpx
 from fediblog.models import utcnow
 from fediblog.store import Store
 from tests.bench.common import (
+    Reader,
     RssSampler,
+    bench_folder,
     bench_settings,
     peak_rss_mb,
     running_server,
@@ -185,7 +185,7 @@ async def seed(settings: Any, receiver_port: int, servers: int, per_server: int)
     from fediblog.keys import load_key
     from fediblog.media import MediaStore
 
-    store = await Store.open(settings.database)
+    store = await Store.open(settings.store_location)
     try:
         await MediaStore(settings, store).sync_face(load_key(settings.keys_dir, "blog").public_pem)
         rows: list[tuple[str, str, str, str, str | None]] = []
@@ -205,21 +205,15 @@ async def seed(settings: Any, receiver_port: int, servers: int, per_server: int)
         await store.close()
 
 
-def quiet_queue(database: Path, timeout: float) -> None:
+def quiet_queue(settings: Any, timeout: float) -> None:
     """Wait until no delivery is queued: anything the server sends at start-up (an
     Update of its actor to every follower) must not run into the measured fan-out."""
     give_up = time.monotonic() + timeout
-    while time.monotonic() < give_up:
-        db = sqlite3.connect(database, timeout=30)
-        try:
-            queued = db.execute(
-                "SELECT count(*) FROM deliveries WHERE status = 'queued'"
-            ).fetchone()[0]
-        finally:
-            db.close()
-        if not queued:
-            return
-        time.sleep(0.2)
+    with Reader(settings) as db:
+        while time.monotonic() < give_up:
+            if not db.one("SELECT count(*) FROM deliveries WHERE status = 'queued'"):
+                return
+            time.sleep(0.2)
     raise RuntimeError("deliveries queued at start-up were still queued after the timeout")
 
 
@@ -238,7 +232,7 @@ def measure(
     """One fan-out; figures: ``seconds`` (CLI start -> last inbox), ``wrong`` (inboxes
     missed, hit twice, or with an invalid signature), server CPU (the server and any
     process it started) per delivery, peak RSS (sampled every 0.1 s, and VmHWM)."""
-    with tempfile.TemporaryDirectory(prefix="bench-delivery-") as tmp:
+    with bench_folder("bench-delivery-") as tmp:
         folder, port, receiver_port = Path(tmp), free_port(), free_port()
         settings = bench_settings(folder, port, allow_private_addresses=True)
         started = time.monotonic()
@@ -283,7 +277,7 @@ def measure(
             env = server_env(settings, FEDIBLOG_ALLOW_PRIVATE_ADDRESSES="1")
             with running_server(settings, port, FEDIBLOG_ALLOW_PRIVATE_ADDRESSES="1") as server:
                 time.sleep(1.0)  # let start-up settle
-                quiet_queue(settings.database, timeout)
+                quiet_queue(settings, timeout)
                 others = stats(receiver_port)["others"]
                 if others:
                     print(f"{others:,} other activities (the actor's Update) before the post")
@@ -345,14 +339,9 @@ def measure(
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
                     spy.wait(timeout=60)
-            db = sqlite3.connect(settings.database)
-            try:
-                rows = dict(
-                    db.execute("SELECT status, count(*) FROM deliveries GROUP BY status").fetchall()
-                )
-                attempts = db.execute("SELECT sum(attempts) FROM deliveries").fetchone()[0]
-            finally:
-                db.close()
+            with Reader(settings) as db:
+                rows = dict(db.rows("SELECT status, count(*) FROM deliveries GROUP BY status"))
+                attempts = db.one("SELECT sum(attempts) FROM deliveries")
         finally:
             receiver.terminate()
             receiver.wait(timeout=20)

@@ -63,7 +63,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fediblog.config import Settings
 from fediblog.models import format_ts, utcnow
 from tests.bench import bench_delivery, bench_inbox
-from tests.bench.common import bench_settings, server_env
+from tests.bench.common import POSTGRES, bench_settings, postgres_admin, server_env
 from tests.bench.sysstat import wait_for_quiet
 from tests.processes import free_port
 
@@ -902,6 +902,8 @@ def main() -> None:
     if args.receiver:
         run_receiver(args.port, args.keys, args.key_id, args.delay_ms / 1000)
         return
+    if postgres_admin():  # its checks read the SQLite file: json_extract, leases as text
+        parser.error(f"SQLite only: unset {POSTGRES}")
     if not (0 <= args.flood_runs <= 20 and 0 <= args.fanout_runs <= 20):
         parser.error("at most 20 runs of each")
     if not 100 <= args.per_run <= 100_000:

@@ -33,9 +33,7 @@ import json
 import multiprocessing
 import os
 import re
-import sqlite3
 import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,7 +48,14 @@ from fediblog.blog import Blog, parse_post
 from fediblog.httpsig import sign_request
 from fediblog.models import utcnow
 from fediblog.store import Store
-from tests.bench.common import bench_settings, running_server, tree_rss_mb
+from tests.bench.common import (
+    Reader,
+    bench_folder,
+    bench_settings,
+    postgres_admin,
+    running_server,
+    tree_rss_mb,
+)
 from tests.bench.sysstat import CpuWindow, wait_for_quiet
 from tests.processes import free_port
 
@@ -210,7 +215,7 @@ def generate(
 
 
 async def seed(settings: object, pems: list[bytes]) -> tuple[str, str]:
-    store = await Store.open(settings.database)  # type: ignore[attr-defined]
+    store = await Store.open(settings.store_location)  # type: ignore[attr-defined]
     try:
         blog = Blog(settings, store)  # type: ignore[arg-type]
         post = await blog.publish(
@@ -418,7 +423,7 @@ def measure(
     """Run the warm-up and one run per connection count; return the figures of the best
     run (``accepted_rps``, ``p50_ms``, ``p99_ms``, ``cpu_us_per_request``), ``non_202``
     and ``lost`` (202s without their row) over all runs, RSS, and every run."""
-    with tempfile.TemporaryDirectory(prefix="bench-inbox-") as tmp:
+    with bench_folder("bench-inbox-") as tmp:
         folder, port = Path(tmp), free_port()
         settings = bench_settings(folder, port, allow_private_addresses=True)
         started = time.monotonic()
@@ -488,20 +493,17 @@ def measure(
                     spy.wait(timeout=120)
             rss_after = tree_rss_mb(server.pid)
         # The server is stopped (SIGINT, lifespan shut down): count what is on disk.
-        db = sqlite3.connect(settings.database)
-        try:
+        with Reader(settings) as db:
             stored = {
-                name: db.execute(
+                name: db.one(
                     "SELECT count(*) FROM inbox WHERE dedup_key LIKE ?", (f"%/statuses/{name}-%",)
-                ).fetchone()[0]
+                )
                 for name in runs
             }
             if stored["probe"] != 1:
                 raise RuntimeError("the probe request was not stored")
-            total_rows = db.execute("SELECT count(*) FROM inbox").fetchone()[0]
-        finally:
-            db.close()
-        if keep:
+            total_rows = db.one("SELECT count(*) FROM inbox")
+        if keep and not settings.database_url:  # on PostgreSQL: refused by main()
             keep.write_bytes(settings.database.read_bytes())
 
     print()
@@ -582,6 +584,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.per_run * len(args.connections) > 400_000:
         parser.error("at most 400,000 requests in all")
+    if args.keep and postgres_admin():
+        parser.error("--keep copies a SQLite file: not with FEDIBLOG_BENCH_POSTGRES (pg_dump it)")
     figures = measure(
         connections=args.connections,
         seconds=args.seconds,

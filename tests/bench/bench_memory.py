@@ -15,8 +15,9 @@ Three measurements, each of a fresh server process (one uvicorn worker):
 
 RSS is VmRSS from /proc (what `ps` and the container see), added up over the server
 and any process it started. With ``--split`` (``python -m tests.bench --split``) the
-server is `serve --web-only` plus one `fediblog worker`: each figure is their sum, and
-``*_web_mb`` / ``*_worker_mb`` give each process's own.
+server is `serve --web-only` plus ``--worker-processes`` `fediblog worker`s (one by
+default): each figure is their sum, ``*_web_mb`` the web process(es)' own and
+``*_worker_mb`` the workers' (added up).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,13 @@ import httpx
 from fediblog.blog import Blog
 from fediblog.demo import seed_demo
 from fediblog.store import Store
-from tests.bench.common import bench_settings, running_server, tree_rss_mb, worker_of
+from tests.bench.common import (
+    bench_folder,
+    bench_settings,
+    running_server,
+    tree_rss_mb,
+    workers_of,
+)
 from tests.processes import free_port
 
 AP = "application/activity+json"
@@ -42,7 +48,7 @@ LINK = re.compile(r'href="(/[^"#]*)"')
 
 
 async def seed(settings: object) -> None:
-    store = await Store.open(settings.database)  # type: ignore[attr-defined]
+    store = await Store.open(settings.store_location)  # type: ignore[attr-defined]
     try:
         await seed_demo(Blog(settings, store), store)  # type: ignore[arg-type]
     finally:
@@ -51,7 +57,7 @@ async def seed(settings: object) -> None:
 
 async def create(settings: object) -> None:
     """An empty blog: its database, migrated (`fediblog serve` needs one)."""
-    store = await Store.open(settings.database)  # type: ignore[attr-defined]
+    store = await Store.open(settings.store_location)  # type: ignore[attr-defined]
     await store.close()
 
 
@@ -91,12 +97,12 @@ def crawl(base: str, limit: int) -> tuple[int, int]:
 
 
 def each_process(pid: int, name: str, parts: dict[str, float]) -> float:
-    """The server's RSS (the sum over its processes); in a split run, each process's
-    own goes into ``parts`` as NAME_web_mb and NAME_worker_mb."""
+    """The server's RSS (the sum over its processes); in a split run, the web
+    process(es)' own goes into ``parts`` as NAME_web_mb, the workers' as NAME_worker_mb."""
     total = tree_rss_mb(pid)
-    worker = worker_of(pid)
-    if worker is not None:
-        parts[f"{name}_worker_mb"] = tree_rss_mb(worker)
+    workers = workers_of(pid)
+    if workers:
+        parts[f"{name}_worker_mb"] = sum(tree_rss_mb(worker) for worker in workers)
         parts[f"{name}_web_mb"] = total - parts[f"{name}_worker_mb"]
     return total
 
@@ -104,7 +110,7 @@ def each_process(pid: int, name: str, parts: dict[str, float]) -> float:
 def measure_one(
     demo: bool, limit: int, parts: dict[str, float]
 ) -> tuple[float, float | None, int]:
-    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+    with bench_folder("bench-memory-") as tmp:
         folder, port = Path(tmp), free_port()
         settings = bench_settings(folder, port)
         asyncio.run(seed(settings) if demo else create(settings))

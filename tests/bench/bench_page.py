@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -30,7 +29,7 @@ import httpx
 from fediblog.blog import Blog, parse_post
 from fediblog.models import utcnow
 from fediblog.store import Store
-from tests.bench.common import bench_settings, running_server, tree_rss_mb, wrk_run
+from tests.bench.common import bench_folder, bench_settings, running_server, tree_rss_mb, wrk_run
 from tests.processes import free_port
 
 
@@ -76,7 +75,7 @@ async def seed_comments(store: Store, post_id: int, count: int, actors: Sequence
 async def seed(folder: Path, port: int, sizes: Sequence[int]) -> dict[int, str]:
     """One post per size with that many comments; return size → the post's path."""
     settings = bench_settings(folder, port)
-    store = await Store.open(settings.database)
+    store = await Store.open(settings.store_location)
     try:
         blog = Blog(settings, store)
         actors = await seed_actors(store)
@@ -99,7 +98,7 @@ def measure(
     *, sizes: Sequence[int] = (1000, 50_000), seconds: float = 8.0, connections: int = 32
 ) -> dict[str, Any]:
     figures: dict[str, Any] = {"sizes": list(sizes), "seconds": seconds}
-    with tempfile.TemporaryDirectory(prefix="bench-page-") as tmp:
+    with bench_folder("bench-page-") as tmp:
         folder, port = Path(tmp), free_port()
         started = time.monotonic()
         paths = asyncio.run(seed(folder, port, sizes))

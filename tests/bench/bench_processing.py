@@ -22,7 +22,8 @@ B. Lag. A fresh blog (its post holding ``--flood-comments`` comments); replies s
    beforehand (``--flood-seconds`` x ``--flood-rate`` of them); wrk POSTs them to /inbox
    as fast as they are accepted (bench_inbox's inbox.lua, ``--connections``), each once,
    for ``--flood-seconds``. Visibility is measured by polling the database every 50 ms
-   from this process (a read-only view through WAL): a reply is *accepted* when its inbox
+   from this process (on SQLite a read-only view through WAL; on PostgreSQL rows
+   committed out of id order are caught too): a reply is *accepted* when its inbox
    row is first seen committed (the 202 is sent right after that commit) and *visible*
    when its comment row (published) is first seen; lag = visible - accepted, so both
    ends have the same 50 ms resolution. (The database's own timestamps have one-second
@@ -36,8 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -48,7 +47,7 @@ from fediblog.config import Settings
 from fediblog.models import InboxItem
 from fediblog.store import Store
 from tests.bench import bench_inbox, bench_page
-from tests.bench.common import bench_settings, running_server
+from tests.bench.common import Reader, bench_folder, bench_settings, running_server
 from tests.bench.sysstat import CpuWindow
 from tests.processes import free_port
 
@@ -60,7 +59,7 @@ async def seed(settings: Settings, pems: list[bytes], comments: int, backlog: in
     """bench_inbox's blog, ``comments`` on its post, ``backlog`` replies in the inbox;
     return the post's object id."""
     in_reply_to, blog_actor = await bench_inbox.seed(settings, pems)
-    store = await Store.open(settings.database)
+    store = await Store.open(settings.store_location)
     try:
         if comments:
             post_id = (await store.list_posts(limit=1))[0].id  # the blog's one post
@@ -92,15 +91,15 @@ async def seed(settings: Settings, pems: list[bytes], comments: int, backlog: in
     return in_reply_to
 
 
-def _count(db: sqlite3.Connection, sql: str) -> int:
-    return int(db.execute(sql).fetchone()[0])
+def _count(db: Reader, sql: str) -> int:
+    return int(db.one(sql))
 
 
 def measure_rate(
     pems: list[bytes], *, comments: int, backlog: int, window: float
 ) -> dict[str, Any]:
     """Part A for one thread size: replies turned into comments per second."""
-    with tempfile.TemporaryDirectory(prefix="bench-processing-") as tmp:
+    with bench_folder("bench-processing-") as tmp:
         folder, port = Path(tmp), free_port()
         settings = bench_settings(folder, port, allow_private_addresses=True)
         started = time.monotonic()
@@ -110,7 +109,7 @@ def measure_rate(
             f"{time.monotonic() - started:.1f} s",
             flush=True,
         )
-        db = sqlite3.connect(settings.database, timeout=30, isolation_level=None)
+        db = Reader(settings)
         try:
             with running_server(settings, port, **ENV) as server:
                 cpu = CpuWindow(server.pid).start()
@@ -121,7 +120,7 @@ def measure_rate(
                     time.sleep(0.1)
                     t1, c1 = time.monotonic(), _count(db, "SELECT count(*) FROM comments")
                 cpu.stop()
-            statuses = dict(db.execute("SELECT status, count(*) FROM inbox GROUP BY status"))
+            statuses = dict(db.rows("SELECT status, count(*) FROM inbox GROUP BY status"))
         finally:
             db.close()
     done = c1 - c0
@@ -144,12 +143,45 @@ def measure_rate(
     }
 
 
+class _NewRows:
+    """The rows of a table committed since the last read, by id. On PostgreSQL several
+    processes insert at once, so a row can commit after one with a higher id was seen:
+    the ids skipped are asked for again on each read until they show, or for
+    ``GAP_WAIT`` s (an insert rolled back, or a sequence number an upsert used up)."""
+
+    GAP_WAIT = 10.0
+    GAPS_READ = 500  # at most this many skipped ids asked for per read
+
+    def __init__(self, db: Reader, table: str, columns: str) -> None:
+        # table and columns: names written in this module, never data.
+        self.select = f"SELECT id, {columns} FROM {table}"  # noqa: S608
+        self.last = _count(db, f"SELECT coalesce(max(id), 0) FROM {table}")  # noqa: S608
+        self.gaps: dict[int, float] = {}  # id skipped -> when it was first missed
+
+    def read(self, db: Reader) -> list[tuple[Any, ...]]:
+        rows = db.rows(f"{self.select} WHERE id > ? ORDER BY id", (self.last,))
+        now = time.monotonic()
+        for row_id, *_ in rows:
+            for missing in range(self.last + 1, min(row_id, self.last + 1 + self.GAPS_READ)):
+                self.gaps[missing] = now
+            self.last = row_id
+        for gap in [gap for gap, since in self.gaps.items() if now - since > self.GAP_WAIT]:
+            del self.gaps[gap]
+        if self.gaps:
+            wanted = sorted(self.gaps)[: self.GAPS_READ]
+            late = db.rows(f"{self.select} WHERE id IN ({', '.join('?' * len(wanted))})", wanted)
+            for row_id, *_ in late:
+                del self.gaps[row_id]
+            rows += late
+        return rows
+
+
 class Visibility(threading.Thread):
     """Polls the database: when each reply's inbox row, then its comment, first shows."""
 
-    def __init__(self, database: Path, interval: float = POLL) -> None:
+    def __init__(self, settings: Settings, interval: float = POLL) -> None:
         super().__init__(daemon=True)
-        self.database = database
+        self.settings = settings
         self.interval = interval
         self.accepted: dict[str, float] = {}  # note id -> first seen stored
         self.visible: dict[str, float] = {}  # note id -> first seen as a published comment
@@ -158,7 +190,7 @@ class Visibility(threading.Thread):
 
     def run(self) -> None:
         try:
-            db = sqlite3.connect(self.database, timeout=30, isolation_level=None)
+            db = Reader(self.settings)  # opened in this thread: used only here
             try:
                 self._poll(db)
             finally:
@@ -166,26 +198,19 @@ class Visibility(threading.Thread):
         except BaseException as error:  # reported by the caller
             self.error = error
 
-    def _poll(self, db: sqlite3.Connection) -> None:
-        last_inbox = _count(db, "SELECT coalesce(max(id), 0) FROM inbox")
-        last_comment = _count(db, "SELECT coalesce(max(id), 0) FROM comments")
+    def _poll(self, db: Reader) -> None:
+        inbox = _NewRows(db, "inbox", "dedup_key")
+        comments = _NewRows(db, "comments", "ap_id, status")
         while not self.halt.is_set():
-            rows = db.execute(
-                "SELECT id, dedup_key FROM inbox WHERE id > ? ORDER BY id", (last_inbox,)
-            ).fetchall()
+            rows = inbox.read(db)
             now = time.monotonic()
-            for row_id, key in rows:
-                last_inbox = row_id
+            for _, key in rows:
                 activity = key.split(" ", 1)[-1]
                 self.accepted.setdefault(activity.removesuffix("/activity"), now)
             # A comment row is only ever added after its inbox row: read them second.
-            rows = db.execute(
-                "SELECT id, ap_id, status FROM comments WHERE id > ? ORDER BY id",
-                (last_comment,),
-            ).fetchall()
+            rows = comments.read(db)
             now = time.monotonic()
-            for row_id, ap_id, status in rows:
-                last_comment = row_id
+            for _, ap_id, status in rows:
                 if status == "published" and ap_id:
                     self.visible.setdefault(ap_id, now)
             self.halt.wait(self.interval)
@@ -212,7 +237,7 @@ def measure_lag(
     quiet_wait: float,
 ) -> dict[str, Any]:
     """Part B: accept -> visible lag during a flood."""
-    with tempfile.TemporaryDirectory(prefix="bench-processing-lag-") as tmp:
+    with bench_folder("bench-processing-lag-") as tmp:
         folder, port = Path(tmp), free_port()
         settings = bench_settings(folder, port, allow_private_addresses=True)
         in_reply_to = asyncio.run(seed(settings, pems, comments, 0))
@@ -228,7 +253,7 @@ def measure_lag(
         with running_server(settings, port, **ENV) as server:
             bench_inbox.probe(job["inbox"], sample)
             time.sleep(0.5)  # the probe's reply is processed before the clock starts
-            watch = Visibility(settings.database)
+            watch = Visibility(settings)
             watch.start()
             try:
                 run = bench_inbox.drive(
@@ -361,7 +386,7 @@ def measure_in_process(
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         return {"processed": done, "rate": done / wall, "cpu_ms_per_reply": cpu / done * 1000}
 
-    with tempfile.TemporaryDirectory(prefix="bench-processing-inproc-") as tmp:
+    with bench_folder("bench-processing-inproc-") as tmp:
         return asyncio.run(run(Path(tmp)))
 
 

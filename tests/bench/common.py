@@ -1,30 +1,140 @@
-"""Shared pieces of the benchmarks: a blog in a temp folder, a server process, wrk,
-and the memory of a server and its helper processes."""
+"""Shared pieces of the benchmarks: a blog in a temp folder (its database a SQLite file
+there, or a fresh database on a PostgreSQL server), a server process, wrk, reading the
+blog's database from the benchmark, and the memory of a server and its helper processes.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import concurrent.futures
 import contextlib
 import os
 import re
+import signal
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Iterator
+import uuid
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from fediblog.config import Settings, load_settings
 from fediblog.keys import ensure_keys
 from tests.bench.sysstat import COMPANIONS, process_tree
 from tests.processes import stop, wait_until_up
 
+SPLIT = "FEDIBLOG_BENCH_SPLIT"  # "1": `serve --web-only` and `fediblog worker` processes
+WEB_PROCESSES = "FEDIBLOG_BENCH_WORKERS"  # N > 1: `serve --workers N` (N web + a worker)
+WORKER_PROCESSES = "FEDIBLOG_BENCH_WORKER_PROCESSES"  # M: `fediblog worker`s in a split run
+POSTGRES = "FEDIBLOG_BENCH_POSTGRES"  # an admin URL: each blog a fresh database there
+
+T = TypeVar("T")
+
+
+def split_processes() -> bool:
+    return os.environ.get(SPLIT) == "1"
+
+
+def web_processes() -> int:
+    return int(os.environ.get(WEB_PROCESSES) or 1)
+
+
+def worker_processes() -> int:
+    """`fediblog worker` processes beside the web process(es): M in a split run, else 0
+    (`serve` runs the background work itself, or in the one worker of --workers N)."""
+    return max(1, int(os.environ.get(WORKER_PROCESSES) or 1)) if split_processes() else 0
+
+
+def postgres_admin() -> str | None:
+    """The PostgreSQL server the benchmarks' blogs live on (``--postgres``), or None."""
+    return os.environ.get(POSTGRES) or None
+
+
+def backend() -> str:
+    return "postgresql" if postgres_admin() else "sqlite"
+
+
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` to its end on an event loop of its own, in a thread: callable
+    from anywhere, inside a running event loop too (bench_settings is)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+def database_url(admin: str, name: str) -> str:
+    """``admin`` (a PostgreSQL URL) with its database replaced by ``name``."""
+    return urlsplit(admin)._replace(path=f"/{name}").geturl()
+
+
+async def _admin_statement(admin: str, statement: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(admin)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+# folder -> the database made for it: a benchmark that calls bench_settings twice for one
+# folder (bench_page: to seed, then to serve) gets the same blog both times.
+_DATABASES: dict[Path, str] = {}
+
+
+def _database_for(folder: Path, admin: str) -> str:
+    if folder not in _DATABASES:
+        name = f"fediblog_bench_{uuid.uuid4().hex[:12]}"
+        run_async(_admin_statement(admin, f'CREATE DATABASE "{name}"'))
+        _DATABASES[folder] = name
+    return database_url(admin, _DATABASES[folder])
+
+
+def drop_database(folder: Path) -> None:
+    """Drop the database made for ``folder``, if any (best effort: a failure is printed)."""
+    name = _DATABASES.pop(folder, None)
+    admin = postgres_admin()
+    if name is None or admin is None:
+        return
+    try:  # FORCE: a connection left over from a killed process does not keep it alive
+        run_async(_admin_statement(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    except Exception as error:  # the benchmark's figures matter more than the clean-up
+        print(f"could not drop the benchmark database {name}: {error}", file=sys.stderr)
+
+
+@atexit.register
+def _drop_all() -> None:
+    for folder in list(_DATABASES):
+        drop_database(folder)
+
+
+@contextlib.contextmanager
+def bench_folder(prefix: str) -> Iterator[str]:
+    """A temporary folder for one blog, as tempfile.TemporaryDirectory; on PostgreSQL the
+    database bench_settings made for it is dropped with it."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        try:
+            yield tmp
+        finally:
+            drop_database(Path(tmp))
+
 
 def bench_settings(folder: Path, port: int, **extra: object) -> Settings:
+    """A blog in ``folder`` (its keys there), served on 127.0.0.1:port; its database is
+    ``folder/bench.db``, or with ``--postgres`` a fresh database on that server, the same
+    one for every call with this folder."""
+    admin = postgres_admin()
+    database: object = _database_for(folder, admin) if admin else folder / "bench.db"
     settings = load_settings(
         {"FEDIBLOG_CONFIG": str(folder / "absent.toml")},
         base_url=f"http://127.0.0.1:{port}",
         allow_http=True,
-        database=folder / "bench.db",
+        database=database,
         keys_dir=folder / "keys",
         **extra,
     )
@@ -37,31 +147,65 @@ def server_env(settings: Settings, **extra: str) -> dict[str, str]:
     env.update(
         FEDIBLOG_BASE_URL=settings.base_url,
         FEDIBLOG_ALLOW_HTTP="1",
-        FEDIBLOG_DATABASE=str(settings.database),
+        FEDIBLOG_DATABASE=str(settings.store_location),
         FEDIBLOG_KEYS_DIR=str(settings.keys_dir),
         **extra,
     )
     return env
 
 
-SPLIT = "FEDIBLOG_BENCH_SPLIT"  # "1": `serve --web-only` and one `fediblog worker` process
+_PLACEHOLDER = re.compile(r"\?")
 
 
-WEB_PROCESSES = "FEDIBLOG_BENCH_WORKERS"  # N > 1: `serve --workers N` (N web + a worker)
+class Reader:
+    """The blog's database read from the benchmark itself (counting rows, polling for
+    new ones) while the server writes it: sqlite3 on the file (WAL: never in the
+    writer's way), or on PostgreSQL an asyncpg connection on an event loop of its own.
+    Queries are written once, with SQLite's ``?`` placeholders (PostgreSQL's $N made
+    here): plain SQL both databases read alike. Use it from one thread at a time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._sqlite: sqlite3.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pg: Any = None
+        if settings.database_url:
+            import asyncpg
+
+            self._loop = asyncio.new_event_loop()
+            self._pg = self._loop.run_until_complete(asyncpg.connect(settings.database_url))
+        else:
+            self._sqlite = sqlite3.connect(settings.database, timeout=30, isolation_level=None)
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        if self._sqlite is not None:
+            return self._sqlite.execute(sql, tuple(params)).fetchall()
+        assert self._loop is not None
+        numbers = iter(range(1, len(params) + 1))
+        query = _PLACEHOLDER.sub(lambda _: f"${next(numbers)}", sql)
+        found = self._loop.run_until_complete(self._pg.fetch(query, *params))
+        return [tuple(row) for row in found]
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """The first column of the first row."""
+        return self.rows(sql, params)[0][0]
+
+    def close(self) -> None:
+        if self._sqlite is not None:
+            self._sqlite.close()
+        if self._loop is not None:
+            self._loop.run_until_complete(self._pg.close())
+            self._loop.close()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def split_processes() -> bool:
-    return os.environ.get(SPLIT) == "1"
-
-
-def web_processes() -> int:
-    return int(os.environ.get(WEB_PROCESSES) or 1)
-
-
-def worker_of(pid: int) -> int | None:
-    """The `fediblog worker` process beside the web process ``pid`` (split runs)."""
-    found = COMPANIONS.get(pid)
-    return found[0] if found else None
+def workers_of(pid: int) -> list[int]:
+    """The `fediblog worker` processes beside the web process ``pid`` (split runs)."""
+    return list(COMPANIONS.get(pid, []))
 
 
 @contextlib.contextmanager
@@ -70,9 +214,10 @@ def running_server(settings: Settings, port: int, **env: str) -> Iterator[subpro
 
     With FEDIBLOG_BENCH_WORKERS=N (``--workers N``): `serve --workers N`, whose children
     (N web processes and a worker) count as the server's. With FEDIBLOG_BENCH_SPLIT=1
-    (``python -m tests.bench --split``): `serve --web-only` and one `fediblog worker`
-    process; the worker counts as part of the server in every
-    CPU and RSS figure (sysstat.COMPANIONS), and ``worker_of`` names it.
+    (``python -m tests.bench --split``): `serve --web-only` (with --workers N: N web
+    processes and no worker) and FEDIBLOG_BENCH_WORKER_PROCESSES=M (``--worker-processes
+    M``, default 1) `fediblog worker` processes; they count as part of the server in
+    every CPU and RSS figure (sysstat.COMPANIONS), and ``workers_of`` names them.
     """
     command = [sys.executable, "-m", "fediblog"]
     split = split_processes()
@@ -83,23 +228,35 @@ def running_server(settings: Settings, port: int, **env: str) -> Iterator[subpro
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    worker = None
+    companions: list[subprocess.Popen[bytes]] = []
     try:
-        if split:
-            worker = subprocess.Popen(
-                [*command, "worker"],
-                env=server_env(settings, **env),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+        for _ in range(worker_processes()):
+            companions.append(
+                subprocess.Popen(
+                    [*command, "worker"],
+                    env=server_env(settings, **env),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             )
-            COMPANIONS[process.pid] = [worker.pid]
+            COMPANIONS[process.pid] = [worker.pid for worker in companions]
         wait_until_up(f"http://127.0.0.1:{port}/about", process, "the server")
+        for worker in companions:
+            if worker.poll() is not None:
+                raise RuntimeError(f"a `fediblog worker` exited at start ({worker.returncode})")
         yield process
     finally:
         stop(process, timeout=20)
-        if worker is not None:
-            stop(worker, timeout=20)
-            COMPANIONS.pop(process.pid, None)
+        for worker in companions:  # all asked at once, then each waited for
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGINT)
+        for worker in companions:
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        COMPANIONS.pop(process.pid, None)
 
 
 def rss_mb(pid: int) -> float:

@@ -33,7 +33,7 @@ import httpx
 from fediblog.store import Store
 from tests.bench import bench_inbox, bench_processing
 from tests.bench.bench_processing import percentile
-from tests.bench.common import bench_settings
+from tests.bench.common import POSTGRES, bench_settings, postgres_admin
 from tests.helpers import running
 from tests.processes import free_port
 
@@ -141,6 +141,8 @@ def main() -> None:
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args()
+    if postgres_admin():  # --images rewrites the rows through SQLite's own connection
+        parser.error(f"SQLite only: unset {POSTGRES}")
     asyncio.run(run(args.backlog, args.comments, args.images, not args.no_profile, args.top))
 
 

@@ -189,10 +189,40 @@ def _result_text(row: dict[str, Any]) -> str:
     return "—" if value is None else _number(value) + _unit(row["unit"])
 
 
+def _count(number: int, what: str) -> str:
+    return f"{number} {what}{'' if number == 1 else 'es'}"
+
+
+def shape(report: dict[str, Any]) -> str:
+    """What the run measured, in one line: the database, the web processes, the worker
+    processes (the columns of a table comparing runs), then the commit and the sizes.
+    A report from before these were recorded ran on SQLite, one web process."""
+    web = int(report.get("web_processes") or 1)
+    split = bool(report.get("split"))
+    workers = report.get("worker_processes")
+    if workers is None:
+        workers = 1 if split or web > 1 else 0
+    where = "separate `fediblog worker`" if split else "serve's own"
+    work = (
+        f"{_count(int(workers), 'worker process')} ({where})"
+        if workers
+        else "no worker process (the web process does the background work)"
+    )
+    parts = [str(report.get("backend") or "sqlite"), _count(web, "web process"), work]
+    if report.get("commit"):
+        parts.append(f"commit {report['commit']}{' + changes' if report.get('dirty') else ''}")
+    if report.get("quick"):
+        parts.append("quick")
+    return ", ".join(parts)
+
+
 def table(report: dict[str, Any]) -> str:
-    """The report as a Markdown table (it reads as plain text too)."""
+    """The report as a Markdown table (it reads as plain text too), after a first line
+    saying what ran (``shape``)."""
     quick = bool(report.get("quick"))
     lines = [
+        shape(report),
+        "",
         "| benchmark | figure | target | result | ceiling | ratio | verdict |",
         "|---|---|---|---|---|---|---|",
     ]
