@@ -21,10 +21,9 @@ import functools
 import hashlib
 import json
 import re
-import sqlite3
 import tempfile
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, closing
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -39,6 +38,7 @@ from httpsig import HeaderSigner
 from fediblog.keys import ensure_keys
 from fediblog.models import InboxItem, utcnow
 from fediblog.web.deps import Services
+from tests import dbpeek
 from tests.conftest import BASE_URL, make_settings
 from tests.fediverse import Fediverse, fixture, private_pem, public_pem
 from tests.helpers import running as running_app
@@ -217,19 +217,17 @@ _SNAPSHOT = {
 Snapshot = dict[str, list[tuple[Any, ...]]]
 
 
-def snapshot(database: Path) -> Snapshot:
-    """The rows an inbound activity could touch, read through a read-only connection."""
-    with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
-        return {table: db.execute(query).fetchall() for table, query in _SNAPSHOT.items()}
+def snapshot(database: Path | str) -> Snapshot:
+    """The rows an inbound activity could touch, read through a connection of its own."""
+    return {table: dbpeek.rows(database, query) for table, query in _SNAPSHOT.items()}
 
 
-def actor_row(database: Path, ap_id: str) -> tuple[Any, ...] | None:
-    with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
-        row: tuple[Any, ...] | None = db.execute(
-            "SELECT ap_id, key_id, public_key_pem, deleted_at FROM actors WHERE ap_id = ?",
-            (ap_id,),
-        ).fetchone()
-        return row
+def actor_row(database: Path | str, ap_id: str) -> tuple[Any, ...] | None:
+    return dbpeek.row(
+        database,
+        "SELECT ap_id, key_id, public_key_pem, deleted_at FROM actors WHERE ap_id = ?",
+        (ap_id,),
+    )
 
 
 async def seed(services: Services) -> None:
@@ -270,7 +268,7 @@ class Harness:
     client: httpx.AsyncClient
     services: Services
     remote: Fediverse
-    database: Path
+    database: Path | str  # the store's location: a SQLite file or a PostgreSQL URL
     before: Snapshot
     sent: list[httpx.Request]  # every outbound request of the app, as sent
 
@@ -339,9 +337,8 @@ async def running(tmp_path: Path, **overrides: Any) -> AsyncIterator[Harness]:
         await seed(services)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
-            yield Harness(
-                client, services, remote, settings.database, snapshot(settings.database), requests
-            )
+            database = settings.store_location
+            yield Harness(client, services, remote, database, snapshot(database), requests)
 
 
 def assert_answer(response: httpx.Response, status: int, reason: str | re.Pattern[str]) -> None:

@@ -81,7 +81,7 @@ def use_blog_from_cli(monkeypatch: pytest.MonkeyPatch, settings: Settings, folde
             monkeypatch.delenv(name)
     monkeypatch.setenv("FEDIBLOG_CONFIG", str(folder / "absent.toml"))
     monkeypatch.setenv("FEDIBLOG_BASE_URL", settings.base_url)
-    monkeypatch.setenv("FEDIBLOG_DATABASE", str(settings.database))
+    monkeypatch.setenv("FEDIBLOG_DATABASE", str(settings.store_location))
     monkeypatch.setenv("FEDIBLOG_KEYS_DIR", str(settings.keys_dir))
     monkeypatch.setenv("FEDIBLOG_AUTHOR", settings.author)
 

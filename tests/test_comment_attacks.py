@@ -16,9 +16,8 @@ and the comments, tombstones, reactions and followers are exactly as before.
 from __future__ import annotations
 
 import re
-import sqlite3
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from fediblog.comments import MAX_DEPTH
 from fediblog.models import Post, format_ts, utcnow
 from fediblog.render import sanitize_remote_html
 from fediblog.web.deps import Services
+from tests import dbpeek
 from tests.conftest import BASE_URL, deliver, make_settings
 from tests.fediverse import AS_PUBLIC, Fediverse, RemoteActor
 from tests.helpers import comment_tree, publish, remote_actor, remote_comment, running, soup
@@ -44,24 +44,14 @@ AS_CONTEXT = "https://www.w3.org/ns/activitystreams"
 # ---- reading the outcome ------------------------------------------------------------------
 
 
-@contextmanager
-def _db(ctx: Services, mode: str = "ro") -> Iterator[sqlite3.Connection]:
-    """A second connection (read-only by default): what was committed, whatever the
-    app caches. Closed on exit."""
-    db = sqlite3.connect(f"file:{Path(ctx.settings.database)}?mode={mode}", uri=True)
-    try:
-        with db:  # commits what a "rw" caller wrote
-            yield db
-    finally:
-        db.close()
-
-
 def outcome(ctx: Services, activity_id: str) -> tuple[str, str | None]:
-    """(status, error) of a stored inbound activity."""
-    with _db(ctx) as db:
-        row = db.execute(
-            "SELECT status, error FROM inbox WHERE dedup_key LIKE '% ' || ?", (activity_id,)
-        ).fetchone()
+    """(status, error) of a stored inbound activity, as committed (dbpeek reads through
+    a connection of its own, whatever the app caches)."""
+    row = dbpeek.row(
+        ctx.settings,
+        "SELECT status, error FROM inbox WHERE dedup_key LIKE '% ' || ?",
+        (activity_id,),
+    )
     assert row is not None, f"{activity_id} was not stored"
     return row[0], row[1]
 
@@ -76,13 +66,11 @@ def state(ctx: Services) -> dict[str, list[tuple[Any, ...]]]:
         "posts": "SELECT * FROM posts ORDER BY id",
         "blocks": "SELECT target FROM blocks ORDER BY id",
     }
-    with _db(ctx) as db:
-        return {name: db.execute(sql).fetchall() for name, sql in queries.items()}
+    return {name: dbpeek.rows(ctx.settings, sql) for name, sql in queries.items()}
 
 
 def actor_names(ctx: Services) -> dict[str, tuple[str, str]]:
-    with _db(ctx) as db:
-        rows = db.execute("SELECT ap_id, name, username FROM actors").fetchall()
+    rows = dbpeek.rows(ctx.settings, "SELECT ap_id, name, username FROM actors")
     return {ap_id: (name, username) for ap_id, name, username in rows}
 
 
@@ -769,9 +757,11 @@ async def test_attack_28_cycle_in_stored_parents_cannot_hang_rendering(
     deep = first
     for number in range(300):
         deep = await remote_comment(ctx, post, author, f"Deep {number}", minutes=5, parent=deep)
-    with _db(ctx, "rw") as db:
-        db.execute("UPDATE comments SET parent_id = ? WHERE id = ?", (third, first))
-        db.execute("UPDATE comments SET parent_id = ? WHERE id = ?", (selfish, selfish))
+    dbpeek.execute(
+        ctx.settings,
+        ("UPDATE comments SET parent_id = ? WHERE id = ?", (third, first)),
+        ("UPDATE comments SET parent_id = ? WHERE id = ?", (selfish, selfish)),
+    )
 
     page = await page_of(web, post)
 
@@ -1362,8 +1352,7 @@ async def test_attack_36_followers_only_and_direct_never_public(
     edit = {**private, "to": [AS_PUBLIC], "updated": stamp()}
     await deliver(web, ctx, alice, update(alice, edit, 1))
 
-    with _db(ctx) as db:
-        stored = dict(db.execute("SELECT ap_id, visibility FROM comments").fetchall())
+    stored = dict(dbpeek.rows(ctx.settings, "SELECT ap_id, visibility FROM comments"))
     assert stored[private["id"]] == "followers"
     assert stored[direct["id"]] == "direct"
     assert stored[single["id"]] == "direct"
@@ -1536,11 +1525,11 @@ def local_form(**fields: str) -> dict[str, str]:
 
 
 async def comment_rows(ctx: Services) -> list[tuple[Any, ...]]:
-    with _db(ctx) as db:
-        return db.execute(
-            "SELECT author_name, author_email, author_url, content_html, status FROM comments"
-            " ORDER BY id"
-        ).fetchall()
+    return dbpeek.rows(
+        ctx.settings,
+        "SELECT author_name, author_email, author_url, content_html, status FROM comments"
+        " ORDER BY id",
+    )
 
 
 async def test_attack_37_local_form_html_in_fields_escaped(

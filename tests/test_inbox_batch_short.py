@@ -21,7 +21,8 @@ from fediblog.config import Settings
 from fediblog.responses import HELD_FIRST, held_for_keyword
 from fediblog.store import PROXY_PATH, _writing
 from fediblog.web.deps import Services
-from tests.conftest import make_settings
+from tests import dbpeek
+from tests.conftest import BACKEND, make_settings
 from tests.fediverse import Fediverse
 from tests.helpers import publish
 from tests.test_inbox_batch import queue, shown_commits
@@ -389,11 +390,26 @@ async def test_a_kept_row_that_fails_to_write_ends_as_its_own_replys_outcome(
     notes = [ann.note(n, target, f"reply {n}") for n in range(1, 6)]
     notes[2]["content"] = "<p>the database refuses this one</p>"
     # A failure no draft can foresee, as the database itself would give it.
-    await ctx.store._db.execute(
-        "CREATE TEMP TRIGGER refuse BEFORE INSERT ON comments"
-        " WHEN NEW.content_html LIKE '%refuses this one%'"
-        " BEGIN SELECT RAISE(ABORT, 'refused by the database'); END"
-    )
+    if BACKEND == "sqlite":
+        await ctx.store._db.execute(
+            "CREATE TEMP TRIGGER refuse BEFORE INSERT ON comments"
+            " WHEN NEW.content_html LIKE '%refuses this one%'"
+            " BEGIN SELECT RAISE(ABORT, 'refused by the database'); END"
+        )
+    else:  # PostgreSQL: the same trigger, in the test's own database
+        dbpeek.execute(
+            ctx.settings,
+            (
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql"
+                " AS 'BEGIN RAISE EXCEPTION ''refused by the database''; END'",
+                (),
+            ),
+            (
+                "CREATE TRIGGER refuse BEFORE INSERT ON comments FOR EACH ROW"
+                " WHEN (NEW.content_html LIKE '%refuses this one%') EXECUTE FUNCTION refuse()",
+                (),
+            ),
+        )
     await queue(web, ctx, ann, *(ann.create(n) for n in notes))
 
     assert await ctx.inbox.process_once() == 5

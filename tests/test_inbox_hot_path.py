@@ -25,7 +25,7 @@ from fediblog.models import InboxItem, utcnow
 from fediblog.remote import parse_json
 from fediblog.store import Store
 from fediblog.web.deps import Services
-from tests.conftest import BASE_URL, deliver
+from tests.conftest import BASE_URL, database_for, deliver
 from tests.fediverse import Fediverse, public_pem, remote_key, signed_headers
 from tests.helpers import publish
 
@@ -251,7 +251,7 @@ def _items(count: int, prefix: str = "k") -> list[InboxItem]:
 
 
 async def test_the_writer_commits_more_than_a_batch_in_batches(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "inbox.db")
+    store = await Store.open(database_for(tmp_path, "inbox.db"))
     writer = BatchWriter(store, max_batch=3)
     running = asyncio.create_task(writer.run())
     try:
@@ -267,7 +267,7 @@ async def test_the_writer_commits_more_than_a_batch_in_batches(tmp_path: Path) -
 
 
 async def test_the_writer_refuses_past_its_waiting_room(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "inbox.db")
+    store = await Store.open(database_for(tmp_path, "inbox.db"))
     writer = BatchWriter(store, max_waiting=2)
     waiting = [asyncio.create_task(writer.submit(i)) for i in _items(2)]
     await asyncio.sleep(0)  # both wait: the writer is not running yet
@@ -283,7 +283,7 @@ async def test_the_writer_refuses_past_its_waiting_room(tmp_path: Path) -> None:
 
 
 async def test_a_writer_stopped_answers_every_request_waiting_on_it(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "inbox.db")
+    store = await Store.open(database_for(tmp_path, "inbox.db"))
     committing, never = asyncio.Event(), asyncio.Event()
 
     async def stuck(items: Any) -> None:  # a commit that shutdown cuts short

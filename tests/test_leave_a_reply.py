@@ -229,14 +229,15 @@ async def test_lookups_are_rate_limited_per_address(
 
 
 async def approve_with_cli(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, comment_id: int
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, folder: Path, comment_id: int
 ) -> int:
-    """``fediblog comments approve ID``, run as the author would (another connection)."""
+    """``fediblog comments approve ID``, run as the author would (another connection),
+    on the blog's database: its SQLite file or its PostgreSQL URL."""
     for name in [n for n in os.environ if n.startswith("FEDIBLOG_")]:
         monkeypatch.delenv(name)
-    monkeypatch.setenv("FEDIBLOG_CONFIG", str(Path(settings.database).parent / "absent.toml"))
+    monkeypatch.setenv("FEDIBLOG_CONFIG", str(folder / "absent.toml"))
     monkeypatch.setenv("FEDIBLOG_BASE_URL", settings.base_url)
-    monkeypatch.setenv("FEDIBLOG_DATABASE", str(settings.database))
+    monkeypatch.setenv("FEDIBLOG_DATABASE", str(settings.store_location))
     monkeypatch.setenv("FEDIBLOG_KEYS_DIR", str(settings.keys_dir))
     code: int = await anyio.to_thread.run_sync(main, ["comments", "approve", str(comment_id)])
     return code
@@ -246,6 +247,7 @@ async def test_local_comment_is_held_then_shown_as_plain_text(
     web: httpx.AsyncClient,
     ctx: Services,
     settings: Settings,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -283,7 +285,7 @@ async def test_local_comment_is_held_then_shown_as_plain_text(
     assert "Dana" not in str(page)
     assert "Second paragraph" not in (await web.get("/")).text
 
-    assert await approve_with_cli(settings, monkeypatch, held.id) == 0
+    assert await approve_with_cli(settings, monkeypatch, tmp_path, held.id) == 0
     assert f"comment {held.id}: published" in capsys.readouterr().out
 
     response = await web.get(f"/posts/{post.slug}")

@@ -1,9 +1,10 @@
 """Moderation: held comments, the keyword filter, `fediblog comments …` and blocks.
 
 The app runs in process on the database the CLI uses (``blog_dir``: ./data/fediblog.db,
-./keys), with a fake fediverse as its network. The CLI runs in process too
-(``tests.helpers.run``), in a worker thread because it runs its own event loop, while
-the app keeps its connection open: exactly a `fediblog` command next to a running server.
+or the folder's PostgreSQL database, and ./keys), with a fake fediverse as its network.
+The CLI runs in process too (``tests.helpers.run``), in a worker thread because it runs
+its own event loop, while the app keeps its connection open: exactly a `fediblog`
+command next to a running server.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from bs4 import BeautifulSoup
 from fediblog.config import Settings
 from fediblog.models import Post
 from fediblog.web.deps import Services
-from tests.conftest import BASE_URL, deliver, make_settings
+from tests.conftest import BASE_URL, database_for, deliver, make_settings
 from tests.fediverse import Fediverse, RemoteActor, signed_headers
 from tests.helpers import comment_tree, publish, run, soup
 
@@ -34,7 +35,7 @@ AP_ACCEPT = {"Accept": "application/activity+json"}
 def settings(request: pytest.FixtureRequest, blog_dir: Path) -> Settings:
     """The app's settings: the CLI's database and keys, plus the test's moderation."""
     values: dict[str, Any] = {
-        "database": blog_dir / "data" / "fediblog.db",
+        "database": database_for(blog_dir, "fediblog.db"),  # FEDIBLOG_DATABASE's, on PostgreSQL
         "keys_dir": blog_dir / "keys",
     }
     values.update(getattr(request, "param", {}))

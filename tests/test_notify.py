@@ -33,7 +33,7 @@ from fediblog.models import PostDraft, utcnow
 from fediblog.netguard import GuardedTransport
 from fediblog.store import Store
 from fediblog.web.deps import Services
-from tests.conftest import BASE_URL, deliver, make_settings
+from tests.conftest import BASE_URL, database_for, deliver, make_settings
 from tests.fediverse import Fediverse
 from tests.helpers import publish, remote_actor, remote_comment, run, running
 
@@ -414,7 +414,7 @@ def test_comments_list_since_shows_only_what_arrived_in_that_time(
 
 def test_store_keeps_one_notification_per_response_and_event(tmp_path: Path) -> None:
     async def check() -> tuple[bool, bool]:
-        store = await Store.open(tmp_path / "n.db")
+        store = await Store.open(database_for(tmp_path, "n.db"))
         try:
             post = await store.save_new_post(
                 PostDraft(title="t", slug="t", body_md="b"), uid="u", body_html="b",

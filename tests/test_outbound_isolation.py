@@ -27,7 +27,6 @@ import asyncio
 import json
 import logging
 import socket
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -45,6 +44,7 @@ from fediblog.errors import FetchError
 from fediblog.netguard import GuardedTransport
 from fediblog.remote import Fetcher, FetchPolicy
 from fediblog.web.deps import Services
+from tests import dbpeek
 from tests.conftest import BASE_URL, make_settings
 from tests.helpers import running as running_app
 from tests.inbox_kit import (
@@ -244,7 +244,7 @@ def closed_port() -> int:
 class Blog:
     client: httpx.AsyncClient
     services: Services
-    database: Path
+    database: Path | str  # the store's location: a SQLite file or a PostgreSQL URL
 
     async def post(self, body: bytes, headers: dict[str, str]) -> httpx.Response:
         return await self.client.post("/inbox", content=body, headers=headers)
@@ -253,9 +253,9 @@ class Blog:
         return await self.post(body, pyhttpsig_headers(key, key_id, body))
 
     def actor_rows(self) -> int:
-        with closing(sqlite3.connect(f"file:{self.database}?mode=ro", uri=True)) as db:
-            count: int = db.execute("SELECT count(*) FROM actors").fetchone()[0]
-        return count
+        found = dbpeek.row(self.database, "SELECT count(*) FROM actors")
+        assert found is not None
+        return int(found[0])
 
 
 @asynccontextmanager
@@ -267,7 +267,7 @@ async def live_blog(tmp_path: Path, keys: Path, **overrides: Any) -> AsyncIterat
         services: Services = app.state.services
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
-            yield Blog(client, services, settings.database)
+            yield Blog(client, services, settings.store_location)
 
 
 def with_key_id(headers: dict[str, str], key_id: str) -> dict[str, str]:

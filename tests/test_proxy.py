@@ -9,9 +9,7 @@ the production transport (GuardedTransport, private addresses refused) instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from fediblog.config import Settings
 from fediblog.models import utcnow
 from fediblog.proxy import BLANK_GIF, sniff_image
 from fediblog.web.deps import Services
+from tests import dbpeek
 from tests.conftest import BASE_URL, deliver, make_settings
 from tests.fediverse import Fediverse
 from tests.helpers import publish, remote_comment, running, soup
@@ -380,8 +379,7 @@ async def test_a_proxied_row_missing_what_it_needs_is_fetched_again(
     path = await proxied(pctx, PHOTO)
     assert (await pweb.get(path)).status_code == 200
     key = path.rsplit("/", 1)[1]
-    with contextlib.closing(sqlite3.connect(settings.database)) as db, db:
-        db.execute(damage, (key,))
+    dbpeek.execute(settings, (damage, (key,)))
 
     response = await pweb.get(path)
 
