@@ -3769,7 +3769,6 @@ class PostgresStore(Store):
         self._path = Path(self._where)  # for messages only: no file
         self._lock = asyncio.Lock()
         self._writes = 0
-        self._shown_generation = 0  # "shown" notifications heard
         self._stored_generation = 0  # the shown generation as last read from meta
         self._checked_at = 0.0
         self.version_max_age = 1.0
@@ -3869,7 +3868,7 @@ class PostgresStore(Store):
         if pid != self._writer_pid:
             self._foreign += 1
         if payload == "shown":
-            self._shown_generation += 1
+            self._checked_at = 0.0  # version reads the shown generation at its next call
 
     async def _listening(self) -> bool:
         """Listen again if the listening connection was lost (tried every few seconds
@@ -3887,14 +3886,14 @@ class PostgresStore(Store):
         # Commits were missed meanwhile: count them as seen once more.
         self._notices += 1
         self._foreign += 1
-        self._shown_generation += 1
+        self._checked_at = 0.0
         return True
 
     async def version(self) -> tuple[int, int]:
-        """As ``Store.version``. Other processes' commits a page shows are heard at once
-        (NOTIFY); the shown generation is read as well every ``version_max_age``
-        seconds, as on SQLite, so that a notification still on its way, or lost with
-        the listening connection, is never waited for longer."""
+        """As ``Store.version``: the shown generation is read every ``version_max_age``
+        seconds, as on SQLite, and at once after a commit a page shows was heard of
+        (NOTIFY), so another process's change shows on the next request; a notice
+        lost with the listening connection is waited for no longer than the age."""
         now = time.monotonic()
         if now - self._checked_at >= self.version_max_age:
             self._checked_at = now
@@ -3907,7 +3906,7 @@ class PostgresStore(Store):
                 self._checked_at = 0.0  # ask again next time
                 raise
             self._stored_generation = next((int(row[0]) for row in rows), 0)
-        return (self._writes, self._stored_generation + self._shown_generation)
+        return (self._writes, self._stored_generation)
 
     async def get_data_version(self) -> int:
         await self._listening()
