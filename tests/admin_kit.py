@@ -5,11 +5,14 @@ with the token it returns."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import httpx
 
+from fediblog.config import Settings
 from fediblog.web.admin.guard import cookie_name
 from fediblog.web.deps import Services
+from tests import dbpeek
 
 PASSWORD = "correct horse battery staple"
 _CSRF = re.compile(r'<input type="hidden" name="csrf" value="([0-9a-f]+)">')
@@ -47,3 +50,37 @@ async def new_session(services: Services, ip: str = "192.0.2.1") -> str:
 def cookie(services: Services, token: str) -> dict[str, str]:
     """The Cookie header a browser holding this session sends."""
     return {"cookie": f"{cookie_name(services.settings)}={token}"}
+
+
+def table_names(database: Settings) -> list[str]:
+    """Every table of the blog's database, read from the backend's own catalog: a table
+    added later is in it without a test knowing its name."""
+    if isinstance(dbpeek.where(database), Path):
+        sql = (
+            "SELECT name FROM sqlite_master WHERE type = 'table'"
+            " AND name NOT LIKE 'sqlite_%' ORDER BY name"
+        )
+    else:
+        sql = (
+            "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE'"
+            " AND table_schema = current_schema() ORDER BY table_name"
+        )
+    return [str(found[0]) for found in dbpeek.rows(database, sql)]
+
+
+def stored_bytes(database: Settings) -> bytes:
+    """What the database holds, to look for a secret in: on SQLite every byte of its
+    file and WAL (what was freed too); on PostgreSQL, whose files are the server's, every
+    row of every table, as text."""
+    location = dbpeek.where(database)
+    if isinstance(location, Path):
+        return b"".join(
+            path.read_bytes()
+            for path in location.parent.iterdir()
+            if path.name.startswith(location.name)
+        )
+    tables = {
+        table: dbpeek.rows(database, f"SELECT * FROM {table}")  # noqa: S608 (the schema's names)
+        for table in table_names(database)
+    }
+    return repr(tables).encode()

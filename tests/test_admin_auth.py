@@ -4,9 +4,7 @@ in and out through /admin, and the dashboard."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
-import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -35,7 +33,8 @@ from fediblog.desk import (
 from fediblog.models import utcnow
 from fediblog.store import Store
 from fediblog.web.deps import Services
-from tests.admin_kit import PASSWORD, cookie, new_session, sign_in
+from tests import dbpeek
+from tests.admin_kit import PASSWORD, cookie, new_session, sign_in, stored_bytes
 from tests.conftest import make_settings
 from tests.helpers import publish, remote_actor, run, running
 
@@ -89,8 +88,9 @@ def test_admin_password_from_stdin_sets_it_and_signs_out_everywhere(
         "password set: sign in at https://blog.example/admin as blog (0 session(s) signed out)"
     )
     assert PASSWORD not in out
-    stored = (blog_dir / "data" / "fediblog.db").read_bytes()
+    stored = stored_bytes(load_settings())
     assert PASSWORD.encode() not in stored
+    assert b"$argon2id$" in stored  # the control: what was stored is in what was read
 
 
 def test_admin_password_asks_twice_and_refuses_two_different_ones(
@@ -124,7 +124,7 @@ def test_admin_sessions_and_signout_all_commands(
     settings = load_settings()
 
     async def with_desk(action: Callable[[Desk], Awaitable[T]]) -> T:
-        store = await Store.open(settings.database)
+        store = await Store.open(settings.store_location)
         try:
             return await action(Desk(settings, store))
         finally:
@@ -153,8 +153,7 @@ async def test_the_database_keeps_only_a_hash_of_the_session_id(services: Servic
     assert [row.key for row in rows] == [session_key(token)]
     # Every column of the table, read as another process would, not only those a record
     # carries: a column added later must not hold the token either.
-    with contextlib.closing(sqlite3.connect(services.settings.database)) as db:
-        stored = db.execute("SELECT * FROM desk_sessions").fetchall()
+    stored = dbpeek.rows(services.settings, "SELECT * FROM desk_sessions")
     assert len(stored) == 1
     assert token not in str(stored)
 

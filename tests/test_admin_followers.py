@@ -21,7 +21,7 @@ from fediblog.config import Settings
 from fediblog.web.admin import followers as desk_followers
 from fediblog.web.deps import Services
 from tests.admin_kit import sign_in
-from tests.conftest import deliver, make_settings
+from tests.conftest import database_for, deliver, make_settings
 from tests.fediverse import Fediverse, RemoteActor
 from tests.helpers import run, soup
 from tests.test_admin_responses import verified
@@ -167,7 +167,7 @@ def test_fediblog_followers_remove_queues_a_reject(
     blog_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run(capsys, "init")
-    database = blog_dir / "data" / "fediblog.db"
+    database = database_for(blog_dir, "fediblog.db")
     asyncio.run(_seed_follower(database, "accepted"))
 
     code, _, err = run(capsys, "followers", "remove", ACTOR)

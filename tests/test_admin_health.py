@@ -289,13 +289,14 @@ async def test_cli_deliveries_hosts_and_retry(
     fediverse: Fediverse,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     await failing_host(web, ctx, fediverse)
     monkeypatch.setenv("FEDIBLOG_BASE_URL", ctx.settings.base_url)
-    monkeypatch.setenv("FEDIBLOG_DATABASE", str(ctx.settings.database))
+    monkeypatch.setenv("FEDIBLOG_DATABASE", str(ctx.settings.store_location))
     monkeypatch.setenv("FEDIBLOG_KEYS_DIR", str(ctx.settings.keys_dir))
-    monkeypatch.setenv("FEDIBLOG_CONFIG", str(ctx.settings.database.parent / "absent.toml"))
-    monkeypatch.chdir(ctx.settings.database.parent)
+    monkeypatch.setenv("FEDIBLOG_CONFIG", str(tmp_path / "absent.toml"))
+    monkeypatch.chdir(tmp_path)
 
     def cli(*args: str) -> str:
         code, out, err = run(capsys, *args)

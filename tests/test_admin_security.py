@@ -14,9 +14,7 @@ import hashlib
 import logging
 import re
 import secrets
-import sqlite3
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -25,11 +23,13 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from fediblog.config import Settings
 from fediblog.desk import IDLE_TIMEOUT, SIGN_IN_FAILED
 from fediblog.models import utcnow
 from fediblog.web.admin.guard import CONTENT_SECURITY_POLICY, PUBLIC_PATHS, safe_next
 from fediblog.web.deps import Services
-from tests.admin_kit import PASSWORD, cookie, new_session, sign_in
+from tests import dbpeek
+from tests.admin_kit import PASSWORD, cookie, new_session, sign_in, stored_bytes, table_names
 
 pytestmark = pytest.mark.anyio
 
@@ -77,23 +77,14 @@ def spy(app: Starlette, monkeypatch: pytest.MonkeyPatch) -> Spy:
     return found
 
 
-def fingerprint(database: Path) -> str:
+def fingerprint(database: Settings) -> str:
     """Everything in the database, in one hash (sessions by key: last-seen may move)."""
     digest = hashlib.sha256()
-    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
-        tables = [
-            row[0]
-            for row in db.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'"
-                " AND name NOT LIKE 'sqlite_%' ORDER BY name"
-            )
-        ]
-        for table in tables:
-            query = f"SELECT * FROM {table} ORDER BY 1"  # noqa: S608 (names from the schema)
-            if table == "desk_sessions":
-                query = "SELECT key FROM desk_sessions ORDER BY key"
-            digest.update(table.encode() + repr(db.execute(query).fetchall()).encode())
-    db.close()
+    for table in table_names(database):
+        query = f"SELECT * FROM {table} ORDER BY 1"  # noqa: S608 (names from the schema)
+        if table == "desk_sessions":
+            query = "SELECT key FROM desk_sessions ORDER BY key"
+        digest.update(table.encode() + repr(dbpeek.rows(database, query)).encode())
     return digest.hexdigest()
 
 
@@ -131,7 +122,7 @@ async def _walk_refused(
     spy: Spy,
     headers: dict[str, str],
 ) -> None:
-    before = fingerprint(services.settings.database)
+    before = fingerprint(services.settings)
     for path in admin_paths(app):
         if path in PUBLIC_PATHS:
             continue
@@ -140,7 +131,7 @@ async def _walk_refused(
             response = await _send(client, method, path, headers, **form)
             assert_refused(response, method)
             assert spy.reached == [], (method, path)
-            assert fingerprint(services.settings.database) == before, (method, path)
+            assert fingerprint(services.settings) == before, (method, path)
 
 
 async def test_no_admin_route_answers_without_a_session(
@@ -190,7 +181,7 @@ async def test_no_unsafe_method_passes_without_this_sessions_csrf_token(
         "other session's": services.desk.csrf_token(other),
         "empty": "",
     }[csrf]
-    before = fingerprint(services.settings.database)
+    before = fingerprint(services.settings)
     for path in admin_paths(app):
         if path in PUBLIC_PATHS:
             continue
@@ -211,7 +202,7 @@ async def test_no_unsafe_method_passes_without_this_sessions_csrf_token(
                 assert "CSRF" in response.text
                 assert_admin_headers(response)
                 assert spy.reached == [], (method, path, how)
-                assert fingerprint(services.settings.database) == before, (method, path)
+                assert fingerprint(services.settings) == before, (method, path)
 
 
 async def test_with_a_session_and_its_token_every_route_is_reached(
@@ -446,11 +437,7 @@ async def test_the_password_is_never_stored_or_logged_in_clear(
     response = await client.post("/admin/login", data={"username": "blog", "password": PASSWORD})
     token = response.cookies.get("__Host-fediblog-desk")
     assert token
-    stored = b"".join(  # the database file and its WAL: every byte written
-        path.read_bytes()
-        for path in services.settings.database.parent.iterdir()
-        if path.name.startswith(services.settings.database.name)
-    )
+    stored = stored_bytes(services.settings)  # on SQLite the file and its WAL: every byte
     for secret in (PASSWORD, wrong, token):
         assert secret.encode() not in stored
         assert secret.encode("utf-16-le") not in stored

@@ -11,12 +11,13 @@ import pytest
 from fediblog.cli import main
 from fediblog.models import utcnow
 from fediblog.store import Store
+from tests.conftest import database_for
 from tests.helpers import run
 
 ACTOR = "https://social.example/users/ann"
 
 
-async def _seed_follower(database: Path, status: str) -> None:
+async def _seed_follower(database: Path | str, status: str) -> None:
     store = await Store.open(database)
     try:
         actor_id = await store.save_actor(
@@ -43,7 +44,7 @@ async def _seed_follower(database: Path, status: str) -> None:
         await store.close()
 
 
-async def _queued_payloads(database: Path) -> list[dict[str, object]]:
+async def _queued_payloads(database: Path | str) -> list[dict[str, object]]:
     store = await Store.open(database)
     try:
         jobs = await store.list_due_deliveries(utcnow(), 100)
@@ -57,7 +58,7 @@ def test_approve_a_pending_follow_queues_an_accept(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     run(capsys, "init")
-    database = blog_dir / "data" / "fediblog.db"
+    database = database_for(blog_dir, "fediblog.db")
     asyncio.run(_seed_follower(database, "pending"))
 
     assert ACTOR in run(capsys, "followers", "pending")[1]
@@ -85,7 +86,7 @@ def test_reject_removes_the_request_and_queues_a_reject(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     run(capsys, "init")
-    database = blog_dir / "data" / "fediblog.db"
+    database = database_for(blog_dir, "fediblog.db")
     asyncio.run(_seed_follower(database, "pending"))
 
     assert run(capsys, "followers", "reject", ACTOR)[0] == 0

@@ -27,10 +27,11 @@ from fediblog.inbox import BatchWriter
 from fediblog.keys import load_key
 from fediblog.models import InboxItem, OutgoingActivity, utcnow
 from fediblog.remote import FetchPolicy, build_transport
-from fediblog.store import Store
+from fediblog.store import PostgresStore, Store
 from fediblog.web.deps import Services
 from fediblog.worker import Outcome, TableQueue, Worker, is_transient
-from tests.conftest import BASE_URL, deliver
+from tests import dbpeek
+from tests.conftest import BASE_URL, database_for, deliver
 from tests.fediverse import Fediverse, signed_headers
 from tests.helpers import publish, run
 from tests.test_federation_e2e import Clock, World
@@ -78,7 +79,7 @@ async def test_an_unstorable_activity_is_refused_alone_not_its_batch(
 
 
 async def test_a_batch_that_fails_is_stored_one_by_one(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "inbox.db")
+    store = await Store.open(database_for(tmp_path, "inbox.db"))
     writer = BatchWriter(store)
     running = asyncio.create_task(writer.run())
     try:
@@ -110,6 +111,7 @@ def write_lock(database: Path) -> Iterator[None]:
         other.close()
 
 
+@pytest.mark.sqlite_only("another process's write lock, taken with sqlite3, and busy_timeout")
 async def test_a_locked_database_delays_a_reply_and_loses_nothing(
     web: httpx.AsyncClient,
     ctx: Services,
@@ -173,6 +175,7 @@ async def test_the_cli_shows_why_an_activity_waits_or_failed(
     fediverse: Fediverse,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     post = await publish(ctx, "Reasons")
     ann = fediverse.add("social.example", "ann")
@@ -186,8 +189,8 @@ async def test_the_cli_shows_why_an_activity_waits_or_failed(
     ctx.inbox.handlers["Create"].insert(0, disk_full)
     await deliver(web, ctx, ann, ann.create(ann.note(2, ctx.blog.object_id(post.uid), "y")))
     monkeypatch.setenv("FEDIBLOG_BASE_URL", BASE_URL)
-    monkeypatch.setenv("FEDIBLOG_DATABASE", str(ctx.settings.database))
-    monkeypatch.setenv("FEDIBLOG_CONFIG", str(ctx.settings.database.parent / "none.toml"))
+    monkeypatch.setenv("FEDIBLOG_DATABASE", str(ctx.settings.store_location))
+    monkeypatch.setenv("FEDIBLOG_CONFIG", str(tmp_path / "none.toml"))
 
     code, out, _ = await asyncio.to_thread(run, capsys, "inbox")  # the CLI runs its own loop
 
@@ -332,18 +335,21 @@ async def test_a_crashed_worker_resends_only_what_was_in_flight(world: World) ->
 
 
 def count_rows(world: World, status: str) -> int:
-    with sqlite3.connect(world.settings.database) as db:
-        (n,) = db.execute("SELECT count(*) FROM deliveries WHERE status = ?", (status,)).fetchone()
-    return int(n)
+    found = dbpeek.row(
+        world.settings, "SELECT count(*) FROM deliveries WHERE status = ?", (status,)
+    )
+    assert found is not None
+    return int(found[0])
 
 
-def delivery_rows(world: World, inbox: str) -> list[sqlite3.Row]:
-    with sqlite3.connect(world.settings.database) as db:
-        db.row_factory = sqlite3.Row
-        return db.execute(
-            "SELECT status, attempts, last_error FROM deliveries WHERE inbox = ? ORDER BY id",
-            (inbox,),
-        ).fetchall()
+def delivery_rows(world: World, inbox: str) -> list[dict[str, Any]]:
+    columns = ("status", "attempts", "last_error")
+    found = dbpeek.rows(
+        world.settings,
+        "SELECT status, attempts, last_error FROM deliveries WHERE inbox = ? ORDER BY id",
+        (inbox,),
+    )
+    return [dict(zip(columns, values, strict=True)) for values in found]
 
 
 # ---- 6. reads can see uncommitted writes -------------------------------------------------
@@ -418,12 +424,18 @@ async def test_a_write_cancelled_while_it_begins_leaves_no_transaction_open(
         with contextlib.suppress(asyncio.CancelledError):
             await write
         await store.probe_write(utcnow())  # the next write works
-        assert not store._db.in_transaction, f"left open when cancelled after {ticks} ticks"
+        in_transaction = (  # the writer connection's own word, on either backend
+            store._pg.connection.is_in_transaction()
+            if isinstance(store, PostgresStore)
+            else store._db.in_transaction
+        )
+        assert not in_transaction, f"left open when cancelled after {ticks} ticks"
 
 
 # ---- 7. the database vanishes, or fills up, under a running server ------------------------
 
 
+@pytest.mark.sqlite_only("the database file unlinked under the server")
 async def test_a_removed_database_refuses_instead_of_accepting(
     web: httpx.AsyncClient, ctx: Services, fediverse: Fediverse
 ) -> None:
@@ -440,6 +452,7 @@ async def test_a_removed_database_refuses_instead_of_accepting(
     assert "retry-after" in response.headers
 
 
+@pytest.mark.sqlite_only("a full disk made with PRAGMA max_page_count")
 async def test_a_full_disk_is_logged_once_not_per_request(
     web: httpx.AsyncClient,
     ctx: Services,
@@ -487,6 +500,7 @@ async def test_old_finished_work_is_pruned_and_the_queue_kept(
     assert len(await ctx.store.list_visible_comments(post.id)) == 2
 
 
+@pytest.mark.sqlite_only("a full disk made with PRAGMA max_page_count")
 async def test_a_full_disk_answers_a_reader_503_not_a_traceback(
     client: httpx.AsyncClient, services: Services, caplog: pytest.LogCaptureFixture
 ) -> None:

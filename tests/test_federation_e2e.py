@@ -61,6 +61,7 @@ from fediblog.delivery import MAX_ATTEMPTS, Deliverer
 from fediblog.keys import ensure_keys, load_key
 from fediblog.models import DeliveryState, utcnow
 from fediblog.web.deps import Services
+from tests.conftest import database_for
 from tests.helpers import publish, running
 from tests.processes import free_port, run_fediblog
 
@@ -444,7 +445,7 @@ class World:
         self.settings: Settings = load_settings(
             {"FEDIBLOG_CONFIG": str(tmp_path / "absent.toml")},
             base_url=BLOG,
-            database=tmp_path / "data" / "blog.db",
+            database=database_for(tmp_path, "blog.db"),
             keys_dir=tmp_path / "keys",
             **overrides,
         )
@@ -556,7 +557,7 @@ def blog_env(folder: Path, base_url: str) -> dict[str, str]:
         FEDIBLOG_BASE_URL=base_url,
         FEDIBLOG_ALLOW_HTTP="1",
         FEDIBLOG_ALLOW_PRIVATE_ADDRESSES="1",
-        FEDIBLOG_DATABASE=str(folder / "data" / "blog.db"),
+        FEDIBLOG_DATABASE=str(database_for(folder, "blog.db")),
         FEDIBLOG_KEYS_DIR=str(folder / "keys"),
     )
     return env

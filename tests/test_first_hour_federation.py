@@ -34,7 +34,7 @@ from fediblog.models import Mentioned
 from fediblog.netguard import trusted_context
 from fediblog.remote import Fetcher, FetchPolicy, build_transport
 from fediblog.web.deps import Services
-from tests.conftest import BASE_URL, deliver, make_settings
+from tests.conftest import BASE_URL, database_for, deliver, make_settings
 from tests.fediverse import AP_TYPE, Fediverse, RemoteActor, public_pem, remote_key, signed_headers
 from tests.helpers import publish, run, running, soup
 
@@ -48,7 +48,7 @@ ATOM = "{http://www.w3.org/2005/Atom}"
 def settings(blog_dir: Path) -> Settings:
     """The app's settings on the CLI's own database, so `fediblog` commands see it."""
     return make_settings(
-        blog_dir, database=blog_dir / "data" / "fediblog.db", keys_dir=blog_dir / "keys"
+        blog_dir, database=database_for(blog_dir, "fediblog.db"), keys_dir=blog_dir / "keys"
     )
 
 

@@ -156,6 +156,7 @@ async def test_healthz_is_503_naming_a_worker_that_stopped(
     assert response.json()["workers"]["delivery"] == "stopped"
 
 
+@pytest.mark.sqlite_only("the database file replaced under the server")
 async def test_healthz_is_503_when_the_database_cannot_be_written(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:

@@ -373,6 +373,7 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+@pytest.mark.sqlite_only("fediblog backup/restore copy the SQLite file")
 def test_backup_is_private_and_describes_itself(
     blog_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -415,6 +416,7 @@ def test_backup_is_private_and_describes_itself(
     assert "is not empty" in one_line_error(err)
 
 
+@pytest.mark.sqlite_only("fediblog backup/restore copy the SQLite file")
 def test_backup_under_a_write_flood_finishes_in_seconds_and_restores(
     blog_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -435,7 +437,7 @@ def test_backup_under_a_write_flood_finishes_in_seconds_and_restores(
     failures: list[BaseException] = []
 
     async def flood() -> None:  # a reply storm: one commit after another, no pause
-        store = await Store.open(settings.database)
+        store = await Store.open(settings.store_location)
         shim = SimpleNamespace(store=store)
         try:
             while not stop.is_set():
@@ -492,6 +494,7 @@ def test_backup_under_a_write_flood_finishes_in_seconds_and_restores(
         assert sha256(restored / "keys" / name) == sha256(blog_dir / "keys" / name)
 
 
+@pytest.mark.sqlite_only("fediblog backup/restore copy the SQLite file")
 def test_restored_blog_serves_the_same_posts_and_comments(
     blog_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -547,6 +550,7 @@ def backed_up(blog_dir: Path, capsys: pytest.CaptureFixture[str]) -> Path:
     return blog_dir / "bk"
 
 
+@pytest.mark.sqlite_only("fediblog backup/restore copy the SQLite file")
 def test_restore_replaces_nothing_unless_forced(
     blog_dir: Path, capsys: pytest.CaptureFixture[str], backed_up: Path
 ) -> None:
@@ -583,6 +587,7 @@ def test_restore_replaces_nothing_unless_forced(
     assert mode(database) == 0o600
 
 
+@pytest.mark.sqlite_only("fediblog backup/restore copy the SQLite file")
 @pytest.mark.parametrize(
     ("damage", "message"),
     [

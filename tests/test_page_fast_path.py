@@ -185,7 +185,7 @@ async def test_a_comment_saved_by_another_process_is_seen(blog: Blog) -> None:
     url = f"/posts/{post.slug}"
     carol = await remote_actor(blog.ctx, "carol", "c.example")
     await blog.fetch(url)
-    other = await Store.open(blog.ctx.settings.database, create=False)  # as `fediblog worker`
+    other = await Store.open(blog.ctx.settings.store_location, create=False)  # as `fediblog worker`
     try:
         moment = utcnow()
         await other.save_comment(

@@ -262,7 +262,7 @@ async def test_a_write_by_another_process_shows_without_restart(
     client: httpx.AsyncClient, services: Services
 ) -> None:
     await client.get("/")  # fill the cache
-    other = await Store.open(services.settings.database)  # what the CLI does
+    other = await Store.open(services.settings.store_location)  # what the CLI does
     try:
         from fediblog.blog import Blog, parse_post
 

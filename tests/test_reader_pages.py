@@ -19,6 +19,7 @@ from bs4 import BeautifulSoup, Tag
 from fediblog.models import utcnow
 from fediblog.store import Store
 from fediblog.web.deps import Services
+from tests.conftest import database_for
 from tests.helpers import publish, remote_actor, remote_comment, run, soup
 
 pytestmark = pytest.mark.anyio
@@ -438,7 +439,7 @@ def test_post_list_says_1_response_and_2_responses(
         assert run(capsys, "post", "new", str(source))[0] == 0
 
     async def reply(slugs: dict[str, int]) -> None:
-        store = await Store.open(blog_dir / "data" / "fediblog.db")
+        store = await Store.open(database_for(blog_dir, "fediblog.db"))
         try:
             actor = await store.save_actor(
                 ap_id="https://a.example/users/ann", username="ann", domain="a.example",
