@@ -32,6 +32,11 @@ def rows(target: Settings | Path | str, sql: str, params: Sequence[Any] = ()) ->
     return _run(where(target), [(sql, params)], write=False)[0]
 
 
+def many(target: Settings | Path | str, *queries: tuple[str, Sequence[Any]]) -> list[list[Row]]:
+    """The rows of each query, read in one transaction (and one trip, on PostgreSQL)."""
+    return _run(where(target), list(queries), write=False)
+
+
 def row(target: Settings | Path | str, sql: str, params: Sequence[Any] = ()) -> Row | None:
     found = rows(target, sql, params)
     return found[0] if found else None
@@ -52,18 +57,28 @@ def _run(
     assert POSTGRES is not None, "a PostgreSQL URL outside the PostgreSQL run"
 
     async def run() -> list[list[Row]]:
-        import asyncpg
-
-        connection = await asyncpg.connect(location)
-        try:
-            async with connection.transaction():
-                found = []
-                for sql, params in statements:
-                    query, order = _pg_query(sql)
-                    records = await connection.fetch(query, *_pg_args(order, params))
-                    found.append([tuple(record) for record in records])
-                return found
-        finally:
-            await connection.close()
+        connection = await _connection(location)
+        async with connection.transaction():
+            found = []
+            for sql, params in statements:
+                query, order = _pg_query(sql)
+                records = await connection.fetch(query, *_pg_args(order, params))
+                found.append([tuple(record) for record in records])
+            return found
 
     return POSTGRES.call(run())
+
+
+# One connection per database, kept (on the helper thread's loop, its only user): a
+# new one costs PostgreSQL a process, and some tests read after every request. A
+# database dropped after its test takes its connection with it.
+_CONNECTIONS: dict[str, Any] = {}
+
+
+async def _connection(url: str) -> Any:
+    import asyncpg
+
+    connection = _CONNECTIONS.get(url)
+    if connection is None or connection.is_closed():
+        connection = _CONNECTIONS[url] = await asyncpg.connect(url)
+    return connection

@@ -80,11 +80,16 @@ def spy(app: Starlette, monkeypatch: pytest.MonkeyPatch) -> Spy:
 def fingerprint(database: Settings) -> str:
     """Everything in the database, in one hash (sessions by key: last-seen may move)."""
     digest = hashlib.sha256()
-    for table in table_names(database):
-        query = f"SELECT * FROM {table} ORDER BY 1"  # noqa: S608 (names from the schema)
-        if table == "desk_sessions":
-            query = "SELECT key FROM desk_sessions ORDER BY key"
-        digest.update(table.encode() + repr(dbpeek.rows(database, query)).encode())
+    tables = table_names(database)
+    queries = [
+        "SELECT key FROM desk_sessions ORDER BY key"
+        if table == "desk_sessions"
+        else f"SELECT * FROM {table} ORDER BY 1"  # noqa: S608 (names from the schema)
+        for table in tables
+    ]
+    found = dbpeek.many(database, *((query, ()) for query in queries))
+    for table, rows in zip(tables, found, strict=True):
+        digest.update(table.encode() + repr(rows).encode())
     return digest.hexdigest()
 
 
