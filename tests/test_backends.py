@@ -25,7 +25,7 @@ from tests.conftest import BACKEND, BASE_URL, database_for, deliver
 from tests.fediverse import Fediverse
 from tests.helpers import publish
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.postgresql]  # CI's PostgreSQL run
 
 
 # ---- placeholders ----------------------------------------------------------------------------

@@ -18,10 +18,12 @@ from fediblog.config import Settings
 from fediblog.store import Store
 from fediblog.web.deps import Services
 from tests.conftest import BACKEND, BASE_URL, database_for, deliver, make_settings
-from tests.fediverse import Fediverse, RemoteActor
+from tests.fediverse import Fediverse
 from tests.helpers import publish, run, running, soup
+from tests.test_admin_health import follow
 
 pytestmark = [
+    pytest.mark.postgresql,  # CI's PostgreSQL run
     pytest.mark.anyio,
     pytest.mark.skipif(
         BACKEND != "postgresql",
@@ -29,17 +31,6 @@ pytestmark = [
         " (python -m tests.pgcluster pytest)",
     ),
 ]
-AS_CONTEXT = "https://www.w3.org/ns/activitystreams"
-
-
-def follow(ctx: Services, actor: RemoteActor) -> dict[str, object]:
-    return {
-        "@context": AS_CONTEXT,
-        "id": f"{actor.id}/follows/1",
-        "type": "Follow",
-        "actor": actor.id,
-        "object": ctx.urls.actor,
-    }
 
 
 async def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

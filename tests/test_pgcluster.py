@@ -28,6 +28,8 @@ from tests import pgcluster
 from tests.conftest import BACKEND, database_for, make_settings
 from tests.pgcluster import POSTGRES, TEST_POSTGRES, PostgresDatabases
 
+pytestmark = pytest.mark.postgresql  # CI's PostgreSQL run
+
 ROOT = Path(__file__).resolve().parent.parent
 NO_SERVER = pytest.mark.skipif(
     pgcluster.find_server() is None,
