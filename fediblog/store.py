@@ -3397,21 +3397,29 @@ class Store:
                 raise failure from error
             raise
 
+    # For a batch of replies: tombstones ('t'), comments already here ('c'), and actors
+    # with a published comment ('a'). ?1 is the batch's ids, ?2 its actors' (_id_lists).
+    _REPLY_CONTEXT = (
+        "SELECT 't', ap_id, actor_ap_id, NULL FROM tombstones"
+        " WHERE ap_id IN (SELECT value FROM json_each(?1))"
+        " UNION ALL SELECT 'c', ap_id, id, post_id FROM comments"
+        " WHERE ap_id IN (SELECT value FROM json_each(?1))"
+        " UNION ALL SELECT 'a', NULL, j.value, NULL FROM json_each(?2) j"
+        f" WHERE {_HAS_PUBLISHED.format('j.value')}"
+    )
+
+    @staticmethod
+    def _id_lists(*lists: Sequence[str | int]) -> tuple[Any, ...]:
+        """Lists as ``_REPLY_CONTEXT`` takes them: JSON text for SQLite's json_each."""
+        return tuple(json.dumps(list(dict.fromkeys(values))) for values in lists)
+
     async def get_reply_context(
         self, ap_ids: Sequence[str], actor_ids: Sequence[int]
     ) -> tuple[dict[str, str | None], dict[str, tuple[int, int]], set[int]]:
         """For a batch of replies, in one read: which of these ids were deleted and by
         whom (``is_tombstoned``), the (comment id, post id) of those already here, and
         which of these actors have a published comment (``has_published_comment``)."""
-        rows = await self._fetchall(
-            "SELECT 't', ap_id, actor_ap_id, NULL FROM tombstones"
-            " WHERE ap_id IN (SELECT value FROM json_each(?1))"
-            " UNION ALL SELECT 'c', ap_id, id, post_id FROM comments"
-            " WHERE ap_id IN (SELECT value FROM json_each(?1))"
-            " UNION ALL SELECT 'a', NULL, j.value, NULL FROM json_each(?2) j"
-            f" WHERE {self._HAS_PUBLISHED.format('j.value')}",
-            (json.dumps(list(dict.fromkeys(ap_ids))), json.dumps(list(dict.fromkeys(actor_ids)))),
-        )
+        rows = await self._fetchall(self._REPLY_CONTEXT, self._id_lists(ap_ids, actor_ids))
         tombstones: dict[str, str | None] = {}
         places: dict[str, tuple[int, int]] = {}
         published: set[int] = set()
@@ -4030,30 +4038,19 @@ class PostgresStore(Store):
         f" WHERE c.post_id = ? AND {_VISIBLE} ORDER BY c.id"
     )
 
-    async def get_reply_context(
-        self, ap_ids: Sequence[str], actor_ids: Sequence[int]
-    ) -> tuple[dict[str, str | None], dict[str, tuple[int, int]], set[int]]:
-        rows = await self._fetchall(
-            "SELECT 't', ap_id, actor_ap_id, NULL FROM tombstones"
-            " WHERE ap_id = ANY(CAST(?1 AS TEXT[]))"
-            " UNION ALL SELECT 'c', ap_id, CAST(id AS TEXT), CAST(post_id AS TEXT)"
-            " FROM comments WHERE ap_id = ANY(CAST(?1 AS TEXT[]))"
-            " UNION ALL SELECT 'a', NULL, CAST(j.value AS TEXT), NULL"
-            " FROM unnest(CAST(?2 AS BIGINT[])) AS j(value)"
-            f" WHERE {self._HAS_PUBLISHED.format('j.value')}",
-            (list(dict.fromkeys(ap_ids)), list(dict.fromkeys(actor_ids))),
-        )
-        tombstones: dict[str, str | None] = {}
-        places: dict[str, tuple[int, int]] = {}
-        published: set[int] = set()
-        for kind, ap_id, first, second in rows:
-            if kind == "t":
-                tombstones[ap_id] = first
-            elif kind == "c":
-                places[ap_id] = (int(first), int(second))
-            else:
-                published.add(int(first))
-        return tombstones, places, published
+    _REPLY_CONTEXT = (
+        "SELECT 't', ap_id, actor_ap_id, NULL FROM tombstones"
+        " WHERE ap_id = ANY(CAST(?1 AS TEXT[]))"
+        " UNION ALL SELECT 'c', ap_id, CAST(id AS TEXT), CAST(post_id AS TEXT)"
+        " FROM comments WHERE ap_id = ANY(CAST(?1 AS TEXT[]))"
+        " UNION ALL SELECT 'a', NULL, CAST(j.value AS TEXT), NULL"
+        " FROM unnest(CAST(?2 AS BIGINT[])) AS j(value)"
+        f" WHERE {Store._HAS_PUBLISHED.format('j.value')}"
+    )
+
+    @staticmethod
+    def _id_lists(*lists: Sequence[str | int]) -> tuple[Any, ...]:
+        return tuple(list(dict.fromkeys(values)) for values in lists)
 
 
 async def _pg_follow_ids(db: Any, table: str) -> None:
