@@ -3706,6 +3706,7 @@ _PG_DDL = (
 _PG_CHANNEL = "fediblog"  # NOTIFY: "shown" after a commit a page shows, "work" after others
 _PG_READERS = 4  # connections for reads outside a write transaction, per process
 _PG_CONNECT_TIMEOUT = 5.0  # seconds: an unreachable server is "unavailable", not a hang
+_PG_CLOSE_TIMEOUT = 5.0  # seconds: a connection not closed by then is cut
 _PG_MIGRATION_LOCK = 0x66656469  # pg_advisory_xact_lock: one process migrates at a time
 
 
@@ -3830,11 +3831,16 @@ class PostgresStore(Store):
         return self._where
 
     async def close(self) -> None:
+        """Close every connection; one that does not close in time (a reader still
+        busy, a server that stopped answering) is cut, so closing never hangs."""
+        failures = (TimeoutError, OSError, _asyncpg().InterfaceError)
         if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await self._listener.close()
-        await self._pool.close()
-        await self._pg.close()
+            with contextlib.suppress(*failures):
+                await self._listener.close(timeout=_PG_CLOSE_TIMEOUT)
+        with contextlib.suppress(*failures):  # the pool cuts its connections itself
+            await asyncio.wait_for(self._pool.close(), _PG_CLOSE_TIMEOUT)
+        with contextlib.suppress(*failures):
+            await self._pg.connection.close(timeout=_PG_CLOSE_TIMEOUT)
 
     async def migrate(self) -> int:
         """As ``Store.migrate``: the due migrations in one transaction, under a lock
@@ -3868,7 +3874,11 @@ class PostgresStore(Store):
     async def _listen(self) -> None:
         """A connection of its own that hears every commit's NOTIFY."""
         listener = await _asyncpg().connect(self._url, timeout=_PG_CONNECT_TIMEOUT)
-        await listener.add_listener(_PG_CHANNEL, self._heard)
+        try:
+            await listener.add_listener(_PG_CHANNEL, self._heard)
+        except BaseException:
+            listener.terminate()
+            raise
         self._listener = listener
 
     def _heard(self, connection: Any, pid: int, channel: str, payload: str) -> None:

@@ -24,6 +24,7 @@ from tests import dbpeek
 from tests.conftest import BACKEND, BASE_URL, database_for, deliver
 from tests.fediverse import Fediverse
 from tests.helpers import publish
+from tests.pgcluster import HARNESS_APPLICATION
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgresql]  # CI's PostgreSQL run
 
@@ -152,6 +153,30 @@ async def test_another_process_s_change_reaches_a_page_cache_within_a_second(
     finally:
         await other.close()
         await web.close()
+
+
+@pytest.mark.skipif(BACKEND != "postgresql", reason="PostgreSQL's pool of connections")
+async def test_closing_cuts_a_connection_still_in_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader still held (a request cancelled mid-read, a server gone quiet) does not
+    hold ``close`` forever: the pool waits for it at most its time, then cuts it."""
+    monkeypatch.setattr("fediblog.store._PG_CLOSE_TIMEOUT", 0.2)
+    where = database_for(tmp_path)
+    store = await Store.open(where)
+    assert isinstance(store, PostgresStore)
+    await store._pool.acquire()  # never released
+    await asyncio.wait_for(store.close(), 10)
+    others = (  # besides the test harness's own (dbpeek's, the database's emptier)
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name IS DISTINCT FROM ?"
+    )
+    for _ in range(100):  # the server notices a cut connection a moment later
+        if dbpeek.rows(where, others, [HARNESS_APPLICATION]) == [(0,)]:
+            break
+        await asyncio.sleep(0.05)
+    # Every connection of the store's is gone.
+    assert dbpeek.rows(where, others, [HARNESS_APPLICATION]) == [(0,)]
 
 
 # ---- the order of a post's responses ------------------------------------------------------
