@@ -33,14 +33,13 @@ from urllib.parse import urlsplit
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric import rsa
-from httpsig import HeaderSigner
 
 from fediblog.keys import ensure_keys
 from fediblog.models import InboxItem, utcnow
 from fediblog.web.deps import Services
 from tests import dbpeek
 from tests.conftest import BASE_URL, make_settings
-from tests.fediverse import Fediverse, fixture, private_pem, public_pem
+from tests.fediverse import Fediverse, fixture, header_signer, private_pem, public_pem
 from tests.helpers import running as running_app
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -181,16 +180,8 @@ def pyhttpsig_headers(
         "Content-Type": content_type,
     }
     base.update({name.replace("_", "-").title(): value for name, value in headers.items()})
-    signer = _signer(key_id, secret or private_pem(key), algorithm, tuple(parts))
+    signer = header_signer(key_id, secret or private_pem(key), algorithm, tuple(parts))
     return dict(signer.sign(base, method=method, path=path))
-
-
-@functools.cache
-def _signer(key_id: str, secret: bytes, algorithm: str, parts: tuple[str, ...]) -> HeaderSigner:
-    # pycryptodome tests the primes of a key on every import: ~0.1 s a key, so reuse.
-    return HeaderSigner(
-        key_id, secret, algorithm=algorithm, headers=list(parts), sign_header="signature"
-    )
 
 
 def signed_by(account: Account, body: bytes, **options: Any) -> dict[str, str]:

@@ -23,7 +23,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from http_message_signatures import algorithms as hms_algorithms
-from httpsig import HeaderSigner, HeaderVerifier
+from httpsig import HeaderVerifier
 from hypothesis import given
 from hypothesis import strategies as st
 from starlette.datastructures import Headers
@@ -39,6 +39,7 @@ from fediblog.httpsig import (
     sign_request_rfc9421,
     verify_signature,
 )
+from tests.fediverse import header_signer
 
 pytestmark = pytest.mark.database_free  # the PostgreSQL run skips it (conftest)
 
@@ -145,13 +146,8 @@ def pyhttpsig_signed(
     secret: bytes | None = None,
 ) -> dict[str, str]:
     """Headers signed by pyhttpsig (draft-cavage), as a remote server would send them."""
-    signer = HeaderSigner(
-        KEY_ID,
-        secret if secret is not None else private_pem(key),
-        algorithm=algorithm,
-        headers=signed_parts,
-        sign_header="signature",
-    )
+    secret = secret if secret is not None else private_pem(key)
+    signer = header_signer(KEY_ID, secret, algorithm, tuple(signed_parts))
     return dict(signer.sign(headers, method=method, path=path))
 
 
