@@ -41,15 +41,16 @@ BASE_URL = "https://blog.example"
 
 
 @pytest.fixture(autouse=True)
-def _drop_test_databases() -> Iterator[None]:
-    """Against PostgreSQL, the databases a test made are dropped after it (autouse:
-    set up first, so torn down after the app fixtures closed their connections)."""
+def _take_back_test_databases() -> Iterator[None]:
+    """Against PostgreSQL, the databases a test used are emptied after it for the next
+    tests (or dropped; autouse: set up first, so torn down after the app fixtures
+    closed their connections)."""
     if POSTGRES is None:
         yield
         return
-    made_before = len(POSTGRES.live)
+    used_before = len(POSTGRES.live)
     yield
-    POSTGRES.drop_since(made_before)
+    POSTGRES.take_back_since(used_before)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -58,6 +59,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The long tests first (a stable sort: the rest keep their order): started last,
+    # one would run alone at the end while the other cores idle.
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
     if BACKEND == "sqlite":
         return
     for item in items:

@@ -17,7 +17,7 @@ from typing import Any
 
 from fediblog.config import Settings
 from fediblog.store import _pg_args, _pg_query
-from tests.pgcluster import POSTGRES
+from tests.pgcluster import HARNESS_APPLICATION, POSTGRES
 
 Row = tuple[Any, ...]
 
@@ -70,8 +70,9 @@ def _run(
 
 
 # One connection per database, kept (on the helper thread's loop, its only user): a
-# new one costs PostgreSQL a process, and some tests read after every request. A
-# database dropped after its test takes its connection with it.
+# new one costs PostgreSQL a process, and some tests read after every request. An
+# emptied database keeps it for its next test (HARNESS_APPLICATION); a dropped one takes
+# it with it.
 _CONNECTIONS: dict[str, Any] = {}
 
 
@@ -80,5 +81,7 @@ async def _connection(url: str) -> Any:
 
     connection = _CONNECTIONS.get(url)
     if connection is None or connection.is_closed():
-        connection = _CONNECTIONS[url] = await asyncpg.connect(url)
+        connection = _CONNECTIONS[url] = await asyncpg.connect(
+            url, server_settings={"application_name": HARNESS_APPLICATION}
+        )
     return connection

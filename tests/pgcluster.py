@@ -44,7 +44,7 @@ from types import FrameType
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from fediblog.store import Store
+from fediblog.store import _TABLES, Store
 
 NOT_INSTALLED = "PostgreSQL's server is not installed: apt-get install postgresql"
 SERVER_PROGRAMS = ("initdb", "pg_ctl", "postgres")
@@ -294,13 +294,47 @@ BACKEND: Literal["sqlite", "postgresql"] = "postgresql" if TEST_POSTGRES else "s
 T = TypeVar("T")
 
 
+# The test harness's own connections are named so (tests/dbpeek.py keeps one per
+# database, and this module one to empty each): emptying a database for the next test
+# cuts every other connection to it, not these.
+HARNESS_APPLICATION = "fediblog-tests"
+
+# What a test could have changed in a database's schema: its version, its tables, and
+# anything else it could have added to them. Seen different, the database is dropped.
+_FINGERPRINT = """
+    SELECT (SELECT max(version) FROM fediblog_schema),
+           (SELECT string_agg(relname || ':' || relkind::text, ',' ORDER BY relname)
+              FROM pg_class WHERE relnamespace = 'public'::regnamespace),
+           (SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+             WHERE c.relnamespace = 'public'::regnamespace AND NOT t.tgisinternal),
+           (SELECT count(*) FROM pg_proc WHERE pronamespace = 'public'::regnamespace)
+"""
+_OTHER_CONNECTIONS = """
+    SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+     WHERE datname = current_database() AND pid <> pg_backend_pid()
+       AND application_name IS DISTINCT FROM $1
+"""
+_RESTART_SEQUENCES = """
+    SELECT setval(oid, 1, false) FROM pg_class
+     WHERE relkind = 'S' AND relnamespace = 'public'::regnamespace
+"""
+
+
 class PostgresDatabases:
-    """Makes and drops the tests' databases on the server at ``admin_url``.
+    """Gives each test folder an empty database on the server at ``admin_url``, and
+    takes it back after the test.
 
     make_settings is synchronous and is called from async tests, inside their running
-    event loop: the SQL runs on a private loop in a helper thread, on one asyncpg
-    connection kept for the whole session (connecting costs more than a CREATE
-    DATABASE), and the caller waits for its result.
+    event loop: the SQL runs on a private loop in a helper thread, on asyncpg
+    connections kept for the whole session (connecting costs a server process), and
+    the caller waits for its result.
+
+    Every database starts as a copy of one made once with fediblog's schema (its
+    migrations, on this server, by the code under test). Making a copy costs 0.2-0.5 s
+    on a busy cluster (CREATE DATABASE copies files and checkpoints); emptying a used
+    one costs a few ms. So the databases of a test are emptied after it, as the
+    template left them (its rows, its sequences), and handed to the next tests; one
+    whose schema the test changed is dropped instead.
     """
 
     def __init__(self, admin_url: str) -> None:
@@ -311,13 +345,18 @@ class PostgresDatabases:
         self.prefix = f"fediblog_{worker}_{os.getpid()}_{secrets.token_hex(2)}_"
         self.counter = itertools.count(1)
         self.by_folder: dict[Path, str] = {}  # test folder -> its database's URL
-        self.live: list[str] = []  # databases made and not dropped yet, oldest first
+        self.live: list[str] = []  # databases in use by the running test, oldest first
+        self.spare: list[str] = []  # emptied databases, for the next tests
         self.lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.connection: Any = None  # asyncpg.Connection (asyncpg has no type hints)
+        self.emptiers: dict[str, Any] = {}  # database -> the connection that empties it
         self.create_sql = ""
         self.template = ""
+        self.fingerprint: tuple[Any, ...] = ()  # the template's (_FINGERPRINT)
+        self.empty_sql = ""  # deletes every row but the schema version
+        self.seeds: list[tuple[str, list[str], list[tuple[Any, ...]]]] = []  # the template's rows
 
     def call(self, work: Coroutine[Any, Any, T]) -> T:
         """Run ``work`` on the helper thread's event loop and wait for its result (for
@@ -341,14 +380,9 @@ class PostgresDatabases:
             # From template0, which is always pristine (template1 may have been changed
             # on a shared server, and refuses to be copied while anyone is connected to
             # it). FILE_COPY (PostgreSQL 15+) copies the files instead of writing the
-            # whole template into the WAL as WAL_LOG, the default, does: measured
-            # on the throwaway cluster (fsync off), 15-28 ms a database against 18-23
-            # ms, and its DROP 7 ms against 10.
+            # whole template into the WAL as WAL_LOG, the default, does.
             version = self.connection.get_server_version().major
             strategy = " STRATEGY FILE_COPY" if version >= 15 else ""
-            # Every test's database is a copy of one made once with fediblog's schema
-            # (its migrations, on this server, by the code under test): a copy takes
-            # ~20 ms where running the migrations again took ~10 times that.
             template = f"{self.prefix}template"
             await self.connection.execute(
                 f"CREATE DATABASE {template} TEMPLATE template0" + strategy
@@ -356,53 +390,126 @@ class PostgresDatabases:
             self.template = template  # dropped last (close), never with a test's
             store = await Store.open(self.url_of(template))
             await store.close()
+            await self._read_template(template)
             self.create_sql = f"CREATE DATABASE {{}} TEMPLATE {template}" + strategy
         return self.connection
+
+    async def _read_template(self, template: str) -> None:
+        """What emptying a used database must give back: the template's schema (to
+        compare), its tables (to empty, each before those it refers to) and rows."""
+        import asyncpg
+
+        connection = await asyncpg.connect(self.url_of(template))
+        try:
+            self.fingerprint = tuple(await connection.fetchrow(_FINGERPRINT))
+            rows = await connection.fetch(
+                "SELECT relname FROM pg_class WHERE relkind = 'r'"
+                " AND relnamespace = 'public'::regnamespace AND relname <> 'fediblog_schema'"
+            )
+            tables = {row["relname"] for row in rows}
+            ordered = [name for name in _TABLES if name in tables]
+            unknown = sorted(tables - set(ordered))  # referred to by none we know: first
+            self.empty_sql = "; ".join(
+                f"DELETE FROM {name}"  # noqa: S608
+                for name in [*unknown, *reversed(ordered)]
+            )
+            self.seeds = []
+            for name in ordered:
+                records = await connection.fetch(f"SELECT * FROM {name}")  # noqa: S608
+                if records:
+                    columns = list(records[0].keys())
+                    self.seeds.append((name, columns, [tuple(r) for r in records]))
+        finally:
+            await connection.close()
 
     async def _create(self, name: str) -> None:
         connection = await self._connection()
         await connection.execute(self.create_sql.format(name))
 
+    async def _empty(self, name: str) -> bool:
+        """Make the database ``name`` as the template left it, if its schema is still
+        the template's (True); otherwise leave it (False: drop it)."""
+        import asyncpg
+
+        connection = self.emptiers.get(name)
+        if connection is None or connection.is_closed():
+            connection = self.emptiers[name] = await asyncpg.connect(
+                self.url_of(name), server_settings={"application_name": HARNESS_APPLICATION}
+            )
+        # A store the test left open, or a process of its not gone yet, must not write
+        # into the next test's rows (nor hold a lock the deletes would wait for).
+        await connection.fetch(_OTHER_CONNECTIONS, HARNESS_APPLICATION)
+        if tuple(await connection.fetchrow(_FINGERPRINT)) != self.fingerprint:
+            return False
+        async with connection.transaction():
+            await connection.execute(self.empty_sql)
+            for table, columns, records in self.seeds:
+                await connection.copy_records_to_table(table, records=records, columns=columns)
+            await connection.fetch(_RESTART_SEQUENCES)
+        return True
+
     async def _drop(self, names: list[str]) -> None:
         connection = await self._connection()
         for name in names:
+            emptier = self.emptiers.pop(name, None)
+            if emptier is not None:
+                with contextlib.suppress(Exception):
+                    await emptier.close(timeout=5)
             # FORCE: a connection a test left open must not keep its database alive.
             await connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    async def _take_back(self, names: list[str]) -> list[str]:
+        """Empty each of ``names`` for the next tests, or drop it: those emptied."""
+        emptied, dropping = [], []
+        for name in names:
+            try:
+                (emptied if await self._empty(name) else dropping).append(name)
+            except Exception:  # whatever the test did to it, it is not used again
+                dropping.append(name)
+        await self._drop(dropping)
+        return emptied
 
     def url_of(self, name: str) -> str:
         """The admin URL with its database swapped for ``name`` (options kept)."""
         return urlsplit(self.admin_url)._replace(path="/" + name).geturl()
 
     def for_folder(self, folder: Path) -> str:
-        """The database of a test folder, made empty on first use: one folder, one
-        database, as SQLite has one file under it (two calls on the same folder give
-        the same database, as a restart in a test expects)."""
+        """The database of a test folder, empty at first use: one folder, one database,
+        as SQLite has one file under it (two calls on the same folder give the same
+        database, as a restart in a test expects)."""
         key = folder.resolve()
         with self.lock:
             if key not in self.by_folder:
-                name = f"{self.prefix}{next(self.counter)}"
-                self._call(self._create(name))
+                if self.spare:
+                    name = self.spare.pop()
+                else:
+                    name = f"{self.prefix}{next(self.counter)}"
+                    self._call(self._create(name))
                 self.live.append(name)
                 self.by_folder[key] = self.url_of(name)
             return self.by_folder[key]
 
-    def drop_since(self, count: int) -> None:
-        """Drop the databases made after the first ``count`` (those of one test)."""
+    def take_back_since(self, count: int) -> None:
+        """Take back the databases given out after the first ``count`` (those of one
+        test): emptied for the next tests, or dropped."""
         with self.lock:
-            dropping = self.live[count:]
-            if not dropping:
+            taking = self.live[count:]
+            if not taking:
                 return
             del self.live[count:]
-            gone = {self.url_of(name) for name in dropping}
+            gone = {self.url_of(name) for name in taking}
             self.by_folder = {k: v for k, v in self.by_folder.items() if v not in gone}
-            self._call(self._drop(dropping))
+            self.spare.extend(self._call(self._take_back(taking)))
 
     def close(self) -> None:
-        """Drop what is left and close the connection: best effort, at session end."""
+        """Drop every database and close the connections: best effort, at session end."""
         if self.loop is None:
             return
         try:
-            self.drop_since(0)
+            with self.lock:
+                names = [*self.live, *self.spare]
+                self.live, self.spare, self.by_folder = [], [], {}
+            self._call(self._drop(names))
             if self.template:
                 self._call(self._drop([self.template]))
         except Exception as error:  # a server gone already must not fail the run

@@ -132,10 +132,7 @@ def test_sigterm_stops_the_command_and_removes_the_cluster() -> None:
 
 @NO_SERVER
 def test_a_server_that_does_not_start_is_explained_with_its_log() -> None:
-    broken = (
-        "import sys, tests.pgcluster as p; p.MAX_CONNECTIONS = 0;"
-        " sys.exit(p.run(['true']))"
-    )
+    broken = "import sys, tests.pgcluster as p; p.MAX_CONNECTIONS = 0; sys.exit(p.run(['true']))"
     # A temporary folder of its own, to see that nothing is left in it; open to all, as
     # /tmp is, for the `postgres` user the server runs as under root (tmp_path is 0700).
     temp = Path(tempfile.mkdtemp(prefix="pgcluster-test-"))
@@ -269,19 +266,80 @@ def test_blog_dir_names_its_database_for_the_cli(blog_dir: Path) -> None:
     assert asyncio.run(tables_of(url)) == []
 
 
+async def use(url: str, *statements: str) -> tuple[int, list[str], Any]:
+    """Use the database at ``url`` as a test might: a block (its id is returned), its
+    meta rows' keys (returned, sorted), then ``statements``; the connection (returned)
+    is left open in a transaction holding locks, as a store a test forgot would be."""
+    import asyncpg
+
+    connection = await asyncpg.connect(url)
+    block_id = await connection.fetchval(
+        "INSERT INTO blocks (target, kind, created_at) VALUES ('y.example', 'domain', 'now')"
+        " RETURNING id"
+    )
+    keys = sorted(await connection.fetchval("SELECT array_agg(key) FROM meta"))
+    for statement in statements:
+        await connection.execute(statement)
+    await connection.execute("BEGIN; DELETE FROM blocks")  # a lock held, never committed
+    return block_id, keys, connection
+
+
 @ON_POSTGRES
-def test_the_databases_of_a_test_are_dropped_after_it(tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_a_test_s_databases_are_emptied_for_the_next_tests(tmp_path: Path) -> None:
+    """After a test, its databases are as the template left them (no rows of its, its
+    meta rows back, ids from 1 again) and go to the next tests, even with a connection
+    the test left open holding a lock; the databases of earlier tests are untouched."""
     databases = PostgresDatabases(TEST_POSTGRES)
+    forgotten = []
     try:
         kept = databases.for_folder(tmp_path / "kept")
-        made = databases.for_folder(tmp_path / "made")
-        databases.drop_since(1)
+        used = databases.for_folder(tmp_path / "used")
+        first_id, seeded, connection = await use(used, "DELETE FROM meta", "INSERT INTO posts"
+            " (uid, slug, title, body_md, body_html, published_at, updated_at)"
+            " VALUES ('u', 's', 't', 'b', 'b', 'now', 'now')")  # fmt: skip
+        forgotten.append(connection)
+        databases.take_back_since(1)
 
-        assert asyncio.run(existing(kept, made)) == [kept.rsplit("/", 1)[1]]
-        assert databases.for_folder(tmp_path / "made") != made  # a new one if asked again
+        again = databases.for_folder(tmp_path / "next")
+        assert again == used  # reused, not made again
+        assert await tables_of(again) == []  # no row of the last test's
+        second_id, reseeded, connection = await use(again)
+        forgotten.append(connection)
+        assert (first_id, second_id) == (1, 2)  # ids from 1 again (tables_of's row took 1)
+        assert reseeded == seeded == ["created_at", "proxy_secret"]  # the meta rows back
+        assert await existing(kept) == [kept.rsplit("/", 1)[1]]
+    finally:
+        for connection in forgotten:
+            connection.terminate()
+        databases.close()
+    assert await existing(kept, used) == []  # all dropped at the end
+
+
+@ON_POSTGRES
+def test_a_database_whose_schema_a_test_changed_is_dropped_not_reused(tmp_path: Path) -> None:
+    databases = PostgresDatabases(TEST_POSTGRES)
+    try:
+        changed = databases.for_folder(tmp_path / "changed")
+        import asyncpg
+
+        async def add_trigger() -> None:
+            connection = await asyncpg.connect(changed)
+            await connection.execute(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql"
+                " AS $$ BEGIN RAISE EXCEPTION 'no'; END $$;"
+                " CREATE TRIGGER refuse BEFORE INSERT ON comments"
+                " FOR EACH ROW EXECUTE FUNCTION refuse()"
+            )
+            await connection.close()
+
+        asyncio.run(add_trigger())
+        databases.take_back_since(0)
+
+        assert asyncio.run(existing(changed)) == []
+        assert databases.for_folder(tmp_path / "next") != changed
     finally:
         databases.close()
-    assert asyncio.run(existing(kept, made)) == []
 
 
 async def existing(*urls: str) -> list[str]:

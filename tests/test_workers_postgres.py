@@ -56,6 +56,7 @@ from tests.test_federation_e2e import serving
 pytestmark = [
     pytest.mark.postgresql,  # CI's PostgreSQL run
     pytest.mark.anyio,
+    pytest.mark.long,
     pytest.mark.skipif(
         BACKEND != "postgresql",
         reason="several worker processes at once need PostgreSQL (FEDIBLOG_TEST_POSTGRES,"
