@@ -96,12 +96,15 @@ HOW: dict[str, Run | Serve | Skip] = {
     ),
     "fediblog post new hello.md": Run("published https://blog.example.com/posts/hello"),
     "fediblog serve": Serve("/posts/hello", "My first post."),
-    "pip install -e '.[test]' && pytest && python -m tests.pgcluster pytest -m postgresql": Skip(
+    "pip install -e '.[test]' && pytest && python -m tests.pgcluster pytest": Skip(
         "this is .ci/run's last line, which is running this very test"
     ),
     "pytest": Skip("the suite this test is part of: it cannot run itself"),
     "python -m tests.pgcluster pytest": Skip(
         "the same suite again, on PostgreSQL: .ci/run runs it after this one"
+    ),
+    "python -m tests.pgcluster pytest -m postgresql": Skip(
+        "a part of the PostgreSQL run .ci/run makes after this one"
     ),
     "ruff format fediblog tests": Run("files"),  # on the copy: the checkout is left alone
     "pytest -m browser": Skip("the browser tests are part of the suite this test is in"),
