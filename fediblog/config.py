@@ -52,7 +52,7 @@ class Settings:
     author: str = "The author"
     database: Path = Path("data/fediblog.db")
     # FEDIBLOG_DATABASE=postgresql://user:password@host/name: the blog's data on a
-    # PostgreSQL server instead of the SQLite file above (store.py); "" for SQLite.
+    # PostgreSQL server instead of the SQLite file above (store/postgres.py); "" for SQLite.
     database_url: str = setting(default="", repr=False)  # may hold a password
     keys_dir: Path = Path("keys")
     allow_http: bool = False

@@ -161,7 +161,7 @@ async def test_closing_cuts_a_connection_still_in_use(
 ) -> None:
     """A reader still held (a request cancelled mid-read, a server gone quiet) does not
     hold ``close`` forever: the pool waits for it at most its time, then cuts it."""
-    monkeypatch.setattr("fediblog.store._PG_CLOSE_TIMEOUT", 0.2)
+    monkeypatch.setattr("fediblog.store.postgres._PG_CLOSE_TIMEOUT", 0.2)
     where = database_for(tmp_path)
     store = await Store.open(where)
     assert isinstance(store, PostgresStore)

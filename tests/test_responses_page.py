@@ -20,7 +20,7 @@ import pytest
 from bs4 import BeautifulSoup, Tag
 from starlette.applications import Starlette
 
-import fediblog.store
+import fediblog.store.comments
 from fediblog.answers import list_in_page_order
 from fediblog.blog import parse_post
 from fediblog.comments import MAX_DEPTH
@@ -419,7 +419,7 @@ async def test_rendering_one_page_loads_only_that_page_s_comments(
 ) -> None:
     post, _, _ = await many_threads(paged_ctx)
     made: list[int] = []
-    real = fediblog.store._comment
+    real = fediblog.store.comments._comment
 
     def counting(row: Any) -> Any:
         comment = real(row)
@@ -429,7 +429,7 @@ async def test_rendering_one_page_loads_only_that_page_s_comments(
     async def everything(*args: object) -> None:
         raise AssertionError("the page loaded every comment")
 
-    monkeypatch.setattr(fediblog.store, "_comment", counting)
+    monkeypatch.setattr(fediblog.store.comments, "_comment", counting)
     monkeypatch.setattr(paged_ctx.store, "list_visible_comments", everything)
 
     page = await page_of(paged_web, f"/posts/{post.slug}?responses=3")

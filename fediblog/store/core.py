@@ -1,0 +1,684 @@
+"""The machinery every part of the store shares: ``StoreCore``.
+
+The SQLite connections (one writer, one reader) and their write transactions
+(``_transaction``, ``shared_transaction``, the inter-process ``_WriterLock``), reads
+(``_fetchall``), change tracking (``version``, the data version), the meta table and the
+worker processes' heartbeats; and the SQL fragments and row-to-record helpers that
+several aggregates use. Each aggregate's module subclasses ``StoreCore``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from fediblog.errors import StorageConflict, StorageError, StorageUnavailable
+from fediblog.models import format_ts, parse_ts, utcnow
+from fediblog.store.schema import MIGRATIONS, _statements
+from fediblog.worker import Outcome
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode), or None if it is gone."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino)
+
+
+# Comments a reader may see: published ones, plus deleted ones kept as placeholders
+# for the replies under them. Never followers-only or direct ones.
+# Blocked actors and domains are hidden without touching their rows, so unblock restores them.
+_NOT_BLOCKED = (
+    "NOT EXISTS (SELECT 1 FROM blocks b JOIN actors ba ON ba.id = c.actor_id"
+    " WHERE b.target IN (ba.ap_id, ba.domain) OR ba.domain LIKE '%.' || b.target)"
+)
+_VISIBLE = (
+    "c.status IN ('published', 'deleted') AND c.visibility IN ('public', 'unlisted')"
+    f" AND {_NOT_BLOCKED}"
+)
+_COUNTED = f"c.status = 'published' AND c.visibility IN ('public', 'unlisted') AND {_NOT_BLOCKED}"
+
+
+# The parameters of a queue's _RECORD_* statement (inbox.py, deliveries.py, posts.py,
+# notifications.py) for each claimed job and its Outcome (worker.py).
+def _outcome_rows(results: Iterable[tuple[Any, Outcome]]) -> list[dict[str, Any]]:
+    now = format_ts(utcnow())
+    return [
+        {
+            "id": job.id,
+            "status": outcome.status,
+            "error": outcome.error,
+            "retry_at": format_ts(outcome.retry_at) if outcome.retry_at else None,
+            "gave_up": outcome.gave_up,
+            "now": now,
+        }
+        for job, outcome in results
+    ]
+
+
+def _moment(value: str | None) -> datetime | None:
+    return parse_ts(value) if value else None
+
+
+_R = TypeVar("_R")
+# Per record type and row shape: (field, column, conversion or None).
+_PLANS: dict[tuple[type[Any], tuple[str, ...]], list[tuple[str, str, Any]]] = {}
+
+
+def _record(cls: type[_R], row: sqlite3.Row) -> _R:
+    """The record ``cls`` (a dataclass of models.py) from a row: each field from the
+    column of its name, or from ``<field>_at`` for a time. Times are parsed (NULL stays
+    None), booleans made bool. The plan is worked out once per record and row shape."""
+    keys = tuple(row.keys())
+    plan = _PLANS.get((cls, keys))
+    if plan is None:
+        plan = _PLANS[(cls, keys)] = []
+        for field_ in fields(cls):  # type: ignore[arg-type]
+            column = field_.name if field_.name in keys else f"{field_.name}_at"
+            kind = str(field_.type)
+            convert = _moment if "datetime" in kind else bool if kind == "bool" else None
+            plan.append((field_.name, column, convert))
+    return cls(
+        **{
+            name: row[column] if convert is None else convert(row[column])
+            for name, column, convert in plan
+        }
+    )
+
+
+async def _returning(db: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> int:
+    """Run an INSERT … RETURNING id and give the id."""
+    async with db.execute(sql, params) as cursor:
+        row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+_BUSY_TIMEOUT_MS = 5000  # how long a writer waits for another one
+
+# The task inside a write transaction: its reads go to the writer connection (they must
+# see its own uncommitted rows); every other read goes to the reader. The task, not a
+# flag: a task started inside the transaction inherits the variable, and must not read
+# rows that may yet roll back.
+_writing: ContextVar[asyncio.Task[Any] | None] = ContextVar("fediblog_store_writing", default=None)
+
+
+@dataclass(slots=True)
+class SharedTransaction:
+    """One write transaction that many writes join (``Store.shared_transaction``).
+
+    Rows kept for later (``Store.save_comment_later``, ``save_proxied_later``) are
+    written, one executemany per statement, by whatever comes next on the writer
+    connection: a write that joins, a read in the transaction, or its commit. A kept row
+    that fails to write therefore fails *there*: in the handler of a later reply, or at
+    the commit, not in the reply that kept it. Either way the transaction is marked
+    broken and rolls back, and the inbox (``Inbox._shared``) redoes the run: the later
+    reply alone, the others together, until the commit fails and they run one per
+    transaction, where nothing is kept and the culprit fails on its own. Only a failure
+    of the database itself (locked, full, an I/O error: transient) is expected there,
+    since everything else a kept row could break on was settled before it was kept:
+    its content was checked (valid Unicode, sizes) when its reply was drafted, its
+    duplicates, parent and post were looked up in this transaction, its id is the next
+    rowid under our write lock (read again after every other write that joins:
+    ``next_comment_id``), and a proxied row that is known already is ignored.
+    """
+
+    task: asyncio.Task[Any] | None
+    writes: int = 0  # writes that joined it: a failure after none left it intact
+    shown: bool = False
+    broken: bool = False  # a write that joined it failed: it must not commit
+    # Rows kept for one executemany per statement, in the order they were kept.
+    later: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
+    # The id the next kept comment takes (0: read it first). Only save_comment_later
+    # chooses it; a write that joins may insert a comment, so it clears it.
+    next_comment_id: int = 0
+
+
+_shared: ContextVar[SharedTransaction | None] = ContextVar("fediblog_store_shared", default=None)
+
+
+class _WriterLock:
+    """A lock on ``<database>-lock`` that every process writing the database takes
+    before its write transaction and lets go of after it, on the writer connection's
+    own thread.
+
+    SQLite alone has one writer wait for another by sleeping and trying again, in steps
+    that grow to 100 ms: two busy processes (``serve --web-only`` and ``worker``) then
+    spend much of their time asleep while the machine idles. This lock is tried again
+    every millisecond at most, so a waiting writer starts about as soon as the other
+    has committed. It is advisory, an addition to SQLite's own lock, which still keeps
+    out a writer that does not take it (the sqlite3 shell); it dies with its process,
+    kill -9 included; where its file cannot be opened (a read-only folder) the writer
+    goes without it.
+    """
+
+    def __init__(self, database: Path, timeout: float) -> None:
+        self._path = database.with_name(database.name + "-lock")
+        self.timeout = timeout  # as SQLite's busy_timeout: then "database is locked"
+        self._held: int | None = None
+
+    def acquire(self) -> None:
+        """Wait for the lock, at most ``timeout`` seconds (on the writer's thread)."""
+        try:
+            fd = os.open(self._path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return  # SQLite's lock alone, as without this one
+        try:
+            pause, deadline = 0.00005, time.monotonic() + self.timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise sqlite3.OperationalError(
+                            f"database is locked: another process has held its write lock"
+                            f" for {self.timeout:g} s"
+                        ) from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.001)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._held = fd
+
+    def release(self) -> None:
+        if self._held is not None:
+            os.close(self._held)  # which lets go of its flock
+            self._held = None
+
+
+def _unavailable(path: Path, error: sqlite3.Error) -> StorageUnavailable:
+    return StorageUnavailable(f"the database {path} cannot be used now: {error}")
+
+
+def _marks(values: Sequence[object]) -> str:
+    return ", ".join("?" * len(values))
+
+
+class StoreCore:
+    """One SQLite database's connections, transactions, reads and change tracking.
+
+    Two connections: one writer, whose transactions ``_lock`` serializes, and one
+    reader. In WAL mode the reader sees only committed data, so no coroutine can read
+    a row another one is about to roll back.
+    """
+
+    # What differs between the dialects, overridden by PostgresStore (the aggregates'
+    # modules have more: _POST_COLUMNS, _INBOX_HOST, _REPLY_CONTEXT, ...).
+    _SKIP_LOCKED = ""  # a claim's subquery: other processes' claims wait (one writer)
+
+    def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self._reader = reader
+        self._path = path
+        self._identity = _identity(path)
+        self._lock = asyncio.Lock()  # one write transaction at a time on this connection
+        self._writes = 0
+        self._data_version: int | None = None  # PRAGMA data_version when last asked
+        self._shown_generation = 0  # _SHOWN_GENERATION as last read
+        self._checked_at = 0.0
+        self.version_max_age = 1.0  # seconds another process's commit may go unnoticed
+        self._peeker: sqlite3.Connection | None = None  # peek_data_version's, once asked
+        self._writer_lock = _WriterLock(path, _BUSY_TIMEOUT_MS / 1000)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    async def close(self) -> None:
+        if self._peeker is not None:
+            self._peeker.close()
+        await self._reader.close()
+        await self._db.close()
+
+    async def migrate(self) -> int:
+        """Run the migrations this database has not seen; return the schema version.
+
+        All that are due run in one write transaction with the version bump, so a crash
+        leaves either the old schema or the new one, and a new database costs one commit
+        (one fsync), not one per migration. The version is read again once the write
+        lock is held, so two processes starting together (``serve --web-only`` and
+        ``worker``) never both run one (the second would fail on a column that already
+        exists).
+        """
+        if await self._user_version() == len(MIGRATIONS):
+            return len(MIGRATIONS)
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            # Statement by statement: executescript would commit first.
+            for migration in MIGRATIONS[await self._user_version() :]:
+                for statement in _statements(migration):
+                    await self._db.execute(statement)
+            await self._db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+            await self._db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await self._db.execute("ROLLBACK")
+            raise
+        return len(MIGRATIONS)
+
+    async def _user_version(self) -> int:
+        [[current]] = await self._db.execute_fetchall("PRAGMA user_version")
+        if current > len(MIGRATIONS):
+            raise StorageError(
+                f"the database is at schema {current}, newer than this fediblog knows"
+                f" ({len(MIGRATIONS)}): upgrade fediblog"
+            )
+        return int(current)
+
+    # ---- change tracking --------------------------------------------------------
+
+    async def version(self) -> tuple[int, int]:
+        """A value that changes after every commit of something a page shows, ours or
+        another process's.
+
+        Our own writes count immediately. Another process's are noticed at most
+        ``version_max_age`` seconds late, so a hot page costs no query per request:
+        ``PRAGMA data_version`` on the writer connection (whose own commits do not
+        change it) says that some other connection committed, and only then is the
+        shown generation read, which only writes a page shows move (``_transaction``).
+        A worker process's bookkeeping (claims, leases, heartbeats) thus changes no
+        version: it commits many times a second, and the pages stay cached.
+        """
+        now = time.monotonic()
+        if now - self._checked_at >= self.version_max_age:
+            self._checked_at = now
+            try:
+                data_version = await self.get_data_version()
+                if data_version != self._data_version:
+                    # On the reader: committed rows only, never a transaction in progress
+                    # on the writer connection, which might yet roll back.
+                    rows = await self._reader.execute_fetchall(
+                        "SELECT value FROM meta WHERE key = ?", (self._SHOWN_GENERATION,)
+                    )
+                    self._shown_generation = next((int(row[0]) for row in rows), 0)
+                    self._data_version = data_version
+            except StorageUnavailable:
+                self._checked_at = 0.0  # ask again next time
+                raise
+            except sqlite3.OperationalError as error:
+                self._checked_at = 0.0
+                raise _unavailable(self._path, error) from error
+        return (self._writes, self._shown_generation)
+
+    # Moved by every committed write a page shows (``shown``), from any process.
+    _SHOWN_GENERATION = "shown_generation"
+
+    _BUMP_SHOWN = (
+        "INSERT INTO meta (key, value) VALUES ('shown_generation', '1') ON CONFLICT (key)"
+        " DO UPDATE SET value = CAST(CAST(meta.value AS INTEGER) + 1 AS TEXT)"
+    )
+
+    @asynccontextmanager
+    async def _transaction(self, *, shown: bool = True) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction: all of it commits, or none of it.
+
+        ``shown=False`` is for bookkeeping no page shows (the inbox queue, delivery
+        states), so a storm of inbound activities does not invalidate cached pages.
+        A locked, busy, full or read-only database raises StorageUnavailable, and so
+        does a database file removed or replaced under the running server: a commit
+        into an unlinked file would be lost at the next restart.
+        """
+        shared = _shared.get()
+        if shared is not None and shared.task is asyncio.current_task():
+            # Inside shared_transaction (its own task only): joins it, commits with it.
+            shared.writes += 1
+            try:
+                if shared.later:
+                    await self._write_later(shared)  # in the order they were asked
+                shared.next_comment_id = 0  # this write may take that rowid: read it again
+                yield self._db
+            except BaseException:
+                shared.broken = True  # even if the caller swallows it: no half a write
+                raise
+            shared.shown = shared.shown or shown
+            return
+        async with self._lock:
+            token = _writing.set(asyncio.current_task())
+            try:
+                try:
+                    await self._start_writing()
+                    yield self._db
+                    if shown:  # other processes' page caches see it (``version``)
+                        await self._db.execute(self._BUMP_SHOWN)
+                    await self._finish_writing(shown=shown)
+                except BaseException as error:
+                    await self._abort_writing()
+                    failure = self._storage_failure(error)
+                    if failure is not None:
+                        raise failure from error
+                    raise
+            finally:
+                _writing.reset(token)
+            if shown:
+                self._writes += 1
+
+    # How a write transaction starts, ends and fails, per backend.
+    async def _start_writing(self) -> None:
+        await self._on_writer(self._begin)
+
+    async def _finish_writing(self, *, shown: bool) -> None:
+        self._check_identity()
+        await self._on_writer(self._commit)
+
+    async def _abort_writing(self) -> None:
+        # Always, and never on in_transaction: a BEGIN cancelled while it waited (a
+        # /healthz deadline, a shutdown) still runs on aiosqlite's thread, after which
+        # in_transaction turns true with nobody to end it, and every later write would
+        # fail. The thread runs in order, so this ROLLBACK comes after that BEGIN; with
+        # none open it fails (and lets go of the writer lock all the same).
+        with contextlib.suppress(sqlite3.Error):
+            await self._on_writer(self._rollback)
+
+    def _storage_failure(self, error: BaseException) -> StorageError | None:
+        """The StorageError to raise for ``error`` from the database, or None to let it
+        through: a locked, busy, full or read-only database is unavailable for now."""
+        if isinstance(error, sqlite3.OperationalError):
+            return _unavailable(self._path, error)
+        if isinstance(error, sqlite3.IntegrityError):
+            return StorageConflict(f"the database {self._path} refused a write: {error}")
+        return None
+
+    async def _write_at_once(self, work: Callable[[sqlite3.Connection], None]) -> None:
+        """Run ``work`` in a write transaction of its own, in one trip to the writer's
+        thread: the writer lock, BEGIN, ``work``, COMMIT, and letting go all happen
+        there, so the lock is held only as long as the database works, never while
+        the event loop is busy elsewhere. For hot bookkeeping no page shows (the
+        inbox's group commit), which must not wait for a loop turn between each step
+        while another process waits for the lock. ``work`` must not block otherwise.
+        Joins the caller's transaction when there is one.
+        """
+        shared = _shared.get()
+        if shared is not None and shared.task is asyncio.current_task():
+            async with self._transaction(shown=False):  # joins it (and writes what it kept)
+                await self._on_writer(work)
+            return
+        writing = _writing.get()
+        if writing is not None and writing is asyncio.current_task():
+            await self._on_writer(work)  # inside this task's transaction: part of it
+            return
+
+        def transaction(connection: sqlite3.Connection) -> None:
+            self._begin(connection)
+            try:
+                work(connection)
+                self._check_identity()
+                self._commit(connection)
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._rollback(connection)
+                raise
+
+        async with self._lock:
+            try:
+                await self._on_writer(transaction)
+            except sqlite3.OperationalError as error:
+                raise _unavailable(self._path, error) from error
+
+    async def _on_writer(self, work: Callable[[sqlite3.Connection], None]) -> None:
+        """Run ``work`` with the writer connection on its own thread, after whatever
+        was asked of it before (aiosqlite runs one queue of calls, in order)."""
+        db: Any = self._db  # aiosqlite's own way to run a call there, untyped
+        await db._execute(work, db._conn)
+
+    # On the writer's thread, in the order they were asked for.
+    def _begin(self, connection: sqlite3.Connection) -> None:
+        self._writer_lock.acquire()
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._writer_lock.release()
+            raise
+
+    def _commit(self, connection: sqlite3.Connection) -> None:
+        connection.execute("COMMIT")  # if it fails, the ROLLBACK that follows lets go
+        self._writer_lock.release()
+
+    def _rollback(self, connection: sqlite3.Connection) -> None:
+        try:
+            connection.execute("ROLLBACK")
+        finally:
+            self._writer_lock.release()
+
+    def _check_identity(self) -> None:
+        if _identity(self._path) != self._identity:
+            raise StorageUnavailable(
+                f"the database file {self._path} was removed or replaced while"
+                " the server runs: restore it, then restart fediblog"
+            )
+
+    # One trip to aiosqlite's thread per read (execute, fetch and close there): each
+    # trip costs about 0.1 ms, three per query were most of a reply's processing.
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        writing = _writing.get()
+        db = self._db if writing is not None and writing is asyncio.current_task() else self._reader
+        if db is self._db:
+            shared = _shared.get()
+            if shared is not None and shared.later:
+                await self._write_later(shared)  # a read sees every write before it
+        try:
+            return list(await db.execute_fetchall(sql, params))
+        except sqlite3.OperationalError as error:
+            raise _unavailable(self._path, error) from error
+
+    async def _fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        return next(iter(await self._fetchall(sql, params)), None)
+
+    # ---- meta -------------------------------------------------------------------
+
+    async def get_created_at(self) -> datetime:
+        row = await self._fetchone("SELECT value FROM meta WHERE key = 'created_at'")
+        return parse_ts(row["value"]) if row else utcnow()
+
+    async def _any_due(self, table: str, now: datetime, *, null_is_due: bool = False) -> bool:
+        """Whether a queue (``table``: inbox, deliveries, crawls) holds a row due at
+        ``now``: a look on the reader before a claim. Workers are woken by every commit
+        of another process (runtime.py's watcher), and most of those find nothing due;
+        an empty claim would still take the write lock the inbox is waiting for."""
+        when = "(next_attempt_at IS NULL OR next_attempt_at <= ?)" if null_is_due else (
+            "next_attempt_at <= ?"
+        )
+        found = await self._fetchone(
+            f"SELECT 1 FROM {table} WHERE status = 'queued' AND {when} LIMIT 1",
+            (format_ts(now),),
+        )
+        return found is not None
+
+    # The private feed's token, and other facts kept in the meta table.
+
+    async def get_meta_value(self, key: str) -> str | None:
+        row = await self._fetchone("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(row["value"]) if row else None
+
+    async def save_meta_value(self, key: str, value: str) -> None:
+        async with self._transaction(shown=False) as db:
+            await db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    async def save_meta_value_once(self, key: str, value: str) -> str:
+        """Store ``value`` unless ``key`` has one already; return the value kept."""
+        async with self._transaction(shown=False) as db:
+            await db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING", (key, value)
+            )
+            found = await db.execute_fetchall("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(next(iter(found))["value"])
+
+    # ---- replies processed in batches (inbox.py) --------------------------------
+    # The inbox turns a claimed batch of replies into comments in one transaction, and
+    # reads what they need in a few queries, not a few per reply (inbox.py, responses.py):
+    # their senders before the transaction (get_cached_actors, actors.py); the rest in it
+    # (comments.py, "rows kept for one executemany"), which also keeps the rows they
+    # write: _later and _write_later below write those.
+
+    @asynccontextmanager
+    async def shared_transaction(self) -> AsyncIterator[SharedTransaction]:
+        """One write transaction that every write of this task joins until the block
+        ends (then all of it commits, or none of it). Reads in it see its writes.
+
+        A write that fails inside marks it broken: it then rolls back even if the caller
+        went on. ``writes`` counts the writes that joined, so a caller can tell that a
+        failure came before any of its own writes (the transaction is still whole).
+        """
+        state = SharedTransaction(asyncio.current_task())
+        async with self._transaction(shown=False):
+            token = _shared.set(state)
+            try:
+                yield state
+                if state.later and not state.broken:
+                    await self._write_later(state)  # the rows kept for one executemany
+                if state.broken:
+                    raise StorageError("a write in the shared transaction failed")
+                if state.shown:  # as _transaction does for a shown write
+                    await self._db.execute(self._BUMP_SHOWN)
+            finally:
+                _shared.reset(token)
+                state.task = None  # a task it started must not join it later
+        if state.shown:
+            self._writes += 1
+
+    @staticmethod
+    def _shared_here() -> SharedTransaction | None:
+        shared = _shared.get()
+        return shared if shared is not None and shared.task is asyncio.current_task() else None
+
+    @staticmethod
+    def _later(shared: SharedTransaction, sql: str, row: tuple[Any, ...], *, shown: bool) -> None:
+        # One statement per table, each an insert that depends on no other table's
+        # rows kept with it: writing them statement by statement keeps every order that
+        # matters (a reply after the comment it answers).
+        shared.writes += 1  # a write of this transaction from now on, as any other
+        shared.shown = shared.shown or shown
+        shared.later.setdefault(sql, []).append(row)
+
+    async def _write_later(self, shared: SharedTransaction) -> None:
+        # The kept comments took the ids next_comment_id counted: it stays right until
+        # a write joins (Store._transaction clears it there).
+        later, shared.later = shared.later, {}
+        try:
+            for sql, rows in later.items():
+                await self._db.executemany(sql, rows)
+        except BaseException as error:
+            shared.broken = True  # rows it holds are lost: it must not commit
+            failure = self._storage_failure(error)
+            if failure is not None:
+                raise failure from error
+            raise
+
+    # ---- worker processes: data version, heartbeats, counts (runtime.py) ----
+
+    async def get_data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version`` on the writer connection: it changes when
+        another process (or connection) commits, never for this store's own commits,
+        and reads no table (runtime.py's watcher asks it up to 20 times a second, in
+        one trip to aiosqlite's thread)."""
+        try:
+            [[version]] = await self._db.execute_fetchall("PRAGMA data_version")
+        except sqlite3.OperationalError as error:
+            raise _unavailable(self._path, error) from error
+        return int(version)
+
+    def peek_data_version(self) -> int | None:
+        """``PRAGMA data_version`` on a connection of its own, asked right here on the
+        event loop's thread: about 7 us of CPU, where a trip to aiosqlite's thread
+        costs about 0.2 ms (a watcher asking 20 times a second would spend half a
+        percent of a core doing nothing). It changes with every commit, this store's
+        own included (``get_data_version`` then tells whose). Never waits: None when
+        the database is busy or unusable (ask again later)."""
+        try:
+            if self._peeker is None:
+                self._peeker = sqlite3.connect(self._path, timeout=0, isolation_level=None)
+            [[version]] = self._peeker.execute("PRAGMA data_version").fetchall()
+        except sqlite3.Error:
+            return None
+        return int(version)
+
+    # A worker process's heartbeat: one meta row per role, when it was last seen running,
+    # and one per process with its outcome counts since it started (/metrics adds them).
+    _HEARTBEAT_KEY = "worker_seen."
+
+    _COUNTS_KEY = "worker_counts."
+
+    async def save_worker_heartbeats(
+        self,
+        roles: Sequence[str],
+        now: datetime,
+        *,
+        process: str | None = None,
+        counts: Mapping[str, Mapping[str, int]] | None = None,
+    ) -> None:
+        """Record that ``roles`` ran at ``now`` and, for ``process``, its ``counts``
+        (worker name -> outcome -> jobs since the process started)."""
+        rows = [(self._HEARTBEAT_KEY + role, format_ts(now)) for role in roles]
+        if process is not None:
+            value = json.dumps({"at": format_ts(now), "counts": counts or {}})
+            rows.append((self._COUNTS_KEY + process, value))
+        async with self._transaction(shown=False) as db:
+            await db.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                rows,
+            )
+
+    async def delete_worker_heartbeats(
+        self, written: Mapping[str, datetime], *, process: str | None = None
+    ) -> None:
+        """A worker process stopped: forget its rows. ``written`` is the heartbeat it
+        wrote last for each role; a row holding another one is kept (another worker
+        process runs that role too)."""
+        async with self._transaction(shown=False) as db:
+            await db.executemany(
+                "DELETE FROM meta WHERE key = ? AND value = ?",
+                [(self._HEARTBEAT_KEY + role, format_ts(at)) for role, at in written.items()],
+            )
+            if process is not None:
+                await db.execute("DELETE FROM meta WHERE key = ?", (self._COUNTS_KEY + process,))
+
+    async def list_worker_heartbeats(self) -> dict[str, datetime]:
+        """Each role a worker process reported, and when it last did."""
+        return {
+            key: parse_ts(value) for key, value in (await self._meta_rows(self._HEARTBEAT_KEY))
+        }
+
+    async def get_worker_counts(self, since: datetime) -> dict[str, dict[str, int]]:
+        """The outcome counts of the worker processes heard from since ``since``,
+        added up: worker name -> outcome -> jobs."""
+        total: dict[str, dict[str, int]] = {}
+        for _, value in await self._meta_rows(self._COUNTS_KEY):
+            found = json.loads(value)
+            if parse_ts(found["at"]) < since:
+                continue  # a process killed long ago: its counts went with it
+            for name, outcomes in found["counts"].items():
+                mine = total.setdefault(name, {})
+                for outcome, count in outcomes.items():
+                    mine[outcome] = mine.get(outcome, 0) + int(count)
+        return total
+
+    async def _meta_rows(self, prefix: str) -> list[tuple[str, str]]:
+        """The meta rows whose key starts with ``prefix`` (which ends with '.'), on the
+        primary key's index; the prefix taken off."""
+        rows = await self._fetchall(
+            "SELECT key, value FROM meta WHERE key >= ? AND key < ?",
+            (prefix, prefix[:-1] + "/"),  # "/" sorts right after "."
+        )
+        return [(row["key"].removeprefix(prefix), row["value"]) for row in rows]
