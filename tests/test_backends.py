@@ -179,6 +179,49 @@ async def test_closing_cuts_a_connection_still_in_use(
     assert dbpeek.rows(where, others, [HARNESS_APPLICATION]) == [(0,)]
 
 
+@pytest.mark.skipif(
+    BACKEND != "postgresql", reason="on SQLite no other process writes while one does"
+)
+async def test_a_batched_reply_to_a_comment_another_process_just_made_nests_under_it(
+    tmp_path: Path,
+) -> None:
+    """Replies processed in a batch keep their rows for one write; on PostgreSQL their ids
+    are taken from the sequence ahead of time. A reply to a comment another process
+    committed meanwhile (with an id above those taken) must still get an id above its
+    parent's, or the response walk, which follows replies to larger ids only, would
+    never show it."""
+    where = database_for(tmp_path)
+    worker = await Store.open(where)
+    other = await Store.open(where)
+    try:
+        post = await publish_on(worker, "Batch")
+        actor = await worker.save_actor(
+            ap_id="https://b.example/users/b", username="b", domain="b.example", name="B",
+            url=None, icon_url=None, inbox=None, shared_inbox=None, key_id=None,
+            public_key_pem=None, fetched=utcnow(),
+        )  # fmt: skip
+
+        def reply(n: int, parent: int | None) -> dict[str, object]:
+            return dict(
+                post_id=post.id, parent_id=parent, content_html=f"<p>{n}</p>",
+                published=utcnow(), received=utcnow(), ap_id=f"https://b.example/n/{n}",
+                url=None, actor_id=actor, summary=None, sensitive=False,
+                visibility="public", status="published", held_reason=None,
+            )  # fmt: skip
+
+        async with worker.shared_transaction():
+            first = await worker.save_comment_later(**reply(1, None))  # takes ids ahead
+            meanwhile = await other.save_comment(**reply(2, None), source="fediverse")
+            answer = await worker.save_comment_later(**reply(3, meanwhile))
+        assert first < meanwhile < answer
+        walk = await worker.list_response_walk(post.id, 10, max_depth=4)
+        assert [entry[0] for entry in walk] == [first, meanwhile, answer]
+        assert walk[2][1] == walk[1][2]  # the answer is listed under the comment it answers
+    finally:
+        await other.close()
+        await worker.close()
+
+
 # ---- the order of a post's responses ------------------------------------------------------
 
 

@@ -148,6 +148,9 @@ class SharedTransaction:
     # The id the next kept comment takes (0: read it first). Only save_comment_later
     # chooses it; a write that joins may insert a comment, so it clears it.
     next_comment_id: int = 0
+    # PostgreSQL: ids taken from the comments' sequence for kept comments, smallest
+    # last. No other writer is ever given them, so a write that joins leaves them.
+    reserved_comment_ids: list[int] = field(default_factory=list)
 
 
 _shared: ContextVar[SharedTransaction | None] = ContextVar("fediblog_store_shared", default=None)
