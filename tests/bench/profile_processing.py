@@ -141,8 +141,8 @@ def main() -> None:
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args()
-    if postgres_admin():  # --images rewrites the rows through SQLite's own connection
-        parser.error(f"SQLite only: unset {POSTGRES}")
+    if args.images and postgres_admin():  # it rewrites the rows through SQLite's connection
+        parser.error(f"--images is SQLite only: unset {POSTGRES}")
     asyncio.run(run(args.backlog, args.comments, args.images, not args.no_profile, args.top))
 
 
