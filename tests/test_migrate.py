@@ -17,6 +17,7 @@ import pytest
 from fediblog.config import Settings
 from fediblog.store import Store
 from fediblog.web.deps import Services
+from tests import dbpeek
 from tests.conftest import BACKEND, BASE_URL, database_for, deliver, make_settings
 from tests.fediverse import Fediverse
 from tests.helpers import publish, run, running, soup
@@ -97,6 +98,9 @@ async def test_a_blog_moved_to_postgresql_serves_the_same_and_goes_on(
     assert (code, err) == (0, "")
     assert "2 followers" in out
     assert "2 comments" in out
+    # The copy's statistics are the planner's at once, not after autovacuum's next turn.
+    analyzed = "SELECT relname, reltuples FROM pg_class WHERE relname IN ('comments', 'followers')"
+    assert sorted(dbpeek.rows(url, analyzed)) == [("comments", 2.0), ("followers", 2.0)]
 
     new = make_settings(tmp_path, database=url)
     assert key_digests(new) == keys_before  # the keys were not touched

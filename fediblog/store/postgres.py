@@ -625,4 +625,7 @@ async def copy_blog(
                     report(table, count)
     finally:
         await reader.execute("ROLLBACK")
+    # The planner's statistics still describe empty tables (autovacuum gets to them
+    # within minutes): without them, the first queries on a big blog may scan.
+    await target._pg.connection.execute("ANALYZE")
     return copied
