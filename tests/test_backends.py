@@ -9,6 +9,7 @@ and how SQLite's placeholders become PostgreSQL's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from datetime import timedelta
@@ -17,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fediblog.errors import StorageError
 from fediblog.models import OutgoingActivity, Post, PostDraft, utcnow
 from fediblog.store import PostgresStore, Store, _pg_query, _walk_in_memory
 from fediblog.web.deps import Services
@@ -26,7 +28,7 @@ from tests.fediverse import Fediverse
 from tests.helpers import publish
 from tests.pgcluster import HARNESS_APPLICATION
 
-pytestmark = [pytest.mark.anyio, pytest.mark.postgresql]  # CI's PostgreSQL run
+pytestmark = [pytest.mark.anyio, pytest.mark.postgresql]  # -m postgresql: where backends differ
 
 
 # ---- placeholders ----------------------------------------------------------------------------
@@ -167,16 +169,38 @@ async def test_closing_cuts_a_connection_still_in_use(
     assert isinstance(store, PostgresStore)
     await store._pool.acquire()  # never released
     await asyncio.wait_for(store.close(), 10)
-    others = (  # besides the test harness's own (dbpeek's, the database's emptier)
+    assert await connections_left(where) == 0
+
+
+@pytest.mark.skipif(BACKEND != "postgresql", reason="PostgreSQL's listening connection")
+async def test_a_store_closed_under_a_running_caller_connects_no_more(tmp_path: Path) -> None:
+    """A task still using the store as it closes (a watcher asking whether anything
+    changed, a write) finds it closed: it neither listens again nor reconnects."""
+    where = database_for(tmp_path)
+    store = await Store.open(where)
+    await store.close()
+    store.version_max_age = 0.0
+    with contextlib.suppress(StorageError):
+        await store.version()
+        await store.get_data_version()
+    with pytest.raises(StorageError):
+        await store.save_block("late.example", "domain")
+    assert await connections_left(where) == 0
+
+
+async def connections_left(where: Path | str) -> int:
+    """Connections to the database besides the test harness's own (dbpeek's, the
+    database's emptier), once the server has seen cut ones go (a moment later)."""
+    others = (
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
         " AND application_name IS DISTINCT FROM ?"
     )
-    for _ in range(100):  # the server notices a cut connection a moment later
+    for _ in range(100):
         if dbpeek.rows(where, others, [HARNESS_APPLICATION]) == [(0,)]:
             break
         await asyncio.sleep(0.05)
-    # Every connection of the store's is gone.
-    assert dbpeek.rows(where, others, [HARNESS_APPLICATION]) == [(0,)]
+    [(count,)] = dbpeek.rows(where, others, [HARNESS_APPLICATION])
+    return int(count)
 
 
 @pytest.mark.skipif(

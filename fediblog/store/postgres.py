@@ -248,6 +248,7 @@ class PostgresStore(Store):
         self.version_max_age = 1.0
         self._listener: Any = None
         self._listen_again_at = 0.0  # monotonic: when a lost listener is tried again
+        self._closed = False  # close() began: no connection is made again
         self._writer_pid = int(writer.get_server_pid())
         self._notices = 0  # commits heard of, ours included (peek_data_version)
         self._foreign = 0  # commits of other connections heard of (get_data_version)
@@ -298,14 +299,21 @@ class PostgresStore(Store):
     async def close(self) -> None:
         """Close every connection; one that does not close in time (a reader still
         busy, a server that stopped answering) is cut, so closing never hangs."""
+        self._closed = True  # a caller still running must not listen or connect again
         failures = (TimeoutError, OSError, _asyncpg().InterfaceError)
-        if self._listener is not None:
+        try:
+            if self._listener is not None:
+                with contextlib.suppress(*failures):
+                    await self._listener.close(timeout=_PG_CLOSE_TIMEOUT)
+            with contextlib.suppress(*failures):  # the pool cuts its connections itself
+                await asyncio.wait_for(self._pool.close(), _PG_CLOSE_TIMEOUT)
             with contextlib.suppress(*failures):
-                await self._listener.close(timeout=_PG_CLOSE_TIMEOUT)
-        with contextlib.suppress(*failures):  # the pool cuts its connections itself
-            await asyncio.wait_for(self._pool.close(), _PG_CLOSE_TIMEOUT)
-        with contextlib.suppress(*failures):
-            await self._pg.connection.close(timeout=_PG_CLOSE_TIMEOUT)
+                await self._pg.connection.close(timeout=_PG_CLOSE_TIMEOUT)
+        finally:  # cancelled meanwhile: cut what is still open
+            for connection in (self._listener, self._pg.connection):
+                if connection is not None and not connection.is_closed():
+                    connection.terminate()
+            self._pool.terminate()
 
     async def migrate(self) -> int:
         """As ``Store.migrate``: the due migrations in one transaction, under a lock
@@ -341,6 +349,8 @@ class PostgresStore(Store):
         listener = await _asyncpg().connect(self._url, timeout=_PG_CONNECT_TIMEOUT)
         try:
             await listener.add_listener(_PG_CHANNEL, self._heard)
+            if self._closed:  # closed while this connected: nothing would close it
+                raise StorageUnavailable(f"the database {self._where} was closed")
         except BaseException:
             listener.terminate()
             raise
@@ -358,6 +368,8 @@ class PostgresStore(Store):
         at most, never holding a caller up for long); False if it cannot now."""
         if self._listener is not None and not self._listener.is_closed():
             return True
+        if self._closed:
+            return False
         now = time.monotonic()
         if now < self._listen_again_at:
             return False
@@ -429,6 +441,8 @@ class PostgresStore(Store):
 
     async def _reconnect(self) -> None:
         """A new writer connection for the one lost (the server restarted, say)."""
+        if self._closed:
+            raise StorageUnavailable(f"the database {self._where} was closed")
         self._pg = _PgConnection(await _asyncpg().connect(self._url, timeout=_PG_CONNECT_TIMEOUT))
         self._db = self._pg  # type: ignore[assignment]
         self._writer_pid = int(self._pg.connection.get_server_pid())
