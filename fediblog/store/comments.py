@@ -802,9 +802,10 @@ class CommentStorage(DeliveryStorage):
         """``save_comment`` for a reply from the fediverse; in a shared transaction the
         row is kept for one executemany with the others, and its id returned now.
 
-        The only place a kept comment's id is chosen: the next rowid, as SQLite would
-        choose it (the write lock is ours), read once and counted on from there until a
-        write joins the transaction (which may insert a comment itself)."""
+        The only place a kept comment's id is chosen on SQLite: the next rowid, as
+        SQLite would choose it (the write lock is ours), read once and counted on from
+        there until a write joins the transaction (which may insert a comment itself).
+        PostgresStore takes its ids from the comments' sequence instead."""
         values = self._comment_row(
             None,
             post_id=post_id,

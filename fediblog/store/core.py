@@ -136,7 +136,11 @@ class SharedTransaction:
     its content was checked (valid Unicode, sizes) when its reply was drafted, its
     duplicates, parent and post were looked up in this transaction, its id is the next
     rowid under our write lock (read again after every other write that joins:
-    ``next_comment_id``), and a proxied row that is known already is ignored.
+    ``next_comment_id``), and a proxied row that is known already is ignored. On
+    PostgreSQL the id comes from the sequence (``reserved_comment_ids``), and another
+    process may commit the same reply (its ap_id) after this transaction looked for
+    it: that unique key fails there too, and the run is redone one reply per
+    transaction, where the duplicate is found and skipped. Slower, never wrong.
     """
 
     task: asyncio.Task[Any] | None
