@@ -6,11 +6,12 @@ the shared inbox, then one processing pass).
 
 The database backend: SQLite files under each test's tmp_path, or, when
 ``FEDIBLOG_TEST_POSTGRES`` names a PostgreSQL server (``python -m tests.pgcluster
-pytest`` starts a throwaway one), a fresh empty database there for each test folder
-(``database_for``), dropped after the test. ``BACKEND`` (and the ``backend`` fixture)
-says which; ``@pytest.mark.sqlite_only("why")`` skips a test about SQLite's files
-themselves on PostgreSQL, and ``database_free`` one that uses no database at all (lint,
-packaging, signatures): it would only run the same code a second time.
+pytest`` starts a throwaway one), an empty database there for each test folder
+(``database_for``), emptied after the test for a later one. ``BACKEND`` (and the
+``backend`` fixture) says which; ``@pytest.mark.sqlite_only("why")`` skips a test
+about SQLite's files themselves on PostgreSQL, and ``database_free`` one that uses no
+database at all (lint, packaging, signatures): it would only run the same code a
+second time.
 """
 
 from __future__ import annotations

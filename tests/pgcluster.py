@@ -15,8 +15,9 @@ initdb and the server refuse to run as root: as root, they run as the unprivileg
 ``postgres`` user Debian's package creates, in a folder handed to that user.
 
 The second half is the other side, in the test run: ``BACKEND`` and ``database_for``,
-which tests/conftest.py uses to give each test folder a fresh empty database on the
-server ``FEDIBLOG_TEST_POSTGRES`` names, dropped after the test (``PostgresDatabases``).
+which tests/conftest.py uses to give each test folder an empty database on the server
+``FEDIBLOG_TEST_POSTGRES`` names, emptied after the test for a later one
+(``PostgresDatabases``).
 It lives here, not in conftest, because pytest imports conftest.py as ``conftest``
 while the tests import it as ``tests.conftest``: two modules, one set of databases.
 """
@@ -299,18 +300,37 @@ T = TypeVar("T")
 # cuts every other connection to it, not these.
 HARNESS_APPLICATION = "fediblog-tests"
 
-# What a test could have changed in a database's schema: its version, its tables, and
-# anything else it could have added to them. Seen different, the database is dropped.
+# What a test could have changed in a database's schema: its version, its relations,
+# their columns (types, defaults, NOT NULL), constraints and indexes, triggers and
+# functions, and the database's own settings. Seen different, the database is dropped.
 _FINGERPRINT = """
     SELECT (SELECT max(version) FROM fediblog_schema),
            (SELECT string_agg(relname || ':' || relkind::text, ',' ORDER BY relname)
               FROM pg_class WHERE relnamespace = 'public'::regnamespace),
+           (SELECT md5(string_agg(c.relname || '.' || a.attname || ':'
+                                  || format_type(a.atttypid, a.atttypmod) || ':'
+                                  || a.attnotnull::text || ':'
+                                  || coalesce(pg_get_expr(d.adbin, d.adrelid), ''),
+                                  ',' ORDER BY c.relname, a.attnum))
+              FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+              LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+             WHERE c.relnamespace = 'public'::regnamespace AND a.attnum > 0
+               AND NOT a.attisdropped),
+           (SELECT md5(string_agg(conname || ':' || pg_get_constraintdef(oid), ','
+                                  ORDER BY conname))
+              FROM pg_constraint WHERE connamespace = 'public'::regnamespace),
+           (SELECT md5(string_agg(indexdef, ',' ORDER BY indexname))
+              FROM pg_indexes WHERE schemaname = 'public'),
            (SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
              WHERE c.relnamespace = 'public'::regnamespace AND NOT t.tgisinternal),
-           (SELECT count(*) FROM pg_proc WHERE pronamespace = 'public'::regnamespace)
+           (SELECT count(*) FROM pg_proc WHERE pronamespace = 'public'::regnamespace),
+           (SELECT count(*) FROM pg_db_role_setting s JOIN pg_database d
+                ON d.oid = s.setdatabase WHERE d.datname = current_database())
 """
+# Each other connection is cut, and waited for (up to 5 s) until its process is gone:
+# a commit of its in flight must land before the tables are emptied, not after.
 _OTHER_CONNECTIONS = """
-    SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+    SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
      WHERE datname = current_database() AND pid <> pg_backend_pid()
        AND application_name IS DISTINCT FROM $1
 """
@@ -496,10 +516,13 @@ class PostgresDatabases:
             taking = self.live[count:]
             if not taking:
                 return
-            del self.live[count:]
             gone = {self.url_of(name) for name in taking}
             self.by_folder = {k: v for k, v in self.by_folder.items() if v not in gone}
-            self.spare.extend(self._call(self._take_back(taking)))
+            # Should this fail (the server gone, a time-out), they stay in ``live``:
+            # never given out again, dropped by ``close``.
+            emptied = self._call(self._take_back(taking))
+            del self.live[count:]
+            self.spare.extend(emptied)
 
     def close(self) -> None:
         """Drop every database and close the connections: best effort, at session end."""
@@ -527,7 +550,7 @@ POSTGRES = PostgresDatabases(TEST_POSTGRES) if TEST_POSTGRES else None
 
 def database_for(folder: Path, sqlite_name: str = "test.db") -> Path | str:
     """The database of a test's folder: ``folder/data/SQLITE_NAME``, or, against
-    PostgreSQL, the URL of a fresh database of that folder's own."""
+    PostgreSQL, the URL of an empty database of that folder's own."""
     if POSTGRES is None:
         return folder / "data" / sqlite_name
     return POSTGRES.for_folder(folder)

@@ -20,7 +20,7 @@ from tests.conftest import deliver
 from tests.fediverse import Fediverse
 from tests.helpers import publish
 
-pytestmark = [pytest.mark.anyio, pytest.mark.postgresql]  # CI's PostgreSQL run
+pytestmark = [pytest.mark.anyio, pytest.mark.postgresql]  # -m postgresql: where backends differ
 
 
 async def queue(web: httpx.AsyncClient, ctx: Services, actor: Any, *activities: Any) -> None:

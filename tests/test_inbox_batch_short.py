@@ -271,10 +271,10 @@ async def test_another_write_in_the_shared_transaction_comes_after_the_rows_kept
     assert len(set(ids + local)) == 8
     # Written in the order they were asked: each reply's row before the local one after
     # it. On SQLite a row's id is the next rowid at its write; on PostgreSQL kept rows
-    # take ids from the sequence ahead of time, and the heap of a new table keeps the
-    # order rows were written in.
+    # take ids from the sequence ahead of time, and the order of writes is that of the
+    # rows' command ids in their one transaction (cmin).
     if BACKEND == "postgresql":
-        sql = "SELECT id FROM comments WHERE post_id = ? ORDER BY ctid"
+        sql = "SELECT id FROM comments WHERE post_id = ? ORDER BY cmin::text::int"
         written = [row[0] for row in dbpeek.rows(ctx.settings, sql, [post.id])]
     else:
         written = sorted(ids + local)

@@ -24,7 +24,7 @@ from tests.helpers import publish, run, running, soup
 from tests.test_admin_health import follow
 
 pytestmark = [
-    pytest.mark.postgresql,  # CI's PostgreSQL run
+    pytest.mark.postgresql,  # -m postgresql: where backends differ
     pytest.mark.anyio,
     pytest.mark.skipif(
         BACKEND != "postgresql",

@@ -28,7 +28,7 @@ from tests import pgcluster
 from tests.conftest import BACKEND, database_for, make_settings
 from tests.pgcluster import POSTGRES, TEST_POSTGRES, PostgresDatabases
 
-pytestmark = pytest.mark.postgresql  # CI's PostgreSQL run
+pytestmark = pytest.mark.postgresql  # -m postgresql: where backends differ
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_SERVER = pytest.mark.skipif(
@@ -317,23 +317,33 @@ async def test_a_test_s_databases_are_emptied_for_the_next_tests(tmp_path: Path)
 
 
 @ON_POSTGRES
-def test_a_database_whose_schema_a_test_changed_is_dropped_not_reused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "change",
+    [
+        "ALTER TABLE comments ADD COLUMN extra integer",
+        "ALTER TABLE comments ALTER COLUMN summary SET DEFAULT 'x'",
+        "ALTER TABLE blocks ADD CONSTRAINT short CHECK (length(target) < 100)",
+        "CREATE INDEX comments_extra ON comments (content_html)",
+        "CREATE TRIGGER refuse BEFORE INSERT ON comments FOR EACH ROW"
+        " EXECUTE FUNCTION suppress_redundant_updates_trigger()",  # a built-in function
+        "CREATE FUNCTION refuse() RETURNS integer LANGUAGE sql AS 'SELECT 1'",
+        "ALTER DATABASE {database} SET statement_timeout = 100000",
+    ],
+)
+def test_a_database_whose_schema_a_test_changed_is_dropped_not_reused(
+    tmp_path: Path, change: str
+) -> None:
     databases = PostgresDatabases(TEST_POSTGRES)
     try:
         changed = databases.for_folder(tmp_path / "changed")
         import asyncpg
 
-        async def add_trigger() -> None:
+        async def apply() -> None:
             connection = await asyncpg.connect(changed)
-            await connection.execute(
-                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql"
-                " AS $$ BEGIN RAISE EXCEPTION 'no'; END $$;"
-                " CREATE TRIGGER refuse BEFORE INSERT ON comments"
-                " FOR EACH ROW EXECUTE FUNCTION refuse()"
-            )
+            await connection.execute(change.format(database=changed.rsplit("/", 1)[1]))
             await connection.close()
 
-        asyncio.run(add_trigger())
+        asyncio.run(apply())
         databases.take_back_since(0)
 
         assert asyncio.run(existing(changed)) == []

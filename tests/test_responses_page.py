@@ -30,7 +30,7 @@ from tests.conftest import BASE_URL, make_settings
 from tests.fediverse import Fediverse
 from tests.helpers import comment_tree, publish, remote_actor, remote_comment, running, soup
 
-pytestmark = [pytest.mark.anyio, pytest.mark.postgresql]  # CI's PostgreSQL run
+pytestmark = [pytest.mark.anyio, pytest.mark.postgresql]  # -m postgresql: where backends differ
 
 ATOM = "{http://www.w3.org/2005/Atom}"
 PER_PAGE = 20

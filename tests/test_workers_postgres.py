@@ -54,7 +54,7 @@ from tests.processes import free_port
 from tests.test_federation_e2e import serving
 
 pytestmark = [
-    pytest.mark.postgresql,  # CI's PostgreSQL run
+    pytest.mark.postgresql,  # -m postgresql: where backends differ
     pytest.mark.anyio,
     pytest.mark.long,
     pytest.mark.skipif(
