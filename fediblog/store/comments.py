@@ -30,7 +30,15 @@ from fediblog.models import (
     parse_ts,
     utcnow,
 )
-from fediblog.store.core import _COUNTED, _NOT_BLOCKED, _VISIBLE, _marks, _record, _returning
+from fediblog.store.core import (
+    _COUNTED,
+    _NOT_BLOCKED,
+    _VISIBLE,
+    SharedTransaction,
+    _marks,
+    _record,
+    _returning,
+)
 from fediblog.store.deliveries import DeliveryStorage
 from fediblog.store.media import PROXY_PATH
 
@@ -802,10 +810,7 @@ class CommentStorage(DeliveryStorage):
         """``save_comment`` for a reply from the fediverse; in a shared transaction the
         row is kept for one executemany with the others, and its id returned now.
 
-        The only place a kept comment's id is chosen on SQLite: the next rowid, as
-        SQLite would choose it (the write lock is ours), read once and counted on from
-        there until a write joins the transaction (which may insert a comment itself).
-        PostgresStore takes its ids from the comments' sequence instead."""
+        Its id is chosen by ``_kept_comment_id``."""
         values = self._comment_row(
             None,
             post_id=post_id,
@@ -826,12 +831,20 @@ class CommentStorage(DeliveryStorage):
         shared = self._shared_here()
         if shared is None:
             return await self._insert_comment(values)
+        comment_id = await self._kept_comment_id(shared, parent_id)
+        self._later(shared, self._INSERT_COMMENT, (comment_id, *values[1:]), shown=True)
+        return comment_id
+
+    async def _kept_comment_id(self, shared: SharedTransaction, parent_id: int | None) -> int:
+        """The id of a comment kept for later: the only place one is chosen. On SQLite
+        the next rowid, as SQLite would choose it (the write lock is ours), read once and
+        counted on from there until a write joins the transaction (which may insert a
+        comment itself, and clears it). PostgresStore takes them from its sequence."""
         if not shared.next_comment_id:
             row = await self._fetchone("SELECT coalesce(max(id), 0) + 1 FROM comments")
             shared.next_comment_id = int(row[0]) if row else 1
         comment_id = shared.next_comment_id
         shared.next_comment_id += 1
-        self._later(shared, self._INSERT_COMMENT, (comment_id, *values[1:]), shown=True)
         return comment_id
 
     # For a batch of replies: tombstones ('t'), comments already here ('c'), and actors

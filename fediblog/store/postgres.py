@@ -21,7 +21,7 @@ from typing import Any
 from fediblog.config import without_password
 from fediblog.errors import StorageConflict, StorageError, StorageUnavailable
 from fediblog.models import InboxItem, format_ts, utcnow
-from fediblog.store.core import _VISIBLE, _returning, _shared, _writing
+from fediblog.store.core import _VISIBLE, SharedTransaction, _returning, _shared, _writing
 from fediblog.store.posts import _post_columns
 from fediblog.store.schema import _IDENTITY_TABLES, _SEEDED, _TABLES, MIGRATIONS, _postgres_ddl
 from fediblog.store.sqlite import Store
@@ -495,27 +495,19 @@ class PostgresStore(Store):
         async with self._transaction() as db:
             return await _returning(db, self._INSERT_NEW_COMMENT, values[1:])
 
-    async def save_comment_later(self, **comment: Any) -> int:
-        """As ``Store.save_comment_later``: in a shared transaction the row is kept for
-        one executemany with the others, with an id taken from the comments' sequence,
+    async def _kept_comment_id(self, shared: SharedTransaction, parent_id: int | None) -> int:
+        """As ``Store._kept_comment_id``: an id from the comments' sequence, taken
         ``_COMMENT_ID_BLOCK`` at a time (one trip for them, not one INSERT per reply).
 
         Another process may commit comments meanwhile, with ids above those taken. A
         reply to one of them must still get an id above its parent's (the response
         walk follows replies to larger ids only), so a parent at or above the next id
         taken has the ids taken again: the sequence gives only ids above it now."""
-        values = self._comment_row(None, source="fediverse", **comment)
-        shared = self._shared_here()
-        if shared is None:
-            return await self._insert_comment(values)
         reserved = shared.reserved_comment_ids
-        parent = comment.get("parent_id")
-        if not reserved or (parent is not None and parent >= reserved[-1]):
+        if not reserved or (parent_id is not None and parent_id >= reserved[-1]):
             rows = await self._fetchall(self._TAKE_COMMENT_IDS, (_COMMENT_ID_BLOCK,))
             reserved[:] = sorted((int(row[0]) for row in rows), reverse=True)
-        comment_id = reserved.pop()
-        self._later(shared, self._INSERT_COMMENT, (comment_id, *values[1:]), shown=True)
-        return comment_id
+        return reserved.pop()
 
     _TAKE_COMMENT_IDS = (
         "SELECT nextval(pg_get_serial_sequence('comments', 'id')) FROM generate_series(1, ?)"
