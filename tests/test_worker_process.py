@@ -288,8 +288,9 @@ def test_an_unknown_role_or_none_is_one_line_and_exit_2(world: World) -> None:
 BACKLOG = 2_000
 
 
-async def _seed_backlog(settings: Settings) -> None:
-    """bench_inbox's blog (one post, three known actors) with BACKLOG replies stored."""
+async def _seed_backlog(settings: Settings) -> list[str]:
+    """bench_inbox's blog (one post, three known actors) with BACKLOG replies stored;
+    the replies' ids, in the order they were stored."""
     in_reply_to, blog_actor = await bench_inbox.seed(settings, bench_inbox.private_keys(3))
     store = await Store.open(settings.store_location)
     try:
@@ -304,6 +305,77 @@ async def _seed_backlog(settings: Settings) -> None:
         await store.save_inbox_items(items)
     finally:
         await store.close()
+    return [json.loads(item.payload)["object"]["id"] for item in items]
+
+
+# What holds the worker's write of one reply's comment, so that it is killed inside that
+# batch's transaction whatever its speed (polling for it to be halfway was a race a fast
+# worker won): on PostgreSQL an advisory lock the test holds, and the test sees the wait
+# in pg_locks; SQLite cannot wait in a trigger, so its trigger counts a cross join of
+# 2,000 rows four times over, days of work, and the test sees the comments before it.
+_HOLD = 4242
+# pg_locks is the cluster's: this database's waits on this lock (other tests migrate).
+_WAITERS = (
+    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = ? AND NOT granted"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
+
+
+def _hold_reply(settings: Settings, ap_id: str) -> None:
+    assert "'" not in ap_id  # a literal in the trigger: DDL takes no parameters
+    if isinstance(settings.store_location, Path):
+        dbpeek.execute(
+            settings,
+            (
+                "CREATE TRIGGER hold_reply BEFORE INSERT ON comments"  # noqa: S608
+                f" WHEN NEW.ap_id = '{ap_id}' BEGIN"
+                " SELECT count(*) FROM inbox a, inbox b, inbox c, inbox d; END",
+                (),
+            ),
+        )
+        return
+    dbpeek.execute(
+        settings,
+        (
+            "CREATE FUNCTION hold_reply() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            f" IF NEW.ap_id = '{ap_id}' THEN PERFORM pg_advisory_xact_lock_shared({_HOLD});"
+            " END IF; RETURN NEW; END $$",
+            (),
+        ),
+        (
+            "CREATE TRIGGER hold_reply BEFORE INSERT ON comments"
+            " FOR EACH ROW EXECUTE FUNCTION hold_reply()",
+            (),
+        ),
+        (f"SELECT pg_advisory_lock({_HOLD})", ()),
+    )
+
+
+def _held(settings: Settings) -> bool:
+    """Whether the worker waits at the held reply (on SQLite: has written comments)."""
+    if not isinstance(settings.store_location, Path):
+        return bool(dbpeek.rows(settings, _WAITERS, (_HOLD,)))
+    found = dbpeek.row(settings, "SELECT count(*) FROM comments")
+    return found is not None and int(found[0]) > 0
+
+
+def _release_reply(settings: Settings) -> None:
+    """After the kill: the dead worker's transaction ended, the trigger gone."""
+    if isinstance(settings.store_location, Path):
+        dbpeek.execute(settings, ("DROP TRIGGER hold_reply", ()))
+        return
+    dbpeek.execute(
+        settings,
+        # The backend of a killed client waits on, unaware; end it, as the server would
+        # once it read the closed socket.
+        (
+            f"SELECT pg_terminate_backend(pid, 5000) FROM ({_WAITERS}) AS waiting",  # noqa: S608
+            (_HOLD,),
+        ),
+        (f"SELECT pg_advisory_unlock({_HOLD})", ()),
+        ("DROP TRIGGER hold_reply ON comments", ()),
+        ("DROP FUNCTION hold_reply()", ()),
+    )
 
 
 def test_a_worker_killed_mid_backlog_loses_nothing_and_doubles_nothing(
@@ -317,7 +389,8 @@ def test_a_worker_killed_mid_backlog_loses_nothing_and_doubles_nothing(
         allow_private_addresses=True,
         keys_dir=blog_keys,
     )
-    asyncio.run(_seed_backlog(settings))
+    replies = asyncio.run(_seed_backlog(settings))
+    _hold_reply(settings, replies[BACKLOG // 2])
     env = server_env(settings, FEDIBLOG_ALLOW_PRIVATE_ADDRESSES="1")
     env["FEDIBLOG_CONFIG"] = str(tmp_path / "absent.toml")
 
@@ -336,13 +409,14 @@ def test_a_worker_killed_mid_backlog_loses_nothing_and_doubles_nothing(
             stderr=subprocess.STDOUT,
         )
         try:
-            eventually(lambda: count("SELECT count(*) FROM comments"), "a comment", log)
+            eventually(lambda: _held(settings), "the worker at the held reply", log)
             first.send_signal(signal.SIGKILL)
             first.wait()
         finally:
             stop(first)
+        _release_reply(settings)
         at_kill = count("SELECT count(*) FROM comments")
-        assert at_kill < BACKLOG, "killed after the backlog was done: make it larger"
+        assert 0 < at_kill < BACKLOG, at_kill
         # Time passes: the leases of what the dead worker had claimed end.
         past = format_ts(utcnow() - timedelta(minutes=5))
         dbpeek.execute(
