@@ -737,6 +737,36 @@ async def test_comments_without_a_crawl_are_queued_by_the_sweep(
     assert await stored(ctx, found) == "published"
 
 
+async def test_a_seeded_thread_counts_as_crawled_and_the_sweep_leaves_it(
+    ctx: Services,
+) -> None:
+    """The benchmarks' 50,000 seeded comments (``Store.save_seed_comments``) stand for a
+    thread that grew over weeks, its crawls long done: queued by the sweep at start-up,
+    their crawling ran beside the processing being measured (a third of its CPU)."""
+    post = await publish(ctx, "Seeded")
+    ann = await remote_actor(ctx, "ann", "social.example")
+    first = await ctx.store.save_seed_comments(
+        post.id,
+        [
+            (None, ann, "https://social.example/notes/1", "<p>1</p>", utcnow()),
+            (0, ann, "https://social.example/notes/2", "<p>2</p>", utcnow()),
+            (1, ann, "https://social.example/notes/3", "<p>3</p>", utcnow()),
+        ],
+    )
+
+    assert await ctx.crawler.sweep() == 0
+    crawls = [await ctx.store.get_crawl(f"https://social.example/notes/{n}") for n in (1, 2, 3)]
+    assert [(c.status, c.depth, c.finished is not None) for c in crawls if c] == [
+        ("done", 1, True),
+        ("done", 2, True),
+        ("done", 3, True),
+    ]
+    assert await ctx.crawler.run_once() == 0
+    comment = await ctx.store.get_comment_by_ap_id("https://social.example/notes/3")
+    assert comment is not None
+    assert comment.id == first + 2
+
+
 def test_every_crawl_fixture_is_here_with_its_provenance() -> None:
     sources = (FIXTURES / "SOURCES.md").read_text()
     section = sources.split("## Added for tests/test_crawl.py", 1)[-1]
