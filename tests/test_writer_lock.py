@@ -11,11 +11,14 @@ waiting, so these tests fail on a Store that takes no writer lock.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,8 +26,9 @@ from pathlib import Path
 import pytest
 
 from fediblog.errors import StorageUnavailable
-from fediblog.models import InboxItem
+from fediblog.models import InboxItem, InboxJob
 from fediblog.store import Store
+from fediblog.worker import Outcome
 
 pytestmark = [pytest.mark.anyio, pytest.mark.sqlite_only("the writer lock file")]
 
@@ -208,3 +212,71 @@ async def test_a_claim_with_nothing_due_never_waits_for_the_write_lock(tmp_path:
             holder.close()
         [job] = await store.claim_inbox(now, later, 10)
         assert job.attempts == 1
+
+
+async def _lock_freed_under_a_busy_loop(store: Store, write: Awaitable[object]) -> bool:
+    """Start ``write``; once it has taken the write lock, keep the event loop busy (as a
+    worker's batch keeps it, rendering 200 replies) and see whether the lock is let go
+    meanwhile: yes when the whole transaction ran in its one trip to the writer's thread,
+    no when its next step waits for a turn of the loop."""
+    began = threading.Event()
+    take = store._begin
+
+    def begin(connection: sqlite3.Connection) -> None:
+        take(connection)
+        began.set()
+
+    store._begin = begin  # type: ignore[method-assign]
+    task = asyncio.ensure_future(write)
+    try:
+        # Turns of the loop until the lock is taken (a read trip comes first: is anything
+        # due?), and none after: an asyncio.Event would let the loop turn once more.
+        while not began.wait(0.001):  # noqa: ASYNC110
+            await asyncio.sleep(0)
+        return _lock_freed(Path(f"{store._path}-lock"), within=5.0)
+    finally:
+        await task
+        store._begin = take  # type: ignore[method-assign]
+
+
+def _lock_freed(path: Path, *, within: float) -> bool:
+    """Whether the writer lock at ``path`` is free, or becomes so ``within`` seconds,
+    while this thread (the event loop's) waits for it."""
+    lock = os.open(path, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                time.sleep(0.005)
+                continue
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return True
+        return False
+    finally:
+        os.close(lock)
+
+
+async def test_a_worker_s_claim_and_record_let_go_of_the_lock_while_its_loop_is_busy(
+    tmp_path: Path,
+) -> None:
+    """A worker claims and records while its batch runs beside them, and the batch keeps
+    the event loop busy for tens of milliseconds at a time. A claim that took one trip
+    per step (BEGIN, UPDATE, COMMIT) held the lock through those turns, ~5 ms a claim,
+    and the web processes' group commits waited for it."""
+    async with two_stores(tmp_path) as (store, _):
+        now = datetime.now(UTC)
+        await store.save_inbox_items(
+            [InboxItem(f"key{n}", "https://example.com/a", "Like", "{}") for n in range(3)]
+        )
+        jobs: list[InboxJob] = []
+
+        async def claim() -> None:
+            jobs.extend(await store.claim_inbox(now, now + timedelta(minutes=1), 10))
+
+        assert await _lock_freed_under_a_busy_loop(store, claim())
+        assert [job.attempts for job in jobs] == [1, 1, 1]
+        done = [(job, Outcome.done()) for job in jobs]
+        assert await _lock_freed_under_a_busy_loop(store, store.record_inbox(done))
+        assert await store.count_inbox() == {"done": 3}

@@ -132,8 +132,7 @@ class DeliveryStorage(StoreCore):
     async def record_deliveries(self, results: Sequence[tuple[DeliveryJob, Outcome]]) -> None:
         """Write what became of delivery attempts, in one commit."""
         if results:
-            async with self._transaction(shown=False) as db:
-                await db.executemany(_RECORD_DELIVERY, _outcome_rows(results))
+            await self._write_one(_RECORD_DELIVERY, _outcome_rows(results), many=True)
 
     async def prune(self, before: datetime) -> tuple[int, int]:
         """Forget processed inbox rows and finished deliveries older than ``before``.

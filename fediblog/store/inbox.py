@@ -73,15 +73,14 @@ class InboxStorage(StoreCore):
         """Take due activities in arrival order, count an attempt, lease them."""
         if not await self._any_due("inbox", now, null_is_due=True):
             return []
-        async with self._transaction(shown=False) as db:
-            rows = await db.execute_fetchall(
-                "UPDATE inbox SET attempts = attempts + 1, next_attempt_at = ?"
-                " WHERE id IN (SELECT id FROM inbox WHERE status = 'queued'"
-                " AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id"
-                f" LIMIT ?{self._SKIP_LOCKED})"
-                " RETURNING id, payload, attempts",
-                (format_ts(lease_until), format_ts(now), limit),
-            )
+        rows = await self._write_one(
+            "UPDATE inbox SET attempts = attempts + 1, next_attempt_at = ?"
+            " WHERE id IN (SELECT id FROM inbox WHERE status = 'queued'"
+            " AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id"
+            f" LIMIT ?{self._SKIP_LOCKED})"
+            " RETURNING id, payload, attempts",
+            (format_ts(lease_until), format_ts(now), limit),
+        )
         jobs = [InboxJob(row["id"], row["payload"], row["attempts"]) for row in rows]
         jobs.sort(key=lambda job: job.id)  # RETURNING promises no order
         return jobs
@@ -89,8 +88,7 @@ class InboxStorage(StoreCore):
     async def record_inbox(self, results: Sequence[tuple[InboxJob, Outcome]]) -> None:
         """Write what became of processed activities, in one commit."""
         if results:
-            async with self._transaction(shown=False) as db:
-                await db.executemany(_RECORD_INBOX, _outcome_rows(results))
+            await self._write_one(_RECORD_INBOX, _outcome_rows(results), many=True)
 
     async def list_inbox(self, *, problems_only: bool, limit: int = 50) -> list[InboxState]:
         """Inbound activities, newest first: all, or those failed or waiting to retry."""

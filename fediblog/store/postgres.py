@@ -436,6 +436,14 @@ class PostgresStore(Store):
             # on a new one (the server rolls the old one's transaction back).
             connection.terminate()
 
+    async def _write_one(self, sql: str, params: Any = (), *, many: bool = False) -> list[Any]:
+        # Statements travel alone to the server; no thread holds a lock between trips.
+        async with self._transaction(shown=False) as db:
+            if many:
+                await db.executemany(sql, params)
+                return []
+            return list(await db.execute_fetchall(sql, params))
+
     def _storage_failure(self, error: BaseException) -> StorageError | None:
         return _pg_failure(self._where, error)
 
