@@ -155,19 +155,12 @@ def images_without_alt(source: str) -> list[str]:
 
 
 def sanitize_post_html(fragment: str) -> str:
-    return nh3.clean(
-        fragment,
-        tags=set(POST_TAGS),
-        attributes=POST_ATTRIBUTES,
-        url_schemes=set(URL_SCHEMES),
-        link_rel="noopener",
-        strip_comments=True,
-    )
+    return _POST_CLEANER.clean(fragment)
 
 
 def html_to_text(fragment: str) -> str:
     """The visible text of an HTML fragment, whitespace folded."""
-    text = nh3.clean(fragment, tags=set())
+    text = _TEXT_CLEANER.clean(fragment)
     return _WHITESPACE.sub(" ", html.unescape(text)).strip()
 
 
@@ -219,6 +212,25 @@ REMOTE_CLASSES = {
 }
 LINK_REL = "nofollow ugc noopener"
 
+# Each sanitizer's rules, given to ammonia once: nh3.clean converts them from Python on
+# every call, two thirds of its time for a reply (20 us instead of 7).
+_POST_CLEANER = nh3.Cleaner(
+    tags=set(POST_TAGS),
+    attributes=POST_ATTRIBUTES,
+    url_schemes=set(URL_SCHEMES),
+    link_rel="noopener",
+    strip_comments=True,
+)
+_TEXT_CLEANER = nh3.Cleaner(tags=set())
+_REMOTE_CLEANER = nh3.Cleaner(
+    tags=set(REMOTE_TAGS),
+    attributes=REMOTE_ATTRIBUTES,
+    allowed_classes=REMOTE_CLASSES,
+    url_schemes={"http", "https"},
+    link_rel=LINK_REL,
+    strip_comments=True,
+)
+
 # Bidi overrides, zero-width characters and controls (but tab and line breaks) hide or
 # reorder what a reader sees (ATTACKS.md 34): they never survive into a page.
 _INVISIBLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"
@@ -237,15 +249,7 @@ def sanitize_remote_html(fragment: str, emoji: Mapping[str, str] | None = None) 
     ``emoji`` maps a shortcode (without colons) to an https image URL that the caller
     took from the same object's own ``tag`` list.
     """
-    clean = nh3.clean(
-        strip_invisible(fragment),
-        tags=set(REMOTE_TAGS),
-        attributes=REMOTE_ATTRIBUTES,
-        allowed_classes=REMOTE_CLASSES,
-        url_schemes={"http", "https"},
-        link_rel=LINK_REL,
-        strip_comments=True,
-    )
+    clean = _REMOTE_CLEANER.clean(strip_invisible(fragment))
     return _TextRewriter(emoji or {}).rewrite(clean)
 
 
