@@ -11,17 +11,21 @@ resolves it: "//evil.example/x.png" starts with "/" and is not on this blog.
 from __future__ import annotations
 
 import html
+import json
 
 import ada_url
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from fediblog import render
 from fediblog.blog import parse_post
 from fediblog.errors import PostError
 from fediblog.render import blog_path, link_host, local_images, sanitize_remote_html, web_url
 from fediblog.web.deps import Services
 from tests.conftest import deliver
-from tests.fediverse import Fediverse
+from tests.fediverse import FIXTURES, Fediverse
 from tests.helpers import publish, soup
 
 TEXT = "https://bank.example/login"
@@ -224,3 +228,59 @@ def _yaml(value: str) -> str:
     """A YAML double-quoted scalar holding ``value`` exactly (tabs, newlines, "\\")."""
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
     return '"' + escaped.replace("\t", "\\t").replace("\n", "\\n") + '"'
+
+
+# ---- ammonia's output read without HTMLParser (render._serialized_tokens) --------------
+
+_HOSTS = ["bank.example", "evil.example", "xn--bnk-sna.example", "b\u0430nk.example", "127.0.0.1"]
+_MARKUP = st.sampled_from(
+    [
+        '<a href="https://bank.example/">', '<a href="https://evil.example/x?a=1&b=2">',
+        "<a href='//evil.example'>", '<a href="javascript:alert(1)">', '<a href="/here">',
+        '<a href="https://evil.example/" class="mention u-url" title="x>y">', "</a>",
+        "<p>", "</p>", "<br>", "<br/>", "<span class=\"h-card\">", "</span>", "<img src=x>",
+        "<script>alert(1)</script>", "<!-- a comment -->", "<b>", "</i>", "<ol reversed>",
+        "&amp;", "&", "&lt;", "<", ">", '"', "'", "&nbsp;", "\u00a0", "&#x3a;", ":blob:",
+        ":nope:", "@", "https://", " ", "\n", "\t", "<li value=\"3\">", "<pre>", "</pre>",
+        *_HOSTS,
+    ]
+)  # fmt: skip
+
+
+def _through_htmlparser(fragment: str, emoji: dict[str, str]) -> str:
+    rewriter = render._TextRewriter(emoji)
+    rewriter.feed(fragment)
+    rewriter.close()
+    return "".join(rewriter._out)
+
+
+@given(pieces=st.lists(st.one_of(_MARKUP, st.text(max_size=6)), max_size=40))
+@settings(max_examples=500, deadline=None, derandomize=True)
+def test_ammonia_s_output_reads_the_same_without_htmlparser(pieces: list[str]) -> None:
+    """Sanitized content is re-read with two expressions instead of HTMLParser; on
+    whatever ammonia writes, both give the same page (links' real hosts, emoji)."""
+    emoji = {"blob": "https://cdn.example/blob.png"}
+    cleaned = render._REMOTE_CLEANER.clean(render.strip_invisible("".join(pieces)))
+    assert render._serialized_tokens(cleaned) is not None, cleaned  # the fast way applies
+    assert render._TextRewriter(emoji).rewrite(cleaned) == _through_htmlparser(cleaned, emoji)
+
+
+def test_every_fixture_s_content_reads_the_same_without_htmlparser() -> None:
+    contents = []
+    for path in sorted(FIXTURES.rglob("*.json")):
+        contents.extend(_contents(json.loads(path.read_text())))
+    assert len(contents) > 20
+    for content in contents:
+        cleaned = render._REMOTE_CLEANER.clean(render.strip_invisible(content))
+        assert render._serialized_tokens(cleaned) is not None, cleaned
+        assert render._TextRewriter({}).rewrite(cleaned) == _through_htmlparser(cleaned, {})
+
+
+def _contents(document: object) -> list[str]:
+    """Every "content" string anywhere in a JSON document."""
+    if isinstance(document, dict):
+        found = [v for k, v in document.items() if k == "content" and isinstance(v, str)]
+        return found + [c for v in document.values() for c in _contents(v)]
+    if isinstance(document, list):
+        return [c for v in document for c in _contents(v)]
+    return []
