@@ -18,17 +18,19 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from fediblog.errors import StorageUnavailable
+from fediblog.errors import StorageConflict, StorageUnavailable
 from fediblog.models import InboxItem, InboxJob
 from fediblog.store import Store
 from fediblog.worker import Outcome
+from tests.test_backends import publish_on
 
 pytestmark = [pytest.mark.anyio, pytest.mark.sqlite_only("the writer lock file")]
 
@@ -245,15 +247,16 @@ def _lock_freed(path: Path, *, within: float) -> bool:
     lock = os.open(path, os.O_RDONLY)
     try:
         deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
+        while True:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
                 time.sleep(0.005)
                 continue
             fcntl.flock(lock, fcntl.LOCK_UN)
             return True
-        return False
     finally:
         os.close(lock)
 
@@ -280,3 +283,71 @@ async def test_a_worker_s_claim_and_record_let_go_of_the_lock_while_its_loop_is_
         done = [(job, Outcome.done()) for job in jobs]
         assert await _lock_freed_under_a_busy_loop(store, store.record_inbox(done))
         assert await store.count_inbox() == {"done": 3}
+
+
+async def _reply_kit(store: Store) -> Callable[[int], dict[str, Any]]:
+    post = await publish_on(store, "Batch")
+    actor = await store.save_actor(
+        ap_id="https://b.example/users/b", username="b", domain="b.example", name="B",
+        url=None, icon_url=None, inbox=None, shared_inbox=None, key_id=None,
+        public_key_pem=None, fetched=datetime.now(UTC),
+    )  # fmt: skip
+
+    def reply(n: int) -> dict[str, Any]:
+        return dict(
+            post_id=post.id, parent_id=None, content_html=f"<p>{n}</p>",
+            published=datetime.now(UTC), received=datetime.now(UTC),
+            ap_id=f"https://b.example/n/{n}", url=None, actor_id=actor, summary=None,
+            sensitive=False, visibility="public", status="published", held_reason=None,
+        )  # fmt: skip
+
+    return reply
+
+
+async def test_a_batch_of_replies_holds_the_write_lock_only_for_its_commit(
+    tmp_path: Path,
+) -> None:
+    """The inbox acts on a batch of replies in a shared transaction. It held the write
+    lock from its first statement to its commit: while every reply was drafted, and
+    across the event loop's turns between its trips, so the web processes' group
+    commits waited (~40% of their time with two of them beside a worker). Its rows are
+    kept until the end, and now written in one trip with the BEGIN and the COMMIT."""
+    async with two_stores(tmp_path) as (worker, web):
+        reply = await _reply_kit(worker)
+        async with worker.shared_transaction():
+            first = await worker.save_comment_later(**reply(1))
+            second = await worker.save_comment_later(**reply(2))
+            assert _lock_freed(Path(f"{worker._path}-lock"), within=0)
+            # Another process writes meanwhile, without waiting (its busy timeout is 0).
+            await web.save_inbox_items([InboxItem("key", "https://b.example/a", "Like", "{}")])
+        assert second == first + 1
+        rows = await web._fetchall("SELECT id, ap_id FROM comments ORDER BY id")
+        assert [tuple(row) for row in rows] == [
+            (first, "https://b.example/n/1"),
+            (second, "https://b.example/n/2"),
+        ]
+
+
+async def test_comment_ids_another_writer_took_meanwhile_refuse_the_batch_whole(
+    tmp_path: Path,
+) -> None:
+    """A kept comment's id is counted before the transaction begins; if another writer
+    inserts a comment meanwhile, it has that id, and the batch is refused whole at its
+    commit (the inbox does it again, one reply at a time) rather than losing either."""
+    async with two_stores(tmp_path) as (worker, web):
+        reply = await _reply_kit(worker)
+
+        async def batch_beside_another_writer() -> None:
+            async with worker.shared_transaction():
+                await worker.save_comment_later(**reply(1))
+                await web.save_comment(**reply(2), source="fediverse")
+
+        with pytest.raises(StorageConflict, match="taken by another writer"):
+            await batch_beside_another_writer()
+        rows = await web._fetchall("SELECT ap_id FROM comments")
+        assert [row[0] for row in rows] == ["https://b.example/n/2"]
+        async with worker.shared_transaction():  # again: the next id is read afresh
+            again = await worker.save_comment_later(**reply(1))
+        found = await web._fetchone("SELECT ap_id FROM comments WHERE id = ?", (again,))
+        assert found is not None
+        assert found[0] == "https://b.example/n/1"

@@ -857,6 +857,8 @@ class CommentStorage(DeliveryStorage):
         if not shared.next_comment_id:
             row = await self._fetchone("SELECT coalesce(max(id), 0) + 1 FROM comments")
             shared.next_comment_id = int(row[0]) if row else 1
+            if not shared.begun:  # read outside the transaction: checked when written
+                shared.unchecked_comment_id = shared.next_comment_id
         comment_id = shared.next_comment_id
         shared.next_comment_id += 1
         return comment_id

@@ -144,6 +144,7 @@ class SharedTransaction:
     """
 
     task: asyncio.Task[Any] | None
+    owner: object  # the store it belongs to: another store's writes never join it
     writes: int = 0  # writes that joined it: a failure after none left it intact
     shown: bool = False
     broken: bool = False  # a write that joined it failed: it must not commit
@@ -155,9 +156,28 @@ class SharedTransaction:
     # PostgreSQL: ids taken from the comments' sequence for kept comments, smallest
     # last. No other writer is ever given them, so a write that joins leaves them.
     reserved_comment_ids: list[int] = field(default_factory=list)
+    # The write transaction is begun by the first write that joins, or a read that must
+    # see kept rows; until then it holds no lock (see Store.shared_transaction).
+    begun: bool = False
+    stack: contextlib.AsyncExitStack | None = None  # what ends it, once begun
+    # SQLite: the first id counted before the transaction began (read outside it), so
+    # checked when the kept rows are written: another writer may have taken it.
+    unchecked_comment_id: int = 0
 
 
 _shared: ContextVar[SharedTransaction | None] = ContextVar("fediblog_store_shared", default=None)
+
+
+def _check_kept_ids(connection: sqlite3.Connection, expected: int) -> None:
+    """Raise if the comment id counted on outside the transaction (``expected``, 0:
+    none) is no longer the next one: another writer took it meanwhile. The run is then
+    done again (inbox.py), slower, never wrong."""
+    if expected:
+        [[following]] = connection.execute("SELECT coalesce(max(id), 0) + 1 FROM comments")
+        if following != expected:
+            raise StorageConflict(
+                f"comment ids from {expected} were taken by another writer ({following})"
+            )
 
 
 class _WriterLock:
@@ -343,9 +363,10 @@ class StoreCore:
         does a database file removed or replaced under the running server: a commit
         into an unlinked file would be lost at the next restart.
         """
-        shared = _shared.get()
-        if shared is not None and shared.task is asyncio.current_task():
+        shared = self._shared_here()
+        if shared is not None:
             # Inside shared_transaction (its own task only): joins it, commits with it.
+            await self._begin_shared(shared)
             shared.writes += 1
             try:
                 if shared.later:
@@ -357,6 +378,13 @@ class StoreCore:
                 raise
             shared.shown = shared.shown or shown
             return
+        async with self._own_transaction(shown=shown) as db:
+            yield db
+
+    @asynccontextmanager
+    async def _own_transaction(self, *, shown: bool) -> AsyncIterator[aiosqlite.Connection]:
+        """``_transaction`` when it joins no shared transaction: BEGIN here, COMMIT at
+        the end of the block."""
         async with self._lock:
             token = _writing.set(asyncio.current_task())
             try:
@@ -412,13 +440,17 @@ class StoreCore:
         while another process waits for the lock. ``work`` must not block otherwise.
         Joins the caller's transaction when there is one.
         """
-        shared = _shared.get()
-        if shared is not None and shared.task is asyncio.current_task():
+        if self._shared_here() is not None:
             async with self._transaction(shown=False):  # joins it (and writes what it kept)
                 return await self._on_writer(work)
         writing = _writing.get()
         if writing is not None and writing is asyncio.current_task():
             return await self._on_writer(work)  # inside this task's transaction: part of it
+
+        return await self._one_trip(work)
+
+    async def _one_trip(self, work: Callable[[sqlite3.Connection], _R]) -> _R:
+        """``work`` in a write transaction of its own, all of it on the writer's thread."""
 
         def transaction(connection: sqlite3.Connection) -> _R:
             self._begin(connection)
@@ -489,12 +521,9 @@ class StoreCore:
     # One trip to aiosqlite's thread per read (execute, fetch and close there): each
     # trip costs about 0.1 ms, three per query were most of a reply's processing.
     async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        await self._before_read()  # a read sees every write before it
         writing = _writing.get()
         db = self._db if writing is not None and writing is asyncio.current_task() else self._reader
-        if db is self._db:
-            shared = _shared.get()
-            if shared is not None and shared.later:
-                await self._write_later(shared)  # a read sees every write before it
         try:
             return list(await db.execute_fetchall(sql, params))
         except sqlite3.OperationalError as error:
@@ -562,27 +591,80 @@ class StoreCore:
         went on. ``writes`` counts the writes that joined, so a caller can tell that a
         failure came before any of its own writes (the transaction is still whole).
         """
-        state = SharedTransaction(asyncio.current_task())
-        async with self._transaction(shown=False):
-            token = _shared.set(state)
-            try:
+        state = SharedTransaction(asyncio.current_task(), self)
+        token = _shared.set(state)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                state.stack = stack
                 yield state
-                if state.later and not state.broken:
-                    await self._write_later(state)  # the rows kept for one executemany
                 if state.broken:
                     raise StorageError("a write in the shared transaction failed")
-                if state.shown:  # as _transaction does for a shown write
-                    await self._db.execute(self._BUMP_SHOWN)
-            finally:
-                _shared.reset(token)
-                state.task = None  # a task it started must not join it later
+                if not state.begun:
+                    if state.later or state.shown:
+                        await self._commit_kept(state)
+                else:
+                    if state.later:
+                        await self._write_later(state)  # the rows kept for one executemany
+                    if state.shown:  # as _transaction does for a shown write
+                        await self._db.execute(self._BUMP_SHOWN)
+        finally:
+            _shared.reset(token)
+            state.task = None  # a task it started must not join it later
+            state.stack = None
         if state.shown:
             self._writes += 1
 
-    @staticmethod
-    def _shared_here() -> SharedTransaction | None:
+    async def _begin_shared(self, shared: SharedTransaction) -> None:
+        """Begin the write transaction ``shared_transaction`` put off, if not yet."""
+        if shared.begun:
+            return
+        if shared.stack is None:
+            raise RuntimeError("the shared transaction has ended")
+        try:
+            await shared.stack.enter_async_context(self._own_transaction(shown=False))
+        except BaseException:
+            shared.broken = True
+            raise
+        shared.begun = True
+
+    async def _before_read(self) -> None:
+        """A read by a shared transaction's own task sees the rows it kept: they are
+        written first, in the transaction, begun for them if it was put off."""
+        shared = self._shared_here()
+        if shared is not None and shared.later:
+            await self._begin_shared(shared)
+            await self._write_later(shared)
+
+    async def _commit_kept(self, shared: SharedTransaction) -> None:
+        """Commit a shared transaction whose writes were all kept for later: on SQLite
+        in one trip to the writer's thread (BEGIN, the rows, COMMIT), so the write lock
+        is held only while the database writes them, not while the replies are acted
+        on, nor across the turns of a busy event loop between trips."""
+        later, shared.later = shared.later, {}
+        expected, shown = shared.unchecked_comment_id, shared.shown
+
+        def work(connection: sqlite3.Connection) -> None:
+            _check_kept_ids(connection, expected)
+            for sql, rows in later.items():
+                connection.executemany(sql, rows)
+            if shown:
+                connection.execute(self._BUMP_SHOWN)
+
+        try:
+            await self._one_trip(work)
+        except BaseException as error:
+            shared.broken = True
+            failure = self._storage_failure(error)
+            if failure is not None and failure is not error:
+                raise failure from error
+            raise
+
+    def _shared_here(self) -> SharedTransaction | None:
+        """The shared transaction of this store that this task is in, if any."""
         shared = _shared.get()
-        return shared if shared is not None and shared.task is asyncio.current_task() else None
+        if shared is None or shared.task is not asyncio.current_task() or shared.owner is not self:
+            return None
+        return shared
 
     @staticmethod
     def _later(shared: SharedTransaction, sql: str, row: tuple[Any, ...], *, shown: bool) -> None:
@@ -598,6 +680,9 @@ class StoreCore:
         # a write joins (Store._transaction clears it there).
         later, shared.later = shared.later, {}
         try:
+            if shared.unchecked_comment_id:
+                expected, shared.unchecked_comment_id = shared.unchecked_comment_id, 0
+                await self._on_writer(lambda connection: _check_kept_ids(connection, expected))
             for sql, rows in later.items():
                 await self._db.executemany(sql, rows)
         except BaseException as error:

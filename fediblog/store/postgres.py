@@ -21,7 +21,7 @@ from typing import Any
 from fediblog.config import without_password
 from fediblog.errors import StorageConflict, StorageError, StorageUnavailable
 from fediblog.models import InboxItem, format_ts, utcnow
-from fediblog.store.core import _VISIBLE, SharedTransaction, _returning, _shared, _writing
+from fediblog.store.core import _VISIBLE, SharedTransaction, _returning, _writing
 from fediblog.store.posts import _post_columns
 from fediblog.store.schema import _IDENTITY_TABLES, _SEEDED, _TABLES, MIGRATIONS, _postgres_ddl
 from fediblog.store.sqlite import Store
@@ -436,6 +436,15 @@ class PostgresStore(Store):
             # on a new one (the server rolls the old one's transaction back).
             connection.terminate()
 
+    async def _commit_kept(self, shared: SharedTransaction) -> None:
+        # Statements travel one by one to the server: the transaction begins here,
+        # writes the kept rows and commits, as Store's begun one would.
+        await self._begin_shared(shared)
+        if shared.later:
+            await self._write_later(shared)
+        if shared.shown:
+            await self._db.execute(self._BUMP_SHOWN)
+
     async def _write_one(self, sql: str, params: Any = (), *, many: bool = False) -> list[Any]:
         # Statements travel alone to the server; no thread holds a lock between trips.
         async with self._transaction(shown=False) as db:
@@ -456,12 +465,10 @@ class PostgresStore(Store):
         self._writer_pid = int(self._pg.connection.get_server_pid())
 
     async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        await self._before_read()  # a read sees every write before it
         writing = _writing.get()
         try:
             if writing is not None and writing is asyncio.current_task():
-                shared = _shared.get()
-                if shared is not None and shared.later:
-                    await self._write_later(shared)  # a read sees every write before it
                 return await self._pg.execute_fetchall(sql, params)
             async with self._pool.acquire() as connection:
                 return (await _pg_run(connection, sql, params)).rows
