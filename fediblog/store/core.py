@@ -134,9 +134,11 @@ class SharedTransaction:
     of the database itself (locked, full, an I/O error: transient) is expected there,
     since everything else a kept row could break on was settled before it was kept:
     its content was checked (valid Unicode, sizes) when its reply was drafted, its
-    duplicates, parent and post were looked up in this transaction, its id is the next
-    rowid under our write lock (read again after every other write that joins:
-    ``next_comment_id``), and a proxied row that is known already is ignored. On
+    duplicates, parent and post were looked up before, its id is the next rowid
+    (read again after every other write that joins: ``next_comment_id``; when read
+    before the transaction began, checked again when the rows are written, and the
+    run redone if another writer took it: ``unchecked_comment_id``), and a proxied row
+    that is known already is ignored. On
     PostgreSQL the id comes from the sequence (``reserved_comment_ids``), and another
     process may commit the same reply (its ap_id) after this transaction looked for
     it: that unique key fails there too, and the run is redone one reply per
@@ -587,6 +589,11 @@ class StoreCore:
         """One write transaction that every write of this task joins until the block
         ends (then all of it commits, or none of it). Reads in it see its writes.
 
+        It begins only when a write joins it or a read must see the rows kept for
+        later; until then reads see what is committed, and no lock is held. A block
+        that only keeps rows (a batch of replies) commits them at its end in one go
+        (``_commit_kept``), so the write lock is held only while they are written.
+
         A write that fails inside marks it broken: it then rolls back even if the caller
         went on. ``writes`` counts the writes that joined, so a caller can tell that a
         failure came before any of its own writes (the transaction is still whole).
@@ -654,8 +661,8 @@ class StoreCore:
             await self._one_trip(work)
         except BaseException as error:
             shared.broken = True
-            failure = self._storage_failure(error)
-            if failure is not None and failure is not error:
+            failure = self._storage_failure(error)  # _one_trip maps only a busy database
+            if failure is not None:
                 raise failure from error
             raise
 
