@@ -218,7 +218,7 @@ async def test_a_claim_with_nothing_due_never_waits_for_the_write_lock(tmp_path:
 
 async def _lock_freed_under_a_busy_loop(store: Store, write: Awaitable[object]) -> bool:
     """Start ``write``; once it has taken the write lock, keep the event loop busy (as a
-    worker's batch keeps it, rendering 200 replies) and see whether the lock is let go
+    worker's batch keeps it, drafting its replies) and see whether the lock is let go
     meanwhile: yes when the whole transaction ran in its one trip to the writer's thread,
     no when its next step waits for a turn of the loop."""
     began = threading.Event()
