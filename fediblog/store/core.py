@@ -170,6 +170,13 @@ class SharedTransaction:
 _shared: ContextVar[SharedTransaction | None] = ContextVar("fediblog_store_shared", default=None)
 
 
+def _due(null_is_due: bool, mark: str) -> str:
+    """A queue row due at the time ``mark`` stands for (a row never tried too, if
+    ``null_is_due``)."""
+    due = f"next_attempt_at <= {mark}"
+    return f"(next_attempt_at IS NULL OR {due})" if null_is_due else due
+
+
 def _check_kept_ids(connection: sqlite3.Connection, expected: int) -> None:
     """Raise if the comment id counted on outside the transaction (``expected``, 0:
     none) is no longer the next one: another writer took it meanwhile. The run is then
@@ -540,16 +547,36 @@ class StoreCore:
         row = await self._fetchone("SELECT value FROM meta WHERE key = 'created_at'")
         return parse_ts(row["value"]) if row else utcnow()
 
+    def _claim_sql(
+        self, table: str, returning: str, *, lease_also: str = "", null_is_due: bool = False
+    ) -> str:
+        """The claim of a queue's due rows, as every worker takes its jobs: count an
+        attempt on each, lease it until ?1 (its next attempt; ``lease_also``: columns
+        set to it as well), due at ?2, at most ?3 of them, in order. ``null_is_due``:
+        a row never tried (no next attempt) is due too, and the order is arrival."""
+        due = _due(null_is_due, "?2")
+        order = "id" if null_is_due else "next_attempt_at, id"
+        also = "".join(f", {column} = ?1" for column in lease_also.split())
+        return (
+            f"UPDATE {table} SET attempts = attempts + 1, next_attempt_at = ?1{also}"
+            f" WHERE id IN (SELECT id FROM {table} WHERE status = 'queued' AND {due}"
+            f" ORDER BY {order} LIMIT ?3{self._SKIP_LOCKED}) RETURNING {returning}"
+        )
+
+    async def _claim(
+        self, table: str, returning: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[Any]:
+        """``_claim_sql``'s rows, claimed in a write of their own (one trip on SQLite)."""
+        sql = self._claim_sql(table, returning)
+        return await self._write_one(sql, (format_ts(lease_until), format_ts(now), limit))
+
     async def _any_due(self, table: str, now: datetime, *, null_is_due: bool = False) -> bool:
         """Whether a queue (``table``: inbox, deliveries, crawls) holds a row due at
         ``now``: a look on the reader before a claim. Workers are woken by every commit
         of another process (runtime.py's watcher), and most of those find nothing due;
         an empty claim would still take the write lock the inbox is waiting for."""
-        when = "(next_attempt_at IS NULL OR next_attempt_at <= ?)" if null_is_due else (
-            "next_attempt_at <= ?"
-        )
         found = await self._fetchone(
-            f"SELECT 1 FROM {table} WHERE status = 'queued' AND {when} LIMIT 1",
+            f"SELECT 1 FROM {table} WHERE status = 'queued' AND {_due(null_is_due, '?')} LIMIT 1",
             (format_ts(now),),
         )
         return found is not None

@@ -101,15 +101,15 @@ class CrawlStorage(StoreCore):
             if new:
                 await self._insert_crawls(db, new, now)
             rows = await db.execute_fetchall(
-                "UPDATE crawls SET attempts = attempts + 1, next_attempt_at = ?"
-                " WHERE id IN (SELECT id FROM crawls WHERE status = 'queued'"
-                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id"
-                f" LIMIT ?{self._SKIP_LOCKED})"
-                " RETURNING id, comment_id, post_id, ap_id, host, found_by, depth, rounds,"
-                " attempts, created_at,"
-                " (SELECT p.published_at FROM posts p WHERE p.id = crawls.post_id) AS published,"
-                " (SELECT p.deleted_at IS NOT NULL FROM posts p WHERE p.id = crawls.post_id)"
-                " AS deleted",
+                self._claim_sql(
+                    "crawls",
+                    "id, comment_id, post_id, ap_id, host, found_by, depth, rounds, attempts,"
+                    " created_at,"
+                    " (SELECT p.published_at FROM posts p WHERE p.id = crawls.post_id)"
+                    " AS published,"
+                    " (SELECT p.deleted_at IS NOT NULL FROM posts p WHERE p.id = crawls.post_id)"
+                    " AS deleted",
+                ),
                 (format_ts(lease_until), format_ts(now), limit),
             )
         jobs = [

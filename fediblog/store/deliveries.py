@@ -94,12 +94,12 @@ class DeliveryStorage(StoreCore):
             return []
         async with self._transaction(shown=False) as db:
             rows = await db.execute_fetchall(
-                "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?1,"
-                " leased_until = ?1"  # being sent: Retry leaves it alone (save_deliveries_due)
-                " WHERE id IN (SELECT id FROM deliveries WHERE status = 'queued'"
-                " AND next_attempt_at <= ?2 ORDER BY next_attempt_at, id"
-                f" LIMIT ?3{self._SKIP_LOCKED})"
-                " RETURNING id, inbox, attempts, activity_id",
+                self._claim_sql(
+                    "deliveries",
+                    "id, inbox, attempts, activity_id",
+                    # being sent: Retry leaves it alone (save_deliveries_due)
+                    lease_also="leased_until",
+                ),
                 (format_ts(lease_until), format_ts(now), limit),
             )
             payloads: dict[int, bytes] = {}

@@ -74,11 +74,7 @@ class InboxStorage(StoreCore):
         if not await self._any_due("inbox", now, null_is_due=True):
             return []
         rows = await self._write_one(
-            "UPDATE inbox SET attempts = attempts + 1, next_attempt_at = ?"
-            " WHERE id IN (SELECT id FROM inbox WHERE status = 'queued'"
-            " AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id"
-            f" LIMIT ?{self._SKIP_LOCKED})"
-            " RETURNING id, payload, attempts",
+            self._claim_sql("inbox", "id, payload, attempts", null_is_due=True),
             (format_ts(lease_until), format_ts(now), limit),
         )
         jobs = [InboxJob(row["id"], row["payload"], row["attempts"]) for row in rows]

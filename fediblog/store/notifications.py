@@ -40,15 +40,7 @@ class NotificationStorage(StoreCore):
         self, now: datetime, lease_until: datetime, limit: int
     ) -> list[NotificationJob]:
         """Take due notifications, count an attempt on each, lease them."""
-        async with self._transaction(shown=False) as db:
-            rows = await db.execute_fetchall(
-                "UPDATE notifications SET attempts = attempts + 1, next_attempt_at = ?"
-                " WHERE id IN (SELECT id FROM notifications WHERE status = 'queued'"
-                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id"
-                f" LIMIT ?{self._SKIP_LOCKED})"
-                " RETURNING id, payload, attempts",
-                (format_ts(lease_until), format_ts(now), limit),
-            )
+        rows = await self._claim("notifications", "id, payload, attempts", now, lease_until, limit)
         jobs = [
             NotificationJob(row["id"], row["payload"].encode(), row["attempts"]) for row in rows
         ]

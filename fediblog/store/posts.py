@@ -392,15 +392,7 @@ class PostStorage(DeliveryStorage):
         self, now: datetime, lease_until: datetime, limit: int
     ) -> list[ScheduleJob]:
         """Take scheduled posts whose time has come, count an attempt on each, lease them."""
-        async with self._transaction(shown=False) as db:
-            rows = await db.execute_fetchall(
-                "UPDATE post_schedule SET attempts = attempts + 1, next_attempt_at = ?"
-                " WHERE id IN (SELECT id FROM post_schedule WHERE status = 'queued'"
-                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id"
-                f" LIMIT ?{self._SKIP_LOCKED})"
-                " RETURNING id, post_id, attempts",
-                (format_ts(lease_until), format_ts(now), limit),
-            )
+        rows = await self._claim("post_schedule", "id, post_id, attempts", now, lease_until, limit)
         return sorted(
             (ScheduleJob(row["id"], row["post_id"], row["attempts"]) for row in rows),
             key=lambda job: job.id,
