@@ -851,9 +851,10 @@ class CommentStorage(DeliveryStorage):
 
     async def _kept_comment_id(self, shared: SharedTransaction, parent_id: int | None) -> int:
         """The id of a comment kept for later: the only place one is chosen. On SQLite
-        the next rowid, as SQLite would choose it (the write lock is ours), read once and
-        counted on from there until a write joins the transaction (which may insert a
-        comment itself, and clears it). PostgresStore takes them from its sequence."""
+        the next rowid, as SQLite would choose it, read once and counted on from there
+        until a write joins the transaction (which may insert a comment itself, and
+        clears it); read before the transaction began, it is checked when the rows are
+        written (``unchecked_comment_id``). PostgresStore takes them from its sequence."""
         if not shared.next_comment_id:
             row = await self._fetchone("SELECT coalesce(max(id), 0) + 1 FROM comments")
             shared.next_comment_id = int(row[0]) if row else 1

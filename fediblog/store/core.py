@@ -633,20 +633,23 @@ class StoreCore:
                 yield state
                 if state.broken:
                     raise StorageError("a write in the shared transaction failed")
-                if not state.begun:
-                    if state.later or state.shown:
-                        await self._commit_kept(state)
-                else:
-                    if state.later:
-                        await self._write_later(state)  # the rows kept for one executemany
-                    if state.shown:  # as _transaction does for a shown write
-                        await self._db.execute(self._BUMP_SHOWN)
+                if state.begun:
+                    await self._finish_shared(state)
+                elif state.later or state.shown:
+                    await self._commit_kept(state)
         finally:
             _shared.reset(token)
             state.task = None  # a task it started must not join it later
             state.stack = None
         if state.shown:
             self._writes += 1
+
+    async def _finish_shared(self, shared: SharedTransaction) -> None:
+        """The last writes of a begun shared transaction, before its COMMIT."""
+        if shared.later:
+            await self._write_later(shared)  # the rows kept for one executemany
+        if shared.shown:  # as _transaction does for a shown write
+            await self._db.execute(self._BUMP_SHOWN)
 
     async def _begin_shared(self, shared: SharedTransaction) -> None:
         """Begin the write transaction ``shared_transaction`` put off, if not yet."""

@@ -437,13 +437,10 @@ class PostgresStore(Store):
             connection.terminate()
 
     async def _commit_kept(self, shared: SharedTransaction) -> None:
-        # Statements travel one by one to the server: the transaction begins here,
-        # writes the kept rows and commits, as Store's begun one would.
+        # Statements travel one by one to the server: the transaction begins here and
+        # ends as a begun one does.
         await self._begin_shared(shared)
-        if shared.later:
-            await self._write_later(shared)
-        if shared.shown:
-            await self._db.execute(self._BUMP_SHOWN)
+        await self._finish_shared(shared)
 
     async def _write_one(self, sql: str, params: Any = (), *, many: bool = False) -> list[Any]:
         # Statements travel alone to the server; no thread holds a lock between trips.
