@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -219,21 +221,7 @@ async def test_a_batched_reply_to_a_comment_another_process_just_made_nests_unde
     worker = await Store.open(where)
     other = await Store.open(where)
     try:
-        post = await publish_on(worker, "Batch")
-        actor = await worker.save_actor(
-            ap_id="https://b.example/users/b", username="b", domain="b.example", name="B",
-            url=None, icon_url=None, inbox=None, shared_inbox=None, key_id=None,
-            public_key_pem=None, fetched=utcnow(),
-        )  # fmt: skip
-
-        def reply(n: int, parent: int | None) -> dict[str, object]:
-            return dict(
-                post_id=post.id, parent_id=parent, content_html=f"<p>{n}</p>",
-                published=utcnow(), received=utcnow(), ap_id=f"https://b.example/n/{n}",
-                url=None, actor_id=actor, summary=None, sensitive=False,
-                visibility="public", status="published", held_reason=None,
-            )  # fmt: skip
-
+        post, reply = await batch_replies(worker)
         async with worker.shared_transaction():
             first = await worker.save_comment_later(**reply(1, None))  # takes ids ahead
             meanwhile = await other.save_comment(**reply(2, None), source="fediverse")
@@ -294,6 +282,30 @@ async def test_the_in_memory_walk_orders_responses_as_sqlite_s_recursive_query(
             assert _walk_in_memory(rows, limit, depth) == expected, (limit, depth)
     finally:
         await store.close()
+
+
+Reply = Callable[..., dict[str, Any]]
+
+
+async def batch_replies(store: Store) -> tuple[Post, Reply]:
+    """A post, and ``reply(n, parent=None)``: the fields of reply n to it from one
+    remote actor, as ``save_comment_later`` (and ``save_comment``) take them."""
+    post = await publish_on(store, "Batch")
+    actor = await store.save_actor(
+        ap_id="https://b.example/users/b", username="b", domain="b.example", name="B",
+        url=None, icon_url=None, inbox=None, shared_inbox=None, key_id=None,
+        public_key_pem=None, fetched=utcnow(),
+    )  # fmt: skip
+
+    def reply(n: int, parent: int | None = None) -> dict[str, Any]:
+        return dict(
+            post_id=post.id, parent_id=parent, content_html=f"<p>{n}</p>",
+            published=utcnow(), received=utcnow(), ap_id=f"https://b.example/n/{n}",
+            url=None, actor_id=actor, summary=None, sensitive=False,
+            visibility="public", status="published", held_reason=None,
+        )  # fmt: skip
+
+    return post, reply
 
 
 async def publish_on(store: Store, title: str) -> Post:

@@ -18,11 +18,10 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -30,7 +29,7 @@ from fediblog.errors import StorageConflict, StorageUnavailable
 from fediblog.models import InboxItem, InboxJob
 from fediblog.store import Store
 from fediblog.worker import Outcome
-from tests.test_backends import publish_on
+from tests.test_backends import batch_replies
 
 pytestmark = [pytest.mark.anyio, pytest.mark.sqlite_only("the writer lock file")]
 
@@ -285,25 +284,6 @@ async def test_a_worker_s_claim_and_record_let_go_of_the_lock_while_its_loop_is_
         assert await store.count_inbox() == {"done": 3}
 
 
-async def _reply_kit(store: Store) -> Callable[[int], dict[str, Any]]:
-    post = await publish_on(store, "Batch")
-    actor = await store.save_actor(
-        ap_id="https://b.example/users/b", username="b", domain="b.example", name="B",
-        url=None, icon_url=None, inbox=None, shared_inbox=None, key_id=None,
-        public_key_pem=None, fetched=datetime.now(UTC),
-    )  # fmt: skip
-
-    def reply(n: int) -> dict[str, Any]:
-        return dict(
-            post_id=post.id, parent_id=None, content_html=f"<p>{n}</p>",
-            published=datetime.now(UTC), received=datetime.now(UTC),
-            ap_id=f"https://b.example/n/{n}", url=None, actor_id=actor, summary=None,
-            sensitive=False, visibility="public", status="published", held_reason=None,
-        )  # fmt: skip
-
-    return reply
-
-
 async def test_a_batch_of_replies_holds_the_write_lock_only_for_its_commit(
     tmp_path: Path,
 ) -> None:
@@ -313,7 +293,7 @@ async def test_a_batch_of_replies_holds_the_write_lock_only_for_its_commit(
     commits waited (~40% of their time with two of them beside a worker). Its rows are
     kept until the end, and now written in one trip with the BEGIN and the COMMIT."""
     async with two_stores(tmp_path) as (worker, web):
-        reply = await _reply_kit(worker)
+        _, reply = await batch_replies(worker)
         async with worker.shared_transaction():
             first = await worker.save_comment_later(**reply(1))
             second = await worker.save_comment_later(**reply(2))
@@ -335,7 +315,7 @@ async def test_comment_ids_another_writer_took_meanwhile_refuse_the_batch_whole(
     inserts a comment meanwhile, it has that id, and the batch is refused whole at its
     commit (the inbox does it again, one reply at a time) rather than losing either."""
     async with two_stores(tmp_path) as (worker, web):
-        reply = await _reply_kit(worker)
+        _, reply = await batch_replies(worker)
 
         async def batch_beside_another_writer() -> None:
             async with worker.shared_transaction():
