@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from fediblog.errors import StorageError
-from fediblog.models import OutgoingActivity, Post, PostDraft, utcnow
+from fediblog.models import InboxItem, OutgoingActivity, Post, PostDraft, utcnow
 from fediblog.store import PostgresStore, Store, _pg_query, _walk_in_memory
 from fediblog.web.deps import Services
 from tests import dbpeek
@@ -132,6 +132,44 @@ async def test_two_stores_claiming_at_once_never_take_the_same_delivery(tmp_path
         await second.close()
     ids = [job.id for jobs in rounds for job in jobs]
     assert len(ids) == len(set(ids)) == 150
+
+
+# The plan PostgreSQL may pick for a claim's ``id IN (SELECT … LIMIT n FOR UPDATE SKIP
+# LOCKED)``: a nested loop that runs the subquery again for each row of the queue. Each
+# run skips the rows this very UPDATE has just changed, so it finds the next ones, and the
+# claim takes the whole queue. Reused test databases keep statistics that made asyncpg's
+# generic plan this one in CI; these settings make it so every time.
+_RESCANNED_SUBQUERY = (
+    "plan_cache_mode=force_generic_plan&enable_hashjoin=off&enable_mergejoin=off"
+    "&enable_material=off&enable_hashagg=off&enable_sort=off"
+)
+
+
+async def test_a_claim_takes_no_more_than_its_limit_whatever_the_plan(tmp_path: Path) -> None:
+    """Each queue's claim takes at most ``limit`` rows, the first due, whatever plan the
+    database chooses; the rest stay queued, untried, for the next claim."""
+    where = database_for(tmp_path)
+    if BACKEND == "postgresql":
+        where += ("&" if "?" in where else "?") + _RESCANNED_SUBQUERY
+    store = await Store.open(where)
+    try:
+        activity = OutgoingActivity(f"{BASE_URL}/activities/1", "Create", '{"type":"Create"}')
+        for n in range(5):
+            await store.save_activity_for(activity, f"https://h{n}.example/inbox")
+        await store.save_inbox_items(
+            [InboxItem(f"k{n}", "https://x.example/u", "Like", "{}") for n in range(5)]
+        )
+        now = utcnow()
+        lease = now + timedelta(minutes=1)
+        deliveries = [await store.claim_deliveries(now, lease, 2) for _ in range(3)]
+        inbox = [await store.claim_inbox(now, lease, 2) for _ in range(3)]
+    finally:
+        await store.close()
+    assert [len(jobs) for jobs in deliveries] == [len(jobs) for jobs in inbox] == [2, 2, 1]
+    assert [job.inbox for jobs in deliveries for job in jobs] == [
+        f"https://h{n}.example/inbox" for n in range(5)
+    ]
+    assert all(job.attempts == 1 for jobs in deliveries + inbox for job in jobs)
 
 
 async def test_another_process_s_change_reaches_a_page_cache_within_a_second(

@@ -258,7 +258,9 @@ class StoreCore:
 
     # What differs between the dialects, overridden by PostgresStore (the aggregates'
     # modules have more: _POST_COLUMNS, _INBOX_HOST, _REPLY_CONTEXT, ...).
-    _SKIP_LOCKED = ""  # a claim's subquery: other processes' claims wait (one writer)
+    # The rows a claim takes, chosen by its subquery {}: SQLite runs the subquery once,
+    # and other processes' claims wait for the one writer.
+    _CLAIMED_IDS = "id IN ({})"
 
     def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection, path: Path) -> None:
         self._db = db
@@ -559,8 +561,12 @@ class StoreCore:
         also = "".join(f", {column} = ?1" for column in lease_also.split())
         return (
             f"UPDATE {table} SET attempts = attempts + 1, next_attempt_at = ?1{also}"
-            f" WHERE id IN (SELECT id FROM {table} WHERE status = 'queued' AND {due}"
-            f" ORDER BY {order} LIMIT ?3{self._SKIP_LOCKED}) RETURNING {returning}"
+            " WHERE "
+            + self._CLAIMED_IDS.format(
+                f"SELECT id FROM {table} WHERE status = 'queued' AND {due}"
+                f" ORDER BY {order} LIMIT ?3"
+            )
+            + f" RETURNING {returning}"
         )
 
     async def _claim(

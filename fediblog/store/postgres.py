@@ -222,7 +222,10 @@ class PostgresStore(Store):
     """
 
     _POST_COLUMNS = _post_columns("string_agg(t.tag, chr(31))")
-    _SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+    # Other workers' claimed rows are skipped, not waited for. ARRAY() runs the subquery
+    # once, before the UPDATE; under ``id IN (…)`` the planner may run it again for each
+    # row of the queue, each run skipping the rows just claimed, and take them all.
+    _CLAIMED_IDS = "id = ANY(ARRAY({} FOR UPDATE SKIP LOCKED))"
     _INBOX_HOST = Store._INBOX_HOST.replace("instr(", "strpos(")
     # The bump tells every process at once (``version``).
     _BUMP_SHOWN = (
