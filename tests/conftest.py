@@ -54,14 +54,6 @@ def _take_back_test_databases() -> Iterator[None]:
     POSTGRES.take_back_since(used_before)
 
 
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto`` (pyproject's addopts): one test process more than the cores. A third
-    of the suite's time is waiting (on the servers and workers it starts, on sockets),
-    which one process per core leaves idle: on 2 cores the SQLite run took 250 s with
-    two and 215 s with three; four gained nothing more."""
-    return len(os.sched_getaffinity(0)) + 1
-
-
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if POSTGRES is not None:
         POSTGRES.close()

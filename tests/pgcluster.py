@@ -49,7 +49,7 @@ from fediblog.store import _TABLES, Store
 
 NOT_INSTALLED = "PostgreSQL's server is not installed: apt-get install postgresql"
 SERVER_PROGRAMS = ("initdb", "pg_ctl", "postgres")
-# Each fediblog Store may hold a few connections, and xdist runs a test per core (+1), each
+# Each fediblog Store may hold a few connections, and xdist runs a test per core, each
 # with its app, its CLI processes and conftest's helper: far more than the default 100.
 MAX_CONNECTIONS = 400
 START_TIMEOUT = 60  # seconds pg_ctl waits for the server to accept connections
