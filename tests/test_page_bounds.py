@@ -98,6 +98,7 @@ async def page_at(web: httpx.AsyncClient, path: str) -> BeautifulSoup:
     return soup(response.text)
 
 
+@pytest.mark.long  # 50,000 comments seeded and walked: started last, it ended CI runs alone
 @pytest.mark.parametrize("shape", ["chain", "bushy", "star"])
 async def test_the_first_page_of_50000_responses_in_one_thread_is_bounded(
     web: httpx.AsyncClient, services: Services, shape: str
