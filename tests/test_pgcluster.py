@@ -284,22 +284,47 @@ async def use(url: str, *statements: str) -> tuple[int, list[str], Any]:
     return block_id, keys, connection
 
 
+async def meta_bytes(url: str) -> int:
+    """The size of the meta table's file in the database at ``url``."""
+    import asyncpg
+
+    connection = await asyncpg.connect(url)
+    try:
+        return int(await connection.fetchval("SELECT pg_relation_size('meta')"))
+    finally:
+        await connection.close()
+
+
+# 1.8 MB of rows in one table: past the size a database is emptied with TRUNCATE at.
+FILL_META = (
+    "INSERT INTO meta (key, value)"
+    " SELECT 'filler' || n, repeat('x', 100) FROM generate_series(1, 15000) AS n"
+)
+
+
 @ON_POSTGRES
 @pytest.mark.anyio
-async def test_a_test_s_databases_are_emptied_for_the_next_tests(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fill", ["", FILL_META], ids=["small", "past-1-MB"])
+async def test_a_test_s_databases_are_emptied_for_the_next_tests(
+    tmp_path: Path, fill: str
+) -> None:
     """After a test, its databases are as the template left them (no rows of its, its
     meta rows back, ids from 1 again) and go to the next tests, even with a connection
-    the test left open holding a lock; the databases of earlier tests are untouched."""
+    the test left open holding a lock; the databases of earlier tests are untouched.
+    A table the test filled is truncated, not deleted from: its file is small again."""
     databases = PostgresDatabases(TEST_POSTGRES)
     forgotten = []
     try:
         kept = databases.for_folder(tmp_path / "kept")
         used = databases.for_folder(tmp_path / "used")
-        first_id, seeded, connection = await use(used, "DELETE FROM meta", "INSERT INTO posts"
-            " (uid, slug, title, body_md, body_html, published_at, updated_at)"
+        first_id, seeded, connection = await use(used, "DELETE FROM meta", *[fill] * bool(fill),
+            "INSERT INTO posts (uid, slug, title, body_md, body_html, published_at, updated_at)"
             " VALUES ('u', 's', 't', 'b', 'b', 'now', 'now')")  # fmt: skip
         forgotten.append(connection)
+        filled = await meta_bytes(used)
         databases.take_back_since(1)
+        assert (filled > 1_048_576) == bool(fill)
+        assert await meta_bytes(used) < 1_048_576  # TRUNCATE when filled: DELETE keeps it
 
         again = databases.for_folder(tmp_path / "next")
         assert again == used  # reused, not made again
