@@ -137,8 +137,8 @@ async def test_two_stores_claiming_at_once_never_take_the_same_delivery(tmp_path
 # The plan PostgreSQL may pick for a claim's ``id IN (SELECT … LIMIT n FOR UPDATE SKIP
 # LOCKED)``: a nested loop that runs the subquery again for each row of the queue. Each
 # run skips the rows this very UPDATE has just changed, so it finds the next ones, and the
-# claim takes the whole queue. Reused test databases keep statistics that made asyncpg's
-# generic plan this one in CI; these settings make it so every time.
+# claim takes the whole queue. In CI it happened now and then (most likely the statistics
+# of a reused test database and asyncpg's generic plans); these settings force it.
 _RESCANNED_SUBQUERY = (
     "plan_cache_mode=force_generic_plan&enable_hashjoin=off&enable_mergejoin=off"
     "&enable_material=off&enable_hashagg=off&enable_sort=off"
