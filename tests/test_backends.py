@@ -61,6 +61,15 @@ def test_sqlite_placeholders_become_postgresql_ones(
     assert _pg_query(sqlite) == (postgres, order)
 
 
+async def bare_actor(store: Store, username: str, domain: str, name: str) -> int:
+    """A remote actor known by its id alone (no inbox, key or icon): its row id."""
+    return await store.save_actor(
+        ap_id=f"https://{domain}/users/{username}", username=username, domain=domain,
+        name=name, url=None, icon_url=None, inbox=None, shared_inbox=None, key_id=None,
+        public_key_pem=None, fetched=utcnow(),
+    )  # fmt: skip
+
+
 # ---- text PostgreSQL cannot hold ---------------------------------------------------------------
 
 
@@ -96,11 +105,7 @@ async def test_a_nul_elsewhere_is_stored_as_each_backend_can(tmp_path: Path) -> 
     turned into U+FFFD by PostgreSQL, rather than failing the write."""
     store = await Store.open(database_for(tmp_path))
     try:
-        await store.save_actor(
-            ap_id="https://x.example/users/n", username="n", domain="x.example",
-            name="A\x00B", url=None, icon_url=None, inbox=None, shared_inbox=None,
-            key_id=None, public_key_pem=None, fetched=utcnow(),
-        )  # fmt: skip
+        await bare_actor(store, "n", "x.example", "A\x00B")
         found = await store.get_cached_actor("https://x.example/users/n")
     finally:
         await store.close()
@@ -291,11 +296,7 @@ async def test_the_in_memory_walk_orders_responses_as_sqlite_s_recursive_query(
     try:
         post = await publish_on(store, "Walk")
         other = await publish_on(store, "Elsewhere")
-        actor = await store.save_actor(
-            ap_id="https://w.example/users/w", username="w", domain="w.example", name="W",
-            url=None, icon_url=None, inbox=None, shared_inbox=None, key_id=None,
-            public_key_pem=None, fetched=utcnow(),
-        )  # fmt: skip
+        actor = await bare_actor(store, "w", "w.example", "W")
         elsewhere = await store.save_seed_comments(
             other.id, [(None, actor, "https://w.example/n/x", "<p>x</p>", utcnow())]
         )
@@ -329,11 +330,7 @@ async def batch_replies(store: Store) -> tuple[Post, Reply]:
     """A post, and ``reply(n, parent=None)``: the fields of reply n to it from one
     remote actor, as ``save_comment_later`` (and ``save_comment``) take them."""
     post = await publish_on(store, "Batch")
-    actor = await store.save_actor(
-        ap_id="https://b.example/users/b", username="b", domain="b.example", name="B",
-        url=None, icon_url=None, inbox=None, shared_inbox=None, key_id=None,
-        public_key_pem=None, fetched=utcnow(),
-    )  # fmt: skip
+    actor = await bare_actor(store, "b", "b.example", "B")
 
     def reply(n: int, parent: int | None = None) -> dict[str, Any]:
         return dict(

@@ -304,9 +304,9 @@ FILL_META = (
 
 @ON_POSTGRES
 @pytest.mark.anyio
-@pytest.mark.parametrize("fill", ["", FILL_META], ids=["small", "past-1-MB"])
+@pytest.mark.parametrize("fill", [(), (FILL_META,)], ids=["small", "past-1-MB"])
 async def test_a_test_s_databases_are_emptied_for_the_next_tests(
-    tmp_path: Path, fill: str
+    tmp_path: Path, fill: tuple[str, ...]
 ) -> None:
     """After a test, its databases are as the template left them (no rows of its, its
     meta rows back, ids from 1 again) and go to the next tests, even with a connection
@@ -317,7 +317,7 @@ async def test_a_test_s_databases_are_emptied_for_the_next_tests(
     try:
         kept = databases.for_folder(tmp_path / "kept")
         used = databases.for_folder(tmp_path / "used")
-        first_id, seeded, connection = await use(used, "DELETE FROM meta", *[fill] * bool(fill),
+        first_id, seeded, connection = await use(used, "DELETE FROM meta", *fill,
             "INSERT INTO posts (uid, slug, title, body_md, body_html, published_at, updated_at)"
             " VALUES ('u', 's', 't', 'b', 'b', 'now', 'now')")  # fmt: skip
         forgotten.append(connection)
