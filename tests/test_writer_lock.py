@@ -18,7 +18,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,6 +28,8 @@ import pytest
 from fediblog.errors import StorageConflict, StorageUnavailable
 from fediblog.models import InboxItem, InboxJob
 from fediblog.store import Store
+from fediblog.store.core import _insert_rows, _outcome_rows, _update_rows
+from fediblog.store.inbox import _RECORD_INBOX
 from fediblog.worker import Outcome
 from tests.test_backends import batch_replies
 
@@ -149,8 +151,9 @@ async def test_a_writer_killed_while_it_holds_the_lock_holds_nobody_up(tmp_path:
 
 
 async def test_the_group_commit_stores_every_text_exactly(tmp_path: Path) -> None:
-    """The inbox's batch insert goes through one JSON array (one step, no GIL per row):
-    what it stores is exactly what it was given, NUL and all, and a duplicate is ignored."""
+    """The inbox's batch insert binds its rows in statements of many rows (no GIL per
+    row): what it stores is exactly what it was given, NUL and all, and a duplicate is
+    ignored."""
     texts = [
         '{"content": "\\u0000 \\"quoted\\" é 🎉\\n", "x": "\\\\"}',
         "tab\there, a raw \x01 and \u2028 and a lone \\ud800 escape",
@@ -176,6 +179,7 @@ async def test_the_group_commit_inside_a_transaction_is_part_of_it(tmp_path: Pat
     """Called inside a write transaction (its own lock held), the one-trip write joins it
     instead of waiting for that lock forever, and rolls back with it."""
     item = InboxItem("key", "https://example.com/users/ann", "Create", "{}")
+
     async def write_then_change_mind() -> None:
         async with store._transaction(shown=False), asyncio.timeout(5):  # this very task
             await store.save_inbox_items([item])
@@ -331,3 +335,110 @@ async def test_comment_ids_another_writer_took_meanwhile_refuse_the_batch_whole(
         found = await web._fetchone("SELECT ap_id FROM comments WHERE id = ?", (again,))
         assert found is not None
         assert found[0] == "https://b.example/n/1"
+
+
+# ---- statements of many rows: what an executemany writes, in a few steps -------------
+
+
+def _statements_run(connection: sqlite3.Connection, write: Callable[[], None]) -> list[str]:
+    run: list[str] = []
+    connection.set_trace_callback(run.append)
+    try:
+        write()
+    finally:
+        connection.set_trace_callback(None)
+    return run
+
+
+def _table(connection: sqlite3.Connection) -> list[tuple[object, ...]]:
+    return connection.execute("SELECT * FROM t ORDER BY id").fetchall()
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 63, 64, 65, 130, 501])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "INSERT OR IGNORE INTO t (key, value) VALUES (?, ?)",
+        "INSERT INTO t (key, value) VALUES (?,?) ON CONFLICT DO NOTHING",
+    ],
+)
+def test_rows_inserted_many_at_a_time_are_what_executemany_inserts(sql: str, count: int) -> None:
+    """Duplicates within the batch and of rows already there are ignored row by row, and
+    rowids follow the order of the rows; at most one statement per power of two up to
+    64 runs, where an executemany runs one per row."""
+    rows = [(f"k{n % max(1, count - count // 5)}", f"v{n} \x00 é") for n in range(count)]
+    written = []
+    for insert in (
+        lambda c: c.executemany(sql, rows),
+        lambda c: _insert_rows(c, sql, rows),
+    ):
+        connection = sqlite3.connect(":memory:", isolation_level=None)
+        connection.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, key TEXT UNIQUE, value TEXT)")
+        connection.execute("INSERT INTO t (key, value) VALUES ('k1', 'there before')")
+        statements = _statements_run(connection, lambda: insert(connection))  # noqa: B023
+        written.append((_table(connection), len(statements)))
+        connection.close()
+    (expected, per_row), (found, statements) = written
+    assert found == expected
+    assert per_row == count
+    assert statements == count // 64 + bin(count % 64).count("1")
+
+
+def test_an_insert_of_named_values_is_not_taken_for_one_of_positional_rows() -> None:
+    connection = sqlite3.connect(":memory:")
+    with pytest.raises(ValueError, match="positional"):
+        _insert_rows(connection, "INSERT INTO t (a) VALUES (:a)", [{"a": 1}])
+
+
+def test_records_of_a_batch_update_what_executemany_updates_in_one_statement_per_outcome() -> None:
+    """A worker's batch records 500 outcomes; those alike (done, at the same moment)
+    are one UPDATE by a list of ids, not 500 steps. Each record statement keeps its own
+    meaning: the inbox's keeps an earlier error when the new one is none."""
+    now, retry = "2026-12-02T10:00:00Z", "2026-12-02T11:00:00Z"
+    outcomes = [Outcome.done()] * 500 + [
+        Outcome.retry(datetime(2026, 12, 2, 11, tzinfo=UTC), "down"),
+        Outcome.failed("refused"),
+        Outcome.release(datetime(2026, 12, 2, 11, tzinfo=UTC)),
+    ]
+    rows = [
+        {**row, "now": now}
+        for row in _outcome_rows([(InboxJob(n + 1, "{}", 1), o) for n, o in enumerate(outcomes)])
+    ]
+    assert rows[500]["retry_at"] == retry
+    written = []
+    for update in (
+        lambda c: c.executemany(_RECORD_INBOX, rows),
+        lambda c: _update_rows(c, _RECORD_INBOX, rows),
+    ):
+        connection = sqlite3.connect(":memory:", isolation_level=None)
+        connection.execute(
+            "CREATE TABLE inbox (id INTEGER PRIMARY KEY, status TEXT, attempts INTEGER,"
+            " next_attempt_at TEXT, error TEXT, processed_at TEXT)"
+        )
+        connection.executemany(
+            "INSERT INTO inbox VALUES (?, 'queued', 1, ?, 'an earlier error', NULL)",
+            [(n + 1, retry) for n in range(len(rows) + 2)],
+        )
+        statements = _statements_run(connection, lambda: update(connection))  # noqa: B023
+        written.append(
+            (connection.execute("SELECT * FROM inbox ORDER BY id").fetchall(), len(statements))
+        )
+        connection.close()
+    (expected, per_row), (found, statements) = written
+    assert found == expected
+    assert expected[0] == (1, "done", 1, None, "an earlier error", now)
+    assert expected[-1] == (len(rows) + 2, "queued", 1, retry, "an earlier error", None)
+    assert (per_row, statements) == (503, 4)
+
+
+def test_records_that_name_one_job_twice_are_written_in_their_order() -> None:
+    connection = sqlite3.connect(":memory:", isolation_level=None)
+    connection.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, status TEXT)")
+    connection.execute("INSERT INTO t VALUES (1, 'queued')")
+    sql = "UPDATE t SET status = :status WHERE id = :id"
+    _update_rows(
+        connection,
+        sql,
+        [{"id": 1, "status": "a"}, {"id": 1, "status": "b"}, {"id": 1, "status": "a"}],
+    )
+    assert connection.execute("SELECT status FROM t").fetchall() == [("a",)]
