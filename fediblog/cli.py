@@ -362,7 +362,7 @@ def _serve(
     # Imported here: only `serve` and `demo` need uvicorn and the app.
     from fediblog.app import create_app
     from fediblog.preflight import check_before_serving
-    from fediblog.server import Timeouts, bind, serve, serve_on
+    from fediblog.server import Timeouts, bind, serve, serve_on, socket_of_its_own
 
     if not 1 <= workers <= MAX_WEB_PROCESSES:
         raise UsageError(f"--workers takes 1 to {MAX_WEB_PROCESSES} web processes, not {workers}")
@@ -386,10 +386,11 @@ def _serve(
     # profile with what the database remembers at the same moment, and each queue an
     # Update of the actor when they changed.
     asyncio.run(_with_blog(settings, _sync_face))
-    sock = bind(host, port)
+    sock = bind(host, port, spread=True)
 
     def web() -> None:
-        serve_on(create_app(settings, web_only=True, processes=workers), sock, timeouts)
+        app = create_app(settings, web_only=True, processes=workers)
+        serve_on(app, socket_of_its_own(sock), timeouts)
 
     def worker() -> None:
         sock.close()  # it serves no request: the port is free once the web processes stop

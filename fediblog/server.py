@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import sys
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -215,18 +217,42 @@ class _QuietCancellation(logging.Filter):
         return True
 
 
-def bind(host: str, port: int) -> socket.socket:
+# Linux spreads the new connections of a port evenly among the sockets listening on it
+# with SO_REUSEPORT. Elsewhere SO_REUSEPORT does not, and the web processes share one.
+SPREADS = sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
+
+
+def bind(host: str, port: int, *, spread: bool = False) -> socket.socket:
     """The listening socket, bound before the app starts, so a taken port is one line;
-    ``serve_on`` serves it, in this process or in several."""
+    ``serve_on`` serves it, in this process or in several. ``spread``: for `serve
+    --workers N`, whose web processes then each listen on a socket of their own
+    (``socket_of_its_own``) where the system can spread connections among them."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    sock = _bound(family, kind, proto, address, host, port, reuse_port=False)
+    if spread and SPREADS:
+        # Bound first without SO_REUSEPORT, which fails if anything else is bound to the
+        # port, even another fediblog's sockets that have it: two servers never share one.
+        sock.close()
+        sock = _bound(family, kind, proto, address, host, port, reuse_port=True)
+    return sock
+
+
+def _bound(
+    family: int, kind: int, proto: int, address: Any, host: str, port: int, *, reuse_port: bool
+) -> socket.socket:
+    try:
         sock = socket.socket(family, kind, proto)
     except OSError as error:
         raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
     except OSError as error:
         sock.close()
@@ -235,6 +261,31 @@ def bind(host: str, port: int) -> socket.socket:
             " (is another server using it? choose another --port)"
         ) from None
     return sock
+
+
+def socket_of_its_own(shared: socket.socket) -> socket.socket:
+    """For one web process of `serve --workers N`: a socket of its own on the address
+    of ``shared`` (bound with ``spread``, never listened on), which it closes.
+
+    All of them accepting from one socket leaves each new connection to whichever
+    process wakes first, and uvloop then accepts all that wait: one process took most
+    of a burst of connections and the other sat idle (1,019 group commits against 79
+    in one flood of the inbox). With a socket each, Linux hands each connection to one
+    of them by its addresses, evenly. Where it cannot (not Linux, or the bind fails),
+    the process serves ``shared`` as before.
+    """
+    if not SPREADS or not shared.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+        return shared
+    own = socket.socket(shared.family, shared.type, shared.proto)
+    try:
+        own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        own.bind(shared.getsockname())
+    except OSError:
+        own.close()
+        return shared
+    shared.close()
+    return own
 
 
 def serve(app: ASGIApp, host: str, port: int, timeouts: Timeouts | None = None) -> None:

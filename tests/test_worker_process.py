@@ -841,17 +841,92 @@ def _three_children(pid: int, without: int = 0) -> set[int] | None:
     return children if len(children) == 3 and without not in children else None
 
 
-def test_serve_with_two_web_processes_runs_a_worker_and_starts_a_killed_one_again(
-    world: World,
-) -> None:
-    args = ["serve", "--port", str(world.port), "--workers", "2"]
-    with world.process("web", *args) as parent:
+def _two_web_processes_args(world: World) -> list[str]:
+    return ["serve", "--port", str(world.port), "--workers", "2"]
+
+
+@contextlib.contextmanager
+def _two_web_processes(world: World) -> Iterator[tuple[subprocess.Popen[bytes], set[int]]]:
+    """`serve --workers 2`, once it answers and its three children run: the parent
+    and their pids."""
+    with world.process("web", *_two_web_processes_args(world)) as parent:
         wait_until_up(f"{world.base}/about", parent, "the web processes")
-        first = eventually(
+        children = eventually(
             lambda: _three_children(parent.pid),
             "two web processes and a worker",
             world.folder / "web.log",
         )
+        yield parent, children
+
+
+def _tcp_sockets(pid: int, port: int, state: str) -> set[int]:
+    """The inodes of ``pid``'s IPv4 TCP sockets on local ``port`` in ``state`` (as
+    /proc/net/tcp writes it: 0A listening, 01 established)."""
+    mine = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                mine.add(int(target[8:-1]))
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == state:
+            found.add(int(fields[9]))
+    return found & mine
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreads on Linux")
+def test_each_web_process_listens_on_a_socket_of_its_own_and_gets_its_share(
+    world: World,
+) -> None:
+    """Both web processes accepting from one socket left each connection to whichever
+    woke first: one took most of a burst and the other sat idle. Each listens on a
+    socket of its own (SO_REUSEPORT), and the kernel spreads connections among them by
+    their addresses: 24 connections all to one process would be a 1-in-8-million
+    chance."""
+    with _two_web_processes(world) as (parent, children):
+        listening = {pid: _tcp_sockets(pid, world.port, "0A") for pid in children}
+        web = sorted(pid for pid, sockets in listening.items() if sockets)
+        assert len(web) == 2
+        assert all(len(listening[pid]) == 1 for pid in web)
+        assert listening[web[0]] != listening[web[1]]
+        assert not _tcp_sockets(parent.pid, world.port, "0A")  # bound, never listened on
+
+        clients = [httpx.Client(base_url=world.base) for _ in range(24)]
+        try:
+            assert {client.get("/about").status_code for client in clients} == {200}
+            held = [len(_tcp_sockets(pid, world.port, "01")) for pid in web]
+        finally:
+            for client in clients:
+                client.close()
+        assert sum(held) == 24
+        assert min(held) > 0, held
+
+
+def test_a_second_server_on_the_port_of_one_with_two_web_processes_is_refused(
+    world: World,
+) -> None:
+    """Its web processes listen with SO_REUSEPORT, which lets any process of the same
+    user listen on the port too. Another `serve --workers 2` started by mistake on it
+    would then take half the connections unseen; it is refused, as before."""
+    with _two_web_processes(world):
+        second = subprocess.run(
+            [sys.executable, "-m", "fediblog", *_two_web_processes_args(world)],
+            env=world.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert second.returncode != 0
+    assert "is another server using it?" in second.stderr
+    assert "Traceback" not in second.stderr
+
+
+def test_serve_with_two_web_processes_runs_a_worker_and_starts_a_killed_one_again(
+    world: World,
+) -> None:
+    with _two_web_processes(world) as (parent, first):
         assert world.reply(1, "Answered through one of two").status_code == 202
         eventually(
             lambda: "Answered through one of two" in world.get(world.page).text,
