@@ -299,8 +299,9 @@ def serve(app: ASGIApp, host: str, port: int, timeouts: Timeouts | None = None) 
 
 def serve_on(app: ASGIApp, sock: socket.socket, timeouts: Timeouts | None = None) -> None:
     """Serve ``app`` on a bound socket until SIGINT or SIGTERM; the caller closes it.
-    Several processes may serve one socket (``fediblog serve --workers N``): the
-    kernel hands each new connection to one of them."""
+    Several processes may serve one socket (``fediblog serve --workers N`` where
+    ``socket_of_its_own`` cannot give each its own): the kernel hands each new
+    connection to one of them."""
     timeouts = timeouts or Timeouts()
     config = uvicorn.Config(
         BodyDeadline(app, timeouts.body, timeouts.upload),

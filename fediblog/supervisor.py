@@ -1,9 +1,10 @@
-"""`fediblog serve --workers N`: N web processes on one socket, and a worker process.
+"""`fediblog serve --workers N`: N web processes on one port, and a worker process.
 
-The parent binds the socket, then forks each child: the web processes serve the socket
-it bound (the kernel hands each new connection to one of them), and one ``fediblog
-worker`` process runs the background work, as `serve --web-only` beside `fediblog
-worker` would. The parent only watches:
+The parent binds the port, then forks each child: the web processes each listen on a
+socket of their own bound to it, among which Linux spreads new connections evenly
+(``server.socket_of_its_own``; elsewhere they all serve the parent's socket), and one
+``fediblog worker`` process runs the background work, as `serve --web-only` beside
+`fediblog worker` would. The parent only watches:
 
 * a child that exits on its own (a crash, an out-of-memory kill) is started again
   after a second; more than ``RESTARTS`` such exits within ``RESTART_WINDOW`` seconds

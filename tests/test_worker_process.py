@@ -886,9 +886,13 @@ def test_each_web_process_listens_on_a_socket_of_its_own_and_gets_its_share(
     their addresses: 24 connections all to one process would be a 1-in-8-million
     chance."""
     with _two_web_processes(world) as (parent, children):
-        listening = {pid: _tcp_sockets(pid, world.port, "0A") for pid in children}
+        def both_listening() -> dict[int, set[int]] | None:
+            found = {pid: _tcp_sockets(pid, world.port, "0A") for pid in children}
+            return found if sum(bool(sockets) for sockets in found.values()) == 2 else None
+
+        # The first to listen answers; the other may still be starting.
+        listening = eventually(both_listening, "both listening", world.folder / "web.log")
         web = sorted(pid for pid, sockets in listening.items() if sockets)
-        assert len(web) == 2
         assert all(len(listening[pid]) == 1 for pid in web)
         assert listening[web[0]] != listening[web[1]]
         assert not _tcp_sockets(parent.pid, world.port, "0A")  # bound, never listened on
