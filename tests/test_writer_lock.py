@@ -288,6 +288,34 @@ async def test_a_worker_s_claim_and_record_let_go_of_the_lock_while_its_loop_is_
         assert await store.count_inbox() == {"done": 3}
 
 
+async def test_a_worker_s_crawl_claim_and_heartbeat_let_go_of_the_lock_while_its_loop_is_busy(
+    tmp_path: Path,
+) -> None:
+    """The crawler queues a crawl of each reply a batch made and claims due crawls in one
+    transaction, and every worker records its heartbeat. Both were a trip per statement
+    (and the crawls an executemany, a step per reply): during an inbox flood they held
+    the write lock 30-190 ms across the worker's busy turns of the loop, and every web
+    process's group commit waited, the p99 of its answers with them."""
+    async with two_stores(tmp_path) as (store, _):
+        _, reply = await batch_replies(store)
+        comments = [await store.save_comment(**reply(n), source="fediverse") for n in range(3)]
+        now = datetime.now(UTC)
+        jobs: list[object] = []
+
+        async def claim() -> None:
+            new = [(comments[0], "delivery"), (comments[1], "crawl"), (comments[0], "crawl")]
+            jobs.extend(await store.claim_crawls(now, now + timedelta(minutes=1), 10, new=new))
+
+        assert await _lock_freed_under_a_busy_loop(store, claim())
+        assert [(job.comment_id, job.found_by) for job in jobs] == [  # type: ignore[attr-defined]
+            (comments[0], "delivery"),  # asked for twice: the first way stays
+            (comments[1], "crawl"),
+        ]
+        beat = store.save_worker_heartbeats(["inbox", "crawl"], now, process="worker-1")
+        assert await _lock_freed_under_a_busy_loop(store, beat)
+        assert set(await store.list_worker_heartbeats()) >= {"inbox", "crawl"}
+
+
 async def test_a_batch_of_replies_holds_the_write_lock_only_for_its_commit(
     tmp_path: Path,
 ) -> None:

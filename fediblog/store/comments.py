@@ -5,7 +5,6 @@ responses paged by count, and replies written in batches (inbox.py).
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -874,11 +873,6 @@ class CommentStorage(DeliveryStorage):
         " UNION ALL SELECT 'a', NULL, j.value, NULL FROM json_each(?2) j"
         f" WHERE {_HAS_PUBLISHED.format('j.value')}"
     )
-
-    @staticmethod
-    def _id_lists(*lists: Sequence[str | int]) -> tuple[Any, ...]:
-        """Lists as ``_REPLY_CONTEXT`` takes them: JSON text for SQLite's json_each."""
-        return tuple(json.dumps(list(dict.fromkeys(values))) for values in lists)
 
     async def get_reply_context(
         self, ap_ids: Sequence[str], actor_ids: Sequence[int]

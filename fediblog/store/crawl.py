@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-
-import aiosqlite
+from typing import Any
 
 from fediblog.models import CrawlJob, CrawlState, format_ts, parse_ts, utcnow
 from fediblog.store.core import StoreCore, _record
@@ -53,23 +52,31 @@ class CrawlStorage(StoreCore):
         WHERE id = :id
     """
 
+    # The comments of a list of ids: JSON text for SQLite (PostgresStore: an array).
+    _COMMENT_IN_IDS = "c.id IN (SELECT value FROM json_each(:ids))"
+
     async def save_crawls(self, requests: Sequence[tuple[int, str]], now: datetime) -> None:
         """Queue crawls of these comments, (comment id, 'delivery' or 'crawl'), due now;
         a comment already queued, or not worth crawling, is left alone."""
-        async with self._transaction(shown=False) as db:
-            await self._insert_crawls(db, requests, now)
+        await self._write_all(self._crawl_inserts(requests, now))
 
-    async def _insert_crawls(
-        self, db: aiosqlite.Connection, requests: Sequence[tuple[int, str]], now: datetime
-    ) -> None:
-        await db.executemany(
-            self._NEW_CRAWL + f" WHERE c.id = :comment_id AND {self._CRAWLABLE}"
-            " ON CONFLICT DO NOTHING",
-            [
-                {"comment_id": comment_id, "found_by": found_by, "now": format_ts(now)}
-                for comment_id, found_by in requests
-            ],
+    def _crawl_inserts(
+        self, requests: Sequence[tuple[int, str]], now: datetime
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """The statements that queue ``requests``: one per way of finding them, each over
+        the list of their comments' ids, not one per comment (a worker's batch of 500
+        replies queues 500 crawls). A comment asked for twice keeps the first way."""
+        ways: dict[str, list[int]] = {}
+        for comment_id, found_by in requests:
+            ways.setdefault(found_by, []).append(comment_id)
+        sql = (
+            self._NEW_CRAWL + f" WHERE {self._COMMENT_IN_IDS} AND {self._CRAWLABLE}"
+            " ORDER BY c.id ON CONFLICT DO NOTHING"
         )
+        return [
+            (sql, {"ids": self._id_lists(ids)[0], "found_by": found_by, "now": format_ts(now)})
+            for found_by, ids in ways.items()
+        ]
 
     async def save_missing_crawls(self, posts_since: datetime, now: datetime) -> int:
         """Queue a crawl of every crawlable comment on a post published since
@@ -97,21 +104,23 @@ class CrawlStorage(StoreCore):
         attempt on each and lease it until ``lease_until``. One commit for both."""
         if not new and not await self._any_due("crawls", now):
             return []
-        async with self._transaction(shown=False) as db:
-            if new:
-                await self._insert_crawls(db, new, now)
-            rows = await db.execute_fetchall(
-                self._claim_sql(
-                    "crawls",
-                    "id, comment_id, post_id, ap_id, host, found_by, depth, rounds, attempts,"
-                    " created_at,"
-                    " (SELECT p.published_at FROM posts p WHERE p.id = crawls.post_id)"
-                    " AS published,"
-                    " (SELECT p.deleted_at IS NOT NULL FROM posts p WHERE p.id = crawls.post_id)"
-                    " AS deleted",
-                ),
-                (format_ts(lease_until), format_ts(now), limit),
-            )
+        claim = self._claim_sql(
+            "crawls",
+            "id, comment_id, post_id, ap_id, host, found_by, depth, rounds, attempts,"
+            " created_at,"
+            " (SELECT p.published_at FROM posts p WHERE p.id = crawls.post_id) AS published,"
+            " (SELECT p.deleted_at IS NOT NULL FROM posts p WHERE p.id = crawls.post_id)"
+            " AS deleted",
+        )
+        # One transaction, on SQLite one trip: a transaction of a trip per statement held
+        # the write lock across the turns of the worker's busy event loop (40-190 ms a
+        # claim during an inbox flood, every web process's group commit waiting).
+        rows = await self._write_all(
+            [
+                *self._crawl_inserts(new, now),
+                (claim, (format_ts(lease_until), format_ts(now), limit)),
+            ]
+        )
         jobs = [
             CrawlJob(
                 id=row["id"],

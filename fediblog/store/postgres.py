@@ -453,6 +453,13 @@ class PostgresStore(Store):
                 return []
             return list(await db.execute_fetchall(sql, params))
 
+    async def _write_all(self, statements: Sequence[tuple[str, Any]]) -> list[Any]:
+        async with self._transaction(shown=False) as db:
+            rows: list[Any] = []
+            for sql, params in statements:
+                rows = list(await db.execute_fetchall(sql, params))
+            return rows
+
     def _storage_failure(self, error: BaseException) -> StorageError | None:
         return _pg_failure(self._where, error)
 
@@ -554,6 +561,8 @@ class PostgresStore(Store):
         "SELECT c.id, c.parent_id, c.published_at, c.status = 'deleted' FROM comments c"
         f" WHERE c.post_id = ? AND {_VISIBLE} ORDER BY c.id"
     )
+
+    _COMMENT_IN_IDS = "c.id = ANY(CAST(:ids AS BIGINT[]))"
 
     _REPLY_CONTEXT = (
         "SELECT 't', ap_id, actor_ap_id, NULL FROM tombstones"
