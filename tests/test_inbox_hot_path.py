@@ -286,11 +286,12 @@ async def test_a_writer_stopped_answers_every_request_waiting_on_it(tmp_path: Pa
     store = await Store.open(database_for(tmp_path, "inbox.db"))
     committing, never = asyncio.Event(), asyncio.Event()
 
-    async def stuck(items: Any) -> None:  # a commit that shutdown cuts short
+    async def stuck(take: Any) -> None:  # a commit that shutdown cuts short
+        take()  # as the writer's thread does once it holds the lock
         committing.set()
         await never.wait()
 
-    store.save_inbox_items = stuck  # type: ignore[method-assign]
+    store.save_inbox_waiting = stuck  # type: ignore[method-assign]
     writer = BatchWriter(store, max_batch=2)
     waiting = [asyncio.create_task(writer.submit(i)) for i in _items(5)]
     running = asyncio.create_task(writer.run())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from fediblog.models import InboxItem, InboxJob, InboxState, format_ts, utcnow
@@ -39,6 +39,15 @@ class InboxStorage(StoreCore):
         One commit per batch is what lets the inbox take thousands of activities a
         second on SQLite; a duplicate (same activity id, or same body) is ignored.
         """
+        await self.save_inbox_waiting(lambda: items)
+
+    async def save_inbox_waiting(
+        self, take: Callable[[], Sequence[InboxItem]]
+    ) -> Sequence[InboxItem]:
+        """Store, in one commit, the activities ``take`` gives once the write begins, and
+        return them. On SQLite ``take`` runs on the writer's thread once the write lock
+        is held (it must be safe there): what arrived while another process held the
+        lock rides in this commit instead of waiting for the next (inbox.BatchWriter)."""
         # Statements of many rows (_insert_rows), not an executemany: SQLite then inserts
         # them in a step each, during which the thread does not need the GIL. An
         # executemany takes the GIL back after each row, and while the event loop is busy
@@ -47,12 +56,14 @@ class InboxStorage(StoreCore):
         # busy loop beside it). Half the time of one statement over a JSON array of the
         # rows (json_each), which parsed each row's JSON again per column.
         now = format_ts(utcnow())
-        rows = [(i.dedup_key, i.actor, i.type, i.payload, now) for i in items]
 
-        def insert(connection: sqlite3.Connection) -> None:
+        def insert(connection: sqlite3.Connection) -> Sequence[InboxItem]:
+            items = take()
+            rows = [(i.dedup_key, i.actor, i.type, i.payload, now) for i in items]
             _insert_rows(connection, f"{_INSERT_INBOX} VALUES (?, ?, ?, ?, ?)", rows)
+            return items
 
-        await self._write_at_once(insert)
+        return await self._write_at_once(insert)
 
     async def claim_inbox(self, now: datetime, lease_until: datetime, limit: int) -> list[InboxJob]:
         """Take due activities in arrival order, count an attempt, lease them."""

@@ -498,10 +498,14 @@ class PostgresStore(Store):
 
     # ---- what SQLite does its own way ----
 
-    async def save_inbox_items(self, items: Sequence[InboxItem]) -> None:
-        """As ``Store.save_inbox_items``: one statement for the batch, in arrival order."""
+    async def save_inbox_waiting(
+        self, take: Callable[[], Sequence[InboxItem]]
+    ) -> Sequence[InboxItem]:
+        """As ``Store.save_inbox_waiting``: one statement for the batch, in arrival order.
+        ``take`` runs at once: no lock of the database's is waited for first."""
+        items = take()
         if not items:
-            return
+            return items
         rows = ((i.dedup_key, i.actor, i.type, i.payload) for i in items)
         columns = [list(column) for column in zip(*rows, strict=True)]
         async with self._transaction(shown=False) as db:
@@ -512,6 +516,7 @@ class PostgresStore(Store):
                 " ORDER BY n ON CONFLICT DO NOTHING",
                 (format_ts(utcnow()), *columns),
             )
+        return items
 
     async def _insert_comment(self, values: tuple[Any, ...]) -> int:
         async with self._transaction() as db:
