@@ -185,7 +185,9 @@ class BatchWriter:
         waiting, limit = self._waiting, self._max_batch
 
         def take() -> list[InboxItem]:  # on SQLite's writer thread, the lock held
-            while waiting and len(taken) < limit:
+            # Stopped: run() answers what is left 503, and a commit cut short by the
+            # shutdown takes no more (what it took, run() answers too).
+            while waiting and len(taken) < limit and not self._stopped:
                 taken.append(waiting.popleft())
             return [item for item, _ in taken]
 

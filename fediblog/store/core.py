@@ -200,8 +200,9 @@ def _insert_rows(connection: sqlite3.Connection, sql: str, rows: Sequence[Sequen
 
     An executemany takes the GIL back after each row; while the process's event loop is
     busy, each row then waits for it, with the write lock held and every other process
-    that writes waiting too (a worker's batch of 500 rows held it ~8 ms). A statement of
-    many rows runs in one step, without the GIL, and binds no JSON to parse again. Its
+    that writes waiting too. A statement of many rows runs in one step, without the GIL,
+    and binds no JSON to parse again (the inbox's batch of 30 rows, which was one
+    statement over a JSON array: 1.05 ms to 0.77 ms, lock and commit included). Its
     sizes are powers of two up to 64, so every batch is made of at most 7 statements
     that the connection's cache keeps prepared. Rows are inserted in order, each as
     the one-row statement would (OR IGNORE and ON CONFLICT apply row by row).
