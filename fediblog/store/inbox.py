@@ -53,8 +53,9 @@ class InboxStorage(StoreCore):
         # executemany takes the GIL back after each row, and while the event loop is busy
         # (a flood of POSTs) each of those waits up to the switch interval, 5 ms: a batch
         # of 135 rows held the write lock for ~1 s instead of ~8 ms (measured with a
-        # busy loop beside it). Half the time of one statement over a JSON array of the
-        # rows (json_each), which parsed each row's JSON again per column.
+        # busy loop beside it). Less than half the time of one statement over a JSON array
+        # of the rows (json_each), which parsed each row's JSON again per column: 30 rows
+        # and their commit, 1.17 -> 0.50 ms in SQLite alone.
         now = format_ts(utcnow())
 
         def insert(connection: sqlite3.Connection) -> Sequence[InboxItem]:
