@@ -29,6 +29,7 @@ from fediblog.errors import StorageConflict, StorageUnavailable
 from fediblog.inbox import BatchWriter
 from fediblog.models import InboxItem, InboxJob
 from fediblog.store import Store
+from fediblog.store import crawl as crawl_storage
 from fediblog.store.core import _insert_rows, _outcome_rows, _update_rows
 from fediblog.store.inbox import _RECORD_INBOX
 from fediblog.worker import Outcome
@@ -360,6 +361,30 @@ async def test_a_worker_s_crawl_claim_and_heartbeat_let_go_of_the_lock_while_its
         beat = store.save_worker_heartbeats(["inbox", "crawl"], now, process="worker-1")
         assert await _lock_freed_under_a_busy_loop(store, beat)
         assert set(await store.list_worker_heartbeats()) >= {"inbox", "crawl"}
+
+
+async def test_crawls_queued_by_the_thousand_are_commits_of_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """During a flood a worker's crawler had ~18,000 replies to queue at its next claim,
+    and one INSERT of them held the write lock ~55 ms. A claim queues the last
+    ``CRAWLS_A_COMMIT`` with it, the others in commits of their own before (here 2
+    a commit: 5 new crawls are 3 commits), and claims them all."""
+    monkeypatch.setattr(crawl_storage, "CRAWLS_A_COMMIT", 2, raising=False)
+    async with two_stores(tmp_path) as (store, _):
+        _, reply = await batch_replies(store)
+        comments = [await store.save_comment(**reply(n), source="fediverse") for n in range(5)]
+        committed: list[str] = []
+
+        def count_commits(connection: sqlite3.Connection) -> None:
+            connection.set_trace_callback(lambda sql: sql == "COMMIT" and committed.append(sql))
+
+        await store._on_writer(count_commits)
+        now = datetime.now(UTC)
+        new = [(comment, "delivery") for comment in comments]
+        jobs = await store.claim_crawls(now, now + timedelta(minutes=1), 10, new=new)
+        assert sorted(job.comment_id for job in jobs) == comments
+        assert committed == ["COMMIT"] * 3
 
 
 async def test_a_batch_of_replies_holds_the_write_lock_only_for_its_commit(
