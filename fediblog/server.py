@@ -276,13 +276,11 @@ def socket_of_its_own(shared: socket.socket) -> socket.socket:
     """
     if not SPREADS or not shared.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
         return shared
-    own = socket.socket(shared.family, shared.type, shared.proto)
+    address = shared.getsockname()
+    family, kind, proto = shared.family, shared.type, shared.proto
     try:
-        own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        own.bind(shared.getsockname())
-    except OSError:
-        own.close()
+        own = _bound(family, kind, proto, address, address[0], address[1], reuse_port=True)
+    except ConfigError:
         return shared
     shared.close()
     return own

@@ -177,6 +177,17 @@ async def test_the_group_commit_stores_every_text_exactly(tmp_path: Path) -> Non
     ]
 
 
+async def _commits_of(store: Store) -> list[str]:
+    """A list that each COMMIT of ``store``'s writer connection is added to from now on."""
+    committed: list[str] = []
+
+    def count_commits(connection: sqlite3.Connection) -> None:
+        connection.set_trace_callback(lambda sql: sql == "COMMIT" and committed.append(sql))
+
+    await store._on_writer(count_commits)
+    return committed
+
+
 async def test_the_group_commit_takes_what_arrived_while_it_waited_for_the_lock(
     tmp_path: Path,
 ) -> None:
@@ -185,12 +196,7 @@ async def test_the_group_commit_takes_what_arrived_while_it_waited_for_the_lock(
     a commit that took its batch before waiting left them for the next (in a flood with
     two web processes, ~4 ms of waiting a commit, and 20% fewer replies a second)."""
     async with two_stores(tmp_path) as (store, _):
-        committed: list[str] = []
-
-        def count_commits(connection: sqlite3.Connection) -> None:
-            connection.set_trace_callback(lambda sql: sql == "COMMIT" and committed.append(sql))
-
-        await store._on_writer(count_commits)
+        committed = await _commits_of(store)
         began, waiting = store._begin, threading.Event()
 
         def begin(connection: sqlite3.Connection) -> None:
@@ -374,12 +380,7 @@ async def test_crawls_queued_by_the_thousand_are_commits_of_their_own(
     async with two_stores(tmp_path) as (store, _):
         _, reply = await batch_replies(store)
         comments = [await store.save_comment(**reply(n), source="fediverse") for n in range(5)]
-        committed: list[str] = []
-
-        def count_commits(connection: sqlite3.Connection) -> None:
-            connection.set_trace_callback(lambda sql: sql == "COMMIT" and committed.append(sql))
-
-        await store._on_writer(count_commits)
+        committed = await _commits_of(store)
         now = datetime.now(UTC)
         new = [(comment, "delivery") for comment in comments]
         jobs = await store.claim_crawls(now, now + timedelta(minutes=1), 10, new=new)

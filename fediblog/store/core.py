@@ -545,13 +545,15 @@ class StoreCore:
         a step per trip held the write lock through the batch's busy turns of the event
         loop (~5 ms a claim, the web processes waiting for it)."""
 
-        def work(connection: sqlite3.Connection) -> list[Any]:
-            if many:
-                _update_rows(connection, sql, params)
-                return []
-            return connection.execute(sql, params).fetchall()
+        if many:
+            await self._write_many(sql, params)
+            return []
+        return await self._write_all([(sql, params)])
 
-        return await self._write_at_once(work)
+    async def _write_many(self, sql: str, rows: Sequence[Any]) -> None:
+        """One executemany in a write transaction of its own (on SQLite one trip, and an
+        UPDATE by id one statement per set of alike rows: ``_update_rows``)."""
+        await self._write_at_once(lambda connection: _update_rows(connection, sql, rows))
 
     async def _write_all(self, statements: Sequence[tuple[str, Any]]) -> list[Any]:
         """Statements, each ``(sql, params)``, in a write transaction of their own, and the

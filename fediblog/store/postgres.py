@@ -445,13 +445,10 @@ class PostgresStore(Store):
         await self._begin_shared(shared)
         await self._finish_shared(shared)
 
-    async def _write_one(self, sql: str, params: Any = (), *, many: bool = False) -> list[Any]:
-        # Statements travel alone to the server; no thread holds a lock between trips.
+    # Statements travel alone to the server; no thread holds a lock between trips.
+    async def _write_many(self, sql: str, rows: Sequence[Any]) -> None:
         async with self._transaction(shown=False) as db:
-            if many:
-                await db.executemany(sql, params)
-                return []
-            return list(await db.execute_fetchall(sql, params))
+            await db.executemany(sql, rows)
 
     async def _write_all(self, statements: Sequence[tuple[str, Any]]) -> list[Any]:
         async with self._transaction(shown=False) as db:
