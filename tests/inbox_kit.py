@@ -196,7 +196,7 @@ SEED_ACTIVITY = "https://seed.example/likes/1"
 # documents, which key resolution may legitimately fill; it is checked by the tests
 # that care about it.
 _SNAPSHOT = {
-    "inbox": "SELECT * FROM inbox ORDER BY id",
+    "inbox": "SELECT * FROM inbox LEFT JOIN inbox_payloads USING (id) ORDER BY id",
     "followers": "SELECT * FROM followers ORDER BY id",
     "deliveries": "SELECT * FROM deliveries ORDER BY id",
     "activities": "SELECT * FROM activities ORDER BY id",

@@ -23,7 +23,11 @@ import pytest
 from fediblog.errors import StorageError
 from fediblog.models import InboxItem, OutgoingActivity, Post, PostDraft, utcnow
 from fediblog.store import PostgresStore, Store, _pg_query, _walk_in_memory
+from fediblog.store import core as store_core
+from fediblog.store import postgres as store_postgres
+from fediblog.store.schema import MIGRATIONS
 from fediblog.web.deps import Services
+from fediblog.worker import Outcome
 from tests import dbpeek
 from tests.conftest import BACKEND, BASE_URL, database_for, deliver
 from tests.fediverse import Fediverse
@@ -175,6 +179,85 @@ async def test_a_claim_takes_no_more_than_its_limit_whatever_the_plan(tmp_path: 
         f"https://h{n}.example/inbox" for n in range(5)
     ]
     assert all(job.attempts == 1 for jobs in deliveries + inbox for job in jobs)
+
+
+async def test_an_inbox_row_and_its_payload_are_kept_and_forgotten_together(
+    tmp_path: Path,
+) -> None:
+    """An inbox row's payload lives in a table of its own (a claim does not rewrite
+    it): each row is stored with the first payload its key came with, whether the
+    duplicate came later or in the same batch; a claim hands each back; pruning the
+    row forgets its payload."""
+    store = await Store.open(database_for(tmp_path))
+    actor = "https://x.example/u"
+    try:
+        await store.save_inbox_items(
+            [InboxItem(f"k{n}", actor, "Like", f'{{"n": {n}}}') for n in range(3)]
+        )
+        await store.save_inbox_items(
+            [
+                InboxItem("k1", actor, "Like", '{"n": "later"}'),
+                InboxItem("k3", actor, "Like", '{"n": 3}'),
+                InboxItem("k3", actor, "Like", '{"n": "same batch"}'),
+            ]
+        )
+        now = utcnow()
+        jobs = await store.claim_inbox(now, now + timedelta(minutes=1), 10)
+        await store.record_inbox([(job, Outcome.done()) for job in jobs])
+        pruned, _ = await store.prune(utcnow() + timedelta(days=1))
+        left = await store._fetchall("SELECT count(*) FROM inbox_payloads")
+    finally:
+        await store.close()
+    assert [(job.payload, job.attempts) for job in jobs] == [
+        (f'{{"n": {n}}}', 1) for n in range(4)
+    ]
+    assert pruned == 4
+    assert [tuple(row) for row in left] == [(0,)]
+
+
+async def test_inbox_rows_stored_before_the_payloads_moved_keep_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blog upgraded with activities in its inbox (queued, or done) finds each with
+    its payload after the migration that moved payloads to a table of their own, and
+    its worker processes what was queued."""
+    where = database_for(tmp_path)
+    if isinstance(where, str):  # the harness's database holds today's schema: start bare
+        import asyncpg
+
+        bare = await asyncpg.connect(
+            where, server_settings={"application_name": HARNESS_APPLICATION}
+        )
+        try:
+            await bare.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        finally:
+            await bare.close()
+    moved = next(n for n, script in enumerate(MIGRATIONS) if "TABLE inbox_payloads" in script)
+    before = MIGRATIONS[:moved]
+    for module in (store_core, store_postgres):
+        monkeypatch.setattr(module, "MIGRATIONS", before)
+    old = await Store.open(where)
+    try:
+        for n, status in ((1, "done"), (2, "queued"), (3, "queued")):
+            await old._write_one(
+                "INSERT INTO inbox (dedup_key, actor_ap_id, type, payload, status, received_at)"
+                " VALUES (?, 'https://x.example/u', 'Like', ?, ?, '2026-01-01T00:00:00Z')",
+                (f"k{n}", f'{{"n": {n}}}', status),
+            )
+    finally:
+        await old.close()
+    monkeypatch.undo()
+    store = await Store.open(where)
+    try:
+        now = utcnow()
+        jobs = await store.claim_inbox(now, now + timedelta(minutes=1), 10)
+        kept = await store._fetchall("SELECT id, payload FROM inbox_payloads ORDER BY id")
+        columns = await store._fetchall("SELECT * FROM inbox WHERE dedup_key = 'k1'")
+    finally:
+        await store.close()
+    assert [job.payload for job in jobs] == ['{"n": 2}', '{"n": 3}']
+    assert [row[1] for row in kept] == [f'{{"n": {n}}}' for n in (1, 2, 3)]
+    assert "payload" not in list(columns[0].keys())  # a row's `in` looks at its values
 
 
 async def test_another_process_s_change_reaches_a_page_cache_within_a_second(

@@ -11,7 +11,13 @@ from fediblog.store.core import StoreCore, _insert_rows, _outcome_rows, _record
 from fediblog.worker import Outcome
 
 _INSERT_INBOX = (
-    "INSERT OR IGNORE INTO inbox (dedup_key, actor_ap_id, type, payload, received_at)"
+    "INSERT OR IGNORE INTO inbox (dedup_key, actor_ap_id, type, received_at) VALUES (?, ?, ?, ?)"
+)
+# Each new row's payload, found by its key. A duplicate's key finds the row kept before
+# it, which has its payload already: the first of them is kept, as with its row.
+_INSERT_PAYLOADS = (
+    "INSERT OR IGNORE INTO inbox_payloads (id, payload) SELECT inbox.id, v.column2"
+    " FROM (VALUES (?, ?)) AS v JOIN inbox ON inbox.dedup_key = v.column1"
 )
 
 # What an Outcome does to its row (worker.py): done, retry later, failed, or released
@@ -60,8 +66,9 @@ class InboxStorage(StoreCore):
 
         def insert(connection: sqlite3.Connection) -> Sequence[InboxItem]:
             items = take()
-            rows = [(i.dedup_key, i.actor, i.type, i.payload, now) for i in items]
-            _insert_rows(connection, f"{_INSERT_INBOX} VALUES (?, ?, ?, ?, ?)", rows)
+            rows = [(i.dedup_key, i.actor, i.type, now) for i in items]
+            _insert_rows(connection, _INSERT_INBOX, rows)
+            _insert_rows(connection, _INSERT_PAYLOADS, [(i.dedup_key, i.payload) for i in items])
             return items
 
         return await self._write_at_once(insert)
@@ -70,11 +77,21 @@ class InboxStorage(StoreCore):
         """Take due activities in arrival order, count an attempt, lease them."""
         if not await self._any_due("inbox", now, null_is_due=True):
             return []
-        rows = await self._write_one(
-            self._claim_sql("inbox", "id, payload, attempts", null_is_due=True),
+        claimed = await self._write_one(
+            self._claim_sql("inbox", "id, attempts", null_is_due=True),
             (format_ts(lease_until), format_ts(now), limit),
         )
-        jobs = [InboxJob(row["id"], row["payload"], row["attempts"]) for row in rows]
+        if not claimed:
+            return []
+        # Payloads never change once written: read outside the write, with no lock held.
+        attempts = {row["id"]: row["attempts"] for row in claimed}
+        rows = await self._fetchall(
+            f"SELECT id, payload FROM inbox_payloads WHERE {self._ID_IN_LIST}",
+            self._id_lists(list(attempts)),
+        )
+        jobs = [InboxJob(row["id"], row["payload"], attempts[row["id"]]) for row in rows]
+        if len(jobs) != len(attempts):  # each row is written with its payload
+            raise RuntimeError(f"inbox rows without their payload: {sorted(attempts)[:5]}")
         jobs.sort(key=lambda job: job.id)  # RETURNING promises no order
         return jobs
 

@@ -506,14 +506,20 @@ class PostgresStore(Store):
         rows = ((i.dedup_key, i.actor, i.type, i.payload) for i in items)
         columns = [list(column) for column in zip(*rows, strict=True)]
         async with self._transaction(shown=False) as db:
-            await db.execute(
-                "INSERT INTO inbox (dedup_key, actor_ap_id, type, payload, received_at)"
-                " SELECT k, a, t, p, ? FROM unnest(CAST(? AS TEXT[]), CAST(? AS TEXT[]),"
-                " CAST(? AS TEXT[]), CAST(? AS TEXT[])) WITH ORDINALITY AS u(k, a, t, p, n)"
-                " ORDER BY n ON CONFLICT DO NOTHING",
-                (format_ts(utcnow()), *columns),
-            )
+            await db.execute(self._INSERT_INBOX, (format_ts(utcnow()), *columns))
         return items
+
+    # The rows and their payloads in one statement: a duplicate key (of a row kept
+    # before, or earlier in the batch) inserts no row, so its payload is not returned.
+    _INSERT_INBOX = (
+        "WITH u AS (SELECT * FROM unnest(CAST(?2 AS TEXT[]), CAST(?3 AS TEXT[]),"
+        " CAST(?4 AS TEXT[]), CAST(?5 AS TEXT[])) WITH ORDINALITY AS u(k, a, t, p, n)),"
+        " kept AS (INSERT INTO inbox (dedup_key, actor_ap_id, type, received_at)"
+        " SELECT k, a, t, ?1 FROM u ORDER BY n ON CONFLICT DO NOTHING RETURNING id, dedup_key)"
+        " INSERT INTO inbox_payloads (id, payload)"
+        " SELECT DISTINCT ON (kept.id) kept.id, u.p FROM kept JOIN u ON u.k = kept.dedup_key"
+        " ORDER BY kept.id, u.n"
+    )
 
     async def _insert_comment(self, values: tuple[Any, ...]) -> int:
         async with self._transaction() as db:
@@ -565,6 +571,7 @@ class PostgresStore(Store):
     )
 
     _COMMENT_IN_IDS = "c.id = ANY(CAST(:ids AS BIGINT[]))"
+    _ID_IN_LIST = "id = ANY(CAST(? AS BIGINT[]))"
 
     _REPLY_CONTEXT = (
         "SELECT 't', ap_id, actor_ap_id, NULL FROM tombstones"

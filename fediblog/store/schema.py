@@ -342,6 +342,19 @@ MIGRATIONS: tuple[str, ...] = (
         signed_in_at  TEXT NOT NULL
     ) WITHOUT ROWID;
     """,
+    # the inbox's payloads in a table of their own
+    """
+    -- What an inbox row received, apart from its place in the queue: a claim and its
+    -- outcome rewrite the row, and with the ~2 KB of JSON in it the two rewrote about
+    -- 2 MB for a worker's batch of 500, with the write lock held. Written once, with
+    -- its row (store/inbox.py), and gone with it.
+    CREATE TABLE inbox_payloads (
+        id       INTEGER NOT NULL PRIMARY KEY REFERENCES inbox(id) ON DELETE CASCADE,
+        payload  TEXT NOT NULL
+    );
+    INSERT INTO inbox_payloads (id, payload) SELECT id, payload FROM inbox;
+    ALTER TABLE inbox DROP COLUMN payload;
+    """,
 )
 
 
@@ -385,8 +398,9 @@ _PG_DDL = (
 # Every table, each after the tables it refers to: the order a copy fills them in.
 _TABLES = (
     "meta", "posts", "post_tags", "old_slugs", "actors", "comments", "reactions", "followers",
-    "activities", "deliveries", "inbox", "tombstones", "blocks", "crawls", "notifications",
-    "post_schedule", "media", "proxy_media", "desk_account", "desk_sessions", "desk_addresses",
+    "activities", "deliveries", "inbox", "inbox_payloads", "tombstones", "blocks", "crawls",
+    "notifications", "post_schedule", "media", "proxy_media", "desk_account", "desk_sessions",
+    "desk_addresses",
 )  # fmt: skip
 
 # The rows a new database starts with (migrations 2 and 9): the copy brings the blog's own.

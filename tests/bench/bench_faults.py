@@ -410,8 +410,8 @@ def run_flood(number: int, args: argparse.Namespace, root: Path, pems: list[byte
     }
     leased_commented = one(
         database,
-        "SELECT count(*) FROM inbox i JOIN comments c"
-        " ON c.ap_id = json_extract(i.payload, '$.object.id')"
+        "SELECT count(*) FROM inbox i JOIN inbox_payloads p USING (id) JOIN comments c"
+        " ON c.ap_id = json_extract(p.payload, '$.object.id')"
         " WHERE i.status = 'queued' AND i.attempts > 0 AND i.next_attempt_at > ?",
         (now,),
     )
@@ -465,7 +465,7 @@ def run_flood(number: int, args: argparse.Namespace, root: Path, pems: list[byte
     rows = query(
         database,
         "SELECT dedup_key, status, attempts, next_attempt_at, error,"
-        " json_extract(payload, '$.object.id'), id FROM inbox",
+        " json_extract(payload, '$.object.id'), id FROM inbox JOIN inbox_payloads USING (id)",
     )
     comments = Counter(ap_id for (ap_id,) in query(database, "SELECT ap_id FROM comments"))
     sent_ids = {r.activity_id for r in requests} | {probe.activity_id}

@@ -64,9 +64,9 @@ async def _add_images(database: Path) -> None:
     store = await Store.open(database)
     try:
         db = store._db  # a bench's set-up, not the app: rewrite the stored payloads
-        rows = list(await db.execute_fetchall("SELECT id, payload FROM inbox"))
+        rows = list(await db.execute_fetchall("SELECT id, payload FROM inbox_payloads"))
         await db.executemany(
-            "UPDATE inbox SET payload = ? WHERE id = ?",
+            "UPDATE inbox_payloads SET payload = ? WHERE id = ?",
             [(_with_images(row[1], row[0]), row[0]) for row in rows],
         )
     finally:
