@@ -152,6 +152,9 @@ class BatchWriter:
         self._max_waiting = max_waiting
         self._trouble = ThrottledLog(log)
         self._stopped = False
+        # Awaited before each commit: the inbox worker of this same process, when it is
+        # behind, holds the next commit until it has taken its next batch (Runtime).
+        self.pace: Callable[[], Awaitable[None]] | None = None
 
     async def submit(self, item: InboxItem) -> None:
         """Return once ``item`` is committed; raise what the commit raised."""
@@ -170,6 +173,8 @@ class BatchWriter:
                 await self._arrived.wait()
                 self._arrived.clear()
                 while self._waiting:
+                    if self.pace is not None:
+                        await self.pace()
                     await self._commit_waiting()
         finally:
             # Cancelled (shutdown): nothing will commit what waits, nor the batch cut

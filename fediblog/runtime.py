@@ -86,6 +86,12 @@ BLOCK_READERS = ("inbox", "crawl")
 WATCH_INTERVAL = 0.05  # seconds between two looks at the database's data version...
 WATCH_WORKER_IDLE = 0.1  # ...growing when nothing changes up to this, in a worker process
 WATCH_IDLE = 1.0  # ...and up to this in a process that also serves
+# In one process, accepting a flood and turning it into comments share one core: while
+# the inbox worker is behind (its last claim was full), each group commit waits for its
+# next claim, at most this long. What is accepted then follows what is shown, instead
+# of a backlog growing for as long as the flood lasts; a worker that is stuck slows
+# each commit by this much at most, and nothing is refused for it.
+PACE_LONGEST = 0.25
 HEARTBEAT_INTERVAL = 5.0  # seconds between two heartbeats of a worker process
 QUEUE_CRAWLS = 1.0  # seconds between two commits of the crawls the inbox scheduled
 
@@ -314,6 +320,9 @@ class Runtime:
                 if role in only:
                     starters[role].append((self.inbox.reload_blocks, "blocks"))
                     break
+        if "inbox" in only and not worker_process:  # this process's writer, if it serves
+            worker = self.inbox.worker
+            self.writer.pace = lambda: worker.until_caught_up(PACE_LONGEST)
         started: list[asyncio.Task[None]] = []
         for role in ROLES:  # in a fixed order, whatever order ``only`` has
             if role in only:

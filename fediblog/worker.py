@@ -228,6 +228,23 @@ class Worker(Generic[J]):
         # Outcomes recorded since start, by status ("failed" when the attempts ran out
         # counts as "gave_up"): /metrics reads them.
         self.outcomes: dict[str, int] = {}
+        # The last claim took all it asked for (more was due): the queue is ahead of
+        # this worker. ``_claimed`` wakes whoever waits for its next claim.
+        self.behind = False
+        self._claimed = asyncio.Event()
+
+    async def until_caught_up(self, longest: float) -> None:
+        """Return at once unless this worker is behind; then at its next claim (it has
+        finished a batch), or after ``longest`` seconds, whichever comes first."""
+        if self.behind:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(longest):
+                    await self._claimed.wait()
+
+    def _took(self, found: int, room: int) -> None:
+        self.behind = found >= room
+        self._claimed.set()  # each waiter is woken; the next ones wait again
+        self._claimed.clear()
 
     def wake(self) -> None:
         """Something was queued: run now, not at the next poll. Called by this process
@@ -275,6 +292,7 @@ class Worker(Generic[J]):
                         # Busy now; finish what this pass holds and look again later.
                         self._trouble.error("claim", f"{self.name}: claiming jobs: {error}")
                         found = []
+                    self._took(len(found), room)
                     jobs = [job for job in found if job.id not in held]
                     claimed += len(jobs)
                     held.update(job.id for job in jobs)
@@ -321,6 +339,7 @@ class Worker(Generic[J]):
             for waiter in (woken, filled):
                 if waiter is not None:
                     waiter.cancel()
+            self._took(0, 1)  # a pass that ends, or fails, is behind nobody
             await self._stop(running, backlog, results)
 
     async def _record(self, results: list[tuple[J, Outcome]]) -> None:

@@ -31,6 +31,7 @@ import httpx
 import pytest
 
 from fediblog import moderation
+from fediblog import runtime as runtime_module
 from fediblog.blog import Blog, parse_post
 from fediblog.config import Settings
 from fediblog.errors import StorageUnavailable, WorkerFailed
@@ -1135,3 +1136,57 @@ def test_a_fork_that_fails_is_tried_again() -> None:
         "fediblog: cannot start the only one: Resource temporarily unavailable:"
         " starting it again\n"
     )
+
+
+@pytest.mark.anyio
+async def test_in_one_process_the_inbox_waits_for_a_worker_that_is_behind(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serving and processing in one process: while the inbox worker is behind (its
+    last claim was full), a group commit waits for its next claim, so what is accepted
+    follows what is shown; a worker that is stuck only delays each commit, by
+    PACE_LONGEST at most."""
+    actor = "https://social.example/users/ann"
+    async with Runtime.open(settings) as rt:
+        worker = rt.inbox.worker
+        release = asyncio.Event()
+        real = worker._run_batch
+        assert real is not None
+
+        async def stuck_until_released(jobs: list[Any], report: Any) -> None:
+            await release.wait()
+            await real(jobs, report)
+
+        monkeypatch.setattr(worker, "_run_batch", stuck_until_released)
+        monkeypatch.setattr(worker, "_batch", 2)
+        monkeypatch.setattr(runtime_module, "PACE_LONGEST", 60.0)
+        await rt.store.save_inbox_items(
+            [InboxItem(f"k{n}", actor, "Like", "{}") for n in range(6)]
+        )
+        rt.start_writer()
+        rt.start_background({"inbox"})
+        await _wait_for(lambda: _now(worker.behind), "the worker to fall behind")
+        before = worker.outcomes.copy()
+        accepted = asyncio.ensure_future(rt.writer.submit(InboxItem("new", actor, "Like", "{}")))
+        await asyncio.sleep(0.3)
+        assert not accepted.done()  # held: the worker has not taken its next batch
+        assert await rt.store.count_inbox() == {"queued": 6}
+        release.set()  # it finishes a batch, records it, claims the next: the commit goes
+        await asyncio.wait_for(accepted, 30)
+        assert worker.outcomes != before
+        assert sum((await rt.store.count_inbox()).values()) == 7
+
+        # Stuck for good: each commit waits PACE_LONGEST, then goes; nothing is refused.
+        release.clear()
+        await rt.store.save_inbox_items(
+            [InboxItem(f"more{n}", actor, "Like", "{}") for n in range(4)]
+        )
+        await _wait_for(lambda: _now(worker.behind), "the worker behind again")
+        monkeypatch.setattr(runtime_module, "PACE_LONGEST", 0.05)
+        late = [InboxItem(f"late{n}", actor, "Like", "{}") for n in range(3)]
+        await asyncio.wait_for(asyncio.gather(*(rt.writer.submit(i) for i in late)), 30)
+        assert sum((await rt.store.count_inbox()).values()) == 14
+
+
+async def _now(value: bool) -> bool:
+    return value
