@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from fediblog.errors import StorageError
+from fediblog.inbox import BatchWriter, Overloaded
 from fediblog.models import InboxItem, OutgoingActivity, Post, PostDraft, utcnow
 from fediblog.store import PostgresStore, Store, _pg_query, _walk_in_memory
 from fediblog.store import core as store_core
@@ -258,6 +259,41 @@ async def test_inbox_rows_stored_before_the_payloads_moved_keep_them(
     assert [job.payload for job in jobs] == ['{"n": 2}', '{"n": 3}']
     assert [row[1] for row in kept] == [f'{{"n": {n}}}' for n in (1, 2, 3)]
     assert "payload" not in list(columns[0].keys())  # a row's `in` looks at its values
+
+
+async def test_a_payload_removed_by_hand_does_not_hold_back_its_batch(tmp_path: Path) -> None:
+    """An inbox row whose payload is gone (deleted by hand) is claimed with the rest,
+    empty, to fail alone as not JSON; the claim does not fail, which would hold the
+    whole batch back a lease at a time."""
+    store = await Store.open(database_for(tmp_path))
+    try:
+        await store.save_inbox_items(
+            [InboxItem(f"k{n}", "https://x.example/u", "Like", f'{{"n": {n}}}') for n in range(3)]
+        )
+        [[middle]] = await store._fetchall("SELECT id FROM inbox WHERE dedup_key = 'k1'")
+        await store._write_one("DELETE FROM inbox_payloads WHERE id = ?", (middle,))
+        now = utcnow()
+        jobs = await store.claim_inbox(now, now + timedelta(minutes=1), 10)
+    finally:
+        await store.close()
+    assert [job.payload for job in jobs] == ['{"n": 0}', "", '{"n": 2}']
+
+
+async def test_a_server_older_than_its_schema_answers_retry_later(tmp_path: Path) -> None:
+    """An upgrade migrated the database while the old version still serves: a table
+    changed under it (here a column renamed) makes the inbox answer "retry later"
+    (503), on both backends, never refuse what the sender sent (400)."""
+    store = await Store.open(database_for(tmp_path))
+    writer = BatchWriter(store)
+    running = asyncio.create_task(writer.run())
+    try:
+        await store._write_one("ALTER TABLE inbox RENAME COLUMN actor_ap_id TO sender")
+        with pytest.raises(Overloaded):
+            await writer.submit(InboxItem("k", "https://x.example/u", "Like", "{}"))
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await store.close()
 
 
 async def test_another_process_s_change_reaches_a_page_cache_within_a_second(

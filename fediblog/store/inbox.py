@@ -89,11 +89,14 @@ class InboxStorage(StoreCore):
             f"SELECT id, payload FROM inbox_payloads WHERE {self._ID_IN_LIST}",
             self._id_lists(list(attempts)),
         )
-        jobs = [InboxJob(row["id"], row["payload"], attempts[row["id"]]) for row in rows]
-        if len(jobs) != len(attempts):  # each row is written with its payload
-            raise RuntimeError(f"inbox rows without their payload: {sorted(attempts)[:5]}")
-        jobs.sort(key=lambda job: job.id)  # RETURNING promises no order
-        return jobs
+        payloads = {row["id"]: row["payload"] for row in rows}
+        # Each row is written with its payload. One removed by hand (a shell without
+        # foreign keys) comes back empty, and its row fails alone as not JSON: it must
+        # not fail the claim, which would hold its whole batch back a lease at a time.
+        return [
+            InboxJob(row_id, payloads.get(row_id, ""), attempts[row_id])
+            for row_id in sorted(attempts)  # RETURNING promises no order
+        ]
 
     async def record_inbox(self, results: Sequence[tuple[InboxJob, Outcome]]) -> None:
         """Write what became of processed activities, in one commit."""

@@ -608,6 +608,11 @@ def _pg_failure(where: str, error: BaseException) -> StorageError | None:
         asyncpg.ReadOnlySQLTransactionError,  # a standby
         asyncpg.TransactionRollbackError,  # serialization failure, deadlock
         asyncpg.LockNotAvailableError,
+        # A schema this version does not know (a newer one migrated it while this one
+        # still serves): a retry after the restart succeeds, as with SQLite's "no such
+        # column". Never the sender's fault, so never a refusal (400) of what it sent.
+        asyncpg.UndefinedTableError,
+        asyncpg.UndefinedColumnError,
     )
     if isinstance(error, unavailable):
         return StorageUnavailable(f"the database {where} cannot be used now: {error}")
