@@ -221,7 +221,7 @@ async def test_inbox_rows_stored_before_the_payloads_moved_keep_them(
 ) -> None:
     """A blog upgraded with activities in its inbox (queued, or done) finds each with
     its payload after the migration that moved payloads to a table of their own, and
-    its worker processes what was queued."""
+    a claim hands back what was queued, payloads and all."""
     where = database_for(tmp_path)
     if isinstance(where, str):  # the harness's database holds today's schema: start bare
         import asyncpg
