@@ -318,8 +318,9 @@ class StoreCore:
     # The rows a claim takes, chosen by its subquery {}: SQLite runs the subquery once,
     # and other processes' claims wait for the one writer.
     _CLAIMED_IDS = "id IN ({})"
-    # A row whose id is in a list of ids, the one parameter ``_id_lists`` makes of it.
-    _ID_IN_LIST = "id IN (SELECT value FROM json_each(?))"
+    # A column's value is in a list of ids, the one parameter ({1}) ``_id_lists`` makes of
+    # the list: ``_ID_IN_LIST.format("c.id", ":ids")``.
+    _ID_IN_LIST = "{0} IN (SELECT value FROM json_each({1}))"
 
     def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection, path: Path) -> None:
         self._db = db

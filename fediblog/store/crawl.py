@@ -57,9 +57,6 @@ class CrawlStorage(StoreCore):
         WHERE id = :id
     """
 
-    # The comments of a list of ids: JSON text for SQLite (PostgresStore: an array).
-    _COMMENT_IN_IDS = "c.id IN (SELECT value FROM json_each(:ids))"
-
     async def save_crawls(self, requests: Sequence[tuple[int, str]], now: datetime) -> None:
         """Queue crawls of these comments, (comment id, 'delivery' or 'crawl'), due now;
         a comment already queued, or not worth crawling, is left alone. At most
@@ -78,7 +75,8 @@ class CrawlStorage(StoreCore):
         for comment_id, found_by in requests:
             ways.setdefault(found_by, []).append(comment_id)
         sql = (
-            self._NEW_CRAWL + f" WHERE {self._COMMENT_IN_IDS} AND {self._CRAWLABLE}"
+            self._NEW_CRAWL
+            + f" WHERE {self._ID_IN_LIST.format('c.id', ':ids')} AND {self._CRAWLABLE}"
             " ORDER BY c.id ON CONFLICT DO NOTHING"
         )
         return [

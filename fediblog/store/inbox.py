@@ -86,7 +86,7 @@ class InboxStorage(StoreCore):
         # Payloads never change once written: read outside the write, with no lock held.
         attempts = {row["id"]: row["attempts"] for row in claimed}
         rows = await self._fetchall(
-            f"SELECT id, payload FROM inbox_payloads WHERE {self._ID_IN_LIST}",
+            f"SELECT id, payload FROM inbox_payloads WHERE {self._ID_IN_LIST.format('id', '?')}",
             self._id_lists(list(attempts)),
         )
         payloads = {row["id"]: row["payload"] for row in rows}

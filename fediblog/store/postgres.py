@@ -570,8 +570,7 @@ class PostgresStore(Store):
         f" WHERE c.post_id = ? AND {_VISIBLE} ORDER BY c.id"
     )
 
-    _COMMENT_IN_IDS = "c.id = ANY(CAST(:ids AS BIGINT[]))"
-    _ID_IN_LIST = "id = ANY(CAST(? AS BIGINT[]))"
+    _ID_IN_LIST = "{0} = ANY(CAST({1} AS BIGINT[]))"
 
     _REPLY_CONTEXT = (
         "SELECT 't', ap_id, actor_ap_id, NULL FROM tombstones"
