@@ -186,28 +186,36 @@ class BatchWriter:
             self._waiting.clear()
 
     async def _commit_waiting(self) -> None:
-        taken = self._taken = []
+        self._taken = []
         waiting, limit = self._waiting, self._max_batch
+        loop = asyncio.get_running_loop()
 
         def take() -> list[InboxItem]:  # on SQLite's writer thread, the lock held
             # Stopped: run() answers what is left 503, and a commit cut short by the
             # shutdown takes no more (what it took, run() answers too).
+            taken = self._taken
             while waiting and len(taken) < limit and not self._stopped:
                 taken.append(waiting.popleft())
             return [item for item, _ in taken]
 
+        def committed() -> bool:  # on SQLite's writer thread, after each commit
+            batch, self._taken = self._taken, []
+            loop.call_soon_threadsafe(_settle_all, batch)
+            return bool(waiting) and not self._stopped  # then the next commit, at once
+
+        # Unpaced, one commit follows another on the writer's thread while activities
+        # wait; paced, each waits for the worker (``pace``) in the event loop.
         try:
-            await self._store.save_inbox_waiting(take)
+            await self._store.save_inbox_waiting(take, committed if self.pace is None else None)
         except StorageUnavailable as error:
             take()  # failed before it took them (the lock never came): theirs too
-            self._refuse(taken, error)
+            self._refuse(self._taken, error)
         except Exception:
             take()
-            for one in taken:
+            for one in list(self._taken):
                 await self._commit_one(one)
         else:
-            for _, done in taken:
-                _settle(done, None)
+            _settle_all(self._taken)  # PostgreSQL's commit, and SQLite's when paced
         self._taken = []
 
     async def _commit_one(self, waiting: _Waiting) -> None:
@@ -227,6 +235,11 @@ class BatchWriter:
         self._trouble.error("store", f"storing inbox activities failed: {error}")
         for _, done in batch:
             _settle(done, Overloaded("the inbox cannot store activities now"))
+
+
+def _settle_all(batch: list[_Waiting]) -> None:
+    for _, done in batch:
+        _settle(done, None)
 
 
 def _settle(done: asyncio.Future[None], error: Exception | None) -> None:

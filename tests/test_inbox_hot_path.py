@@ -286,7 +286,7 @@ async def test_a_writer_stopped_answers_every_request_waiting_on_it(tmp_path: Pa
     store = await Store.open(database_for(tmp_path, "inbox.db"))
     committing, never = asyncio.Event(), asyncio.Event()
 
-    async def stuck(take: Any) -> None:  # a commit that shutdown cuts short
+    async def stuck(take: Any, committed: Any) -> None:  # a commit shutdown cuts short
         take()  # as the writer's thread does once it holds the lock
         committing.set()
         await never.wait()

@@ -11,6 +11,7 @@ waiting, so these tests fail on a Store that takes no writer lock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import signal
@@ -18,9 +19,10 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,7 @@ import pytest
 from fediblog.errors import StorageConflict, StorageUnavailable
 from fediblog.inbox import BatchWriter
 from fediblog.models import InboxItem, InboxJob
-from fediblog.store import Store
+from fediblog.store import Store, core
 from fediblog.store import crawl as crawl_storage
 from fediblog.store.core import _insert_rows, _outcome_rows, _update_rows
 from fediblog.store.inbox import _RECORD_INBOX
@@ -209,6 +211,37 @@ async def _commits_of(store: Store) -> list[str]:
     return committed
 
 
+def _beginning(store: Store) -> threading.Event:
+    """An event set as ``store``'s writer begins a transaction, before it takes the lock."""
+    began, beginning = store._begin, threading.Event()
+
+    def begin(connection: sqlite3.Connection) -> None:
+        beginning.set()
+        began(connection)
+
+    store._begin = begin  # type: ignore[method-assign]
+    return beginning
+
+
+async def _until(event: threading.Event) -> None:
+    """Turns of the loop until ``event`` is set, and none after (an asyncio.Event would
+    let the loop turn once more)."""
+    while not event.wait(0.001):  # noqa: ASYNC110
+        await asyncio.sleep(0)
+
+
+@contextmanager
+def _another_process_writes(store: Store) -> Iterator[int]:
+    """The writer lock of ``store``'s database, held as another process holds it, until
+    the block ends or the descriptor given is unlocked."""
+    other = os.open(f"{store._path}-lock", os.O_RDONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        yield other
+    finally:
+        os.close(other)
+
+
 async def test_the_group_commit_takes_what_arrived_while_it_waited_for_the_lock(
     tmp_path: Path,
 ) -> None:
@@ -218,35 +251,135 @@ async def test_the_group_commit_takes_what_arrived_while_it_waited_for_the_lock(
     two web processes, ~4 ms of waiting a commit, and 20% fewer replies a second)."""
     async with two_stores(tmp_path) as (store, _):
         committed = await _commits_of(store)
-        began, waiting = store._begin, threading.Event()
-
-        def begin(connection: sqlite3.Connection) -> None:
-            waiting.set()
-            began(connection)
-
-        store._begin = begin  # type: ignore[method-assign]
+        waiting = _beginning(store)
         writer = BatchWriter(store)
         running = asyncio.create_task(writer.run())
-        other = os.open(f"{store._path}-lock", os.O_RDONLY | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(other, fcntl.LOCK_EX)  # another process writes
-            first = asyncio.create_task(writer.submit(InboxItem("k1", "a", "Like", "{}")))
-            while not waiting.wait(0.001):  # noqa: ASYNC110 (the commit waits for the lock)
-                await asyncio.sleep(0)
-            later = [
-                asyncio.create_task(writer.submit(InboxItem(f"k{n}", "a", "Like", "{}")))
-                for n in (2, 3)
-            ]
-            await asyncio.sleep(0.05)
-            assert not first.done()
-            fcntl.flock(other, fcntl.LOCK_UN)
-            await asyncio.wait_for(asyncio.gather(first, *later), 10)
+            with _another_process_writes(store) as other:
+                first = asyncio.create_task(writer.submit(InboxItem("k1", "a", "Like", "{}")))
+                await _until(waiting)  # the commit waits for the lock
+                later = [
+                    asyncio.create_task(writer.submit(InboxItem(f"k{n}", "a", "Like", "{}")))
+                    for n in (2, 3)
+                ]
+                await asyncio.sleep(0.05)
+                assert not first.done()
+                fcntl.flock(other, fcntl.LOCK_UN)
+                await asyncio.wait_for(asyncio.gather(first, *later), 10)
         finally:
-            os.close(other)
             running.cancel()
             await asyncio.gather(running, return_exceptions=True)
         assert committed == ["COMMIT"]
         assert await store.count_inbox() == {"queued": 3}
+
+
+def _inbox_rows(path: Path) -> int:
+    """How many activities the inbox holds, as another process sees them."""
+    with contextlib.closing(sqlite3.connect(path)) as other:
+        (count,) = other.execute("SELECT count(*) FROM inbox").fetchone()
+    return int(count)
+
+
+async def test_the_group_commit_goes_on_while_activities_wait_and_its_loop_is_busy(
+    tmp_path: Path,
+) -> None:
+    """In a flood the event loop is busy with requests; a commit that is done waited for
+    a turn of it (~15 ms of each ~22 ms cycle) before the next batch was taken, the lock
+    free and the writer idle. While activities wait, the next commit follows on the
+    writer's thread at once: here all three batches are stored while the loop sleeps."""
+    async with two_stores(tmp_path) as (store, _):
+        committed = await _commits_of(store)
+        waiting = _beginning(store)
+        writer = BatchWriter(store, max_batch=2)
+        submitted = [asyncio.create_task(writer.submit(item)) for item in _items(6)]
+        running = asyncio.create_task(writer.run())
+        try:
+            with _another_process_writes(store) as other:
+                await _until(waiting)  # the first commit waits for the lock
+                fcntl.flock(other, fcntl.LOCK_UN)
+                deadline = time.monotonic() + 10
+                while _inbox_rows(store._path) < 6 and time.monotonic() < deadline:
+                    time.sleep(0.005)  # noqa: ASYNC251 (the loop's thread: no turn of it)
+            assert _inbox_rows(store._path) == 6
+            assert await asyncio.wait_for(asyncio.gather(*submitted), 10) == [None] * 6
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+        assert committed == ["COMMIT"] * 3
+
+
+async def test_a_process_waiting_for_the_lock_writes_between_commits_that_follow_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits that follow one another on the writer's thread let the lock rest between
+    them a little longer than another process waiting for it sleeps between its tries:
+    the worker's claim comes in between, not after the whole flood."""
+    assert core.HANDOFF > core._LONGEST_PAUSE
+    monkeypatch.setattr(core, "HANDOFF", 0.05)  # the same order, on a machine busy with tests
+    monkeypatch.setattr(core, "TRIP_LONGEST", 10.0)
+    async with two_stores(tmp_path) as (store, other):
+        order: list[str] = []  # whose commits, in their order
+        for name, one in (("inbox", store), ("other", other)):
+            await one._on_writer(partial(_name_commits, order=order, name=name))
+        began, holding = store._begin, threading.Event()
+
+        def begin(connection: sqlite3.Connection) -> None:
+            began(connection)
+            if not holding.is_set():  # a slow first commit: the other starts waiting
+                holding.set()
+                time.sleep(0.1)
+
+        store._begin = begin  # type: ignore[method-assign]
+        writer = BatchWriter(store, max_batch=1)
+        submitted = [asyncio.create_task(writer.submit(item)) for item in _items(3)]
+        running = asyncio.create_task(writer.run())
+        try:
+            await _until(holding)
+            await other.save_meta_value("other", "written")
+            await asyncio.wait_for(asyncio.gather(*submitted), 10)
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+        assert order == ["inbox", "other", "inbox", "inbox"]
+
+
+async def test_a_batch_that_fails_after_others_followed_on_is_stored_one_by_one_alone(
+    tmp_path: Path,
+) -> None:
+    """Commits that followed one another in one trip to the writer's thread: the batches
+    before the failing one are answered as stored, and only the failing batch is stored
+    one activity at a time, its culprit refused."""
+    async with two_stores(tmp_path) as (store, _):
+        committed = await _commits_of(store)
+        items = _items(6)
+        items[4] = InboxItem("k4", "https://a.example/u", "Like\ud800", "{}")  # unstorable
+        writer = BatchWriter(store, max_batch=2)
+        submitted = [asyncio.create_task(writer.submit(item)) for item in items]
+        running = asyncio.create_task(writer.run())
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*submitted, return_exceptions=True), 10)
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+        assert [type(result).__name__ for result in results] == [
+            *["NoneType"] * 4,
+            "ActivityError",
+            "NoneType",
+        ]
+        assert committed == ["COMMIT"] * 3  # two batches, then k5 alone (k4: rolled back)
+        assert await store.count_inbox() == {"queued": 5}
+
+
+def _name_commits(connection: sqlite3.Connection, *, order: list[str], name: str) -> None:
+    def trace(sql: str) -> None:
+        if sql == "COMMIT":
+            order.append(name)
+
+    connection.set_trace_callback(trace)
+
+
+def _items(count: int) -> list[InboxItem]:
+    return [InboxItem(f"k{n}", "https://a.example/u", "Like", "{}") for n in range(count)]
 
 
 async def test_the_group_commit_inside_a_transaction_is_part_of_it(tmp_path: Path) -> None:

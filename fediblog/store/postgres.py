@@ -496,10 +496,13 @@ class PostgresStore(Store):
     # ---- what SQLite does its own way ----
 
     async def save_inbox_waiting(
-        self, take: Callable[[], Sequence[InboxItem]]
+        self,
+        take: Callable[[], Sequence[InboxItem]],
+        committed: Callable[[], bool] | None = None,
     ) -> Sequence[InboxItem]:
         """As ``Store.save_inbox_waiting``: one statement for the batch, in arrival order.
-        ``take`` runs at once: no lock of the database's is waited for first."""
+        ``take`` runs at once: no lock of the database's is waited for first. One
+        commit: ``committed`` is not called (the caller's loop commits what is left)."""
         items = take()
         if not items:
             return items
