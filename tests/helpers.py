@@ -16,7 +16,7 @@ from fediblog.blog import parse_post
 from fediblog.cli import main
 from fediblog.config import Settings
 from fediblog.keys import ensure_keys
-from fediblog.models import Post, utcnow
+from fediblog.models import InboxItem, Post, utcnow
 from fediblog.web.deps import Services
 
 
@@ -120,3 +120,8 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     code = main(list(args))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def inbox_items(count: int, prefix: str = "k") -> list[InboxItem]:
+    """``count`` activities for the inbox's batch writer, keys ``<prefix>0``, ..."""
+    return [InboxItem(f"{prefix}{n}", "https://a.example/u", "Like", "{}") for n in range(count)]

@@ -21,13 +21,13 @@ from fediblog import httpsig
 from fediblog.errors import BadDocument, SignatureError
 from fediblog.httpsig import HeaderFields, parse_signature, sign_request, verify_signature
 from fediblog.inbox import BatchWriter, Overloaded
-from fediblog.models import InboxItem, utcnow
+from fediblog.models import utcnow
 from fediblog.remote import parse_json
 from fediblog.store import Store
 from fediblog.web.deps import Services
 from tests.conftest import BASE_URL, database_for, deliver
 from tests.fediverse import Fediverse, public_pem, remote_key, signed_headers
-from tests.helpers import publish
+from tests.helpers import inbox_items, publish
 
 pytestmark = pytest.mark.anyio
 
@@ -246,17 +246,13 @@ def test_parse_json_reads_text_as_it_reads_bytes() -> None:
 # ---- the group commit, fed from a list -------------------------------------------------------
 
 
-def _items(count: int, prefix: str = "k") -> list[InboxItem]:
-    return [InboxItem(f"{prefix}{n}", "https://a.example/u", "Like", "{}") for n in range(count)]
-
-
 async def test_the_writer_commits_more_than_a_batch_in_batches(tmp_path: Path) -> None:
     store = await Store.open(database_for(tmp_path, "inbox.db"))
     writer = BatchWriter(store, max_batch=3)
     running = asyncio.create_task(writer.run())
     try:
-        first = await asyncio.gather(*(writer.submit(i) for i in _items(10)))
-        later = await asyncio.gather(*(writer.submit(i) for i in _items(4, "later")))
+        first = await asyncio.gather(*(writer.submit(i) for i in inbox_items(10)))
+        later = await asyncio.gather(*(writer.submit(i) for i in inbox_items(4, "later")))
 
         assert first == [None] * 10
         assert later == [None] * 4
@@ -269,11 +265,11 @@ async def test_the_writer_commits_more_than_a_batch_in_batches(tmp_path: Path) -
 async def test_the_writer_refuses_past_its_waiting_room(tmp_path: Path) -> None:
     store = await Store.open(database_for(tmp_path, "inbox.db"))
     writer = BatchWriter(store, max_waiting=2)
-    waiting = [asyncio.create_task(writer.submit(i)) for i in _items(2)]
+    waiting = [asyncio.create_task(writer.submit(i)) for i in inbox_items(2)]
     await asyncio.sleep(0)  # both wait: the writer is not running yet
     try:
         with pytest.raises(Overloaded):
-            await writer.submit(_items(1, "third")[0])
+            await writer.submit(inbox_items(1, "third")[0])
         running = asyncio.create_task(writer.run())
         assert await asyncio.gather(*waiting) == [None, None]  # those waiting are stored
         running.cancel()
@@ -293,7 +289,7 @@ async def test_a_writer_stopped_answers_every_request_waiting_on_it(tmp_path: Pa
 
     store.save_inbox_waiting = stuck  # type: ignore[method-assign]
     writer = BatchWriter(store, max_batch=2)
-    waiting = [asyncio.create_task(writer.submit(i)) for i in _items(5)]
+    waiting = [asyncio.create_task(writer.submit(i)) for i in inbox_items(5)]
     running = asyncio.create_task(writer.run())
     try:
         await committing.wait()  # two in the batch being committed, three waiting
@@ -304,6 +300,6 @@ async def test_a_writer_stopped_answers_every_request_waiting_on_it(tmp_path: Pa
         assert not pending
         assert [type(task.exception()) for task in done] == [Overloaded] * 5
         with pytest.raises(Overloaded, match="shutting down"):
-            await writer.submit(_items(1, "late")[0])
+            await writer.submit(inbox_items(1, "late")[0])
     finally:
         await store.close()

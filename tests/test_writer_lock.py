@@ -11,7 +11,6 @@ waiting, so these tests fail on a Store that takes no writer lock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import os
 import signal
@@ -35,6 +34,8 @@ from fediblog.store import crawl as crawl_storage
 from fediblog.store.core import _insert_rows, _outcome_rows, _update_rows
 from fediblog.store.inbox import _RECORD_INBOX
 from fediblog.worker import Outcome
+from tests import dbpeek
+from tests.helpers import inbox_items
 from tests.test_backends import batch_replies
 
 pytestmark = [pytest.mark.anyio, pytest.mark.sqlite_only("the writer lock file")]
@@ -275,9 +276,7 @@ async def test_the_group_commit_takes_what_arrived_while_it_waited_for_the_lock(
 
 def _inbox_rows(path: Path) -> int:
     """How many activities the inbox holds, as another process sees them."""
-    with contextlib.closing(sqlite3.connect(path)) as other:
-        (count,) = other.execute("SELECT count(*) FROM inbox").fetchone()
-    return int(count)
+    return int(dbpeek.rows(path, "SELECT count(*) FROM inbox")[0][0])
 
 
 async def test_the_group_commit_goes_on_while_activities_wait_and_its_loop_is_busy(
@@ -291,7 +290,7 @@ async def test_the_group_commit_goes_on_while_activities_wait_and_its_loop_is_bu
         committed = await _commits_of(store)
         waiting = _beginning(store)
         writer = BatchWriter(store, max_batch=2)
-        submitted = [asyncio.create_task(writer.submit(item)) for item in _items(6)]
+        submitted = [asyncio.create_task(writer.submit(item)) for item in inbox_items(6)]
         running = asyncio.create_task(writer.run())
         try:
             with _another_process_writes(store) as other:
@@ -331,7 +330,7 @@ async def test_a_process_waiting_for_the_lock_writes_between_commits_that_follow
 
         store._begin = begin  # type: ignore[method-assign]
         writer = BatchWriter(store, max_batch=1)
-        submitted = [asyncio.create_task(writer.submit(item)) for item in _items(3)]
+        submitted = [asyncio.create_task(writer.submit(item)) for item in inbox_items(3)]
         running = asyncio.create_task(writer.run())
         try:
             await _until(holding)
@@ -351,7 +350,7 @@ async def test_a_batch_that_fails_after_others_followed_on_is_stored_one_by_one_
     one activity at a time, its culprit refused."""
     async with two_stores(tmp_path) as (store, _):
         committed = await _commits_of(store)
-        items = _items(6)
+        items = inbox_items(6)
         items[4] = InboxItem("k4", "https://a.example/u", "Like\ud800", "{}")  # unstorable
         writer = BatchWriter(store, max_batch=2)
         submitted = [asyncio.create_task(writer.submit(item)) for item in items]
@@ -376,10 +375,6 @@ def _name_commits(connection: sqlite3.Connection, *, order: list[str], name: str
             order.append(name)
 
     connection.set_trace_callback(trace)
-
-
-def _items(count: int) -> list[InboxItem]:
-    return [InboxItem(f"k{n}", "https://a.example/u", "Like", "{}") for n in range(count)]
 
 
 async def test_the_group_commit_inside_a_transaction_is_part_of_it(tmp_path: Path) -> None:

@@ -51,17 +51,16 @@ class InboxStorage(StoreCore):
         self,
         take: Callable[[], Sequence[InboxItem]],
         committed: Callable[[], bool] | None = None,
-    ) -> Sequence[InboxItem]:
-        """Store, in one commit, the activities ``take`` gives once the write begins, and
-        return them. On SQLite ``take`` runs on the writer's thread once the write lock
+    ) -> None:
+        """Store, in one commit, the activities ``take`` gives once the write begins. On
+        SQLite ``take`` runs on the writer's thread once the write lock
         is held (it must be safe there): what arrived while another process held the
         lock rides in this commit instead of waiting for the next (inbox.BatchWriter).
 
         ``committed``, if given, is called on the writer's thread after the commit, and
         answers whether more is waiting: then the next commit follows on that thread at
         once, what ``take`` gives then in it, and so on (``_one_trip``), with no turn of
-        the event loop between; what is returned is the last commit's. PostgreSQL makes
-        one commit and does not call it."""
+        the event loop between. PostgreSQL makes one commit and does not call it."""
         # Statements of many rows (_insert_rows), not an executemany: SQLite then inserts
         # them in a step each, during which the thread does not need the GIL. An
         # executemany takes the GIL back after each row, and while the event loop is busy
@@ -70,14 +69,13 @@ class InboxStorage(StoreCore):
         # busy loop beside it). Less than half the time of one statement over a JSON array
         # of the rows (json_each), which parsed each row's JSON again per column: 30 rows
         # and their commit, 1.17 -> 0.50 ms in SQLite alone.
-        def insert(connection: sqlite3.Connection) -> Sequence[InboxItem]:
+        def insert(connection: sqlite3.Connection) -> None:
             items, now = take(), format_ts(utcnow())
             rows = [(i.dedup_key, i.actor, i.type, now) for i in items]
             _insert_rows(connection, _INSERT_INBOX, rows)
             _insert_rows(connection, _INSERT_PAYLOADS, [(i.dedup_key, i.payload) for i in items])
-            return items
 
-        return await self._write_at_once(insert, committed)
+        await self._write_at_once(insert, committed)
 
     async def claim_inbox(self, now: datetime, lease_until: datetime, limit: int) -> list[InboxJob]:
         """Take due activities in arrival order, count an attempt, lease them."""

@@ -499,18 +499,17 @@ class PostgresStore(Store):
         self,
         take: Callable[[], Sequence[InboxItem]],
         committed: Callable[[], bool] | None = None,
-    ) -> Sequence[InboxItem]:
+    ) -> None:
         """As ``Store.save_inbox_waiting``: one statement for the batch, in arrival order.
         ``take`` runs at once: no lock of the database's is waited for first. One
         commit: ``committed`` is not called (the caller's loop commits what is left)."""
         items = take()
         if not items:
-            return items
+            return
         rows = ((i.dedup_key, i.actor, i.type, i.payload) for i in items)
         columns = [list(column) for column in zip(*rows, strict=True)]
         async with self._transaction(shown=False) as db:
             await db.execute(self._INSERT_INBOX, (format_ts(utcnow()), *columns))
-        return items
 
     # The rows and their payloads in one statement: a duplicate key (of a row kept
     # before, or earlier in the batch) inserts no row, so its payload is not returned.
