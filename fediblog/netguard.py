@@ -28,6 +28,7 @@ rules keep that from happening here:
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import os
 import select
@@ -88,9 +89,12 @@ def trusted_context(environ: Mapping[str, str] | None = None) -> ssl.SSLContext:
     also count where truststore asks the platform's verifier (macOS, Windows), and a
     path that does not exist stops the start-up with its name rather than leaving every
     fetch to fail later with CERTIFICATE_VERIFY_FAILED.
+
+    One context a process for the same variables, shared by every connection pool:
+    loading the store takes ~50 ms and a few MB each time, and the app has four pools.
+    A certificate added to the store is trusted after a restart, as with any server.
     """
     env = os.environ if environ is None else environ
-    context = truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     cafile, capath = env.get("SSL_CERT_FILE") or None, env.get("SSL_CERT_DIR") or None
     for name, value, exists in (
         ("SSL_CERT_FILE", cafile, os.path.isfile),
@@ -100,6 +104,13 @@ def trusted_context(environ: Mapping[str, str] | None = None) -> ssl.SSLContext:
         missing = [p for p in (value or "").split(os.pathsep) if p and not exists(p)]
         if missing:
             raise ConfigError(f"{name}: {missing[0]} does not exist")
+    return _trusting(cafile, capath)
+
+
+@functools.lru_cache(maxsize=8)
+def _trusting(cafile: str | None, capath: str | None) -> ssl.SSLContext:
+    """The context of ``trusted_context`` (a failure is not cached: it raises)."""
+    context = truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if cafile or capath:
         try:
             context.load_verify_locations(cafile=cafile, capath=capath)
@@ -287,6 +298,13 @@ class _HostSlots:
     users: int = 0
 
 
+# Seconds an idle connection stays in the pool. Below 5 s, the idle timeout of uvicorn,
+# Apache and Node.js by default: at httpx's 5 s, a connection idle for just under 5 s was
+# taken again as such a server closed it, and the request failed with a ReadError (4 in
+# 320 requests in bursts 5 s apart; a delivery then waits for its retry 30 s later).
+KEEPALIVE_EXPIRY = 4.0
+
+
 class GuardedTransport(httpx.AsyncHTTPTransport):
     """httpx's own transport, with its connection pool connecting through GuardedBackend.
 
@@ -308,14 +326,18 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
         max_per_host: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(trust_env=False)
+        ssl_context = ssl_context or trusted_context()
+        # The context is passed here too, or httpx would load certifi's bundle into a
+        # context of its own (~50 ms) for the pool that is thrown away just below.
+        super().__init__(verify=ssl_context, trust_env=False)
         # httpx 0.28 takes no network backend (encode/httpx#3749 is still open), so the
-        # pool it just built is swapped for one with the guard; its defaults are kept.
+        # pool it just built is swapped for one with the guard; its defaults are kept,
+        # but for how long an idle connection is kept (KEEPALIVE_EXPIRY).
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context or trusted_context(),
+            ssl_context=ssl_context,
             max_connections=max_connections,
             max_keepalive_connections=20,
-            keepalive_expiry=5.0,
+            keepalive_expiry=KEEPALIVE_EXPIRY,
             network_backend=GuardedBackend(allow_loopback=allow_loopback, resolve=resolve),
         )
         self._slots = asyncio.Semaphore(max_connections)
