@@ -4,12 +4,15 @@ with the token it returns."""
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
 import httpx
+from argon2 import PasswordHasher
 
 from fediblog.config import Settings
+from fediblog.models import utcnow
 from fediblog.web.admin.guard import cookie_name
 from fediblog.web.deps import Services
 from tests import dbpeek
@@ -25,11 +28,21 @@ def csrf_of(html: str) -> str:
     return found.group(1)
 
 
+@functools.cache
+def password_hash() -> str:
+    """PASSWORD's hash as `fediblog admin password` stores it (argon2id, the library's
+    defaults, as desk.py makes it), made once a test process: each hash takes ~0.2 s,
+    and the tests that only need a signed-in author are many. test_admin_auth.py sets
+    passwords through the desk itself."""
+    return PasswordHasher().hash(PASSWORD)
+
+
 async def sign_in(client: httpx.AsyncClient, services: Services) -> str:
-    """Set the password if none is set, sign in through the form (the client keeps the
-    cookie) and return the session's CSRF token, as the dashboard's forms carry it."""
+    """Store the password if none is set, sign in through the form (the client keeps
+    the cookie; the desk checks the password against its hash, as for anyone) and
+    return the session's CSRF token, as the dashboard's forms carry it."""
     if not await services.desk.has_password():
-        await services.desk.set_password(PASSWORD)
+        await services.store.save_desk_password(password_hash(), utcnow())
     response = await client.post(
         "/admin/login",
         data={"username": services.settings.handle, "password": PASSWORD, "next": "/admin"},
