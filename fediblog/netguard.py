@@ -93,6 +93,9 @@ def trusted_context(environ: Mapping[str, str] | None = None) -> ssl.SSLContext:
     One context a process for the same variables, shared by every connection pool:
     loading the store takes ~50 ms and a few MB each time, and the app has four pools.
     A certificate added to the store is trusted after a restart, as with any server.
+    httpcore sets the context's ALPN list as each connection starts, so the pools that
+    share it must speak the same HTTP versions (all of them HTTP/1.1): a pool with
+    HTTP/2 would need a context of its own.
     """
     env = os.environ if environ is None else environ
     cafile, capath = env.get("SSL_CERT_FILE") or None, env.get("SSL_CERT_DIR") or None
