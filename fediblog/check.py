@@ -42,7 +42,7 @@ from fediblog.errors import FediblogError
 from fediblog.httpsig import sign_request
 from fediblog.keys import KeyPair, fingerprint, load_key
 from fediblog.models import utcnow
-from fediblog.netguard import trusted_context
+from fediblog.netguard import NoCookies, trusted_context
 
 Status = Literal["ok", "FAIL", "skip"]
 MIN_CERT_DAYS = 14  # ACME clients renew 30 days ahead: fewer left means renewal fails
@@ -113,6 +113,7 @@ async def iter_checks(
         timeout=wait,
         follow_redirects=False,
         headers={"User-Agent": USER_AGENT},
+        cookies=NoCookies(),
     ) as client:
         blog = _Blog(settings, Urls.of(settings), client, keys)
         yield await _tls(settings, context, wait, clock)

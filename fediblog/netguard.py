@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import http.cookiejar
 import ipaddress
 import os
 import select
@@ -299,6 +300,23 @@ class _HostSlots:
 
     slots: asyncio.Semaphore
     users: int = 0
+
+
+class NoCookies(http.cookiejar.CookieJar):
+    """A cookie jar that keeps nothing: the one every outbound client of the blog uses.
+
+    The blog talks to other servers, not as a browser. httpx's own jar keeps every
+    Set-Cookie it is answered with for the life of the client (the process), and sends
+    them back on later requests to that server: a fediverse server could track the blog
+    across fetches that way, and a hostile one, answering each fetch a stranger points
+    the blog at with a hundred new cookies, could grow the jar without end.
+    """
+
+    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
 
 
 # Seconds an idle connection stays in the pool. Below 5 s, the idle timeout of uvicorn,

@@ -69,6 +69,7 @@ from fediblog.httpsig import sign_request
 from fediblog.inbox import BatchWriter, Inbox
 from fediblog.keys import KeyPair, load_key
 from fediblog.models import utcnow
+from fediblog.netguard import NoCookies
 from fediblog.notify import Notifier
 from fediblog.proxy import MediaProxy
 from fediblog.remote import Fetcher, FetchPolicy, build_transport
@@ -184,6 +185,7 @@ class Runtime:
                     transport=transport or build_transport(policy, max_per_host=max_per_host),
                     headers={"User-Agent": USER_AGENT},
                     follow_redirects=False,
+                    cookies=NoCookies(),  # a server's Set-Cookie is neither kept nor sent back
                 )
                 stack.push_async_callback(client.aclose)
                 return client
