@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from fediblog.blog import Blog, missing_alt, read_post_file
@@ -35,6 +36,9 @@ from fediblog.errors import ConfigError, FediblogError, StorageError
 from fediblog.keys import ensure_keys, fingerprint, load_key
 from fediblog.models import Post, PostDraft, actor_address, actor_handle, format_ts, utcnow
 from fediblog.store import PostgresStore, Store, copy_blog
+
+if TYPE_CHECKING:
+    from fediblog.server import Timeouts
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
         help="web processes serving the port (1); with more than one, a worker process runs"
         " the background work beside them (none with --web-only)",
     )
+    serve.add_argument(
+        "--worker-process",
+        action="store_true",
+        help="one web process, and the background work in a second process forked from it:"
+        " replies and deliveries get a core of their own",
+    )
 
     worker = commands.add_parser(
         "worker",
@@ -95,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ROLES",
         help="comma-separated: inbox,delivery,crawl,schedule,notify,prune (default: all)",
     )
+    # `serve --worker-process` starts a worker again with this: it stops with that process.
+    worker.add_argument("--parent", type=int, metavar="PID", help=argparse.SUPPRESS)
 
     demo = commands.add_parser(
         "demo", help="run a local demo blog with posts and comments on http://127.0.0.1:8000"
@@ -357,7 +369,14 @@ MAX_WEB_PROCESSES = 64
 
 
 def _serve(
-    settings: Settings, host: str, port: int, *, web_only: bool = False, workers: int = 1
+    settings: Settings,
+    host: str,
+    port: int,
+    *,
+    web_only: bool = False,
+    workers: int = 1,
+    worker_process: bool = False,
+    data: Path | None = None,
 ) -> int:
     # Imported here: only `serve` and `demo` need uvicorn and the app.
     from fediblog.app import create_app
@@ -366,6 +385,11 @@ def _serve(
 
     if not 1 <= workers <= MAX_WEB_PROCESSES:
         raise UsageError(f"--workers takes 1 to {MAX_WEB_PROCESSES} web processes, not {workers}")
+    if worker_process and (web_only or workers > 1):
+        other = "--web-only leaves it to `fediblog worker`"
+        if not web_only:
+            other = "--workers runs it in a worker process already"
+        raise UsageError(f"--worker-process runs the background work, and {other}")
     check_before_serving(settings)
     _check_face(settings)
     timeouts = Timeouts(
@@ -374,6 +398,8 @@ def _serve(
         keep_alive=settings.keep_alive_timeout,
         shutdown=settings.shutdown_timeout,
     )
+    if worker_process:
+        return _serve_beside_a_worker(settings, host, port, timeouts, data)
     if workers == 1:
         what = " (web only: background work is left to `fediblog worker`)" * web_only
         print(f"fediblog: serving @{settings.acct} on http://{host}:{port}{what}", file=sys.stderr)
@@ -412,6 +438,41 @@ def _serve(
         sock.close()
 
 
+def _serve_beside_a_worker(
+    settings: Settings, host: str, port: int, timeouts: Timeouts, data: Path | None
+) -> int:
+    """`serve --worker-process`: this process serves; the worker is forked from it
+    before either opens the database (supervisor.Companion)."""
+    from fediblog.app import create_app  # with all the worker needs: imported once, shared
+    from fediblog.server import bind, serve_on
+    from fediblog.supervisor import Companion
+
+    sock = bind(host, port)
+
+    def worker() -> None:
+        sock.close()  # it serves no request: the port is free once the web process stops
+        _run_worker(settings)
+
+    def respawn(parent: int) -> list[str]:
+        folder = ["--data", str(data)] if data is not None else []
+        return [sys.executable, "-m", "fediblog", *folder, "worker", "--parent", str(parent)]
+
+    companion = Companion("worker process", worker, respawn, grace=timeouts.shutdown)
+    print(
+        f"fediblog: serving @{settings.acct} on http://{host}:{port} (pid {os.getpid()})"
+        " and a worker process forked from it",
+        file=sys.stderr,
+        flush=True,
+    )
+    companion.start()
+    try:
+        serve_on(create_app(settings, web_only=True), sock, timeouts)
+    finally:
+        companion.stop()
+        sock.close()
+    return 1 if companion.failed else 0
+
+
 async def _sync_face(blog: Blog) -> None:
     from fediblog.media import MediaStore
 
@@ -420,9 +481,14 @@ async def _sync_face(blog: Blog) -> None:
     )
 
 
-def _worker(settings: Settings, only: str | None) -> None:
+def _worker(settings: Settings, only: str | None, parent: int | None = None) -> None:
     from fediblog.preflight import check_before_serving
     from fediblog.runtime import ROLES
+
+    if parent is not None:
+        from fediblog.supervisor import die_with
+
+        die_with(parent)
 
     roles: tuple[str, ...] = ROLES
     if only is not None:
@@ -929,10 +995,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             _require_blog(settings, args.data)
         if args.command == "serve":
             return _serve(
-                settings, args.host, args.port, web_only=args.web_only, workers=args.workers
+                settings,
+                args.host,
+                args.port,
+                web_only=args.web_only,
+                workers=args.workers,
+                worker_process=args.worker_process,
+                data=args.data,
             )
         elif args.command == "worker":
-            _worker(settings, args.only)
+            _worker(settings, args.only, args.parent)
         elif args.command == "post":
             _post(settings, args)
         elif args.command == "followers":

@@ -4,7 +4,8 @@ The parent binds the port, then forks each child: the web processes each listen 
 socket of their own bound to it, among which Linux spreads new connections evenly
 (``server.socket_of_its_own``; elsewhere they all serve the parent's socket), and one
 ``fediblog worker`` process runs the background work, as `serve --web-only` beside
-`fediblog worker` would. The parent only watches:
+`fediblog worker` would. (`serve --worker-process`, one web process and a worker
+forked from it, is ``Companion``, at the end.) The parent only watches:
 
 * a child that exits on its own (a crash, an out-of-memory kill) is started again
   after a second; more than ``RESTARTS`` such exits within ``RESTART_WINDOW`` seconds
@@ -13,7 +14,7 @@ socket of their own bound to it, among which Linux spreads new connections evenl
   its own (requests get the shutdown grace period, the worker records what it did);
   a child still running ``grace`` + 5 seconds later is killed;
 * if the parent itself is killed outright, each child gets SIGTERM from the kernel
-  (``_die_with``) rather than serving on with nobody watching.
+  (``die_with``) rather than serving on with nobody watching.
 
 Nothing is lost when a child dies: what the worker had claimed comes back once its
 lease ends, and a reply is answered 202 only once its row is committed.
@@ -28,12 +29,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import multiprocessing
 import multiprocessing.process
 import os
 import signal
+import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -60,7 +64,7 @@ class Child:
     process: multiprocessing.process.BaseProcess | None = None
 
 
-def _die_with(parent: int) -> None:
+def die_with(parent: int) -> None:
     """SIGTERM this process when ``parent`` dies, even by SIGKILL: children left behind
     would go on serving the port with nobody to stop them (Linux's PR_SET_PDEATHSIG;
     elsewhere systemd's control group still stops them all)."""
@@ -82,7 +86,7 @@ def _child_main(name: str, run: Callable[[], None], parent: int) -> None:
     # Its own process group: Ctrl-C in a terminal reaches the parent alone, which passes
     # one SIGTERM on (a second signal would make uvicorn cut its requests short).
     os.setpgid(0, 0)
-    _die_with(parent)
+    die_with(parent)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     try:
         run()
@@ -217,13 +221,148 @@ class Supervisor:
 
     def _count_exit(self, child: Child) -> str:
         """Count an unexpected exit (or a start that failed); say what comes next."""
-        now = time.monotonic()
-        self._exits.append(now)
-        while self._exits and now - self._exits[0] > RESTART_WINDOW:
-            self._exits.popleft()
-        if len(self._exits) > RESTARTS:
+        if _too_many(self._exits):
             self.failed = True
             self._stop()
             return f": {len(self._exits)} unexpected exits in {RESTART_WINDOW:g} s, stopping"
-        self._due[child.name] = now + RESTART_PAUSE
+        self._due[child.name] = time.monotonic() + RESTART_PAUSE
         return ": starting it again"
+
+
+def _too_many(exits: deque[float]) -> bool:
+    """Count one more unexpected exit in ``exits``: True once there were more than
+    RESTARTS within RESTART_WINDOW seconds."""
+    now = time.monotonic()
+    exits.append(now)
+    while exits and now - exits[0] > RESTART_WINDOW:
+        exits.popleft()
+    return len(exits) > RESTARTS
+
+
+@dataclass(frozen=True, slots=True)
+class _Running:
+    pid: int
+    wait: Callable[[], int]  # until it exits: its exit code, or minus the signal's number
+
+
+def _fork(name: str, run: Callable[[], None], parent: int) -> _Running:
+    """``run`` in a forked child (as ``_child_main`` runs a Supervisor's children)."""
+    pid = os.fork()
+    if pid == 0:  # the child: it never returns into the parent's code
+        code = 1
+        try:
+            _child_main(name, run, parent)
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+        except BaseException:
+            log.exception("the %s failed", name)
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+    return _Running(pid, lambda: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+
+
+class Companion:
+    """`serve --worker-process`: this process serves the web, and ``run`` (the worker)
+    runs in a child of it, started again whenever it exits on its own.
+
+    The first child is forked before this process opens its database or starts its
+    event loop: the two then share the pages of everything imported (copy-on-write),
+    and hold less memory between them than `serve --web-only` beside a `fediblog
+    worker` started on its own (tests/bench/README.md). One started again is such a process
+    (``respawn(parent pid)`` is its command): a fork of a process that runs threads
+    and an event loop could inherit a lock some thread held, or the database's
+    connections. It is told to stop with this one, even one killed outright.
+
+    The policy is the Supervisor's: a pause of RESTART_PAUSE before each start, and
+    more than RESTARTS unexpected exits within RESTART_WINDOW stop the web process too
+    (SIGTERM to itself: requests get their grace period), which then exits 1.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[], None],
+        respawn: Callable[[int], list[str]],
+        *,
+        grace: float,
+    ) -> None:
+        self.name = name
+        self.failed = False  # it kept exiting: the web process was asked to stop
+        self._run = run
+        self._respawn = respawn
+        self._grace = grace
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._exits: deque[float] = deque()
+        self._running: _Running | None = None
+        self._watcher = threading.Thread(target=self._watch, name=f"{name} watcher", daemon=True)
+
+    def start(self) -> None:
+        """Fork the child; call before any thread or event loop starts."""
+        # What is loaded now stays out of both processes' garbage collections (the
+        # permanent generation): a full collection writes to every object it visits,
+        # and each page it writes to would be one more the two no longer share.
+        gc.collect()
+        gc.freeze()
+        self._running = _fork(self.name, self._run, os.getpid())
+        self._watcher.start()
+
+    def stop(self) -> None:
+        """SIGTERM to the child; killed if it still runs ``grace`` + 5 seconds later."""
+        with self._lock:
+            self._stopping.set()
+            running = self._running
+            if running is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(running.pid, signal.SIGTERM)
+        self._watcher.join(self._grace + KILL_AFTER)
+        with self._lock:
+            running = self._running
+        if self._watcher.is_alive() and running is not None:
+            log.warning("the %s did not stop in time: killing it", self.name)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(running.pid, signal.SIGKILL)
+            self._watcher.join()
+
+    def _watch(self) -> None:
+        while (running := self._running) is not None:
+            code = running.wait()
+            with self._lock:
+                self._running = None
+                if self._stopping.is_set():
+                    return
+                if not self._exited(f"the {self.name} exited ({_described(code)})"):
+                    return
+            self._start_again()
+
+    def _exited(self, what: str) -> bool:
+        """Say ``what`` happened (an exit, a start that failed) and what comes next;
+        False once it is one too many."""
+        if _too_many(self._exits):
+            self.failed = True
+            many = f"{len(self._exits)} unexpected exits in {RESTART_WINDOW:g} s"
+            _say(f"{what}: {many}, stopping")
+            os.kill(os.getpid(), signal.SIGTERM)  # the web process stops as on a signal
+            return False
+        _say(f"{what}: starting it again")
+        return True
+
+    def _start_again(self) -> None:
+        while not self._stopping.wait(RESTART_PAUSE):
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                try:
+                    command = self._respawn(os.getpid())  # our own: sys.executable -m fediblog
+                    child = subprocess.Popen(command, process_group=0)  # noqa: S603
+                except OSError as error:
+                    what = f"cannot start the {self.name}: {error.strerror or error}"
+                    if not self._exited(what):
+                        return
+                    continue
+                self._running = _Running(child.pid, child.wait)
+                return

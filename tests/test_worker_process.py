@@ -1138,6 +1138,167 @@ def test_a_fork_that_fails_is_tried_again() -> None:
     )
 
 
+# ---- serve --worker-process: the web process and a worker forked from it ---------------
+
+
+def _children(pid: int) -> set[int]:
+    """The children of each of ``pid``'s threads (the worker is started again by one)."""
+    return {
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    }
+
+
+def _one_child(pid: int, without: int = 0) -> int | None:
+    children = _children(pid)
+    return children.pop() if len(children) == 1 and without not in children else None
+
+
+def _smaps(pid: int) -> dict[str, float]:
+    """/proc/PID/smaps_rollup in MB: Rss, Pss, Shared_Dirty..."""
+    lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+    pairs = (line.split(":") for line in lines)
+    return {name: int(value.split()[0]) / 1024 for name, value in pairs}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc")
+def test_serve_with_a_worker_process_shares_memory_and_starts_a_killed_worker_again(
+    world: World,
+) -> None:
+    """Two processes for two cores: the web process serves, a worker forked from it
+    before either opened anything turns replies into comments. Forked, the two share
+    the pages of all they imported; a worker killed outright is started again as a
+    `fediblog worker` of its own, and what was sent meanwhile is kept."""
+    with world.process("web", "serve", "--port", str(world.port), "--worker-process") as web:
+        wait_until_up(f"{world.base}/about", web, "the web process")
+        log = world.folder / "web.log"
+        worker = eventually(lambda: _one_child(web.pid), "the worker process", log)
+        # Forked, not started anew: its command line is the web process's, and most of
+        # what it holds is still the web process's pages (a process of its own shares
+        # only the libraries' code, none of it dirty).
+        assert (
+            Path(f"/proc/{worker}/cmdline").read_bytes()
+            == Path(f"/proc/{web.pid}/cmdline").read_bytes()
+        )
+        assert _smaps(worker)["Shared_Dirty"] > 5, _smaps(worker)
+        assert not _tcp_sockets(worker, world.port, "0A")  # the port is the web's alone
+
+        assert world.reply(1, "Answered beside a forked worker").status_code == 202
+        eventually(
+            lambda: "Answered beside a forked worker" in world.get(world.page).text,
+            "the comment on the page",
+            log,
+        )
+        os.kill(worker, signal.SIGKILL)
+        assert world.reply(2, "Answered while the worker was away").status_code == 202
+        again = eventually(lambda: _one_child(web.pid, without=worker), "a new worker", log)
+        command = Path(f"/proc/{again}/cmdline").read_bytes().split(b"\0")
+        assert command[-4:-1] == [b"worker", b"--parent", str(web.pid).encode()]
+        eventually(
+            lambda: "Answered while the worker was away" in world.get(world.page).text,
+            "the second comment on the page",
+            log,
+        )
+        health = world.get("/healthz").json()
+        assert health["status"] == "ok"
+        assert set(health["worker_processes"]) == set(ROLES)
+    assert web.returncode == 0
+    assert not Path(f"/proc/{again}").exists()
+    text = log.read_text()
+    assert "and a worker process forked from it" in text
+    assert "the worker process exited (killed by SIGKILL): starting it again" in text
+    assert "fediblog: worker stopped" in text  # it stopped cleanly, on the web's word
+    assert "Traceback" not in text
+    assert world.rows("SELECT count(*) FROM comments") == [(2,)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG")
+def test_a_worker_process_does_not_outlive_its_web_process_killed_outright(
+    world: World,
+) -> None:
+    with world.process("web", "serve", "--port", str(world.port), "--worker-process") as web:
+        wait_until_up(f"{world.base}/about", web, "the web process")
+        worker = eventually(lambda: _one_child(web.pid), "the worker", world.folder / "web.log")
+        web.kill()
+        web.wait()
+        eventually(lambda: _gone(worker), "the worker to stop with the web process")
+
+
+@pytest.mark.parametrize(
+    "beside", [["--web-only"], ["--workers", "2"]], ids=["web-only", "workers"]
+)
+def test_a_worker_process_with_web_only_or_several_web_processes_is_exit_2(
+    world: World, beside: list[str]
+) -> None:
+    result = run_cli(
+        world.folder, world.env, "serve", "--port", str(world.port), "--worker-process", *beside
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "--worker-process" in result.stderr
+    assert beside[0] in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+_FROZEN_BEFORE_THE_FORK = """
+import gc, os, signal, sys, threading
+from fediblog import supervisor
+stopped = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+def worker() -> None:
+    print(gc.get_freeze_count() > 1000, flush=True)
+    os.kill(os.getppid(), signal.SIGTERM)
+    threading.Event().wait(30)
+companion = supervisor.Companion("worker process", worker, lambda parent: [], grace=5)
+companion.start()
+stopped.wait(30)
+companion.stop()
+print(gc.get_freeze_count() > 1000, flush=True)
+"""
+
+
+def test_what_the_web_process_loaded_stays_out_of_both_processes_collections() -> None:
+    """A full collection in either process would write to every object it visits, and
+    each page written is one the two no longer share: all that was loaded at the fork
+    is frozen (gc.freeze), in the worker and in the web process alike."""
+    result = _supervise(_FROZEN_BEFORE_THE_FORK)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "True\nTrue\n"
+    assert result.stderr == ""
+
+
+_WORKER_KEEPS_EXITING = """
+import signal, sys, threading
+from fediblog import supervisor
+supervisor.RESTART_PAUSE = 0.01
+stopped = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+companion = supervisor.Companion(
+    "worker process",
+    lambda: sys.exit(4),
+    lambda parent: [sys.executable, "-c", "import sys; sys.exit(3)"],
+    grace=1,
+)
+companion.start()
+stopped.wait(30)
+companion.stop()
+sys.exit(1 if companion.failed else 0)
+"""
+
+
+def test_a_worker_process_that_keeps_exiting_stops_the_web_process_with_exit_1() -> None:
+    result = _supervise(_WORKER_KEEPS_EXITING)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "fediblog: the worker process exited (exit status 4): starting it again"
+    again = "fediblog: the worker process exited (exit status 3): starting it again"
+    assert lines[1:5] == [again] * 4
+    assert lines[5:] == [
+        "fediblog: the worker process exited (exit status 3): 6 unexpected exits in 60 s, stopping"
+    ]
+
+
 @pytest.mark.anyio
 async def test_in_one_process_the_inbox_waits_for_a_worker_that_is_behind(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
