@@ -2,7 +2,7 @@
 
     python -m tests.bench [--quick] [--only page,inbox,processing,delivery,memory]
                           [--out FILE] [--quiet-wait SECONDS] [--postgres ADMIN_URL]
-                          [--workers N] [--split [--worker-processes M]]
+                          [--workers N | --worker-process | --split [--worker-processes M]]
 
 First the hello-world ceiling (tests/bench/hello.py: a trivial starlette endpoint behind
 ``fediblog serve``'s own uvicorn settings, driven by wrk identity and gzip), then each
@@ -14,7 +14,8 @@ compare with the targets. Before each benchmark the run notes how busy the machi
 and, after it, how much CPU other processes took meanwhile (``others_cores``).
 
 ``--postgres`` puts each benchmark's blog in a fresh database on that PostgreSQL server
-(dropped afterwards); ``--workers N`` serves with N web processes; ``--split`` runs the
+(dropped afterwards); ``--workers N`` serves with N web processes; ``--worker-process``
+with one web process and a worker forked from it; ``--split`` runs the
 background work in ``--worker-processes M`` `fediblog worker` processes. The report
 records the backend and both process counts, so runs of each shape compare in one table.
 """
@@ -38,11 +39,13 @@ from typing import Any
 from fediblog.config import without_password
 from tests.bench import report
 from tests.bench.common import (
+    FORKED,
     POSTGRES,
     SPLIT,
     WEB_PROCESSES,
     WORKER_PROCESSES,
     backend,
+    forked_worker,
     run_async,
     split_processes,
     web_processes,
@@ -128,8 +131,10 @@ def meta(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
         "split": split_processes(),
         "web_processes": web_processes(),
         # `fediblog worker` processes beside the web ones: M with --split; else 0 (the
-        # work runs in the one web process) or, with --workers N, serve's own worker: 1.
-        "worker_processes": worker_processes() or (1 if web_processes() > 1 else 0),
+        # work runs in the one web process) or, with --workers N or --worker-process,
+        # serve's own worker: 1.
+        "worker_processes": worker_processes() or int(web_processes() > 1 or forked_worker()),
+        "worker_forked": forked_worker(),  # `serve --worker-process`
         "only": names,
         "machine": {
             "cpus": os.cpu_count(),
@@ -222,6 +227,12 @@ def main() -> None:
         " (CREATE DATABASE) and dropped by the run (sets FEDIBLOG_BENCH_POSTGRES)",
     )
     parser.add_argument(
+        "--worker-process",
+        action="store_true",
+        help="run the server as `serve --worker-process`: a web process and a worker forked"
+        " from it (sets FEDIBLOG_BENCH_WORKER_PROCESS=1)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -235,6 +246,14 @@ def main() -> None:
     # Read by common (bench_settings, running_server), in this process.
     if args.split:
         os.environ[SPLIT] = "1"
+    if args.worker_process and (args.split or args.workers > 1):
+        parser.error(
+            "--worker-process is one web process and its worker: not with --split or --workers"
+        )
+    if args.worker_process:
+        os.environ[FORKED] = "1"
+    else:
+        os.environ.pop(FORKED, None)
     if args.worker_processes > 1 and not split_processes():
         parser.error("--worker-processes needs --split (`serve` runs its own worker otherwise)")
     if args.postgres and not args.postgres.startswith(("postgresql://", "postgres://")):
@@ -259,7 +278,8 @@ def main() -> None:
         f"{'-dirty' if info['dirty'] else ''}{'-quick' if quick else ''}"
         f"{'-postgresql' if args.postgres else ''}"
         f"{f'-split{args.worker_processes}' if info['split'] else ''}"
-        f"{f'-workers{args.workers}' if args.workers > 1 else ''}.json"
+        f"{f'-workers{args.workers}' if args.workers > 1 else ''}"
+        f"{'-forked' if args.worker_process else ''}.json"
     )
 
     ceiling, error = run_one("ceiling", dict(SETTINGS["ceiling"][quick]), quiet_wait)

@@ -13,11 +13,15 @@ Three measurements, each of a fresh server process (one uvicorn worker):
    home page (posts, tags, about, feeds, pagination), each post's ActivityPub object,
    the actor, outbox, followers, WebFinger, host-meta and NodeInfo; then 2 s idle.
 
-RSS is VmRSS from /proc (what `ps` and the container see), added up over the server
-and any process it started. With ``--split`` (``python -m tests.bench --split``) the
-server is `serve --web-only` plus ``--worker-processes`` `fediblog worker`s (one by
-default): each figure is their sum, ``*_web_mb`` the web process(es)' own and
-``*_worker_mb`` the workers' (added up).
+RSS is what the server's processes hold resident, each page counted once (common.
+tree_memory_mb, from /proc/PID/pagemap): for one process, its VmRSS (what `ps` shows);
+for several, what the machine gives them all (a container's memory counts each page
+once too), where pages that processes forked from one another still share count once,
+not once per process. ``*_rss_sum_mb`` is their VmRSS added up, as `ps` would add them.
+With ``--split`` (``python -m tests.bench --split``) the server is `serve --web-only`
+plus ``--worker-processes`` `fediblog worker`s (one by default): ``*_web_mb`` is the web
+process(es)' own and ``*_worker_mb`` the workers' (VmRSS, added up); with
+``--worker-process``, `serve --worker-process`: a web process and a worker forked from it.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ from fediblog.store import Store
 from tests.bench.common import (
     bench_folder,
     bench_settings,
+    process_tree,
     running_server,
+    tree_memory_mb,
     tree_rss_mb,
     workers_of,
 )
@@ -97,13 +103,17 @@ def crawl(base: str, limit: int) -> tuple[int, int]:
 
 
 def each_process(pid: int, name: str, parts: dict[str, float]) -> float:
-    """The server's RSS (the sum over its processes); in a split run, the web
-    process(es)' own goes into ``parts`` as NAME_web_mb, the workers' as NAME_worker_mb."""
-    total = tree_rss_mb(pid)
+    """The server's RSS, each page once; with several processes, their VmRSS added up
+    goes into ``parts`` as NAME_rss_sum_mb, and in a split run the web process(es)' own
+    as NAME_web_mb, the workers' as NAME_worker_mb."""
+    total = tree_memory_mb(pid)
+    added = tree_rss_mb(pid)
+    if len(process_tree(pid)) > 1:
+        parts[f"{name}_rss_sum_mb"] = added
     workers = workers_of(pid)
     if workers:
         parts[f"{name}_worker_mb"] = sum(tree_rss_mb(worker) for worker in workers)
-        parts[f"{name}_web_mb"] = total - parts[f"{name}_worker_mb"]
+        parts[f"{name}_web_mb"] = added - parts[f"{name}_worker_mb"]
     return total
 
 

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -33,12 +34,17 @@ SPLIT = "FEDIBLOG_BENCH_SPLIT"  # "1": `serve --web-only` and `fediblog worker` 
 WEB_PROCESSES = "FEDIBLOG_BENCH_WORKERS"  # N > 1: `serve --workers N` (N web + a worker)
 WORKER_PROCESSES = "FEDIBLOG_BENCH_WORKER_PROCESSES"  # M: `fediblog worker`s in a split run
 POSTGRES = "FEDIBLOG_BENCH_POSTGRES"  # an admin URL: each blog a fresh database there
+FORKED = "FEDIBLOG_BENCH_WORKER_PROCESS"  # "1": `serve --worker-process` (web + forked worker)
 
 T = TypeVar("T")
 
 
 def split_processes() -> bool:
     return os.environ.get(SPLIT) == "1"
+
+
+def forked_worker() -> bool:
+    return os.environ.get(FORKED) == "1"
 
 
 def web_processes() -> int:
@@ -222,6 +228,7 @@ def running_server(settings: Settings, port: int, **env: str) -> Iterator[subpro
     command = [sys.executable, "-m", "fediblog"]
     split = split_processes()
     workers = ["--workers", str(web_processes())] if web_processes() > 1 else []
+    workers += ["--worker-process"] if forked_worker() else []
     process = subprocess.Popen(
         [*command, "serve", "--port", str(port), *(["--web-only"] if split else []), *workers],
         env=server_env(settings, **env),
@@ -283,6 +290,46 @@ def tree_rss_mb(pid: int) -> float:
         except (OSError, RuntimeError):
             continue  # ended meanwhile
     return total
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_PRESENT = 1 << 63
+_PFN = (1 << 55) - 1
+
+
+def _frames(pid: int) -> set[int] | None:
+    """The physical frames of ``pid``'s resident pages (/proc/PID/pagemap), or None
+    where the kernel hides them (not root: every frame number reads 0)."""
+    frames: set[int] = set()
+    with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            start, end = (int(part, 16) for part in line.split()[0].split("-"))
+            try:
+                pagemap.seek(start // _PAGE * 8)
+                entries = pagemap.read((end - start) // _PAGE * 8)
+            except OSError:  # [vsyscall]
+                continue
+            frames.update(
+                entry & _PFN for (entry,) in struct.iter_unpack("<Q", entries) if entry & _PRESENT
+            )
+    return None if frames == {0} else frames
+
+
+def tree_memory_mb(pid: int) -> float:
+    """The memory the process and its descendants hold resident, each page counted
+    once: one process's VmRSS; for processes forked from one another, less than their
+    RSS added up, by the pages they still share. Without access to the frame numbers
+    (not root), their RSS added up."""
+    frames: set[int] = set()
+    for member in process_tree(pid):
+        try:
+            mine = _frames(member)
+        except OSError:
+            continue  # ended meanwhile
+        if mine is None:
+            return tree_rss_mb(pid)
+        frames |= mine
+    return len(frames) * _PAGE / 2**20
 
 
 class RssSampler:
