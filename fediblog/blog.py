@@ -33,9 +33,6 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-import frontmatter
-import yaml
-
 from fediblog.activitystreams import Urls, build_create, build_delete, build_pin, build_update
 from fediblog.config import Settings
 from fediblog.errors import FediblogError, PostError, PostNotFound
@@ -86,6 +83,10 @@ def read_post_file(path: Path) -> PostDraft:
 
 def parse_post(text: str, *, source: str = "post") -> PostDraft:
     """Parse Markdown with front matter into a validated draft."""
+    # Imported on first use: the server reads post files only when told to.
+    import frontmatter
+    import yaml
+
     try:
         document = frontmatter.loads(text)
     except yaml.YAMLError as error:
