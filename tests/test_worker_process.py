@@ -835,11 +835,20 @@ def test_both_units_read_one_environment_file_and_the_worker_starts_after_the_se
 # ---- serve --workers N: several web processes and a worker, one command ----------------
 
 
-def _three_children(pid: int, without: int = 0) -> set[int] | None:
-    """The pids of ``pid``'s children once there are three, none of them ``without``."""
-    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    children = {int(child) for child in text.split()}
-    return children if len(children) == 3 and without not in children else None
+def _children(pid: int) -> set[int]:
+    """The children of each of ``pid``'s threads (`serve --worker-process` starts its
+    worker again from a thread of its own)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            found.update(int(child) for child in (task / "children").read_text().split())
+    return found
+
+
+def _children_when(pid: int, count: int, without: int = 0) -> set[int] | None:
+    """The pids of ``pid``'s children once there are ``count``, none of them ``without``."""
+    children = _children(pid)
+    return children if len(children) == count and without not in children else None
 
 
 def _two_web_processes_args(world: World) -> list[str]:
@@ -853,7 +862,7 @@ def _two_web_processes(world: World) -> Iterator[tuple[subprocess.Popen[bytes], 
     with world.process("web", *_two_web_processes_args(world)) as parent:
         wait_until_up(f"{world.base}/about", parent, "the web processes")
         children = eventually(
-            lambda: _three_children(parent.pid),
+            lambda: _children_when(parent.pid, 3),
             "two web processes and a worker",
             world.folder / "web.log",
         )
@@ -946,7 +955,7 @@ def test_serve_with_two_web_processes_runs_a_worker_and_starts_a_killed_one_agai
         statuses = {world.get("/about").status_code for _ in range(20)}
         assert statuses == {200}
         again = eventually(
-            lambda: _three_children(parent.pid, without=victim),
+            lambda: _children_when(parent.pid, 3, without=victim),
             "the killed process started again",
             world.folder / "web.log",
         )
@@ -1141,18 +1150,9 @@ def test_a_fork_that_fails_is_tried_again() -> None:
 # ---- serve --worker-process: the web process and a worker forked from it ---------------
 
 
-def _children(pid: int) -> set[int]:
-    """The children of each of ``pid``'s threads (the worker is started again by one)."""
-    found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
-            found.update(int(child) for child in (task / "children").read_text().split())
-    return found
-
-
 def _one_child(pid: int, without: int = 0) -> int | None:
-    children = _children(pid)
-    return children.pop() if len(children) == 1 and without not in children else None
+    children = _children_when(pid, 1, without)
+    return children.pop() if children else None
 
 
 def _smaps(pid: int) -> dict[str, float]:
