@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import re
 import shlex
@@ -38,6 +39,8 @@ from fediblog.models import Post, PostDraft, actor_address, actor_handle, format
 from fediblog.store import PostgresStore, Store, copy_blog
 
 if TYPE_CHECKING:
+    import socket
+
     from fediblog.server import Timeouts
 
 
@@ -418,13 +421,9 @@ def _serve(
         app = create_app(settings, web_only=True, processes=workers)
         serve_on(app, socket_of_its_own(sock), timeouts)
 
-    def worker() -> None:
-        sock.close()  # it serves no request: the port is free once the web processes stop
-        _run_worker(settings)
-
     children = [Child(f"web process {n}", web) for n in range(1, workers + 1)]
     if not web_only:
-        children.append(Child("worker process", worker))
+        children.append(Child("worker process", functools.partial(_forked_worker, settings, sock)))
     beside = " and background work left to `fediblog worker`" if web_only else " and a worker"
     print(
         f"fediblog: serving @{settings.acct} on http://{host}:{port} with {workers} web"
@@ -449,14 +448,11 @@ def _serve_beside_a_worker(
 
     sock = bind(host, port)
 
-    def worker() -> None:
-        sock.close()  # it serves no request: the port is free once the web process stops
-        _run_worker(settings)
-
     def respawn(parent: int) -> list[str]:
         folder = ["--data", str(data)] if data is not None else []
         return [sys.executable, "-m", "fediblog", *folder, "worker", "--parent", str(parent)]
 
+    worker = functools.partial(_forked_worker, settings, sock)
     companion = Companion("worker process", worker, respawn, grace=timeouts.shutdown)
     print(
         f"fediblog: serving @{settings.acct} on http://{host}:{port} (pid {os.getpid()})"
@@ -502,6 +498,12 @@ def _worker(settings: Settings, only: str | None, parent: int | None = None) -> 
         roles = tuple(role for role in ROLES if role in named)
     check_before_serving(settings)
     _run_worker(settings, roles)
+
+
+def _forked_worker(settings: Settings, sock: socket.socket) -> None:
+    """The worker forked by `serve --workers N` or `--worker-process`."""
+    sock.close()  # it serves no request: the port is free once the web processes stop
+    _run_worker(settings)
 
 
 def _run_worker(settings: Settings, roles: tuple[str, ...] | None = None) -> None:
