@@ -20,9 +20,13 @@ and a client that connected and sent nothing held its connection forever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import socket
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -295,6 +299,24 @@ def serve(app: ASGIApp, host: str, port: int, timeouts: Timeouts | None = None) 
         sock.close()
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM ends it as SIGINT does: with KeyboardInterrupt.
+
+    uvicorn stops gracefully on either, then raises the signal again for the handler
+    that was there before it; Python's default for SIGTERM would end the process at
+    once, before its caller's own clean-up (`serve --worker-process` stops its worker
+    and waits for it) had run, and with an exit status that says "killed"."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread handles signals (uvicorn's too)
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def serve_on(app: ASGIApp, sock: socket.socket, timeouts: Timeouts | None = None) -> None:
     """Serve ``app`` on a bound socket until SIGINT or SIGTERM; the caller closes it.
     Several processes may serve one socket (``fediblog serve --workers N`` where
@@ -318,9 +340,10 @@ def serve_on(app: ASGIApp, sock: socket.socket, timeouts: Timeouts | None = None
     # uvicorn.Config has just configured its loggers; this one reports cancelled requests.
     logging.getLogger("uvicorn.error").addFilter(_QuietCancellation())
     try:
-        server.run(sockets=[sock])
+        with _sigterm_as_interrupt():
+            server.run(sockets=[sock])
     except KeyboardInterrupt:
-        pass  # uvicorn re-raises the SIGINT it handled: the graceful stop is done
+        pass  # uvicorn re-raises the signal it handled: the graceful stop is done
     except SystemExit:
         # uvicorn exits like this when the app's start-up failed; it logged why.
         raise FediblogError("the server did not start: see the messages above") from None

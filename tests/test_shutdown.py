@@ -140,7 +140,7 @@ def test_sigterm_with_slow_uploads_exits_within_the_grace_period(tmp_path: Path)
         stop(served)
     print(f"stopped {took:.1f} s after SIGTERM with three slow uploads")
     assert took >= 1.5  # it did give the requests their grace period
-    assert served.process.returncode in (0, -signal.SIGTERM)
+    assert served.process.returncode == 0  # a clean stop, as on Ctrl-C: not "killed"
     log = served.log.read_text()
     assert "Traceback" not in log
     assert "the shutdown grace period ended" in log

@@ -1225,6 +1225,28 @@ def test_a_worker_process_does_not_outlive_its_web_process_killed_outright(
         eventually(lambda: _gone(worker), "the worker to stop with the web process")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc")
+def test_sigterm_stops_the_worker_process_before_the_web_process_exits(world: World) -> None:
+    """systemd, Docker and kill(1) stop a server with SIGTERM: the web process stops its
+    worker (and waits for it) before it exits, as it does on Ctrl-C, so that nothing of
+    the server is left running once its main process has ended."""
+    with world.process("web", "serve", "--port", str(world.port), "--worker-process") as web:
+        wait_until_up(f"{world.base}/about", web, "the web process")
+        log = world.folder / "web.log"
+        worker = eventually(lambda: _one_child(web.pid), "the worker process", log)
+        assert world.reply(1, "Answered before the stop").status_code == 202
+        eventually(
+            lambda: "Answered before the stop" in world.get(world.page).text, "the comment", log
+        )
+        web.send_signal(signal.SIGTERM)
+        assert web.wait(timeout=30) == 0
+        assert _gone(worker)  # stopped, and waited for, before the web process ended
+    text = log.read_text()
+    assert "fediblog: worker stopped" in text
+    assert "Traceback" not in text
+    assert world.rows("SELECT count(*) FROM comments") == [(1,)]
+
+
 @pytest.mark.parametrize(
     "beside", [["--web-only"], ["--workers", "2"]], ids=["web-only", "workers"]
 )
