@@ -443,10 +443,17 @@ def _serve_beside_a_worker(
     """`serve --worker-process`: this process serves; the worker is forked from it
     before either opens the database (supervisor.Companion)."""
     from fediblog.app import create_app  # with all the worker needs: imported once, shared
-    from fediblog.server import bind, serve_on
+    from fediblog.server import bind, prepared, serve_on
     from fediblog.supervisor import Companion
+    from fediblog.web.templating import build_templates, compile_all
 
     sock = bind(host, port)
+    # Built before the fork: the app, uvicorn's server and every template. Built after
+    # it, by the web process alone, the work would write to pages the two processes
+    # still share (reference counts, code run for the first time), and each page
+    # written to is then held twice (tests/bench/README.md, idle memory).
+    server = prepared(create_app(settings, web_only=True), timeouts)
+    compile_all(build_templates())
 
     def respawn(parent: int) -> list[str]:
         folder = ["--data", str(data)] if data is not None else []
@@ -462,7 +469,7 @@ def _serve_beside_a_worker(
     )
     companion.start()
     try:
-        serve_on(create_app(settings, web_only=True), sock, timeouts)
+        serve_on(server, sock)
     finally:
         companion.stop()
         sock.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import signal
 import socket
@@ -299,6 +300,34 @@ def serve(app: ASGIApp, host: str, port: int, timeouts: Timeouts | None = None) 
         sock.close()
 
 
+def prepared(app: ASGIApp, timeouts: Timeouts | None = None) -> uvicorn.Server:
+    """uvicorn's server for ``app``, its classes already imported (the HTTP protocol,
+    the lifespan, the event loop): ``serve_on`` runs it. `serve --worker-process`
+    prepares it before it forks the worker, so that what this loads is loaded once and
+    shared by the two processes rather than loaded by the web process alone after."""
+    timeouts = timeouts or Timeouts()
+    config = uvicorn.Config(
+        BodyDeadline(app, timeouts.body, timeouts.upload),
+        http=_protocol_class(timeouts.header),
+        ws="none",
+        lifespan="on",
+        proxy_headers=True,
+        forwarded_allow_ips="127.0.0.1",
+        server_header=False,
+        log_level="info",
+        access_log=False,
+        timeout_keep_alive=timeouts.keep_alive,
+        timeout_graceful_shutdown=timeouts.shutdown,
+    )
+    config.load()
+    config.get_loop_factory()
+    # Starlette runs on anyio, which imports its asyncio backend when first used.
+    importlib.import_module("anyio._backends._asyncio")
+    # uvicorn.Config has just configured its loggers; this one reports cancelled requests.
+    logging.getLogger("uvicorn.error").addFilter(_QuietCancellation())
+    return uvicorn.Server(config)
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """While the block runs, SIGTERM ends it as SIGINT does: with KeyboardInterrupt.
@@ -317,28 +346,14 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def serve_on(app: ASGIApp, sock: socket.socket, timeouts: Timeouts | None = None) -> None:
-    """Serve ``app`` on a bound socket until SIGINT or SIGTERM; the caller closes it.
-    Several processes may serve one socket (``fediblog serve --workers N`` where
-    ``socket_of_its_own`` cannot give each its own): the kernel hands each new
-    connection to one of them."""
-    timeouts = timeouts or Timeouts()
-    config = uvicorn.Config(
-        BodyDeadline(app, timeouts.body, timeouts.upload),
-        http=_protocol_class(timeouts.header),
-        ws="none",
-        lifespan="on",
-        proxy_headers=True,
-        forwarded_allow_ips="127.0.0.1",
-        server_header=False,
-        log_level="info",
-        access_log=False,
-        timeout_keep_alive=timeouts.keep_alive,
-        timeout_graceful_shutdown=timeouts.shutdown,
-    )
-    server = uvicorn.Server(config)
-    # uvicorn.Config has just configured its loggers; this one reports cancelled requests.
-    logging.getLogger("uvicorn.error").addFilter(_QuietCancellation())
+def serve_on(
+    app: ASGIApp | uvicorn.Server, sock: socket.socket, timeouts: Timeouts | None = None
+) -> None:
+    """Serve ``app`` (or a server ``prepared`` for it) on a bound socket until SIGINT or
+    SIGTERM; the caller closes it. Several processes may serve one socket (``fediblog
+    serve --workers N`` where ``socket_of_its_own`` cannot give each its own): the kernel
+    hands each new connection to one of them."""
+    server = app if isinstance(app, uvicorn.Server) else prepared(app, timeouts)
     try:
         with _sigterm_as_interrupt():
             server.run(sockets=[sock])

@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import pytest
 
 from fediblog import moderation
 from fediblog import runtime as runtime_module
+from fediblog.app import create_app
 from fediblog.blog import Blog, parse_post
 from fediblog.config import Settings
 from fediblog.errors import StorageUnavailable, WorkerFailed
@@ -46,9 +48,11 @@ from fediblog.runtime import (
     run_worker,
 )
 from fediblog.schedule import Scheduler
+from fediblog.server import Timeouts, bind, prepared, serve_on
 from fediblog.store import MIGRATIONS, Store
 from fediblog.web.deps import Services
 from fediblog.web.health import Elsewhere
+from fediblog.web.templating import build_templates, compile_all
 from tests import dbpeek
 from tests.bench import bench_inbox
 from tests.bench.common import server_env
@@ -1223,6 +1227,39 @@ def test_a_worker_process_does_not_outlive_its_web_process_killed_outright(
         web.kill()
         web.wait()
         eventually(lambda: _gone(worker), "the worker to stop with the web process")
+
+
+def test_what_is_built_before_the_fork_serves_without_being_built_again(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve --worker-process` builds the app, uvicorn's server and every template
+    before it forks (built after, by the web process alone, they would copy pages the
+    two processes share): the server it prepared serves, and no page compiles a
+    template again."""
+    templates = build_templates()
+    compile_all(templates)
+
+    def compiled_again(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a template was compiled when a page was asked for: {args}")
+
+    monkeypatch.setattr(templates, "compile", compiled_again)
+    server = prepared(create_app(settings, web_only=True), Timeouts(shutdown=1))
+    assert server.config.loaded
+    sock = bind("127.0.0.1", 0)
+    serving = threading.Thread(target=serve_on, args=(server, sock), daemon=True)
+    serving.start()
+    try:
+        eventually(lambda: server.started, "the prepared server to start")
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        for path in ("/", "/about", "/tags", "/no-such-page"):
+            page = httpx.get(base + path, timeout=10)
+            assert page.status_code == (404 if path == "/no-such-page" else 200), path
+            assert "text/html" in page.headers["content-type"]
+    finally:
+        server.should_exit = True
+        serving.join(10)
+        sock.close()
+    assert not serving.is_alive()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc")

@@ -37,3 +37,10 @@ def build_templates() -> jinja2.Environment:
     env.filters["human_datetime"] = _human_datetime
     env.filters["excerpt"] = excerpt
     return env
+
+
+def compile_all(env: jinja2.Environment) -> None:
+    """Compile every template of ``env`` now rather than when a page first needs it
+    (`serve --worker-process` does, before it forks the worker)."""
+    for name in env.list_templates():
+        env.get_template(name)
