@@ -1262,6 +1262,26 @@ def test_what_is_built_before_the_fork_serves_without_being_built_again(
     assert not serving.is_alive()
 
 
+_AUTHORING_ONLY = """
+import sys
+import fediblog.app, fediblog.cli, fediblog.runtime, fediblog.server
+authoring = ("markdown_it", "mdit_py_plugins", "PIL", "frontmatter")
+print(sorted({name.split(".")[0] for name in sys.modules} & set(authoring)))
+from fediblog.render import markdown_to_html
+print(markdown_to_html("*written*").strip(), "markdown_it" in sys.modules)
+"""
+
+
+def test_what_only_the_author_needs_is_imported_on_first_use() -> None:
+    """Markdown, images and front matter are the author's: a server that only serves
+    pages and takes replies never imports them, in either of its processes."""
+    result = subprocess.run(
+        [sys.executable, "-c", _AUTHORING_ONLY], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]", "<p><em>written</em></p> True"]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc")
 def test_sigterm_stops_the_worker_process_before_the_web_process_exits(world: World) -> None:
     """systemd, Docker and kill(1) stop a server with SIGTERM: the web process stops its
