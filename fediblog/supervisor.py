@@ -229,6 +229,17 @@ class Supervisor:
         return ": starting it again"
 
 
+def give_back_freed_memory() -> None:
+    """Return the C heap's free pages to the system (glibc's ``malloc_trim(0)``): glibc
+    keeps what a process freed, to reuse it, and a start-up frees much. Elsewhere than
+    glibc (musl, macOS) there is no such call, and nothing is done."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return
+    trim(0)
+
+
 def _too_many(exits: deque[float]) -> bool:
     """Count one more unexpected exit in ``exits``: True once there were more than
     RESTARTS within RESTART_WINDOW seconds."""
@@ -308,6 +319,9 @@ class Companion:
         # and each page it writes to would be one more the two no longer share.
         gc.collect()
         gc.freeze()
+        # What the start-up freed goes back to the system rather than into both
+        # processes, where the first to reuse a page of it would copy that page.
+        give_back_freed_memory()
         self._running = _fork(self.name, self._run, os.getpid())
         self._watcher.start()
 

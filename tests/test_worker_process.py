@@ -1262,6 +1262,35 @@ def test_what_is_built_before_the_fork_serves_without_being_built_again(
     assert not serving.is_alive()
 
 
+def test_freed_memory_goes_back_to_the_system_before_the_fork() -> None:
+    """The start-up frees much (the rehearsal's whole app): glibc would keep it for
+    reuse, in both processes once forked; supervisor.give_back_freed_memory returns it."""
+    result = subprocess.run(
+        [sys.executable, "-c", _FREED_AND_GIVEN_BACK], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    held, after = (float(figure) for figure in result.stdout.split())
+    assert held - after > 40, result.stdout  # of the 64 MB freed, most given back
+
+
+_FREED_AND_GIVEN_BACK = """
+import platform, sys
+from fediblog.supervisor import give_back_freed_memory
+if platform.libc_ver()[0] != "glibc":
+    print("0 0"); sys.exit()
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+chunks = [bytearray(1000) for _ in range(64_000)]  # 64 MB from the C heap, not mmap
+last = bytearray(1000)  # at its top: freeing the rest leaves it nothing to trim by itself
+del chunks
+held = rss()
+give_back_freed_memory()
+print(held, rss())
+"""
+
+
 _AUTHORING_ONLY = """
 import sys
 import fediblog.app, fediblog.cli, fediblog.runtime, fediblog.server
