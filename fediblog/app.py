@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from importlib.resources import files
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fediblog.activitystreams import ACTIVITY_JSON
 from fediblog.blog import Blog
 from fediblog.config import Settings
 from fediblog.desk import FAILURES_OVERALL, FAILURES_PER_ADDRESS, Desk, FailureLimit
@@ -294,3 +296,38 @@ def create_app(
         inbox = health.AccessLog(inbox)
     app.inbox = inbox
     return app
+
+
+async def rehearse(settings: Settings) -> None:
+    """Start an app for ``settings``, ask it for the pages readers and other servers
+    ask for most (as they ask: gzip, HTML or ActivityPub), and stop it.
+
+    `serve --worker-process` does this before it forks its worker. CPython 3.11 writes
+    to a function's code the first times it runs it (it specializes it), and to every
+    object it takes a reference to: run for the first time after the fork, by the web
+    process, that code would be written in pages the two processes share, each such
+    page then held twice. Run once here, much of it stays shared (tests/bench/README.md,
+    idle memory). The app is one of its own, with no access log: nothing it serves is
+    anyone's request; what the start-up does (the avatar compared with the database's,
+    proxied images swept) is done again, finding nothing more to do, by the real one.
+    """
+    app = create_app(replace(settings, access_log=False), web_only=True)
+    async with app.router.lifespan_context(app):
+        services: Services = app.state.services
+        pages = [
+            ("/", "text/html"),
+            ("/about", "text/html"),
+            ("/tags", "text/html"),
+            ("/feed.xml", "application/atom+xml"),
+            (f"/users/{settings.handle}", ACTIVITY_JSON),
+            (f"/users/{settings.handle}/outbox", ACTIVITY_JSON),
+            (f"/.well-known/webfinger?resource=acct:{settings.acct}", "application/jrd+json"),
+            ("/.well-known/nodeinfo", "application/json"),
+        ]
+        for post in await services.store.list_posts(limit=1):
+            pages += [(f"/posts/{post.slug}", "text/html"), (f"/posts/{post.slug}", ACTIVITY_JSON)]
+        # A page that fails here fails again, and is reported, when it is really asked for.
+        transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url=settings.base_url) as client:
+            for path, accept in pages:
+                await client.get(path, headers={"Accept": accept, "Accept-Encoding": "gzip"})

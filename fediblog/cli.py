@@ -17,10 +17,10 @@ import shlex
 import sqlite3
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from fediblog.blog import Blog, missing_alt, read_post_file
@@ -442,18 +442,20 @@ def _serve_beside_a_worker(
 ) -> int:
     """`serve --worker-process`: this process serves; the worker is forked from it
     before either opens the database (supervisor.Companion)."""
-    from fediblog.app import create_app  # with all the worker needs: imported once, shared
+    from fediblog.app import create_app, rehearse  # with all the worker needs, shared
     from fediblog.server import bind, prepared, serve_on
     from fediblog.supervisor import Companion
     from fediblog.web.templating import build_templates, compile_all
 
     sock = bind(host, port)
-    # Built before the fork: the app, uvicorn's server and every template. Built after
-    # it, by the web process alone, the work would write to pages the two processes
-    # still share (reference counts, code run for the first time), and each page
-    # written to is then held twice (tests/bench/README.md, idle memory).
+    # Built before the fork: the app, uvicorn's server and every template; and the
+    # pages asked for most served once (app.rehearse). Done after it, by the web process
+    # alone, the work would write to pages the two processes still share (reference
+    # counts, code run for the first time), and each page written to is then held
+    # twice (tests/bench/README.md, idle memory).
     server = prepared(create_app(settings, web_only=True), timeouts)
     compile_all(build_templates())
+    _on_uvloop(rehearse(settings))
 
     def respawn(parent: int) -> list[str]:
         folder = ["--data", str(data)] if data is not None else []
@@ -528,7 +530,13 @@ def _run_worker(settings: Settings, roles: tuple[str, ...] | None = None) -> Non
         file=sys.stderr,
         flush=True,
     )
-    # On uvloop, as `serve` is (uvicorn picks it): the same event loop, the same costs.
+    _on_uvloop(run_worker(settings, roles))
+    print("fediblog: worker stopped", file=sys.stderr)
+
+
+def _on_uvloop(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` on uvloop, as `serve` runs (uvicorn picks it): the same event loop,
+    the same costs."""
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:
         import uvloop
@@ -537,8 +545,7 @@ def _run_worker(settings: Settings, roles: tuple[str, ...] | None = None) -> Non
     except ImportError:  # not on this platform (pyproject.toml): asyncio's own loop
         pass
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(run_worker(settings, roles))
-    print("fediblog: worker stopped", file=sys.stderr)
+        runner.run(work)
 
 
 def _check_face(settings: Settings) -> None:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,9 +34,11 @@ import pytest
 
 from fediblog import moderation
 from fediblog import runtime as runtime_module
-from fediblog.app import create_app
+from fediblog.app import create_app, rehearse
 from fediblog.blog import Blog, parse_post
+from fediblog.cli import _on_uvloop
 from fediblog.config import Settings
+from fediblog.demo import seed_demo
 from fediblog.errors import StorageUnavailable, WorkerFailed
 from fediblog.models import InboxItem, OutgoingActivity, format_ts, utcnow
 from fediblog.runtime import (
@@ -1260,6 +1263,36 @@ def test_what_is_built_before_the_fork_serves_without_being_built_again(
         serving.join(10)
         sock.close()
     assert not serving.is_alive()
+
+
+async def _demo(settings: Settings) -> None:
+    store = await Store.open(settings.store_location)
+    try:
+        await seed_demo(Blog(settings, store), store)
+    finally:
+        await store.close()
+
+
+def test_the_rehearsal_before_the_fork_serves_its_pages_and_leaves_nothing_behind(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before it forks, `serve --worker-process` starts an app of its own and asks it
+    for the pages asked for most (app.rehearse), so that the code both processes will
+    run has run once. Nothing of it may show: no access-log line (nobody asked), no
+    thread left behind (the fork copies only the thread that forks), no error."""
+    asyncio.run(_demo(settings))
+    templates = build_templates()
+    templates.cache.clear()  # type: ignore[union-attr]  # compiled again where pages need them
+    threads = set(threading.enumerate())
+    caplog.set_level(logging.INFO)
+
+    _on_uvloop(rehearse(replace(settings, access_log=True)))  # as `serve` runs it
+
+    rendered = {name for _, name in templates.cache}  # type: ignore[union-attr]
+    assert {"index.html", "about.html", "tags.html", "post.html"} <= rendered
+    assert set(threading.enumerate()) == threads, set(threading.enumerate()) - threads
+    assert not [r for r in caplog.records if r.name == "fediblog.access"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 def test_freed_memory_goes_back_to_the_system_before_the_fork() -> None:
