@@ -16,6 +16,7 @@ import re
 import shlex
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import timedelta
@@ -442,7 +443,7 @@ def _serve_beside_a_worker(
 ) -> int:
     """`serve --worker-process`: this process serves; the worker is forked from it
     before either opens the database (supervisor.Companion)."""
-    from fediblog.app import create_app, rehearse  # with all the worker needs, shared
+    from fediblog.app import create_app  # with all the worker needs: imported once, shared
     from fediblog.server import bind, prepared, serve_on
     from fediblog.supervisor import Companion
     from fediblog.web.templating import build_templates, compile_all
@@ -455,7 +456,7 @@ def _serve_beside_a_worker(
     # twice (tests/bench/README.md, idle memory).
     server = prepared(create_app(settings, web_only=True), timeouts)
     compile_all(build_templates())
-    _on_uvloop(rehearse(settings))
+    _rehearse(settings)
 
     def respawn(parent: int) -> list[str]:
         folder = ["--data", str(data)] if data is not None else []
@@ -532,6 +533,19 @@ def _run_worker(settings: Settings, roles: tuple[str, ...] | None = None) -> Non
     )
     _on_uvloop(run_worker(settings, roles))
     print("fediblog: worker stopped", file=sys.stderr)
+
+
+def _rehearse(settings: Settings) -> None:
+    """app.rehearse on its own event loop, then the threads it started waited for (a
+    thread pool's workers, told to stop as the loop ended): a fork copies only the
+    thread that forks, and a lock another thread held at that moment would stay held
+    in the child. Not forever: a thread that does not end within 10 s is left to end."""
+    from fediblog.app import rehearse
+
+    threads = set(threading.enumerate())
+    _on_uvloop(rehearse(settings))
+    for thread in set(threading.enumerate()) - threads:
+        thread.join(timeout=10)
 
 
 def _on_uvloop(work: Coroutine[Any, Any, None]) -> None:
