@@ -442,7 +442,8 @@ def _serve_beside_a_worker(
     settings: Settings, host: str, port: int, timeouts: Timeouts, data: Path | None
 ) -> int:
     """`serve --worker-process`: this process serves; the worker is forked from it
-    before either opens the database (supervisor.Companion)."""
+    while neither holds a database connection, a thread or a running event loop
+    (supervisor.Companion)."""
     from fediblog.app import create_app  # with all the worker needs: imported once, shared
     from fediblog.server import bind, prepared, serve_on
     from fediblog.supervisor import Companion

@@ -280,10 +280,11 @@ class Companion:
     """`serve --worker-process`: this process serves the web, and ``run`` (the worker)
     runs in a child of it, started again whenever it exits on its own.
 
-    The first child is forked before this process opens its database or starts its
-    event loop: the two then share the pages of everything imported (copy-on-write),
-    and hold less memory between them than `serve --web-only` beside a `fediblog
-    worker` started on its own (tests/bench/README.md). One started again is such a process
+    The first child is forked while this process holds no database connection, no
+    other thread and no running event loop (what it ran before, it has closed): the
+    two then share the pages of everything loaded (copy-on-write), and hold less memory
+    between them than `serve --web-only` beside a `fediblog worker` started on its own
+    (tests/bench/README.md). One started again is such a process
     (``respawn(parent pid)`` is its command): a fork of a process that runs threads
     and an event loop could inherit a lock some thread held, or the database's
     connections. It is told to stop with this one, even one killed outright.
@@ -313,7 +314,7 @@ class Companion:
         self._watcher = threading.Thread(target=self._watch, name=f"{name} watcher", daemon=True)
 
     def start(self) -> None:
-        """Fork the child; call before any thread or event loop starts."""
+        """Fork the child; call while no other thread and no event loop runs."""
         # What is loaded now stays out of both processes' garbage collections (the
         # permanent generation): a full collection writes to every object it visits,
         # and each page it writes to would be one more the two no longer share.
